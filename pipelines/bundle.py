@@ -1,0 +1,91 @@
+"""Model bundle: a folder with model.safetensors + itfits.json. Saving and loading never pickle anything."""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ItfitsError
+from .io import atomic_dir
+
+FORMAT_VERSION = 1
+WEIGHTS, META = "model.safetensors", "itfits.json"
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("itfits", "torch", "torchvision", "fastai", "timm", "polars"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def image_bundle_meta(arch: str, classes: list[str], prep, *, threshold: float, training: dict) -> dict:
+    """itfits.json for an image (or spectrogram) classifier; `prep` is an ImagePreprocessing."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "modality": "image",
+        "backbone": arch,
+        "classes": list(classes),
+        "preprocessing": asdict(prep),
+        "calibration": {"temperature": 1.0, "score": "max_softmax", "threshold": threshold},
+        "training": training,
+        "versions": library_versions(),
+    }
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    meta: dict
+    model: nn.Module  # in eval mode
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+
+def save_bundle(model: nn.Module, meta: dict, out_dir: Path) -> None:
+    """Write the bundle folder atomically: a crash leaves the previous bundle (or none), never half of one."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def read_meta(path: Path) -> dict:
+    path = Path(path)
+    if (path / "model").is_dir() and not (path / META).exists():  # a run folder: use its bundle
+        path = path / "model"
+    if not (path / META).is_file() or not (path / WEIGHTS).is_file():
+        raise ItfitsError(f"{path} is not a model bundle (needs {META} and {WEIGHTS}); pass RUN/model from itfits fit")
+    try:
+        meta = json.loads((path / META).read_text())
+    except json.JSONDecodeError as e:
+        raise ItfitsError(f"{path / META} is not valid JSON: {e}") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ItfitsError(f"{path} has bundle format {meta.get('format_version')}; this itfits reads {FORMAT_VERSION}")
+    meta["_path"] = str(path)
+    return meta
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Rebuild the model from itfits.json through the backbone registry and load its safetensors weights."""
+    from safetensors.torch import load_file
+    from .backbones import create_backbone
+    meta = read_meta(Path(path))
+    path = Path(meta.pop("_path"))
+    model = create_backbone(meta["backbone"], num_classes=len(meta["classes"]), weights="none")
+    try:
+        model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+    except (RuntimeError, OSError) as e:
+        raise ItfitsError(f"the weights in {path / WEIGHTS} do not fit the model in {META}: {e}") from e
+    return Bundle(path=path, meta=meta, model=model.eval())

@@ -1,0 +1,12 @@
+"""Error types. `ItfitsError` is what a user can cause; the CLI prints it in one line and exits non-zero."""
+import difflib
+
+
+class ItfitsError(Exception):
+    """A problem with the user's input or setup, with the way out in its message."""
+
+
+def did_you_mean(value: str, choices) -> str:
+    """' did you mean 'x'?' when `value` is close to one of `choices`, else ''."""
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    return f" did you mean '{close[0]}'?" if close else ""

@@ -1,0 +1,158 @@
+"""Folder / CSV / Parquet -> items table (path, label, split, error), and checks of the files in it.
+
+The items table is a polars DataFrame with one row per file: `path` (absolute, str), `label` (str),
+`split` ("train" or "valid") and `error` (null, or why the file cannot be used).
+"""
+from __future__ import annotations
+
+import glob as globlib
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import polars as pl
+
+from .errors import ItfitsError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+TABLE_EXTS = {".csv", ".parquet"}
+
+
+def read_table(path: Path) -> pl.DataFrame:
+    """A CSV or Parquet file as a polars DataFrame, with a clear error when it cannot be read."""
+    try:
+        return pl.read_parquet(path) if path.suffix.lower() == ".parquet" else pl.read_csv(path, infer_schema_length=10000)
+    except Exception as e:
+        raise ItfitsError(f"cannot read table {path}: {e}") from e
+
+
+def _files_under(folder: Path, exts: set[str]) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
+
+
+def _class_folder(folder: Path, exts: set[str], split: str | None) -> pl.DataFrame:
+    rows = [(str(f.resolve()), d.name, split) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")
+            for f in _files_under(d, exts)]
+    return pl.DataFrame(rows, schema={"path": pl.String, "label": pl.String, "split": pl.String}, orient="row")
+
+
+def _from_table(path: Path) -> pl.DataFrame:
+    df = read_table(path)
+    missing = {"path", "label"} - set(df.columns)
+    if missing:
+        raise ItfitsError(f"{path} needs columns path,label (missing: {', '.join(sorted(missing))}; has: "
+                          f"{', '.join(df.columns)}). For a tabular model, pass --target COLUMN")
+    split = pl.col("split").cast(pl.String) if "split" in df.columns else (
+        pl.when(pl.col("is_valid").cast(pl.Boolean)).then(pl.lit("valid")).otherwise(pl.lit("train"))
+        if "is_valid" in df.columns else pl.lit(None, pl.String))
+    base = str(path.resolve().parent)
+    return df.select(
+        pl.col("path").cast(pl.String).map_elements(lambda p: str((Path(base) / p).resolve()), return_dtype=pl.String),
+        pl.col("label").cast(pl.String), split.alias("split"))
+
+
+def read_source(data: str | Path, *, exts: set[str] = IMAGE_EXTS, valid_pct: float = 0.2, seed: int = 42) -> pl.DataFrame:
+    """Items table from a class-per-folder tree, a folder with train/ and valid/, or a path,label table.
+
+    Without a given split, a seeded stratified split puts `valid_pct` of each class in "valid".
+    """
+    data = Path(data)
+    if not data.exists():
+        raise ItfitsError(f"{data} does not exist; DATA is a folder with one sub-folder per class, or a CSV/Parquet "
+                          "with path,label columns")
+    if data.is_file():
+        if data.suffix.lower() not in TABLE_EXTS:
+            raise ItfitsError(f"{data} is a file, not a folder or a .csv/.parquet table")
+        items = _from_table(data)
+    elif (data / "train").is_dir() and (data / "valid").is_dir():
+        items = pl.concat([_class_folder(data / s, exts, s) for s in ("train", "valid")])
+    else:
+        items = _class_folder(data, exts, None)
+    if items.height == 0:
+        raise ItfitsError(f"no files with extensions {', '.join(sorted(exts))} found in class sub-folders of {data}")
+    bad_split = items.filter(pl.col("split").is_not_null() & ~pl.col("split").is_in(["train", "valid"]))
+    if bad_split.height:
+        raise ItfitsError(f"split values must be train or valid, got {bad_split['split'][0]!r}")
+    if items["split"].null_count():
+        items = items.with_columns(split=pl.lit(None, pl.String)).with_columns(
+            split=pl.Series(stratified_split(items["label"].to_list(), valid_pct=valid_pct, seed=seed)))
+    return items.with_columns(error=pl.lit(None, pl.String))
+
+
+def stratified_split(labels: list[str], *, valid_pct: float, seed: int) -> list[str]:
+    """'train'/'valid' per item: per class, a seeded shuffle puts round(n * valid_pct) (at least 1) in valid."""
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    split = np.full(len(labels), "train", dtype=object)
+    for label in sorted(set(labels)):
+        idx = rng.permutation(np.flatnonzero(labels_arr == label))
+        n_valid = max(1, round(len(idx) * valid_pct)) if len(idx) > 1 else 0
+        split[idx[:n_valid]] = "valid"
+    return split.tolist()
+
+
+def check_image(path: str) -> str | None:
+    """None when the file decodes fully as an image, else the reason it cannot be used."""
+    from PIL import Image
+    p = Path(path)
+    if not p.is_file():
+        return "file not found"
+    if p.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                im.load()  # a truncated file fails here, not at verify()
+    except Image.DecompressionBombError as e:
+        return f"decompression bomb: {e}"
+    except Image.DecompressionBombWarning as e:
+        return f"decompression bomb: {e}"
+    except Image.UnidentifiedImageError:
+        return "not an image"
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"cannot decode: {e}"
+    return None
+
+
+def check_files(items: pl.DataFrame, check: Callable[[str], str | None] = check_image, *, workers: int = 8) -> pl.DataFrame:
+    """The items table with `error` filled for every file that `check` rejects (threads: decoding is I/O + C)."""
+    with ThreadPoolExecutor(workers) as ex:
+        errors = list(ex.map(check, items["path"].to_list()))
+    return items.with_columns(error=pl.Series(errors, dtype=pl.String))
+
+
+def require_classes(items: pl.DataFrame) -> list[str]:
+    """Sorted class names of the usable items; an ItfitsError when training cannot work with them."""
+    ok = items.filter(pl.col("error").is_null())
+    counts = ok.group_by("label").len().sort("label")
+    if counts.height < 2:
+        raise ItfitsError(f"need at least 2 classes with usable files, found {counts.height} "
+                          f"({', '.join(counts['label'].to_list()) or 'none'})")
+    small = counts.filter(pl.col("len") < 2)
+    if small.height:
+        raise ItfitsError("every class needs at least 2 usable files; too few in: " + ", ".join(
+            f"{r['label']} ({r['len']})" for r in small.iter_rows(named=True)))
+    for split in ("train", "valid"):
+        if ok.filter(pl.col("split") == split).height == 0:
+            raise ItfitsError(f"no usable files in the {split} split")
+    return counts["label"].to_list()
+
+
+def expand_inputs(inputs: Iterable[str], exts: set[str] = IMAGE_EXTS) -> list[tuple[str, str | None]]:
+    """(path, error) for prediction inputs: files as given, folders searched recursively, globs expanded."""
+    out: list[tuple[str, str | None]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += [(str(f), None) for f in _files_under(p, exts)]
+        elif p.exists():
+            out.append((str(p), None))
+        elif globlib.has_magic(item):
+            matches = sorted(globlib.glob(item, recursive=True))
+            out += [(m, None) for m in matches if Path(m).is_file()] or [(item, "no files match this pattern")]
+        else:
+            out.append((item, "file not found"))
+    return out

@@ -1,0 +1,147 @@
+"""lr_find (plot + csv), training (fastai fine_tune) with a per-epoch history, and the whole `fit` of a run."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from fastai.callback.core import Callback
+from fastai.learner import Recorder
+
+from .io import atomic_path, write_json, write_table
+
+LR_SUGGESTIONS = ("minimum", "steep", "valley", "slide")
+CHOSEN_SUGGESTION = "valley"  # fastai's default suggestion, the most reliable of the four for fine-tuning
+
+
+@dataclass
+class FitConfig:
+    data: str  # folder of class sub-folders, folder with train/ valid/, or a path,label table
+    out: str = "runs/itfits"  # the run folder
+    arch: str = "efficientnet_lite0"  # a name from `itfits backbones`
+    weights: str = "auto"  # auto | hub | none | path to .safetensors/.pth
+    epochs: int = 5  # unfrozen epochs of fine_tune
+    freeze_epochs: int = 1  # head-only epochs first
+    lr: float | None = None  # None: run lr_find and use its valley suggestion
+    bs: int | None = None  # None: chosen from the data size
+    size: int | None = None  # None: the backbone's pretrained input size
+    valid_pct: float = 0.2  # share of each class held out when the data has no split
+    seed: int = 42
+    threshold: float = 0.95  # max softmax below this -> unknown
+    num_workers: int | None = None  # None: up to 4, one per core
+    lr_find_iters: int = 100
+
+
+class History(Callback):
+    """One row per epoch over every fit of the Learner (fine_tune runs two: frozen, then unfrozen)."""
+    order = Recorder.order + 1  # after Recorder has written this epoch's log
+
+    def __init__(self):
+        self.rows = []
+
+    def before_epoch(self):
+        self.start = time.perf_counter()
+
+    def after_epoch(self):
+        row = {n: v for n, v in zip(self.recorder.metric_names, self.recorder.log) if n not in ("epoch", "time")}
+        phase = "frozen" if self.opt.frozen_idx else "unfrozen"
+        self.rows.append({"epoch": len(self.rows), "phase": phase, **row,
+                          "seconds": round(time.perf_counter() - self.start, 2)})
+
+
+def find_lr(learn, out_dir: Path | None = None, *, num_it: int = 100) -> tuple[float, dict[str, float]]:
+    """(chosen lr, all suggestions); writes lr_find.png and lr_find.csv into out_dir when given."""
+    from fastai.callback.schedule import minimum, slide, steep, valley
+    res = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=False, num_it=num_it)
+    suggestions = {name: float(v) for name, v in zip(LR_SUGGESTIONS, res)}
+    rec = learn.recorder
+    lrs, losses = np.asarray(rec.lrs, dtype=float), np.asarray([float(x) for x in rec.losses])
+    if out_dir is not None:
+        from .reports import plot_lr_find
+        write_table(pl.DataFrame({"lr": lrs, "loss": losses}), Path(out_dir) / "lr_find.csv")
+        plot_lr_find(lrs, losses, suggestions, CHOSEN_SUGGESTION, Path(out_dir) / "lr_find.png")
+    return suggestions[CHOSEN_SUGGESTION], suggestions
+
+
+def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1) -> pl.DataFrame:
+    """fastai fine_tune: `freeze_epochs` on the head, then `epochs` unfrozen, one-cycle. Returns the history."""
+    history = History()
+    with learn.added_cbs(history):
+        learn.fine_tune(epochs, base_lr=lr, freeze_epochs=freeze_epochs)
+    return pl.DataFrame(history.rows)
+
+
+def prepare_images(config: FitConfig, run: Path):
+    """(items, classes, preprocessing, bs, dls) for an image run; skipped files listed in run/skipped.csv."""
+    from .backbones import get_spec
+    from .images import ImagePreprocessing, choose_batch_size, image_dataloaders
+    from .sources import check_files, read_source, require_classes
+
+    spec = get_spec(config.arch)  # fail on a wrong name before reading any file
+    items = check_files(read_source(config.data, valid_pct=config.valid_pct, seed=config.seed))
+    skipped = items.filter(pl.col("error").is_not_null()).select("path", "label", "error")
+    write_table(skipped, run / "skipped.csv")
+    classes = require_classes(items)
+    prep = ImagePreprocessing(size=config.size or spec.input_size, mean=spec.mean, std=spec.std)
+    n_train = items.filter(pl.col("error").is_null() & (pl.col("split") == "train")).height
+    bs = config.bs or choose_batch_size(n_train)
+    dls = image_dataloaders(items, classes=classes, prep=prep, bs=bs, num_workers=config.num_workers)
+    return items, classes, prep, bs, dls
+
+
+def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
+    """`itfits lr-find`: lr_find.png / lr_find.csv in config.out, and the suggestions."""
+    from fastai.torch_core import set_seed
+    from .learners import image_learner
+    run = Path(config.out)
+    _, _, _, _, dls = prepare_images(config, run)
+    set_seed(config.seed)
+    learn = image_learner(dls, config.arch, weights=config.weights, path=run)
+    return find_lr(learn, run, num_it=config.lr_find_iters)
+
+
+def fit(config: FitConfig, log=print) -> dict:
+    """`itfits fit`: train on config.data and write the run folder. Returns the run summary (run.json)."""
+    from fastai.torch_core import set_seed
+    from .bundle import image_bundle_meta, save_bundle
+    from .learners import image_learner
+    from .reports import confusion_matrix, write_confusion_matrix
+
+    t0 = time.perf_counter()
+    run = Path(config.out)
+    run.mkdir(parents=True, exist_ok=True)
+    items, classes, prep, bs, dls = prepare_images(config, run)
+    n_skipped = items["error"].is_not_null().sum()
+    log(f"{items.height - n_skipped} files in {len(classes)} classes "
+        f"({len(dls.train_ds)} train, {len(dls.valid_ds)} valid); {n_skipped} skipped"
+        + (f", listed in {run / 'skipped.csv'}" if n_skipped else "")
+        + f"; batch size {bs}{' (chosen from the data size)' if config.bs is None else ''}, size {prep.size}")
+    set_seed(config.seed)
+    learn = image_learner(dls, config.arch, weights=config.weights, path=run)
+    lr, suggestions = config.lr, None
+    if lr is None:
+        lr, suggestions = find_lr(learn, run, num_it=config.lr_find_iters)
+        log("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in suggestions.items())
+            + f"; using {CHOSEN_SUGGESTION} {lr:.2e} (plot: {run / 'lr_find.png'})")
+    history = train(learn, epochs=config.epochs, lr=lr, freeze_epochs=config.freeze_epochs)
+    write_table(history, run / "history.csv")
+
+    probs, targets = learn.get_preds(ds_idx=1)
+    targets, preds = targets.numpy(), probs.argmax(1).numpy()
+    write_confusion_matrix(confusion_matrix(targets, preds, classes), classes, run)
+    accuracy = float((preds == targets).mean())
+
+    summary = {
+        "config": asdict(config),
+        "resolved": {"lr": lr, "lr_suggestions": suggestions, "bs": bs, "size": prep.size, "classes": classes,
+                     "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds), "n_skipped": int(n_skipped)},
+        "results": {"valid_accuracy": accuracy, "valid_loss": float(history["valid_loss"][-1]),
+                    "seconds": round(time.perf_counter() - t0, 1)},
+    }
+    meta = image_bundle_meta(config.arch, classes, prep, threshold=config.threshold, training=summary["results"])
+    save_bundle(learn.model, meta, run / "model")
+    write_json(summary, run / "run.json")
+    log(f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}")
+    return summary
