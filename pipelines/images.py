@@ -42,6 +42,10 @@ class ImagePreprocessing:
     std: tuple[float, float, float]
     resize: str = "squish"  # fastai ResizeMethod: whole image, aspect ratio not kept
 
+    @classmethod
+    def from_json(cls, d: dict) -> "ImagePreprocessing":
+        return cls(size=d["size"], mean=tuple(d["mean"]), std=tuple(d["std"]), resize=d["resize"])
+
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
         """(3, size, size) float tensor in [0, 1], resized exactly as fastai's validation pipeline does."""
         from fastai.vision.augment import Resize

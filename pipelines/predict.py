@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from .backbones import forward_features
 from .bundle import Bundle
 from .images import ImagePreprocessing, default_workers, load_image
 from .io import atomic_path
@@ -20,7 +21,7 @@ class PredictConfig:
     batch_size: int = 64
     num_workers: int | None = None  # None: up to 4, one per core
     topk: int = 3
-    threshold: float | None = None  # None: the bundle's threshold
+    threshold: float | None = None  # None: the bundle's threshold (chosen on validation data at fit time)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -44,18 +45,43 @@ class ImageFiles(torch.utils.data.Dataset):
         return torch.zeros(3, self.prep.size, self.prep.size), error
 
 
-def _rows(paths, probs: np.ndarray, errors, classes, *, topk: int, threshold: float):
+def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *, batch_size: int = 64,
+                  num_workers: int | None = None) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[str]]]:
+    """(paths, logits, features, errors) per batch; rows with an error have meaningless logits."""
+    workers = default_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(ImageFiles(items, prep), batch_size=batch_size,
+                                         num_workers=min(workers, -(-len(items) // batch_size)))
+    model.eval()
+    device = next(model.parameters()).device
+    start = 0
+    with torch.inference_mode():
+        for x, errors in loader:
+            logits, features = forward_features(model, prep.normalize(x.to(device)))
+            yield ([p for p, _ in items[start:start + len(x)]], logits.float().cpu().numpy(),
+                   features.float().cpu().numpy(), list(errors))
+            start += len(x)
+
+
+def image_outputs(model, prep: ImagePreprocessing, paths: list[str], **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(logits, features, errors) for a list of image files, all at once (validation, unknown examples)."""
+    batches = list(image_batches(model, prep, [(p, None) for p in paths], **kwargs))
+    if not batches:
+        return np.zeros((0, 0)), np.zeros((0, 0)), []
+    return (np.concatenate([b[1] for b in batches]), np.concatenate([b[2] for b in batches]),
+            [e for b in batches for e in b[3]])
+
+
+def prediction_rows(paths, probs: np.ndarray, scores: np.ndarray, unknown: np.ndarray, errors, classes, *, topk: int):
+    """Rows of the predictions table (DESIGN.md): label, calibrated confidence, score, unknown, top-k."""
     k = min(topk, len(classes))
     order = np.argsort(-probs, axis=1)[:, :k]
-    for path, p, top, error in zip(paths, probs, order, errors):
+    for path, p, s, unk, top, error in zip(paths, probs, scores, unknown, order, errors):
         if error:
             row = {"path": path, "label": None, "confidence": None, "unknown": None, "error": error, "score": None}
             row.update({f"top{j + 1}{s}": None for j in range(k) for s in ("", "_prob")})
         else:
-            conf = float(p[top[0]])
-            unknown = conf < threshold
-            row = {"path": path, "label": "unknown" if unknown else classes[top[0]], "confidence": conf,
-                   "unknown": unknown, "error": None, "score": conf}
+            row = {"path": path, "label": "unknown" if unk else classes[top[0]], "confidence": float(p[top[0]]),
+                   "unknown": bool(unk), "error": None, "score": float(s)}
             for j, c in enumerate(top):
                 row[f"top{j + 1}"], row[f"top{j + 1}_prob"] = classes[c], float(p[c])
         yield row
@@ -63,50 +89,35 @@ def _rows(paths, probs: np.ndarray, errors, classes, *, topk: int, threshold: fl
 
 def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictConfig()) -> Iterator[dict]:
     """One dict per input file (DESIGN.md predictions table), yielded as batches finish."""
-    meta = bundle.meta
-    prep = ImagePreprocessing(**{**meta["preprocessing"], "mean": tuple(meta["preprocessing"]["mean"]),
-                                 "std": tuple(meta["preprocessing"]["std"])})
-    threshold = meta["calibration"]["threshold"] if config.threshold is None else config.threshold
-    temperature = meta["calibration"]["temperature"]
-    items = expand_inputs(inputs)
-    workers = default_workers() if config.num_workers is None else config.num_workers
-    loader = torch.utils.data.DataLoader(ImageFiles(items, prep), batch_size=config.batch_size,
-                                         num_workers=min(workers, max(1, len(items) // config.batch_size)))
-    model = bundle.model
-    start = 0
-    with torch.inference_mode():
-        for x, errors in loader:
-            probs = torch.softmax(model(prep.normalize(x)).float() / temperature, dim=1).numpy()
-            paths = [p for p, _ in items[start:start + len(x)]]
-            start += len(x)
-            yield from _rows(paths, probs, errors, bundle.classes, topk=config.topk, threshold=threshold)
+    prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
+    for paths, logits, features, errors in image_batches(bundle.model, prep, expand_inputs(inputs),
+                                                         batch_size=config.batch_size, num_workers=config.num_workers):
+        probs, scores, unknown = bundle.calibration.apply(logits, features, threshold=config.threshold)
+        yield from prediction_rows(paths, probs, scores, unknown, errors, bundle.classes, topk=config.topk)
 
 
-def write_predictions(rows: Iterator[dict], out: Path, *, chunk: int = 1024) -> pl.DataFrame:
-    """Write rows to CSV or Parquet (by extension) atomically, CSV in chunks as they come. Returns a summary."""
+def write_predictions(rows: Iterator[dict], out: Path, *, chunk: int = 1024) -> dict[str, int]:
+    """Write rows to CSV or Parquet (by extension) atomically, CSV in chunks as they come. Returns counts."""
     out = Path(out)
-    suffix = out.suffix.lower()
     counts = {"files": 0, "unknown": 0, "errors": 0}
-    frames, buf, first = [], [], True
+    frames, buf = [], []
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         def flush():
-            nonlocal first, buf
             if not buf:
                 return
             df = pl.DataFrame(buf, infer_schema_length=None)
             counts["files"] += df.height
             counts["unknown"] += int(df["unknown"].fill_null(False).sum())
             counts["errors"] += int(df["error"].is_not_null().sum())
-            if suffix == ".csv":
-                df.write_csv(fh, include_header=first)
-            else:
-                frames.append(df)
-            first, buf = False, []
+            if out.suffix.lower() == ".csv":
+                df.write_csv(fh, include_header=not frames)
+            frames.append(df if out.suffix.lower() == ".parquet" else df.clear())
+            buf.clear()
         for row in rows:
             buf.append(row)
             if len(buf) >= chunk:
                 flush()
         flush()
-        if suffix == ".parquet":
-            pl.concat(frames, how="diagonal_relaxed").write_parquet(fh) if frames else pl.DataFrame().write_parquet(fh)
+        if out.suffix.lower() == ".parquet":
+            (pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()).write_parquet(fh)
     return counts

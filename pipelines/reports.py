@@ -58,3 +58,41 @@ def write_confusion_matrix(cm: np.ndarray, classes: list[str], out_dir: Path) ->
     with atomic_path(out_dir / "confusion_matrix.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def plot_reliability(probs: np.ndarray, targets: np.ndarray, path: Path, bins: int = 10) -> None:
+    """Accuracy against confidence in equal-width bins; a calibrated model lies on the diagonal."""
+    conf, correct = probs.max(1), probs.argmax(1) == targets
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    acc = [correct[idx == b].mean() if (idx == b).any() else np.nan for b in range(bins)]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.bar(centres, acc, width=1 / bins, edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="reliability")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def plot_risk_coverage(scores: np.ndarray, correct: np.ndarray, path: Path, *, threshold: float | None = None) -> None:
+    """Error rate among accepted items against the share accepted, accepting by descending score."""
+    order = np.argsort(-scores)
+    n = np.arange(1, len(order) + 1)
+    risk = np.cumsum(~correct[order]) / n
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(n / len(order), risk)
+    if threshold is not None:
+        cov = float((scores >= threshold).mean())
+        ax.axvline(cov, color="C1", linestyle="--", label=f"threshold: coverage {cov:.2f}")
+        ax.legend()
+    ax.set(xlabel="coverage (share accepted)", ylabel="risk (error rate among accepted)", title="risk-coverage")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

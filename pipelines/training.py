@@ -10,7 +10,8 @@ import polars as pl
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 
-from .io import atomic_path, write_json, write_table
+from .errors import ItfitsError
+from .io import write_json, write_table
 
 LR_SUGGESTIONS = ("minimum", "steep", "valley", "slide")
 CHOSEN_SUGGESTION = "valley"  # fastai's default suggestion, the most reliable of the four for fine-tuning
@@ -29,7 +30,10 @@ class FitConfig:
     size: int | None = None  # None: the backbone's pretrained input size
     valid_pct: float = 0.2  # share of each class held out when the data has no split
     seed: int = 42
-    threshold: float = 0.95  # max softmax below this -> unknown
+    threshold: str | float = "auto"  # auto: chosen on validation data to accept `keep` of correct items
+    keep: float = 0.95  # share of correctly classified validation items the auto threshold accepts
+    score: str | None = None  # unknown score; None: best on --unknown examples if given, else the default
+    unknown: str | None = None  # folder of examples of none of the classes: for choosing score/threshold only
     num_workers: int | None = None  # None: up to 4, one per core
     lr_find_iters: int = 100
 
@@ -67,6 +71,7 @@ def find_lr(learn, out_dir: Path | None = None, *, num_it: int = 100) -> tuple[f
 
 def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1) -> pl.DataFrame:
     """fastai fine_tune: `freeze_epochs` on the head, then `epochs` unfrozen, one-cycle. Returns the history."""
+    import fastai.callback.schedule  # noqa: F401  fastai @patches fine_tune/fit_one_cycle onto Learner here
     history = History()
     with learn.added_cbs(history):
         learn.fine_tune(epochs, base_lr=lr, freeze_epochs=freeze_epochs)
@@ -102,6 +107,38 @@ def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
     return find_lr(learn, run, num_it=config.lr_find_iters)
 
 
+def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, config: FitConfig, *, max_train: int = 4096):
+    """Temperature, unknown score and threshold from the validation set, feature statistics from (up to
+    `max_train`) training items, score choice from config.unknown examples when given.
+    Returns (Calibration, report, validation outputs {logits, features, targets, paths})."""
+    from .predict import image_outputs
+    from .sources import expand_inputs
+    from .unknown import UnknownStats, calibrate
+
+    ok = items.filter(pl.col("error").is_null())
+    index = {c: i for i, c in enumerate(classes)}
+    valid = ok.filter(pl.col("split") == "valid")
+    train = ok.filter(pl.col("split") == "train")
+    train = train.sample(min(max_train, train.height), seed=config.seed) if train.height > max_train else train
+    v_logits, v_feats, _ = image_outputs(model, prep, valid["path"].to_list(), num_workers=config.num_workers)
+    _, t_feats, _ = image_outputs(model, prep, train["path"].to_list(), num_workers=config.num_workers)
+    v_targets = np.array([index[c] for c in valid["label"]])
+    stats = UnknownStats.fit(t_feats, np.array([index[c] for c in train["label"]]), len(classes), seed=config.seed)
+    u_logits = u_feats = None
+    if config.unknown:
+        u_paths = [p for p, err in expand_inputs([config.unknown]) if err is None]
+        if not u_paths:
+            raise ItfitsError(f"--unknown {config.unknown}: no image files found")
+        u_logits, u_feats, u_errors = image_outputs(model, prep, u_paths, num_workers=config.num_workers)
+        good = np.array([not e for e in u_errors])
+        u_logits, u_feats = u_logits[good], u_feats[good]
+    threshold = None if config.threshold == "auto" else float(config.threshold)
+    calibration, report = calibrate(v_logits, v_targets, v_feats, stats, keep=config.keep, score=config.score,
+                                    threshold=threshold, unknown_logits=u_logits, unknown_features=u_feats)
+    return calibration, report, {"logits": v_logits, "features": v_feats, "targets": v_targets,
+                                 "paths": valid["path"].to_list()}
+
+
 def fit(config: FitConfig, log=print) -> dict:
     """`itfits fit`: train on config.data and write the run folder. Returns the run summary (run.json)."""
     from fastai.torch_core import set_seed
@@ -128,10 +165,13 @@ def fit(config: FitConfig, log=print) -> dict:
     history = train(learn, epochs=config.epochs, lr=lr, freeze_epochs=config.freeze_epochs)
     write_table(history, run / "history.csv")
 
-    probs, targets = learn.get_preds(ds_idx=1)
-    targets, preds = targets.numpy(), probs.argmax(1).numpy()
-    write_confusion_matrix(confusion_matrix(targets, preds, classes), classes, run)
-    accuracy = float((preds == targets).mean())
+    calibration, calib_report, valid = calibrate_images(learn.model, items, classes, prep, config)
+    preds = valid["logits"].argmax(1)
+    write_confusion_matrix(confusion_matrix(valid["targets"], preds, classes), classes, run)
+    accuracy = float((preds == valid["targets"]).mean())
+    log(f"temperature {calibration.temperature:.2f} (valid ECE {calib_report['valid_ece']['before']:.3f} -> "
+        f"{calib_report['valid_ece']['after']:.3f}); unknown score {calibration.score}, threshold "
+        f"{calibration.threshold:.4g} ({calib_report['score_chosen_by']})")
 
     summary = {
         "config": asdict(config),
@@ -139,9 +179,10 @@ def fit(config: FitConfig, log=print) -> dict:
                      "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds), "n_skipped": int(n_skipped)},
         "results": {"valid_accuracy": accuracy, "valid_loss": float(history["valid_loss"][-1]),
                     "seconds": round(time.perf_counter() - t0, 1)},
+        "calibration": calib_report,
     }
-    meta = image_bundle_meta(config.arch, classes, prep, threshold=config.threshold, training=summary["results"])
-    save_bundle(learn.model, meta, run / "model")
+    meta = image_bundle_meta(config.arch, classes, prep, training=summary["results"])
+    save_bundle(learn.model, meta, calibration, run / "model")
     write_json(summary, run / "run.json")
     log(f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}")
     return summary

@@ -1,0 +1,63 @@
+"""Shared fixtures: one real training run on the sample images (with broken and odd-mode files mixed into
+the classes), the CLI as a user runs it, and odd images.
+
+The run is trained once per session through the CLI in a subprocess, exactly as `itfits fit` runs, so tests
+see what a user sees: a fresh interpreter, where nothing another test imported can hide a missing import.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from helpers import CLASSES, FASHION, FIT_ARGS, run_cli, write_broken_files, write_odd_images
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def odd_images(tmp_path_factory) -> dict[str, Path]:
+    return write_odd_images(tmp_path_factory.mktemp("odd"))
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    run: Path  # the run folder
+    data: Path  # the DATA folder it was trained on
+    broken: dict[str, Path]  # files that must have been skipped: name -> path
+    odd: dict[str, Path]  # odd-mode but valid images that must have been used: kind -> path
+    stdout: str
+
+    @property
+    def model(self) -> Path:
+        return self.run / "model"
+
+    @property
+    def summary(self) -> dict:
+        return json.loads((self.run / "run.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """`itfits fit` on a copy of data/fashion with broken files and odd-mode images mixed into the classes."""
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "fashion"
+    shutil.copytree(FASHION, data)
+    broken = {}
+    for i, (name, path) in enumerate(sorted(write_broken_files(root / "broken").items())):
+        broken[name] = data / CLASSES[i % len(CLASSES)] / name  # spread over the classes
+        shutil.move(path, broken[name])
+    odd = {}
+    for kind, path in write_odd_images(root / "odd").items():
+        odd[kind] = data / "bag" / path.name
+        shutil.move(path, odd[kind])
+    run = root / "run"
+    proc = run_cli("fit", data, "--out", run, *FIT_ARGS)
+    assert proc.returncode == 0, f"itfits fit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return TrainedRun(run=run, data=data, broken=broken, odd=odd, stdout=proc.stdout)

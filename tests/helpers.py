@@ -1,0 +1,100 @@
+"""Helpers shared by the tests: the CLI as a user runs it, and makers of odd and broken image files."""
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION = REPO / "data" / "fashion"
+FASHION_TEST = REPO / "data" / "fashion_test"
+CLASSES = ["bag", "sneaker", "trouser", "tshirt"]
+
+# Small and quick, yet clearly better than chance (0.25) on 4 classes; --lr given, so no lr_find.
+FIT_ARGS = ["--epochs", "2", "--freeze-epochs", "1", "--size", "48", "--lr", "3e-3", "--bs", "16", "--workers", "0"]
+
+
+def run_cli(*args, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`itfits ARGS...` in a fresh interpreter; returns the finished process (stdout, stderr, returncode)."""
+    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ---- odd and broken files -------------------------------------------------------------------------------
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height 8-bit gray pixels (a decompression bomb's header)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + _png_chunk(b"IEND", b""))
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+# file name -> a word its skip reason must contain
+BROKEN = {"zero_bytes.png": "empty", "truncated.png": "truncated", "truncated.jpg": "truncated",
+          "text_named.jpg": "not an image", "bomb.png": "bomb", "bomb_warn.png": "bomb"}
+
+
+def write_broken_files(folder: Path) -> dict[str, Path]:
+    """Files that must be skipped (the names in BROKEN), written into `folder`; {name: path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    png, jpg = _encoded(noise, "PNG"), _encoded(noise, "JPEG", quality=90)
+    (folder / "zero_bytes.png").write_bytes(b"")
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    (folder / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (folder / "text_named.jpg").write_text("this is not an image\n")
+    (folder / "bomb.png").write_bytes(png_claiming(100_000, 100_000))  # 1e10 pixels: PIL refuses outright
+    (folder / "bomb_warn.png").write_bytes(png_claiming(10_000, 10_000))  # 1e8: over the limit, under 2x
+    return {name: folder / name for name in BROKEN}
+
+
+def write_odd_images(folder: Path) -> dict[str, Path]:
+    """Valid images in the modes that break naive loaders; {kind: path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    out["gray"] = folder / "gray.png"
+    Image.new("L", (40, 30), 128).save(out["gray"])
+
+    # palette with transparency: index 1 (left half) is transparent, index 0 is red
+    pal = Image.new("P", (40, 30), 0)
+    pal.putpalette([255, 0, 0, 0, 0, 0] + [0] * (256 * 3 - 6))
+    pal.paste(1, (0, 0, 20, 30))
+    out["palette"] = folder / "palette.png"
+    pal.save(out["palette"], transparency=1)
+
+    # RGBA: left half opaque red, right half fully transparent (black underneath the alpha)
+    rgba = np.zeros((30, 40, 4), np.uint8)
+    rgba[:, :20] = (255, 0, 0, 255)
+    out["rgba"] = folder / "rgba.png"
+    Image.fromarray(rgba, "RGBA").save(out["rgba"])
+
+    # 16-bit gray ramp up to 65535
+    ramp = np.linspace(0, 65535, 40 * 30).reshape(30, 40).astype(np.uint16)
+    out["gray16"] = folder / "gray16.png"
+    Image.fromarray(ramp).save(out["gray16"])
+
+    # JPEG stored 40 wide x 30 high with EXIF orientation 6 (rotate 90 degrees clockwise to display)
+    exif_img = Image.new("RGB", (40, 30), (0, 200, 0))
+    exif = exif_img.getexif()
+    exif[0x0112] = 6
+    out["exif"] = folder / "exif_rot.jpg"
+    exif_img.save(out["exif"], exif=exif, quality=95)
+    return out
+
+

