@@ -20,9 +20,9 @@ CLASSES = ["bag", "sneaker", "trouser", "tshirt"]
 FIT_ARGS = ["--epochs", "2", "--freeze-epochs", "1", "--size", "48", "--lr", "3e-3", "--bs", "16", "--workers", "0"]
 
 
-def run_cli(*args, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(*args, cwd: Path = REPO, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """`itfits ARGS...` in a fresh interpreter; returns the finished process (stdout, stderr, returncode)."""
-    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

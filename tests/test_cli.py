@@ -1,0 +1,199 @@
+"""The command line as a user meets it: one-line errors without tracebacks, error rows instead of crashes,
+the summary line, atomic output, and the commands that list and explain."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from helpers import FASHION, FASHION_TEST, run_cli
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode != 0, f"exit 0 for bad input; stdout: {proc.stdout[-500:]}"
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"stderr is not one 'error:' line:\n{proc.stderr}"
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def _class_folder(root: Path, counts: dict[str, int]) -> Path:
+    for label, n in counts.items():
+        src = sorted((FASHION / "bag").glob("*.png"))
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for f in src[:n]:
+            shutil.copy(f, root / label / f.name)
+    return root
+
+
+# ---- fit / lr-find input errors ----------------------------------------------------------------------------
+
+def test_nonexistent_data(tmp_path):
+    assert_one_line_error(run_cli("fit", tmp_path / "nope", "--out", tmp_path / "run"), "nope", "does not exist")
+
+
+def test_misspelt_arch(tmp_path):
+    for cmd in ("fit", "lr-find"):
+        assert_one_line_error(run_cli(cmd, FASHION, "--arch", "resnt18", "--out", tmp_path / "run"),
+                              "resnt18", "did you mean 'resnet18'")
+
+
+def test_data_with_one_class(tmp_path):
+    data = _class_folder(tmp_path / "data", {"only": 5})
+    proc = run_cli("fit", data, "--out", tmp_path / "run", "--lr", "1e-3", "--size", "32", "--workers", "0")
+    assert_one_line_error(proc, "2 classes")
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_class_with_one_file(tmp_path):
+    data = _class_folder(tmp_path / "data", {"many": 6, "lonely": 1})
+    proc = run_cli("fit", data, "--out", tmp_path / "run", "--lr", "1e-3", "--size", "32", "--workers", "0")
+    assert_one_line_error(proc, "lonely")
+
+
+def test_table_without_label_column(tmp_path):
+    table = tmp_path / "t.csv"
+    pl.DataFrame({"path": ["a.png"], "klass": ["x"]}).write_csv(table)
+    assert_one_line_error(run_cli("fit", table, "--out", tmp_path / "run"), "path,label")
+
+
+@pytest.mark.parametrize("args,word", [(["--epochs", "0"], "--epochs"), (["--valid-pct", "1.5"], "--valid-pct"),
+                                       (["--lr", "-1"], "--lr")])
+def test_bad_numbers(tmp_path, args, word):
+    assert_one_line_error(run_cli("fit", FASHION, "--out", tmp_path / "run", *args), word)
+
+
+def test_hub_weights_offline_from_the_cli(tmp_path):
+    """The hub is made to fail as it does offline (never the network): one line naming the ways out."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import urllib.error\nimport torchvision.models._api as api\n"
+        "def refuse(*a, **k):\n    raise urllib.error.URLError('offline (test)')\n"
+        "api.load_state_dict_from_url = refuse\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    data = _class_folder(tmp_path / "data", {"a": 3, "b": 3})
+    proc = run_cli("fit", data, "--arch", "resnet18", "--out", tmp_path / "run", "--lr", "1e-3", "--size", "32",
+                   "--workers", "0", env=env)
+    assert_one_line_error(proc, "'resnet18'", "--weights", "efficientnet_lite0")
+
+
+def test_usage_errors_exit_non_zero_without_traceback(tmp_path):
+    for args in (["fit", FASHION, "--epochs", "many"], ["predict", tmp_path], ["fitt", FASHION]):
+        proc = run_cli(*args)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---- predict input errors -------------------------------------------------------------------------------------
+
+def test_predict_out_must_be_csv_or_parquet(trained_run, tmp_path):
+    proc = run_cli("predict", trained_run.model, FASHION_TEST, "--out", tmp_path / "preds.txt")
+    assert_one_line_error(proc, ".csv or .parquet")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_model_that_is_not_a_bundle(tmp_path):
+    proc = run_cli("predict", FASHION, FASHION_TEST, "--out", tmp_path / "p.csv")
+    assert_one_line_error(proc, "not a model bundle")
+    assert_one_line_error(run_cli("predict", tmp_path / "nothing", FASHION_TEST, "--out", tmp_path / "p.csv"))
+
+
+def test_predict_bundle_that_does_not_fit_its_json(trained_run, tmp_path):
+    import json
+    bundle = tmp_path / "model"
+    shutil.copytree(trained_run.model, bundle)
+    meta = json.loads((bundle / "itfits.json").read_text())
+    meta["classes"] = meta["classes"][:3]  # the head in the weights has 4 outputs
+    (bundle / "itfits.json").write_text(json.dumps(meta))
+    assert_one_line_error(run_cli("predict", bundle, FASHION_TEST, "--out", tmp_path / "p.csv"), "do not fit")
+    (bundle / "itfits.json").write_text("{ not json")
+    assert_one_line_error(run_cli("predict", bundle, FASHION_TEST, "--out", tmp_path / "p.csv"), "JSON")
+
+
+# ---- predict: error rows, summary, atomic output -----------------------------------------------------------
+
+def test_predict_unreadable_inputs_are_error_rows(trained_run, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    good = sorted((FASHION_TEST / "bag").glob("*.png"))[:2]
+    for f in good:
+        shutil.copy(f, inputs / f.name)
+    (inputs / "zero.png").write_bytes(b"")
+    (inputs / "notes.jpg").write_text("not an image")
+    rgba = inputs / "sub" / "icon.png"  # in a sub-folder: folders are searched recursively
+    rgba.parent.mkdir()
+    Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(rgba)
+    missing = tmp_path / "missing.png"
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("unrelated file")
+    out = out_dir / "preds.csv"
+
+    proc = run_cli("predict", trained_run.model, inputs, missing, str(tmp_path / "nomatch" / "*.png"),
+                   "--out", out, "--workers", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    df = pl.read_csv(out)
+    assert df.height == 7
+    err = {Path(p).name: e for p, e in df.select("path", "error").iter_rows()}
+    assert err["missing.png"] and "not found" in err["missing.png"]
+    assert err["zero.png"] and "empty" in err["zero.png"]
+    assert err["notes.jpg"] and "not an image" in err["notes.jpg"]
+    assert err["*.png"] and "no files match" in err["*.png"]
+    assert err["icon.png"] is None and all(err[f.name] is None for f in good)
+    bad = df.filter(pl.col("error").is_not_null())
+    assert bad["label"].null_count() == bad.height and bad["top1"].null_count() == bad.height
+    assert df.filter(pl.col("error").is_null())["top1"].null_count() == 0
+
+    summary = proc.stdout.strip().splitlines()[-1]
+    n_unknown = int(df["unknown"].fill_null(False).sum())
+    assert "7 files" in summary and f"{n_unknown} unknown" in summary and "4 errors" in summary
+    assert str(out) in summary
+    assert sorted(p.name for p in out_dir.iterdir()) == ["keep.txt", "preds.csv"], "temp files left behind"
+
+
+def test_predictions_are_written_atomically(tmp_path):
+    """A failure halfway through leaves the previous output untouched and no temporary file behind."""
+    from pipelines.predict import write_predictions
+    out = tmp_path / "preds.csv"
+    out.write_text("previous\n")
+
+    def rows():
+        for i in range(2500):  # past the first chunk: part of the CSV is already written when it fails
+            yield {"path": f"{i}.png", "label": "a", "confidence": 0.9, "unknown": False, "error": None, "score": 0.9}
+        raise RuntimeError("crash while predicting")
+
+    with pytest.raises(RuntimeError):
+        write_predictions(rows(), out)
+    assert out.read_text() == "previous\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["preds.csv"]
+    counts = write_predictions(iter([{"path": "x.png", "label": "a", "confidence": 0.9, "unknown": False,
+                                      "error": None, "score": 0.9}]), out)
+    assert counts == {"files": 1, "unknown": 0, "errors": 0}
+    assert pl.read_csv(out).height == 1 and [p.name for p in tmp_path.iterdir()] == ["preds.csv"]
+
+
+# ---- listing ---------------------------------------------------------------------------------------------------
+
+def test_backbones_lists_every_backbone_and_the_default():
+    from pipelines.backbones import list_backbones
+    proc = run_cli("backbones")
+    assert proc.returncode == 0
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list_backbones()
+    default = [line for line in lines if "[default]" in line]
+    assert len(default) == 1 and default[0].startswith("efficientnet_lite0") and "offline" in default[0]
+    filtered = [line.split()[0] for line in run_cli("backbones", "resnet*").stdout.strip().splitlines()]
+    assert filtered == ["resnet18", "resnet34", "resnet50"]
+
+
+def test_help_runs_for_every_command():
+    for cmd in ("fit", "lr-find", "predict", "backbones"):
+        proc = run_cli(cmd, "--help")
+        assert proc.returncode == 0 and "Usage" in proc.stdout, cmd

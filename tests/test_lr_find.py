@@ -1,0 +1,53 @@
+"""lr_find: `itfits lr-find` writes its plot and table and prints the suggestions; `itfits fit` without --lr
+runs it first and uses (and records) the suggestion it names."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from helpers import FASHION, run_cli
+
+SUGGESTIONS = ("minimum", "steep", "valley", "slide")
+SMALL = ["--size", "32", "--bs", "16", "--workers", "0"]
+
+
+def _check_lr_find_files(folder):
+    table = pl.read_csv(folder / "lr_find.csv")
+    assert table.columns == ["lr", "loss"] and table.height >= 20
+    lrs = table["lr"].to_numpy()
+    assert (np.diff(lrs) > 0).all() and lrs[-1] / lrs[0] > 100, "lr grows over orders of magnitude"
+    assert np.isfinite(table["loss"].to_numpy()).all()
+    with Image.open(folder / "lr_find.png") as im:
+        assert im.format == "PNG" and im.size[0] >= 300
+    return table
+
+
+def test_lr_find_command(tmp_path):
+    out = tmp_path / "lr"
+    proc = run_cli("lr-find", FASHION, "--out", out, *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = _check_lr_find_files(out)
+    lines = proc.stdout.strip().splitlines()
+    printed = {line.split()[0]: float(line.split()[1]) for line in lines if line.split()[:1] and line.split()[0] in SUGGESTIONS}
+    assert set(printed) == set(SUGGESTIONS), proc.stdout
+    assert all(table["lr"].min() <= v <= table["lr"].max() for v in printed.values())
+    assert "itfits fit uses this" in next(line for line in lines if line.startswith("valley"))
+    assert "lr_find.png" in lines[-1] and "lr_find.csv" in lines[-1]
+    assert not (out / "model").exists() and not (out / "history.csv").exists(), "lr-find does only lr_find"
+
+
+def test_fit_without_lr_uses_the_valley_suggestion(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("fit", FASHION, "--out", run, "--epochs", "1", "--freeze-epochs", "1", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_lr_find_files(run)
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["config"]["lr"] is None
+    suggestions = summary["resolved"]["lr_suggestions"]
+    assert set(suggestions) == set(SUGGESTIONS)
+    assert summary["resolved"]["lr"] == suggestions["valley"] > 0
+    assert "lr_find suggestions" in proc.stdout and f"{suggestions['valley']:.2e}" in proc.stdout
+    assert (run / "model" / "model.safetensors").is_file()
