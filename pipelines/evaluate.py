@@ -26,6 +26,13 @@ def per_class(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> dic
     return out
 
 
+def accepted_at_rate(known: np.ndarray, unknown: np.ndarray, rate: float) -> float:
+    """Share of `known` accepted by the lowest threshold that accepts at most `rate` of `unknown`."""
+    k = int(np.floor(rate * len(unknown) + 1e-9))
+    cut = np.sort(unknown)[::-1][k] if k < len(unknown) else -np.inf  # accept strictly above the (k+1)-th highest
+    return float((known > cut).mean()) if len(known) else 0.0
+
+
 def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: str | Path | None = None,
              num_workers: int | None = None) -> dict:
     """Metrics of a bundle on labelled DATA (every file, whatever its split) and optional unknown examples."""
@@ -74,7 +81,11 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
         metrics["scores"] = {n: {"auroc": auroc(scores[n], u_scores[n]), "fpr95": fpr_at_tpr(scores[n], u_scores[n])}
                              for n in SCORES}
         metrics["unknown_rule"]["unknown_accepted"] = float((u_scores[calib.score] >= calib.threshold).mean())
-        metrics["plain_rule"]["unknown_accepted"] = float((softmax(u_logits[good]).max(1) >= PLAIN_RULE).mean())
+        plain_rate = float((softmax(u_logits[good]).max(1) >= PLAIN_RULE).mean())
+        metrics["plain_rule"]["unknown_accepted"] = plain_rate
+        for n in SCORES:  # the fair comparison: accept no more unknowns than the plain rule does
+            metrics["scores"][n]["correct_accepted_at_plain_unknown_rate"] = accepted_at_rate(
+                scores[n][correct], u_scores[n], plain_rate)
     out = Path(out)
     plot_reliability(probs, targets, out / "reliability.png")
     plot_risk_coverage(scores[calib.score], correct, out / "risk_coverage.png", threshold=calib.threshold)

@@ -114,10 +114,15 @@ def compute_scores(logits: np.ndarray, features: np.ndarray | None, *, temperatu
     return out
 
 
+def threshold_for_share(scores: np.ndarray, share: float) -> float:
+    """The highest threshold t with at least `share` of `scores` >= t."""
+    ordered = np.sort(scores)
+    return float(ordered[min(len(ordered) - 1, int(np.floor(len(ordered) * (1 - share) + 1e-9)))])
+
+
 def choose_threshold(scores: np.ndarray, correct: np.ndarray, keep: float) -> float:
-    """The score above which a share `keep` of the correctly classified items lies."""
-    kept = scores[correct] if correct.any() else scores
-    return float(np.quantile(kept, 1 - keep, method="lower"))
+    """The threshold that accepts a share `keep` of the correctly classified items."""
+    return threshold_for_share(scores[correct] if correct.any() else scores, keep)
 
 
 def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
@@ -130,8 +135,7 @@ def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
 
 def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = 0.95) -> float:
     """Share of unknown items accepted when the threshold accepts `tpr` of the known items."""
-    t = np.quantile(known, 1 - tpr, method="lower")
-    return float((unknown >= t).mean())
+    return float((unknown >= threshold_for_share(known, tpr)).mean())
 
 
 @dataclass

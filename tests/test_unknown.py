@@ -1,0 +1,114 @@
+"""Unknown handling on real outputs: temperature, auto threshold, held-out class detection, bundle round trip."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers import FASHION, FASHION_TEST, run_cli
+from pipelines.bundle import load_bundle, save_bundle
+from pipelines.images import ImagePreprocessing
+from pipelines.predict import image_outputs
+from pipelines.unknown import (SCORES, Calibration, auroc, calibrate, choose_threshold, fit_temperature, fpr_at_tpr, nll,
+                               softmax)
+
+
+@pytest.fixture(scope="module")
+def test_outputs(trained_run):
+    """Logits, features and targets of the trained model on the held-out test images (real outputs)."""
+    bundle = load_bundle(trained_run.model)
+    paths = sorted(p for p in FASHION_TEST.rglob("*.png"))
+    prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
+    logits, feats, errors = image_outputs(bundle.model, prep, [str(p) for p in paths], num_workers=0)
+    assert not any(errors)
+    targets = np.array([bundle.classes.index(p.parent.name) for p in paths])
+    return bundle, logits, feats, targets
+
+
+def test_temperature_lowers_nll(test_outputs):
+    _, logits, _, targets = test_outputs
+    for scale in (0.3, 1.0, 4.0):  # under-, as-is and over-confident versions of the same real logits
+        t = fit_temperature(logits * scale, targets)
+        assert nll(logits * scale, targets, t) <= nll(logits * scale, targets) + 1e-9
+    t = fit_temperature(logits * 4.0, targets)
+    assert nll(logits * 4.0, targets, t) < nll(logits * 4.0, targets) - 0.05  # overconfidence is really corrected
+    assert t > 1.5
+
+
+def test_fit_calibration_is_recorded(trained_run):
+    cal = trained_run.summary["calibration"]
+    assert cal["valid_nll"]["after"] <= cal["valid_nll"]["before"] + 1e-9
+    assert cal["score"] in SCORES and cal["keep"] == 0.95
+    assert cal["valid_correct_accepted"] >= 0.95  # the auto threshold accepts the target share of correct items
+    meta = json.loads((trained_run.model / "itfits.json").read_text())
+    assert meta["calibration"]["threshold"] == pytest.approx(cal["threshold"])
+    assert meta["calibration"]["temperature"] == pytest.approx(cal["temperature"])
+
+
+@pytest.mark.parametrize("keep", [0.8, 0.9, 0.95])
+def test_auto_threshold_accepts_target_share(test_outputs, keep):
+    _, logits, feats, targets = test_outputs
+    bundle = test_outputs[0]
+    cal, report = calibrate(logits, targets, feats, bundle.calibration.stats, keep=keep)
+    correct = logits.argmax(1) == targets
+    _, score, unknown = cal.apply(logits, feats)
+    share = (~unknown[correct]).mean()
+    assert keep <= share < keep + 1 / correct.sum() + 1e-9  # the target share, up to one item
+    assert report["valid_correct_accepted"] == pytest.approx(share)
+
+
+def test_score_metrics_on_known_cases():
+    known, unknown = np.array([0.9, 0.8, 0.7, 0.6]), np.array([0.1, 0.2, 0.65])
+    assert auroc(known, unknown) == pytest.approx(11 / 12)
+    assert auroc(unknown, known) == pytest.approx(1 / 12)
+    assert fpr_at_tpr(known, unknown, tpr=1.0) == pytest.approx(1 / 3)
+    assert choose_threshold(known, np.array([True, True, False, True]), keep=2 / 3) == pytest.approx(0.8)
+    assert np.allclose(softmax(np.array([[0.0, 0.0]])), 0.5)
+
+
+@pytest.fixture(scope="module")
+def held_out_run(tmp_path_factory):
+    """A model trained on three classes; the fourth (trouser) is a class it never saw. Test-split trousers are
+    given as --unknown examples (score choice only); evaluation uses the training-split trousers."""
+    root = tmp_path_factory.mktemp("heldout")
+    for c in ("bag", "sneaker", "tshirt"):
+        shutil.copytree(FASHION / c, root / "data" / c)
+    proc = run_cli("fit", root / "data", "--out", root / "run", "--epochs", "2", "--size", "48", "--lr", "3e-3",
+                   "--workers", "0", "--unknown", FASHION_TEST / "trouser")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def test_evaluate_detects_held_out_class(held_out_run, tmp_path):
+    test = tmp_path / "test"
+    for c in ("bag", "sneaker", "tshirt"):
+        shutil.copytree(FASHION_TEST / c, test / c)
+    proc = run_cli("evaluate", held_out_run / "run" / "model", test, "--unknown", FASHION / "trouser",
+                   "--out", tmp_path / "eval")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    score = m["unknown_rule"]["score"]
+    fit_report = json.loads((held_out_run / "run" / "run.json").read_text())["calibration"]
+    assert fit_report["score_chosen_by"] == "best AUROC on the --unknown examples"
+    assert score == fit_report["score"]
+    # measured: 0.74 (max_softmax), tiny model at 48 px after 2 epochs; chance is 0.5
+    assert m["scores"][score]["auroc"] > 0.65, m["scores"]
+    assert m["n_unknown"] == len(list((FASHION / "trouser").glob("*.png")))
+    for name in SCORES:
+        assert 0 <= m["scores"][name]["fpr95"] <= 1
+    assert (tmp_path / "eval" / "reliability.png").stat().st_size > 0
+    assert (tmp_path / "eval" / "risk_coverage.png").stat().st_size > 0
+    assert "AUROC" in proc.stdout
+
+
+def test_bundle_round_trip_keeps_calibration(trained_run, tmp_path):
+    bundle = load_bundle(trained_run.model)
+    cal = bundle.calibration
+    changed = Calibration(temperature=1.7, score="mahalanobis", threshold=-12.5, keep=0.9, stats=cal.stats)
+    save_bundle(bundle.model, {k: v for k, v in bundle.meta.items() if k != "calibration"}, changed, tmp_path / "b")
+    again = load_bundle(tmp_path / "b")
+    assert again.calibration.json() == changed.json()
+    for name in ("bank", "means", "precision"):
+        assert np.array_equal(getattr(again.calibration.stats, name), getattr(cal.stats, name))
