@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/itfits fit data/fashion --out runs/demo --epochs 3 --size 64
 	$(BIN)/itfits predict runs/demo/model data/fashion_test data/fashion_unknown --out runs/demo/predictions.csv
-	@echo "Results: runs/demo (run.json, history.csv, lr_find.png, confusion_matrix.png, model/, predictions.csv)"
+	$(BIN)/itfits evaluate runs/demo/model data/fashion_test --unknown data/fashion_unknown --out runs/demo/evaluate
+	@echo "Results in runs/demo: run.json, history.csv, lr_find.png, confusion_matrix.png, model/, predictions.csv, evaluate/"
 
 test: install
 	$(BIN)/python -m pytest -q -ra

@@ -115,16 +115,25 @@ def _save(sd, path):
     return path
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_local_state_dict_file_is_loaded(tmp_path, suffix):
-    sd = _resnet_state(seed=123)
-    path = _save(sd, tmp_path / f"resnet18{suffix}")
-    body = create_backbone("resnet18", num_classes=3, weights=str(path))[0]
-    expected = [v for k, v in sd.items() if not k.startswith("fc.")]
+def _timm_state(name, seed=0) -> dict[str, torch.Tensor]:
+    import timm
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False).state_dict()
+
+
+@pytest.mark.parametrize("name,suffix", [("resnet18", ".pth"), ("resnet18", ".safetensors"),
+                                         ("convnext_nano", ".safetensors")])
+def test_local_state_dict_file_is_loaded(tmp_path, name, suffix):
+    """A state dict of the library's ImageNet model (what the hub gives), saved to a file by the user."""
+    sd = _resnet_state(name, seed=123) if name.startswith("resnet") else _timm_state(name, seed=123)
+    path = _save(sd, tmp_path / f"{name}{suffix}")
+    body = create_backbone(name, num_classes=3, weights=str(path))[0]
+    classifier = get_spec(name).classifier + "."
+    expected = [v for k, v in sd.items() if not k.startswith(classifier)]
     got = list(body.state_dict().values())
     assert len(got) == len(expected)
     assert all(torch.equal(a, b) for a, b in zip(got, expected)), "the file's tensors are the body's"
-    fresh = list(create_backbone("resnet18", num_classes=3, weights="none")[0].state_dict().values())
+    fresh = list(create_backbone(name, num_classes=3, weights="none")[0].state_dict().values())
     assert not torch.equal(fresh[0], got[0])
 
 

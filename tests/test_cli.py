@@ -63,6 +63,13 @@ def test_table_without_label_column(tmp_path):
     assert_one_line_error(run_cli("fit", table, "--out", tmp_path / "run"), "path,label")
 
 
+@pytest.mark.parametrize("content", [b'path,label\na.png,x\n"unterminated,q\n', b"PAR1 not parquet"])
+def test_unreadable_table(tmp_path, content):
+    table = tmp_path / ("t.csv" if content.startswith(b"path") else "t.parquet")
+    table.write_bytes(content)
+    assert_one_line_error(run_cli("fit", table, "--out", tmp_path / "run"), "cannot read table")
+
+
 @pytest.mark.parametrize("args,word", [(["--epochs", "0"], "--epochs"), (["--valid-pct", "1.5"], "--valid-pct"),
                                        (["--lr", "-1"], "--lr")])
 def test_bad_numbers(tmp_path, args, word):

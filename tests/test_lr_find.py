@@ -1,5 +1,5 @@
 """lr_find: `itfits lr-find` writes its plot and table and prints the suggestions; `itfits fit` without --lr
-runs it first and uses (and records) the suggestion it names."""
+runs it first and uses (and records) the suggestion it names (CHOSEN_SUGGESTION)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import polars as pl
 from PIL import Image
 
 from helpers import FASHION, run_cli
+from pipelines.training import CHOSEN_SUGGESTION
 
 SUGGESTIONS = ("minimum", "steep", "valley", "slide")
 SMALL = ["--size", "32", "--bs", "16", "--workers", "0"]
@@ -34,12 +35,12 @@ def test_lr_find_command(tmp_path):
     printed = {line.split()[0]: float(line.split()[1]) for line in lines if line.split()[:1] and line.split()[0] in SUGGESTIONS}
     assert set(printed) == set(SUGGESTIONS), proc.stdout
     assert all(table["lr"].min() <= v <= table["lr"].max() for v in printed.values())
-    assert "itfits fit uses this" in next(line for line in lines if line.startswith("valley"))
+    assert [line.split()[0] for line in lines if "itfits fit uses this" in line] == [CHOSEN_SUGGESTION]
     assert "lr_find.png" in lines[-1] and "lr_find.csv" in lines[-1]
     assert not (out / "model").exists() and not (out / "history.csv").exists(), "lr-find does only lr_find"
 
 
-def test_fit_without_lr_uses_the_valley_suggestion(tmp_path):
+def test_fit_without_lr_uses_the_chosen_suggestion(tmp_path):
     run = tmp_path / "run"
     proc = run_cli("fit", FASHION, "--out", run, "--epochs", "1", "--freeze-epochs", "1", *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,6 +49,6 @@ def test_fit_without_lr_uses_the_valley_suggestion(tmp_path):
     assert summary["config"]["lr"] is None
     suggestions = summary["resolved"]["lr_suggestions"]
     assert set(suggestions) == set(SUGGESTIONS)
-    assert summary["resolved"]["lr"] == suggestions["valley"] > 0
-    assert "lr_find suggestions" in proc.stdout and f"{suggestions['valley']:.2e}" in proc.stdout
+    assert summary["resolved"]["lr"] == suggestions[CHOSEN_SUGGESTION] > 0
+    assert "lr_find suggestions" in proc.stdout and f"using {CHOSEN_SUGGESTION} {suggestions[CHOSEN_SUGGESTION]:.2e}" in proc.stdout
     assert (run / "model" / "model.safetensors").is_file()

@@ -60,6 +60,17 @@ def test_table_paths_are_relative_to_the_table(tmp_path, fmt):
     assert set(items["split"]) == {"train", "valid"}
 
 
+@pytest.mark.parametrize("column,values", [("split", ["train", "valid"]), ("is_valid", [False, True])])
+def test_table_split_column_is_kept(tmp_path, column, values):
+    images = _tiny_class_folder(tmp_path / "images", {"a": 4, "b": 4})
+    paths = sorted(images.rglob("*.png"))
+    flags = [values[i % 2] for i in range(len(paths))]
+    pl.DataFrame({"path": [str(p.relative_to(tmp_path)) for p in paths], "label": [p.parent.name for p in paths],
+                  column: flags}).write_csv(tmp_path / "t.csv")
+    items = read_source(tmp_path / "t.csv", seed=3)
+    assert items["split"].to_list() == ["valid" if f in ("valid", True) else "train" for f in flags]
+
+
 def test_table_without_label_column_is_a_clear_error(tmp_path):
     path = tmp_path / "t.csv"
     pl.DataFrame({"path": ["x.png"], "klass": ["a"]}).write_csv(path)
