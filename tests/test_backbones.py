@@ -137,6 +137,14 @@ def test_local_state_dict_file_is_loaded(tmp_path, name, suffix):
     assert not torch.equal(fresh[0], got[0])
 
 
+def test_local_file_without_batchnorm_counters(tmp_path):
+    """torchvision's own download files (e.g. resnet18-f37072fd.pth) have no num_batches_tracked tensors."""
+    sd = {k: v for k, v in _resnet_state(seed=9).items() if not k.endswith("num_batches_tracked")}
+    path = _save(sd, tmp_path / "resnet18-download.pth")
+    body = create_backbone("resnet18", num_classes=3, weights=str(path))[0]
+    assert torch.equal(next(iter(body.state_dict().values())), sd["conv1.weight"])
+
+
 def test_local_checkpoint_wrapper_and_ddp_prefix(tmp_path):
     sd = _resnet_state(seed=5)
     path = tmp_path / "ckpt.pth"

@@ -106,6 +106,13 @@ def test_split_puts_every_class_in_both_splits_even_when_small():
         assert got == {"train", "valid"}, f"class {label}: {got}"
 
 
+def test_split_leaves_every_class_a_training_file_even_with_a_large_valid_pct():
+    labels = ["a"] * 2 + ["b"] * 3
+    split = np.array(stratified_split(labels, valid_pct=0.9, seed=0))
+    for label in "ab":
+        assert "train" in set(split[np.array(labels) == label]), f"class {label} has no training file"
+
+
 # ---- broken files -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(BROKEN))
@@ -124,6 +131,17 @@ def test_check_files_marks_only_the_broken(tmp_path):
     assert sorted(Path(p).name for p in bad["path"]) == sorted(BROKEN)
     assert items.filter(pl.col("error").is_null()).height == 8
     assert require_classes(items) == ["a", "b"]
+
+
+def test_missing_path_in_a_table_is_skipped(tmp_path):
+    _tiny_class_folder(tmp_path / "images", {"a": 3, "b": 3})
+    rows = [(f"images/{p.parent.name}/{p.name}", p.parent.name) for p in sorted((tmp_path / "images").rglob("*.png"))]
+    rows.append(("images/a/gone.png", "a"))
+    pl.DataFrame(rows, schema=["path", "label"], orient="row").write_csv(tmp_path / "t.csv")
+    items = check_files(read_source(tmp_path / "t.csv"))
+    bad = items.filter(pl.col("error").is_not_null())
+    assert bad["path"].to_list() == [str(tmp_path / "images" / "a" / "gone.png")]
+    assert "not found" in bad["error"][0]
 
 
 def test_decompression_bomb_by_pixel_limit(tmp_path, monkeypatch):
@@ -162,6 +180,14 @@ def test_rgba_transparent_area_is_white_not_black(odd_images):
     arr = _rgb(odd_images["rgba"])
     assert (arr[:, :20] == (255, 0, 0)).all()
     assert (arr[:, 20:] == 255).all(), f"transparent area became {arr[0, 30]}, expected white"
+
+
+def test_gray_with_alpha_is_white_where_transparent(tmp_path):
+    la = np.zeros((10, 20, 2), np.uint8)
+    la[:, :10] = (50, 255)  # left: opaque dark gray; right: transparent black
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    arr = _rgb(tmp_path / "la.png")
+    assert (arr[:, :10] == 50).all() and (arr[:, 10:] == 255).all()
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped(odd_images):
