@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 install: $(STAMP)
 
@@ -19,7 +19,13 @@ demo: install
 	$(BIN)/itfits predict runs/demo/model data/fashion_test data/fashion_unknown --out runs/demo/predictions.csv
 	@echo "Results: runs/demo (run.json, history.csv, lr_find.png, confusion_matrix.png, model/, predictions.csv)"
 
-test: install
+# The browser test (tests/test_web.py) drives the system Chromium: Debian chromium + chromium-driver, installed
+# here with apt-get when missing and we are root (browser downloads do not work on these machines). Never fails:
+# without Chromium the test skips and says why.
+browser:
+	$(PYTHON) tests/browser.py
+
+test: install browser
 	$(BIN)/python -m pytest -q -ra
 
 clean:
