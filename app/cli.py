@@ -140,7 +140,8 @@ def evaluate(
 
 @app.command()
 def serve(
-    model: Path = typer.Argument(..., help="Run folder (its report is served too) or model bundle folder (RUN/model)."),
+    model: Path = typer.Argument(..., metavar="RUN_OR_MODEL",
+                                 help="Run folder (its report is served too) or model bundle folder (RUN/model)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; only this machine can reach the default."),
     port: int = typer.Option(8000),
     max_files: int = typer.Option(100, help="Most files per upload."),

@@ -193,7 +193,8 @@ _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;p
 h1{margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums}img.plot{max-width:100%}.muted{color:#777}
-.grid{display:flex;flex-wrap:wrap;gap:.8em 2em}h3{margin:.3em 0}.card{border:1px solid #ddd;padding:.4em;width:11em;font-size:.85em}
+.grid{display:flex;flex-wrap:wrap;gap:.8em 2em}h3{margin:.3em 0}
+.card{border:1px solid #ddd;padding:.4em;width:11em;font-size:.85em}
 .card img{display:block;margin:0 auto .3em;image-rendering:pixelated;width:96px}.wrong{color:#b00}
 .name{word-break:break-all}"""
 
@@ -265,7 +266,7 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
             H2("Confusion matrix (validation)"), _figure(run / "confusion_matrix.png", "confusion matrix"),
             H2("Per class (validation)"), _frame_table(pc_table),
             H2(f"Top {top.height} losses (validation)"), _top_losses_part(top, valid),
-            H2("Calibration and unknowns"), *_calibration_part(run, calib)]
+            H2("Calibration and unknowns"), *_calibration_part(run, calib, risk=valid.scores is not None)]
     skipped = run / "skipped.csv"
     if skipped.is_file():
         table = pl.read_csv(skipped, infer_schema_length=0)
@@ -287,16 +288,17 @@ def _top_losses_part(top: pl.DataFrame, valid: Validation):
     cards = []
     for r in top.iter_rows(named=True):
         src = thumbnail_uri(valid.images[r["index"]]) if valid.images is not None else None
-        cards.append(Div(Img(src=src, alt=f"thumbnail of {Path(r['name']).name}") if src else P("(no preview)", cls="muted"),
-                         Div(Path(r["name"]).name, cls="name", title=r["name"]),
+        name = Path(r["name"]).name
+        cards.append(Div(Img(src=src, alt=f"thumbnail of {name}") if src else P("(no preview)", cls="muted"),
+                         Div(name, cls="name", title=r["name"]),
                          Div("actual: ", r["actual"]),
-                         Div("predicted: ", Span(r["predicted"], cls="" if r["predicted"] == r["actual"] else "wrong"),
+                         Div("predicted: ", Span(r["predicted"], cls=None if r["predicted"] == r["actual"] else "wrong"),
                              f" ({r['probability']:.2f})"),
                          Div(f"loss {r['loss']:.3f}"), cls="card"))
     return Div(*cards, cls="grid")
 
 
-def _calibration_part(run: Path, calib: dict) -> list:
+def _calibration_part(run: Path, calib: dict, *, risk: bool) -> list:
     from fastcore.xml import P
     if not calib:
         return [P("No calibration in this run.", cls="muted")]
@@ -309,7 +311,7 @@ def _calibration_part(run: Path, calib: dict) -> list:
                        **({"unknown examples accepted": calib["unknown_examples_accepted"]}
                           if "unknown_examples_accepted" in calib else {})}),
             _figure(run / "reliability.png", "reliability diagram")]
-    if (run / "risk_coverage.png").is_file():
+    if risk:  # not an older run's file left in RUN
         part.append(_figure(run / "risk_coverage.png", "risk-coverage curve"))
     if calib.get("unknown_examples"):
         table = pl.DataFrame([{"score": k, **v} for k, v in calib["unknown_examples"].items()])

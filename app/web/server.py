@@ -130,18 +130,21 @@ def _predict_uploads(site: Site, uploads: list[Upload]) -> tuple[list[dict], lis
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:70em;padding:0 1em;color:#222}
 .muted{color:#666}.drop{display:block;border:2px dashed #889;border-radius:8px;padding:2em;text-align:center;
-background:#f7f7fb;margin:.8em 0}.drop.over{background:#e6ecff;border-color:#36c}button{font-size:1em;padding:.4em 1.2em}
-table{border-collapse:collapse;margin:.8em 0}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:middle}
+background:#f7f7fb;margin:.8em 0}.drop.over{background:#e6ecff;border-color:#36c}
+button{font-size:1em;padding:.4em 1.2em}table{border-collapse:collapse;margin:.8em 0}
+td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:middle}
 td.num{text-align:right;font-variant-numeric:tabular-nums}.problems li{color:#a00}
 .badge{display:inline-block;padding:.1em .5em;border-radius:4px;font-weight:600}
 .known .badge{background:#dff3e3;color:#135}.unknown .badge{background:#ffd8a8;color:#7a3b00}
 tr.unknown{background:#fff6ea}tr.error{background:#fdecec}td img{width:64px;image-rendering:pixelated}"""
 
+# Dropping files on the zone submits them; a drop that misses the zone must not make the browser open the file.
 _DROP_JS = """const zone = document.getElementById('drop'), input = document.getElementById('files');
-for (const e of ['dragenter', 'dragover']) zone.addEventListener(e, ev => {ev.preventDefault(); zone.classList.add('over');});
-for (const e of ['dragleave', 'drop']) zone.addEventListener(e, ev => {ev.preventDefault(); zone.classList.remove('over');});
+const mark = on => ev => {ev.preventDefault(); zone.classList.toggle('over', on);};
+for (const e of ['dragenter', 'dragover']) zone.addEventListener(e, mark(true));
+for (const e of ['dragleave', 'drop']) zone.addEventListener(e, mark(false));
 zone.addEventListener('drop', ev => {input.files = ev.dataTransfer.files; document.getElementById('upload').submit();});
-for (const e of ['dragover', 'drop']) window.addEventListener(e, ev => ev.preventDefault());  // a missed drop must not open the file"""
+for (const e of ['dragover', 'drop']) window.addEventListener(e, ev => ev.preventDefault());"""
 
 
 def _page(site: Site, *, uploads: list[Upload] | None = None, rows: list[dict] | None = None,
