@@ -139,6 +139,21 @@ def evaluate(
 
 
 @app.command()
+def serve(
+    model: Path = typer.Argument(..., metavar="RUN_OR_MODEL",
+                                 help="Run folder (its report is served too) or model bundle folder (RUN/model)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; only this machine can reach the default."),
+    port: int = typer.Option(8000),
+    max_files: int = typer.Option(100, help="Most files per upload."),
+    max_file_mb: float = typer.Option(20.0, help="Largest file taken, in MB."),
+    topk: int = typer.Option(3, help="How many top classes to show per file."),
+):
+    """A web page to drop files on and see their predictions; results download as CSV."""
+    from app.web import serve as run_server
+    run_server(model, host=host, port=port, log=typer.echo, max_files=max_files, max_file_mb=max_file_mb, topk=topk)
+
+
+@app.command()
 def backbones(pattern: str = typer.Argument("*", help="Shell-style filter, e.g. 'resnet*'.")):
     """List the backbones and where their pretrained weights come from."""
     from pipelines.backbones import DEFAULT_BACKBONE, get_spec, list_backbones

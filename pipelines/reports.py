@@ -1,12 +1,15 @@
 """Plots and tables a person looks at, written as PNG/CSV files into the run folder."""
 from __future__ import annotations
 
+import base64
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from .io import atomic_path
+from .io import atomic_path, write_table
 
 
 def _pyplot():
@@ -96,3 +99,225 @@ def plot_risk_coverage(scores: np.ndarray, correct: np.ndarray, path: Path, *, t
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def plot_losses(history: pl.DataFrame, path: Path) -> None:
+    """Train/valid loss and each metric per epoch; the frozen (head-only) epochs of fine_tune shaded."""
+    plt = _pyplot()
+    epochs = history["epoch"].to_numpy()
+    metrics = [c for c in history.columns if c not in ("epoch", "phase", "train_loss", "valid_loss", "seconds")]
+    fig, axes = plt.subplots(1, 2 if metrics else 1, figsize=(10 if metrics else 5, 3.8), squeeze=False)
+    loss_ax = axes[0, 0]
+    for col in ("train_loss", "valid_loss"):
+        if col in history.columns:
+            loss_ax.plot(epochs, history[col].to_numpy(), "o-", label=col.replace("_", " "))
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    if metrics:
+        for col in metrics:
+            axes[0, 1].plot(epochs, history[col].to_numpy(), "o-", label=col)
+        axes[0, 1].set(xlabel="epoch", title="validation metrics")
+    if "phase" in history.columns:
+        frozen = epochs[(history["phase"] == "frozen").to_numpy()]
+        for ax in axes[0]:
+            if len(frozen):
+                ax.axvspan(frozen.min() - 0.5, frozen.max() + 0.5, color="gray", alpha=0.15, label="frozen (head only)")
+    for ax in axes[0]:
+        ax.set_xticks(epochs)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+# ---- the run report: one self-contained HTML file ---------------------------------------------------------
+
+TOP_LOSSES = 12  # items shown in the report's top-losses section
+THUMBNAIL = 96  # pixels, the longer side of a top-loss thumbnail
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What training already computed on the validation set; the report draws on it and runs no model."""
+    logits: np.ndarray  # (N, C) uncalibrated, as the loss saw them
+    targets: np.ndarray  # (N,) class indices
+    names: list[str]  # how a person finds each item: its file, or a row id
+    probs: np.ndarray | None = None  # (N, C) calibrated probabilities; None: softmax of the logits
+    scores: np.ndarray | None = None  # (N,) unknown score of each item (higher = known); None: no risk-coverage plot
+    images: list[str] | None = None  # a picture of each item (image file, spectrogram PNG) for the thumbnails
+    rows: pl.DataFrame | None = None  # tabular: each item's input columns, shown instead of thumbnails
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    from .unknown import softmax  # unknown.py imports torch: only when a report is written
+    return softmax(logits)
+
+
+def item_losses(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Cross-entropy of each item, as fastai's loss gives it (no temperature)."""
+    p = _softmax(logits)[np.arange(len(targets)), targets]
+    return -np.log(np.clip(p, 1e-12, None))
+
+
+def top_losses(valid: Validation, classes: list[str], k: int = TOP_LOSSES) -> pl.DataFrame:
+    """The k validation items with the highest loss: index, name, actual, predicted, probability, loss."""
+    losses = item_losses(valid.logits, valid.targets)
+    probs = valid.probs if valid.probs is not None else _softmax(valid.logits)
+    order = np.argsort(-losses, kind="stable")[:k]
+    preds = probs.argmax(1)
+    return pl.DataFrame({"index": order, "name": [valid.names[i] for i in order],
+                         "actual": [classes[valid.targets[i]] for i in order],
+                         "predicted": [classes[preds[i]] for i in order],
+                         "probability": probs[order, preds[order]].astype(float), "loss": losses[order].astype(float)},
+                        schema_overrides={"index": pl.Int64})
+
+
+def png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def thumbnail_uri(path: str | Path, size: int = THUMBNAIL) -> str | None:
+    """A small PNG of an image file as a data URI (RGBA, 16-bit, EXIF handled as in training); None if unreadable."""
+    from .images import load_image
+    try:
+        img = load_image(str(path))
+    except Exception:  # the report says "no preview"; the file's own problem was reported by training
+        return None
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return png_data_uri(buf.getvalue())
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;padding:0 1em;color:#222}
+h1{margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}img.plot{max-width:100%}.muted{color:#777}
+.grid{display:flex;flex-wrap:wrap;gap:.8em 2em}h3{margin:.3em 0}
+.card{border:1px solid #ddd;padding:.4em;width:11em;font-size:.85em}
+.card img{display:block;margin:0 auto .3em;image-rendering:pixelated;width:96px}.wrong{color:#b00}
+.name{word-break:break-all}"""
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else format(v, ".4g") if isinstance(v, float) else str(v)
+
+
+def _kv_table(d: dict):
+    from fastcore.xml import Table, Td, Th, Tr
+    return Table(*[Tr(Th(k), Td(_fmt(v))) for k, v in d.items()])
+
+
+def _frame_table(df: pl.DataFrame):
+    from fastcore.xml import Table, Td, Th, Tr
+    numeric = [dtype.is_numeric() for dtype in df.dtypes]
+    return Table(Tr(*[Th(c) for c in df.columns]),
+                 *[Tr(*[Td(_fmt(v), cls="num" if num else None) for v, num in zip(row, numeric)])
+                   for row in df.iter_rows()])
+
+
+def _figure(path: Path, alt: str):
+    from fastcore.xml import Img, P
+    if not path.is_file():
+        return P(f"({path.name} was not written)", cls="muted")
+    return Img(src=png_data_uri(path.read_bytes()), alt=alt, cls="plot")
+
+
+def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validation) -> Path:
+    """RUN/report.html: settings, lr_find, loss curves, confusion matrix, per-class precision/recall, top losses,
+    calibration and unknown figures, skipped files. Writes losses.png, reliability.png, risk_coverage.png,
+    per_class.csv and top_losses.csv beside it. Every image is embedded, so the one file can be mailed.
+    Draws only on what training computed (history, validation logits): it runs no model. Returns the path."""
+    from fastcore.xml import H1, H2, H3, Body, Div, Head, Html, Meta, P, Style, Title, to_xml
+    from .evaluate import per_class
+
+    run = Path(run)
+    classes = summary["resolved"]["classes"]
+    plot_losses(history, run / "losses.png")
+    probs = valid.probs if valid.probs is not None else _softmax(valid.logits)
+    preds = probs.argmax(1)
+    plot_reliability(probs, valid.targets, run / "reliability.png")
+    calib = summary.get("calibration") or {}
+    if valid.scores is not None:
+        plot_risk_coverage(valid.scores, preds == valid.targets, run / "risk_coverage.png",
+                           threshold=calib.get("threshold"))
+    pc = per_class(valid.targets, preds, classes)
+    pc_table = pl.DataFrame([{"class": c, **m} for c, m in pc.items()])
+    write_table(pc_table, run / "per_class.csv")
+    top = top_losses(valid, classes)
+    write_table(top.drop("index"), run / "top_losses.csv")
+
+    config, resolved, results = summary["config"], summary["resolved"], summary.get("results", {})
+    used = {k: v for k, v in resolved.items() if k not in ("classes", "lr_suggestions")}
+    lr_part = ([_figure(run / "lr_find.png", "lr_find plot"),
+                _kv_table({f"suggestion: {k}": v for k, v in resolved["lr_suggestions"].items()})]
+               if resolved.get("lr_suggestions") else
+               [P(f"lr_find did not run: the learning rate was given ({resolved.get('lr')}).", cls="muted")])
+
+    body = [H1("itfits run report"),
+            P(f"{config.get('arch', '')} on {config.get('data', '')}: {len(classes)} classes "
+              f"({', '.join(classes)}), {resolved.get('n_train')} train / {resolved.get('n_valid')} valid items."),
+            _kv_table({"valid accuracy": results.get("valid_accuracy"), "valid loss": results.get("valid_loss"),
+                       "seconds": results.get("seconds")}),
+            H2("Settings"), Div(Div(H3("As given (FitConfig)"), _kv_table(config)),
+                                Div(H3("As used"), _kv_table(used)), cls="grid"),
+            H2("Learning rate finder"), *lr_part,
+            H2("Loss and metrics"), _figure(run / "losses.png", "loss and metric curves"),
+            H2("Confusion matrix (validation)"), _figure(run / "confusion_matrix.png", "confusion matrix"),
+            H2("Per class (validation)"), _frame_table(pc_table),
+            H2(f"Top {top.height} losses (validation)"), _top_losses_part(top, valid),
+            H2("Calibration and unknowns"), *_calibration_part(run, calib, risk=valid.scores is not None)]
+    skipped = run / "skipped.csv"
+    if skipped.is_file():
+        table = pl.read_csv(skipped, infer_schema_length=0)
+        if table.height:
+            body += [H2(f"Skipped files ({table.height})"), _frame_table(table.head(200)),
+                     P("(first 200; all in skipped.csv)", cls="muted") if table.height > 200 else ""]
+    page = Html(Head(Meta(charset="utf-8"), Title(f"itfits report: {run.name}"), Style(_CSS)), Body(*body))
+    out = run / "report.html"
+    with atomic_path(out) as tmp:
+        tmp.write_text("<!doctype html>\n" + to_xml(page), encoding="utf-8")
+    return out
+
+
+def _top_losses_part(top: pl.DataFrame, valid: Validation):
+    from fastcore.xml import Div, Img, P, Span
+    if valid.rows is not None:  # tabular: the items' input columns, beside actual/predicted/loss
+        inputs = valid.rows[top["index"].to_list()]
+        return _frame_table(pl.concat([top.drop("index"), inputs], how="horizontal"))
+    cards = []
+    for r in top.iter_rows(named=True):
+        src = thumbnail_uri(valid.images[r["index"]]) if valid.images is not None else None
+        name = Path(r["name"]).name
+        cards.append(Div(Img(src=src, alt=f"thumbnail of {name}") if src else P("(no preview)", cls="muted"),
+                         Div(name, cls="name", title=r["name"]),
+                         Div("actual: ", r["actual"]),
+                         Div("predicted: ", Span(r["predicted"], cls=None if r["predicted"] == r["actual"] else "wrong"),
+                             f" ({r['probability']:.2f})"),
+                         Div(f"loss {r['loss']:.3f}"), cls="card"))
+    return Div(*cards, cls="grid")
+
+
+def _calibration_part(run: Path, calib: dict, *, risk: bool) -> list:
+    from fastcore.xml import P
+    if not calib:
+        return [P("No calibration in this run.", cls="muted")]
+    part = [_kv_table({"temperature": calib.get("temperature"),
+                       "valid ECE before → after": _before_after(calib.get("valid_ece")),
+                       "valid NLL before → after": _before_after(calib.get("valid_nll")),
+                       "unknown score": calib.get("score"), "chosen by": calib.get("score_chosen_by"),
+                       "threshold": calib.get("threshold"), "keep": calib.get("keep"),
+                       "correct valid items accepted": calib.get("valid_correct_accepted"),
+                       **({"unknown examples accepted": calib["unknown_examples_accepted"]}
+                          if "unknown_examples_accepted" in calib else {})}),
+            _figure(run / "reliability.png", "reliability diagram")]
+    if risk:  # not an older run's file left in RUN
+        part.append(_figure(run / "risk_coverage.png", "risk-coverage curve"))
+    if calib.get("unknown_examples"):
+        table = pl.DataFrame([{"score": k, **v} for k, v in calib["unknown_examples"].items()])
+        part += [P("Known (validation) against the --unknown examples, per score:"), _frame_table(table)]
+    return part
+
+
+def _before_after(d: dict | None) -> str | None:
+    return None if not d else f"{d['before']:.4f} → {d['after']:.4f}"

@@ -145,7 +145,7 @@ def fit(config: FitConfig, log=print) -> dict:
     from fastai.torch_core import set_seed
     from .bundle import image_bundle_meta, save_bundle
     from .learners import image_learner
-    from .reports import confusion_matrix, write_confusion_matrix
+    from .reports import Validation, confusion_matrix, write_confusion_matrix, write_report
 
     t0 = time.perf_counter()
     run = Path(config.out)
@@ -185,5 +185,8 @@ def fit(config: FitConfig, log=print) -> dict:
     meta = image_bundle_meta(config.arch, classes, prep, training=summary["results"])
     save_bundle(learn.model, meta, calibration, run / "model")
     write_json(summary, run / "run.json")
-    log(f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}")
+    probs, scores, _ = calibration.apply(valid["logits"], valid["features"])
+    report = write_report(run, summary, history, Validation(logits=valid["logits"], targets=valid["targets"],
+                          names=valid["paths"], probs=probs, scores=scores, images=valid["paths"]))
+    log(f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}; report: {report}")
     return summary

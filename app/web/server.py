@@ -1,0 +1,229 @@
+"""`itfits serve`: a page to drop files on and see each prediction (confidence, top-k, a clear unknown mark),
+download the results as CSV, and open the run's report.
+
+Starlette (the server FastHTML is built on) with fastcore's FT components (FastHTML's HTML layer, which
+escapes every string). FastHTML's own route handlers read the whole multipart body into the system temp
+folder, with no limit per file, before the handler runs; the upload route needs the raw stream instead
+(uploads.py). The page loads nothing from other sites (no CDN scripts): it works offline.
+"""
+from __future__ import annotations
+
+import base64
+import socket
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import polars as pl
+from fastcore.xml import (H1, A, Body, Button, Form, Head, Html, Img, Input, Label, Li, Main, Meta, NotStr, P,
+                          Script, Span, Style, Table, Td, Th, Title, Tr, Ul, to_xml)
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from pipelines.bundle import Bundle, load_bundle
+from pipelines.errors import ItfitsError
+from pipelines.predict import PredictConfig, predict
+from pipelines.reports import thumbnail_uri
+from pipelines.sources import IMAGE_EXTS
+
+from .uploads import Upload, UploadLimits, UploadRefused, receive_files
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Modality:
+    """How the page takes a bundle's inputs: which files, how to predict them, how to preview one."""
+    what: str  # how the page names the files it takes
+    exts: frozenset[str]  # extensions it accepts, lower case with the dot
+    predict: Callable[[Bundle, list[str], PredictConfig], Iterator[dict]]  # files -> predictions table rows
+    preview: Callable[[Path], str | None] | None = None  # a picture of one file as a data URI, shown in its row
+
+
+# The bundle's meta["modality"] -> what the page takes. Audio (issue 5) and tabular (issue 6) are one line each.
+MODALITIES: dict[str, Modality] = {
+    "image": Modality("images", frozenset(IMAGE_EXTS), predict, lambda path: thumbnail_uri(path, size=64)),
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """Everything the pages need, built once at start."""
+    bundle: Bundle
+    modality: Modality
+    limits: UploadLimits
+    config: PredictConfig
+    report: Path | None  # the run's report.html, when there is one
+    lock: threading.Lock  # one prediction at a time: the cores are shared by the whole batch
+
+
+def find_report(target: Path, bundle: Bundle) -> Path | None:
+    """RUN/report.html when TARGET is the run folder or its model bundle."""
+    for path in (Path(target) / "report.html", bundle.path.parent / "report.html"):
+        if path.is_file():
+            return path
+    return None
+
+
+def create_app(target: Path | str, *, max_files: int = 100, max_file_mb: float = 20.0, topk: int = 3) -> Starlette:
+    """The web app for the bundle in TARGET (a run folder or RUN/model); the bundle is loaded here, once."""
+    if max_files < 1 or max_file_mb <= 0 or topk < 1:
+        raise ItfitsError("--max-files and --topk must be at least 1 and --max-file-mb positive")
+    bundle = load_bundle(target)
+    kind = bundle.meta.get("modality")
+    if kind not in MODALITIES:
+        raise ItfitsError(f"itfits serve does not take '{kind}' models yet; it takes: {', '.join(MODALITIES)}")
+    modality = MODALITIES[kind]
+    site = Site(bundle=bundle, modality=modality, limits=UploadLimits(modality.exts, max_files, max_file_mb),
+                config=PredictConfig(batch_size=32, num_workers=0, topk=topk),  # no worker processes per request
+                report=find_report(Path(target), bundle), lock=threading.Lock())
+
+    async def home(request: Request) -> Response:
+        return _page(site)
+
+    async def upload(request: Request) -> Response:
+        if request.method == "GET":  # a reload of the results page
+            return RedirectResponse("/", status_code=303)
+        with tempfile.TemporaryDirectory(prefix="itfits-upload-") as folder:  # deleted after the prediction
+            try:
+                uploads = await receive_files(request, Path(folder), site.limits)
+            except UploadRefused as e:
+                return _page(site, problems=[str(e)], status_code=e.status)
+            if not uploads:
+                return _page(site, problems=[f"no files came with the upload: choose or drop {modality.what} first"])
+            rows, previews = await run_in_threadpool(_predict_uploads, site, uploads)
+        return _page(site, uploads=uploads, rows=rows, previews=previews)
+
+    async def report(request: Request) -> Response:
+        if site.report is None:
+            return HTMLResponse("This model has no run report beside it (RUN/report.html, written by itfits fit).", 404)
+        return FileResponse(site.report, media_type="text/html")
+
+    return Starlette(routes=[Route("/", home), Route("/predict", upload, methods=["GET", "POST"]),
+                             Route("/report", report)])
+
+
+def _predict_uploads(site: Site, uploads: list[Upload]) -> tuple[list[dict], list[str | None]]:
+    """Rows of the predictions table for the saved uploads, with the client's file names in place of the temp
+    paths, then a row with `error` set for each refused upload; and a preview per row (or None)."""
+    saved = [u for u in uploads if u.path is not None]
+    names = {str(u.path): u.name for u in saved}
+    with site.lock:
+        rows = list(site.modality.predict(site.bundle, list(names), site.config)) if saved else []
+    previews = []
+    for row in rows:
+        temp = row.get("path")
+        ok = temp in names and not row.get("error") and site.modality.preview is not None
+        previews.append(site.modality.preview(Path(temp)) if ok else None)
+        row["path"] = names.get(temp, temp)
+    refused = [{"path": u.name, "label": None, "confidence": None, "unknown": None, "error": u.problem, "score": None}
+               for u in uploads if u.path is None]
+    return rows + refused, previews + [None] * len(refused)
+
+
+# ---- the page --------------------------------------------------------------------------------------------
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:70em;padding:0 1em;color:#222}
+.muted{color:#666}.drop{display:block;border:2px dashed #889;border-radius:8px;padding:2em;text-align:center;
+background:#f7f7fb;margin:.8em 0}.drop.over{background:#e6ecff;border-color:#36c}
+button{font-size:1em;padding:.4em 1.2em}table{border-collapse:collapse;margin:.8em 0}
+td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:middle}
+td.num{text-align:right;font-variant-numeric:tabular-nums}.problems li{color:#a00}
+.badge{display:inline-block;padding:.1em .5em;border-radius:4px;font-weight:600}
+.known .badge{background:#dff3e3;color:#135}.unknown .badge{background:#ffd8a8;color:#7a3b00}
+tr.unknown{background:#fff6ea}tr.error{background:#fdecec}td img{width:64px;image-rendering:pixelated}"""
+
+# Dropping files on the zone submits them; a drop that misses the zone must not make the browser open the file.
+_DROP_JS = """const zone = document.getElementById('drop'), input = document.getElementById('files');
+const mark = on => ev => {ev.preventDefault(); zone.classList.toggle('over', on);};
+for (const e of ['dragenter', 'dragover']) zone.addEventListener(e, mark(true));
+for (const e of ['dragleave', 'drop']) zone.addEventListener(e, mark(false));
+zone.addEventListener('drop', ev => {input.files = ev.dataTransfer.files; document.getElementById('upload').submit();});
+for (const e of ['dragover', 'drop']) window.addEventListener(e, ev => ev.preventDefault());"""
+
+
+def _page(site: Site, *, uploads: list[Upload] | None = None, rows: list[dict] | None = None,
+          previews: list[str | None] | None = None, problems: list[str] = (), status_code: int = 200) -> HTMLResponse:
+    b, calib = site.bundle, site.bundle.calibration
+    what = site.modality.what
+    header = [H1("itfits"),
+              P(f"{b.meta.get('backbone', '')} model, {len(b.classes)} classes: {', '.join(b.classes)}.",
+                *([" ", A("Open the run report", href="/report", target="_blank", id="report-link")]
+                  if site.report else [])),
+              P(f"A file is marked unknown when its {calib.score} score is below {calib.threshold:.4g} "
+                "(a threshold chosen on validation data at training time).", cls="muted")]
+    form = Form(Label(f"Drop {what} here, or choose them: ",
+                      Input(type="file", name="files", id="files", multiple=True,
+                            accept=",".join(sorted(site.limits.exts))), id="drop", cls="drop"),
+                Button("Predict", type="submit", id="predict"),
+                P(f"Up to {site.limits.describe()}.", cls="muted", id="limits"),
+                method="post", action="/predict", enctype="multipart/form-data", id="upload")
+    problems = list(problems) + [f"{u.name} was not taken: {u.problem}" for u in uploads or [] if u.problem]
+    body = [*header, form, Script(NotStr(_DROP_JS))]  # our own constant: not escaped, or `=>` breaks
+    if problems:
+        body.append(Ul(*[Li(p) for p in problems], id="problems", cls="problems"))
+    if rows:
+        body += _results(rows, previews or [None] * len(rows), site.config.topk)
+    page = Html(Head(Meta(charset="utf-8"), Title(f"itfits: {b.meta.get('backbone', 'model')}"), Style(NotStr(_CSS))),
+                Body(Main(*body)))
+    return HTMLResponse("<!doctype html>\n" + to_xml(page), status_code=status_code)
+
+
+def _results(rows: list[dict], previews: list[str | None], topk: int) -> list:
+    n_unknown = sum(bool(r.get("unknown")) for r in rows)
+    n_error = sum(bool(r.get("error")) for r in rows)
+    csv = pl.DataFrame(rows, infer_schema_length=None).write_csv()
+    href = "data:text/csv;charset=utf-8;base64," + base64.b64encode(csv.encode("utf-8")).decode("ascii")
+    head = Tr(*[Th(h) for h in ("", "file", "prediction", "confidence", f"top {topk}", "score")])
+    return [P(f"{len(rows)} files: {len(rows) - n_unknown - n_error} predicted, {n_unknown} unknown, "
+              f"{n_error} not predicted. ", A("Download the results (CSV)", href=href, download="predictions.csv",
+                                               id="download"), id="summary"),
+            Table(head, *[_row(r, p, topk) for r, p in zip(rows, previews)], id="results")]
+
+
+def _row(row: dict, preview: str | None, topk: int):
+    top = [(row.get(f"top{j}"), row.get(f"top{j}_prob")) for j in range(1, topk + 1)]
+    top_text = " · ".join(f"{c} {p:.0%}" for c, p in top if c is not None)
+    if row.get("error"):
+        state, label = "error", Span(f"not predicted: {row['error']}")
+    elif row.get("unknown"):
+        state = "unknown"
+        label = Span(Span("unknown", cls="badge"), " ", Span(f"best guess: {row.get('top1')}", cls="muted"))
+    else:
+        state, label = "known", Span(row.get("label"), cls="badge")
+    conf, score = row.get("confidence"), row.get("score")
+    return Tr(Td(Img(src=preview, alt="") if preview else ""), Td(str(row.get("path", ""))),
+              Td(label, cls="label"), Td("" if conf is None else f"{conf:.1%}", cls="num"), Td(top_text),
+              Td("" if score is None else f"{score:.4g}", cls="num"),
+              cls=f"result {state}", data_label=str(row.get("label")), data_file=str(row.get("path", "")))
+
+
+def check_port(host: str, port: int) -> None:
+    """An ItfitsError naming the way out when HOST:PORT cannot be listened on."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ItfitsError(f"--host {host} is not an address of this machine: {e}") from e
+    with socket.socket(family, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ItfitsError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
+
+
+def serve(target: Path | str, *, host: str = "127.0.0.1", port: int = 8000, log=print, **app_kwargs) -> None:
+    """Serve the page until Ctrl-C. app_kwargs go to create_app (max_files, max_file_mb, topk)."""
+    import uvicorn
+    check_port(host, port)
+    app = create_app(target, **app_kwargs)
+    if host not in LOCAL_HOSTS:
+        log(f"warning: listening on {host}: anyone who can reach this machine can upload files to it")
+    url_host = f"[{host}]" if ":" in host else host
+    log(f"itfits serve: http://{url_host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

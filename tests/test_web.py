@@ -1,0 +1,299 @@
+"""`itfits serve`: the page, uploads under their limits and only into a temp folder, predictions as
+`itfits predict` makes them, the CSV download and the run's report; then the same in headless Chromium."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from browser import FLAGS, install_chromium
+from helpers import FASHION_TEST, REPO, run_cli
+
+MAX_FILE_MB = 0.05  # small, so that an over-limit file is quick to make
+TEST_FILES = sorted(FASHION_TEST.glob("*/*.png"))[::10][:3]
+
+
+def big_png(path: Path) -> Path:
+    """A PNG of noise over MAX_FILE_MB."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(path)
+    assert path.stat().st_size > MAX_FILE_MB * 2**20
+    return path
+
+
+def expected_rows(model: Path, files: list[Path]) -> list[dict]:
+    """What `predict` (and so `itfits predict`) says about the files."""
+    from pipelines.bundle import load_bundle
+    from pipelines.predict import PredictConfig, predict
+    return list(predict(load_bundle(model), [str(f) for f in files], PredictConfig(num_workers=0)))
+
+
+def result_rows(page: str) -> list[tuple[str, str]]:
+    """(data-file, data-label) of each result row of the page."""
+    return re.findall(r'<tr class="result [^"]*" data-label="([^"]*)" data-file="([^"]*)"', page)
+
+
+def csv_download(page: str) -> pl.DataFrame:
+    href = re.search(r'href="data:text/csv;charset=utf-8;base64,([^"]*)"[^>]*download="predictions.csv"', page)
+    assert href, "no CSV download link"
+    return pl.read_csv(io.BytesIO(base64.b64decode(href.group(1))))
+
+
+def problems(page: str) -> str:
+    found = re.search(r'<ul id="problems".*?</ul>', page, re.S)
+    return found.group(0) if found else ""
+
+
+def upload(client, files: list[tuple[str, bytes]]):
+    return client.post("/predict", files=[("files", (name, data, "application/octet-stream")) for name, data in files])
+
+
+# ---- in process: the app on the trained run --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def client(trained_run):
+    from starlette.testclient import TestClient
+    from app.web import create_app
+    with TestClient(create_app(trained_run.run, max_files=3, max_file_mb=MAX_FILE_MB)) as c:
+        yield c
+
+
+def test_page_offers_upload_limits_and_report(client, trained_run):
+    page = client.get("/").text
+    assert 'enctype="multipart/form-data"' in page and 'type="file"' in page and "multiple" in page
+    assert "Up to 3 files of at most 0.05 MB each" in page and ".png" in page
+    assert 'href="/report"' in page
+    assert "<script src" not in page and "://" not in page, "the page loads nothing from elsewhere: works offline"
+    report = client.get("/report")
+    assert report.status_code == 200 and report.content == (trained_run.run / "report.html").read_bytes()
+
+
+def test_upload_predicts_as_predict_does(client, trained_run):
+    response = upload(client, [(f.name, f.read_bytes()) for f in TEST_FILES])
+    assert response.status_code == 200
+    expected = expected_rows(trained_run.model, TEST_FILES)
+    assert result_rows(response.text) == [(r["label"], Path(r["path"]).name) for r in expected]
+    table = csv_download(response.text)
+    assert table.columns[:6] == ["path", "label", "confidence", "unknown", "error", "score"]
+    assert table.columns[6:12] == ["top1", "top1_prob", "top2", "top2_prob", "top3", "top3_prob"]
+    assert table["path"].to_list() == [f.name for f in TEST_FILES], "the CSV names the files, not temp paths"
+    assert table["label"].to_list() == [r["label"] for r in expected]
+    np.testing.assert_allclose(table["confidence"], [r["confidence"] for r in expected], rtol=1e-5)
+    for r in expected:  # the unknown mark and the top-k are on the page
+        assert f"{r['confidence']:.1%}" in response.text and f"{r['top2']} " in response.text
+
+
+def test_limits_give_clear_messages(client, tmp_path):
+    good = TEST_FILES[0].read_bytes()
+    big = big_png(tmp_path / "big.png").read_bytes()
+    response = upload(client, [("big.png", big), ("notes.txt", b"hello"), ("a.png", good), ("b.png", good)])
+    text = problems(response.text)
+    assert "big.png was not taken: larger than the limit of 0.05 MB per file" in text
+    assert "notes.txt was not taken: .txt is not a type this model reads" in text
+    assert "b.png was not taken: at most 3 files per upload" in text  # every file sent counts
+    assert [f for _, f in result_rows(response.text)] == ["a.png", "big.png", "notes.txt", "b.png"]
+    table = csv_download(response.text)  # one row per file sent, refused ones with the reason in `error`
+    assert table.filter(pl.col("error").is_not_null())["path"].to_list() == ["big.png", "notes.txt", "b.png"]
+
+    huge = client.post("/predict", content=b"x" * 10, headers={
+        "content-type": "multipart/form-data; boundary=b", "content-length": str(10**9)})
+    assert huge.status_code == 413 and "the upload is larger than" in problems(huge.text)
+    wrong = client.post("/predict", content=b"hello", headers={"content-type": "text/plain"})
+    assert wrong.status_code == 400 and "multipart/form-data" in problems(wrong.text)
+    empty = client.post("/predict", files=[("files", ("", b"", "application/octet-stream"))])
+    assert "no files came with the upload" in problems(empty.text)
+    assert client.get("/predict", follow_redirects=False).status_code == 303
+
+
+def test_uploads_stay_in_a_temp_folder_that_is_deleted(client, tmp_path, monkeypatch):
+    import app.web.server as server
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    seen = []
+    real = server._predict_uploads
+
+    def spy(site, uploads):
+        seen.extend(uploads)
+        for u in uploads:  # while predicting: every saved file sits directly in the request's temp folder
+            assert u.path.parent.parent == temp_root and u.path.parent.name.startswith("itfits-upload-")
+            assert u.path.is_file() and not u.path.name.startswith(".")
+        return real(site, uploads)
+
+    monkeypatch.setattr(server, "_predict_uploads", spy)
+    good = TEST_FILES[0].read_bytes()
+    names = ["../../escape.png", "/etc/cron.d/evil.png", "..\\..\\win.png"]
+    response = upload(client, [(n, good) for n in names])
+    assert response.status_code == 200 and len(seen) == 3
+    assert [f for _, f in result_rows(response.text)] == ["escape.png", "evil.png", "win.png"]
+    assert list(temp_root.iterdir()) == [], "the request's temp folder must be deleted after the prediction"
+    assert not (tmp_path / "escape.png").exists() and not (REPO / "escape.png").exists()
+
+
+def test_safe_names():
+    from app.web.uploads import display_name, safe_name
+    assert display_name("../../a.png") == "a.png" and display_name("C:\\Users\\me\\b.JPG") == "b.JPG"
+    assert display_name("") == "unnamed"
+    assert safe_name(3, "..x y/<z>.png") == "0003_x_y__z_.png"
+    assert safe_name(1, "é" * 300 + ".png").endswith(".png") and len(safe_name(1, "a" * 300)) <= 105
+
+
+def test_other_modalities_are_refused_until_added(trained_run, tmp_path):
+    from app.web import create_app
+    from pipelines.errors import ItfitsError
+    bundle = tmp_path / "model"
+    shutil.copytree(trained_run.model, bundle)
+    meta = json.loads((bundle / "itfits.json").read_text())
+    (bundle / "itfits.json").write_text(json.dumps({**meta, "modality": "smell"}))
+    with pytest.raises(ItfitsError, match="does not take 'smell' models"):
+        create_app(bundle)
+
+
+def test_serve_errors_are_one_line(tmp_path):
+    proc = run_cli("serve", tmp_path / "nope")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "not a model bundle" in proc.stderr
+    from app.web.server import check_port
+    from pipelines.errors import ItfitsError
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ItfitsError, match="choose another --port"):
+            check_port("127.0.0.1", s.getsockname()[1])
+
+
+# ---- in a browser: `itfits serve` in a subprocess, driven by headless Chromium ------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    """`itfits serve RUN` on a free localhost port; yields its URL once it answers; always stopped."""
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(trained_run.run), "--port", str(port),
+                             "--max-file-mb", str(MAX_FILE_MB)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"itfits serve did not answer on {url}:\n{log.read().decode()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    """A page in headless Chromium (the system one, installed here when missing and we are root)."""
+    chromium, why = install_chromium()
+    if chromium is None:
+        pytest.skip(why)
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the test extra installs it: pip install -e '.[test]'")
+    profile = tmp_path_factory.mktemp("chromium-profile")  # a fresh --user-data-dir
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile), executable_path=chromium, headless=True, args=[f for f in FLAGS if f != "--headless"],
+            accept_downloads=True)
+        try:
+            tab = context.new_page()
+            tab.set_default_timeout(120_000)
+            yield tab
+        finally:
+            context.close()
+
+
+def test_browser_upload_shows_the_predicted_label(page, server, trained_run):
+    page.goto(server)
+    page.set_input_files("#files", str(TEST_FILES[0]))
+    page.click("#predict")
+    row = page.locator("tr.result").first
+    row.wait_for()
+    expected = expected_rows(trained_run.model, TEST_FILES[:1])[0]
+    assert row.get_attribute("data-file") == TEST_FILES[0].name
+    assert row.get_attribute("data-label") == expected["label"]
+    label = row.locator("td.label").inner_text()
+    assert expected["label"] in label
+    if expected["unknown"]:
+        assert f"best guess: {expected['top1']}" in label
+    assert f"{expected['confidence']:.1%}" in row.inner_text()
+
+
+def test_browser_drop_predicts_the_dropped_file(page, server, trained_run):
+    page.goto(server)
+    data = base64.b64encode(TEST_FILES[1].read_bytes()).decode()
+    dropped = page.evaluate_handle("""data => {
+        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
+        return dt;
+    }""", data)
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})  # the page submits the dropped files
+    row = page.locator("tr.result").first
+    row.wait_for()
+    assert row.get_attribute("data-file") == "dropped.png"
+    assert row.get_attribute("data-label") == expected_rows(trained_run.model, TEST_FILES[1:2])[0]["label"]
+
+
+def test_browser_downloads_the_results(page, server, trained_run, tmp_path):
+    page.goto(server)
+    page.set_input_files("#files", [str(f) for f in TEST_FILES])
+    page.click("#predict")
+    page.locator("#download").wait_for()
+    with page.expect_download() as download:
+        page.click("#download")
+    target = tmp_path / "predictions.csv"
+    download.value.save_as(target)
+    table = pl.read_csv(target)
+    assert download.value.suggested_filename == "predictions.csv"
+    assert table["path"].to_list() == [f.name for f in TEST_FILES]
+    assert table["label"].to_list() == [r["label"] for r in expected_rows(trained_run.model, TEST_FILES)]
+
+
+def test_browser_over_limit_upload_says_why(page, server, tmp_path):
+    page.goto(server)
+    page.set_input_files("#files", str(big_png(tmp_path / "too big.png")))
+    page.click("#predict")
+    message = page.locator("#problems").inner_text()
+    assert "too big.png was not taken: larger than the limit of 0.05 MB per file" in message
+
+
+def test_browser_opens_the_report(page, server):
+    page.goto(server)
+    with page.context.expect_page() as new_tab:
+        page.click("#report-link")
+    report = new_tab.value
+    report.wait_for_load_state()
+    assert report.locator("h1").inner_text() == "itfits run report"
+    report.close()
