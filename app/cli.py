@@ -168,7 +168,7 @@ def main():
     try:
         app()
     except ItfitsError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo("error: " + " ".join(str(e).split()), err=True)  # one line, even for multi-line library errors
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -147,11 +147,17 @@ def _load_weights(model: nn.Module, spec: BackboneSpec, weights: str) -> None:
         return
     sd = _hub_state_dict(spec) if weights == "hub" else _file_state_dict(Path(weights))
     sd = {k: v for k, v in sd.items() if not k.startswith(spec.classifier + ".")}
-    missing, _ = model.load_state_dict(sd, strict=False)
+    target = model.state_dict()
+    wrong = [k for k, v in sd.items() if k in target and tuple(v.shape) != tuple(target[k].shape)]
+    if wrong:
+        raise ItfitsError(f"weights for '{spec.name}' from {weights} have {len(wrong)} tensors of the wrong shape "
+                          f"(first: {wrong[0]}); is it a state dict of {spec.library} {spec.model_name}?")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith(spec.classifier + ".")]
-    if missing:
-        raise ItfitsError(f"weights for '{spec.name}' from {weights} lack {len(missing)} tensors "
-                          f"(first: {missing[:3]}); is it a state dict of {spec.library} {spec.model_name}?")
+    if missing or unexpected:
+        raise ItfitsError(f"weights for '{spec.name}' from {weights} lack {len(missing)} tensors and have "
+                          f"{len(unexpected)} unknown ones (first: {(missing + unexpected)[:3]}); is it a state dict "
+                          f"of {spec.library} {spec.model_name}?")
 
 
 class TorchvisionBody(nn.Module):

@@ -93,7 +93,8 @@ def load_bundle(path: Path | str) -> Bundle:
         tensors = load_file(str(path / WEIGHTS))
         stats = UnknownStats.from_tensors(tensors) if "unknown.bank" in tensors else None
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("unknown.")}, strict=True)
-    except (RuntimeError, OSError) as e:
-        raise ItfitsError(f"the weights in {path / WEIGHTS} do not fit the model in {META}: {e}") from e
+    except (RuntimeError, OSError) as e:  # torch lists every mismatch on its own line: keep the first
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
+        raise ItfitsError(f"the weights in {path / WEIGHTS} do not fit the model in {META}: {first}") from e
     calibration = Calibration(**meta["calibration"], stats=stats)
     return Bundle(path=path, meta=meta, model=model.eval(), calibration=calibration)
