@@ -30,10 +30,11 @@ DURATION = typer.Option(None, "--duration", help="Audio: seconds per window; sho
 TOP_DB = typer.Option(None, "--top-db", help="Audio: dB range below each window's peak shown (default: 80).", rich_help_panel="Audio")
 
 
-def _mel_config(**overrides):
-    """A MelConfig from the given mel options, or None when none was given."""
+def _mel_config(args: dict):
+    """A MelConfig from the mel options among a command's arguments (its locals()), or None when none was given."""
+    from dataclasses import fields
     from pipelines.audio import MelConfig
-    given = {k: v for k, v in overrides.items() if v is not None}
+    given = {f.name: args[f.name] for f in fields(MelConfig) if args.get(f.name) is not None}
     return MelConfig(**given) if given else None
 
 
@@ -88,8 +89,7 @@ def fit(
 ):
     """Fine-tune a pretrained backbone on DATA (images, or audio rendered to mel spectrograms); writes OUT/model, plots, history and run.json."""
     from pipelines.training import fit as run_fit
-    mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
-                      duration=duration, top_db=top_db)
+    mel = _mel_config(locals())
     run_fit(_fit_config(data, out, arch, weights, epochs, freeze_epochs, lr, bs, size, valid_pct, seed, threshold,
                         workers, keep, score, unknown, mel))
 
@@ -111,8 +111,7 @@ def lr_find(
 ):
     """Run fastai's lr_find only: plot, table and suggested learning rates."""
     from pipelines.training import CHOSEN_SUGGESTION, run_lr_find
-    mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
-                      duration=duration, top_db=top_db)
+    mel = _mel_config(locals())
     config = _fit_config(data, out, arch, weights, 1, 1, None, bs, size, valid_pct, seed, "auto", workers, mel=mel)
     lr, suggestions = run_lr_find(config)
     for name, value in suggestions.items():
@@ -182,8 +181,7 @@ def audio_to_images(
     from pipelines.audio import MelConfig, audio_to_images as run_audio_to_images
     if max_windows < 1 or (workers is not None and workers < 1):
         raise ItfitsError("--max-windows and --workers must be at least 1")
-    mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
-                      duration=duration, top_db=top_db) or MelConfig()
+    mel = _mel_config(locals()) or MelConfig()
     windows = run_audio_to_images(in_dir, out_dir, mel, workers=workers, max_windows=max_windows)
     ok = windows.filter(windows["error"].is_null())
     n_skipped = windows["source"].n_unique() - ok["source"].n_unique()
