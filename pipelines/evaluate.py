@@ -32,9 +32,9 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     from .reports import plot_reliability, plot_risk_coverage
 
     bundle = load_bundle(model)
-    classes, calib = bundle.classes, bundle.calibration
+    classes, calib, mel = bundle.classes, bundle.calibration, bundle.mel
     items = read_source(data, exts=bundle.input_exts)
-    if bundle.mel is None:  # audio files are checked by rendering them: file_outputs gives their errors
+    if mel is None:  # audio files are checked by rendering them: file_outputs gives their errors
         items = check_files(items)
     items = items.filter(pl.col("error").is_null())
     foreign = sorted(set(items["label"]) - set(classes))
@@ -44,12 +44,11 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     if items.height == 0:
         raise ItfitsError(f"no usable files in {data}")
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
-    logits, feats, errors = file_outputs(bundle.model, prep, items["path"].to_list(), mel=bundle.mel,
-                                         num_workers=num_workers)
+    logits, feats, errors = file_outputs(bundle.model, prep, items["path"].to_list(), mel=mel, num_workers=num_workers)
     good = np.array([not e for e in errors])
+    if not good.any():
+        raise ItfitsError(f"none of the files in {data} could be read; the first: {errors[0]}")
     items, logits, feats = items.filter(pl.Series(good)), logits[good], feats[good]
-    if items.height == 0:
-        raise ItfitsError(f"no usable files in {data}")
     targets = np.array([classes.index(c) for c in items["label"]])
     probs = softmax(logits, calib.temperature)
     preds = probs.argmax(1)
@@ -74,8 +73,8 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     if unknown is not None:
         u_paths = [p for p, err in expand_inputs([str(unknown)], bundle.input_exts) if err is None]
         if not u_paths:
-            raise ItfitsError(f"--unknown {unknown}: no {'audio' if bundle.mel else 'image'} files found")
-        u_logits, u_feats, u_errors = file_outputs(bundle.model, prep, u_paths, mel=bundle.mel, num_workers=num_workers)
+            raise ItfitsError(f"--unknown {unknown}: no {'audio' if mel else 'image'} files found")
+        u_logits, u_feats, u_errors = file_outputs(bundle.model, prep, u_paths, mel=mel, num_workers=num_workers)
         good = np.array([not e for e in u_errors])
         u_scores = compute_scores(u_logits[good], u_feats[good], temperature=calib.temperature, stats=calib.stats)
         metrics["n_unknown"] = int(good.sum())

@@ -93,12 +93,12 @@ def detect_modality(data: str | Path) -> str:
         exts = {Path(p).suffix.lower() for p in df["path"].cast(pl.String).drop_nulls()} if "path" in df.columns else set()
     else:
         return "image"
-    n_image, n_audio = len(exts & IMAGE_EXTS), len(exts & AUDIO_EXTS)
-    if n_image and n_audio:
-        raise ItfitsError(f"{data} holds both images ({', '.join(sorted(exts & IMAGE_EXTS))}) and audio "
-                          f"({', '.join(sorted(exts & AUDIO_EXTS))}); train on one kind: move the others out, or turn "
-                          "the audio into images first with: itfits audio-to-images IN_DIR OUT_DIR")
-    return "audio" if n_audio else "image"
+    image, audio = sorted(exts & IMAGE_EXTS), sorted(exts & AUDIO_EXTS)
+    if image and audio:
+        raise ItfitsError(f"{data} holds both images ({', '.join(image)}) and audio ({', '.join(audio)}); train on one "
+                          "kind: move the others out, or turn the audio into images first with: itfits audio-to-images "
+                          "IN_DIR OUT_DIR")
+    return "audio" if audio else "image"
 
 
 def stratified_split(labels: list[str], *, valid_pct: float, seed: int) -> list[str]:
