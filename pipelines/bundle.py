@@ -28,14 +28,15 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def image_bundle_meta(arch: str, classes: list[str], prep, *, training: dict) -> dict:
-    """itfits.json (less the calibration, added by save_bundle) for an image or spectrogram classifier."""
+def image_bundle_meta(arch: str, classes: list[str], prep, *, training: dict, mel=None) -> dict:
+    """itfits.json (less the calibration, added by save_bundle) for an image classifier, or a spectrogram
+    classifier of audio when `mel` (the MelConfig it was trained with) is given."""
     return {
         "format_version": FORMAT_VERSION,
-        "modality": "image",
+        "modality": "image" if mel is None else "audio",
         "backbone": arch,
         "classes": list(classes),
-        "preprocessing": asdict(prep),
+        "preprocessing": {**asdict(prep), **({} if mel is None else {"mel": mel.json()})},
         "training": training,
         "versions": library_versions(),
     }
@@ -51,6 +52,20 @@ class Bundle:
     @property
     def classes(self) -> list[str]:
         return self.meta["classes"]
+
+    @property
+    def mel(self):
+        """The MelConfig of an audio bundle; None for an image bundle."""
+        if self.meta.get("modality") != "audio":
+            return None
+        from .audio import MelConfig
+        return MelConfig.from_json(self.meta["preprocessing"]["mel"])
+
+    @property
+    def input_exts(self) -> set[str]:
+        """File extensions prediction looks for in folders."""
+        from .sources import AUDIO_EXTS, IMAGE_EXTS
+        return AUDIO_EXTS if self.mel else IMAGE_EXTS
 
 
 def save_bundle(model: nn.Module, meta: dict, calibration: Calibration, out_dir: Path) -> None:

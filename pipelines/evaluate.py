@@ -10,7 +10,7 @@ from .bundle import load_bundle
 from .errors import ItfitsError
 from .images import ImagePreprocessing
 from .io import write_json
-from .predict import image_outputs
+from .predict import file_outputs
 from .sources import check_files, expand_inputs, read_source
 from .unknown import SCORES, auroc, compute_scores, expected_calibration_error, fpr_at_tpr, nll, softmax
 
@@ -39,8 +39,11 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     from .reports import plot_reliability, plot_risk_coverage
 
     bundle = load_bundle(model)
-    classes, calib = bundle.classes, bundle.calibration
-    items = check_files(read_source(data)).filter(pl.col("error").is_null())
+    classes, calib, mel = bundle.classes, bundle.calibration, bundle.mel
+    items = read_source(data, exts=bundle.input_exts)
+    if mel is None:  # audio files are checked by rendering them: file_outputs gives their errors
+        items = check_files(items)
+    items = items.filter(pl.col("error").is_null())
     foreign = sorted(set(items["label"]) - set(classes))
     if foreign:
         raise ItfitsError(f"classes in {data} that the model does not know: {', '.join(foreign)}; "
@@ -48,7 +51,11 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     if items.height == 0:
         raise ItfitsError(f"no usable files in {data}")
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
-    logits, feats, _ = image_outputs(bundle.model, prep, items["path"].to_list(), num_workers=num_workers)
+    logits, feats, errors = file_outputs(bundle.model, prep, items["path"].to_list(), mel=mel, num_workers=num_workers)
+    good = np.array([not e for e in errors])
+    if not good.any():
+        raise ItfitsError(f"none of the files in {data} could be read; the first: {errors[0]}")
+    items, logits, feats = items.filter(pl.Series(good)), logits[good], feats[good]
     targets = np.array([classes.index(c) for c in items["label"]])
     probs = softmax(logits, calib.temperature)
     preds = probs.argmax(1)
@@ -71,10 +78,10 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
                        "correct_accepted": float(plain_accepted[correct].mean()) if correct.any() else None},
     }
     if unknown is not None:
-        u_paths = [p for p, err in expand_inputs([str(unknown)]) if err is None]
+        u_paths = [p for p, err in expand_inputs([str(unknown)], bundle.input_exts) if err is None]
         if not u_paths:
-            raise ItfitsError(f"--unknown {unknown}: no image files found")
-        u_logits, u_feats, u_errors = image_outputs(bundle.model, prep, u_paths, num_workers=num_workers)
+            raise ItfitsError(f"--unknown {unknown}: no {'audio' if mel else 'image'} files found")
+        u_logits, u_feats, u_errors = file_outputs(bundle.model, prep, u_paths, mel=mel, num_workers=num_workers)
         good = np.array([not e for e in u_errors])
         u_scores = compute_scores(u_logits[good], u_feats[good], temperature=calib.temperature, stats=calib.stats)
         metrics["n_unknown"] = int(good.sum())

@@ -62,9 +62,20 @@ def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | 
             start += len(x)
 
 
-def image_outputs(model, prep: ImagePreprocessing, paths: list[str], **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(logits, features, errors) for a list of image files, all at once (validation, unknown examples)."""
-    batches = list(image_batches(model, prep, [(p, None) for p in paths], **kwargs))
+def file_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *, mel=None,
+                 batch_size: int = 64, num_workers: int | None = None):
+    """image_batches, or audio.audio_batches when `mel` (a MelConfig) is given: one row per input file either way."""
+    if mel is None:
+        return image_batches(model, prep, items, batch_size=batch_size, num_workers=num_workers)
+    from .audio import audio_batches
+    return audio_batches(model, prep, mel, items, batch_size=batch_size, num_workers=num_workers)
+
+
+def file_outputs(model, prep: ImagePreprocessing, paths: list[str], *, mel=None,
+                 **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(logits, features, errors) for a list of image files (audio clips when `mel` is given), all at once
+    (validation, unknown examples)."""
+    batches = list(file_batches(model, prep, [(p, None) for p in paths], mel=mel, **kwargs))
     if not batches:
         return np.zeros((0, 0)), np.zeros((0, 0)), []
     return (np.concatenate([b[1] for b in batches]), np.concatenate([b[2] for b in batches]),
@@ -88,10 +99,12 @@ def prediction_rows(paths, probs: np.ndarray, scores: np.ndarray, unknown: np.nd
 
 
 def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictConfig()) -> Iterator[dict]:
-    """One dict per input file (DESIGN.md predictions table), yielded as batches finish."""
+    """One dict per input file (DESIGN.md predictions table), yielded as batches finish. An audio bundle
+    renders each clip with its own mel parameters and reports one row per clip."""
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
-    for paths, logits, features, errors in image_batches(bundle.model, prep, expand_inputs(inputs),
-                                                         batch_size=config.batch_size, num_workers=config.num_workers):
+    items = expand_inputs(inputs, bundle.input_exts)
+    for paths, logits, features, errors in file_batches(bundle.model, prep, items, mel=bundle.mel,
+                                                        batch_size=config.batch_size, num_workers=config.num_workers):
         probs, scores, unknown = bundle.calibration.apply(logits, features, threshold=config.threshold)
         yield from prediction_rows(paths, probs, scores, unknown, errors, bundle.classes, topk=config.topk)
 

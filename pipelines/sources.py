@@ -17,6 +17,7 @@ import polars as pl
 from .errors import ItfitsError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}  # what libsndfile >= 1.1 decodes (soundfile)
 TABLE_EXTS = {".csv", ".parquet"}
 
 
@@ -79,6 +80,25 @@ def read_source(data: str | Path, *, exts: set[str] = IMAGE_EXTS, valid_pct: flo
         items = items.with_columns(split=pl.lit(None, pl.String)).with_columns(
             split=pl.Series(stratified_split(items["label"].to_list(), valid_pct=valid_pct, seed=seed)))
     return items.with_columns(error=pl.lit(None, pl.String))
+
+
+def detect_modality(data: str | Path) -> str:
+    """'audio' when the files of DATA (class sub-folders, or a table's path column) are audio and none are
+    images, else 'image' (read_source then explains what is missing)."""
+    data = Path(data)
+    if data.is_dir():
+        exts = {p.suffix.lower() for p in data.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    elif data.is_file() and data.suffix.lower() in TABLE_EXTS:
+        df = read_table(data)
+        exts = {Path(p).suffix.lower() for p in df["path"].cast(pl.String).drop_nulls()} if "path" in df.columns else set()
+    else:
+        return "image"
+    image, audio = sorted(exts & IMAGE_EXTS), sorted(exts & AUDIO_EXTS)
+    if image and audio:
+        raise ItfitsError(f"{data} holds both images ({', '.join(image)}) and audio ({', '.join(audio)}); train on one "
+                          "kind: move the others out, or turn the audio into images first with: itfits audio-to-images "
+                          "IN_DIR OUT_DIR")
+    return "audio" if audio else "image"
 
 
 def stratified_split(labels: list[str], *, valid_pct: float, seed: int) -> list[str]:

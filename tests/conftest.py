@@ -16,6 +16,15 @@ import pytest
 from helpers import CLASSES, FASHION, FIT_ARGS, run_cli, write_broken_files, write_odd_images
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mel_cache(tmp_path_factory) -> Path:
+    """Rendered spectrograms go to a fresh folder, never ~/.cache; CLI subprocesses and notebook kernels inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("itfits_cache")
+        mp.setenv("ITFITS_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def cli():
     return run_cli

@@ -1,0 +1,358 @@
+"""Audio -> mel-spectrogram images (librosa), cached by content, so the image pipeline trains on them.
+
+A clip is loaded as mono at the config's sample rate, cut into fixed windows of `duration` seconds (the last
+or only one padded with silence), and each window becomes one grayscale image: rows are mel bands (low
+frequencies at the bottom), columns are frames, 255 is the window's loudest point and 0 is `top_db` below
+it. Training renders PNGs into a cache keyed by file content and `MelConfig`; prediction renders the same
+arrays in memory and averages the model's outputs over a clip's windows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+
+from .errors import ItfitsError
+
+RENDER_VERSION = 1  # part of the cache key: bump when the rendering below changes its output
+MAX_TRAIN_WINDOWS = 8  # windows of one clip used for training: the first 8 x duration seconds
+POWER_FLOOR = 1e-10  # librosa's amin: a window whose peak power is below it is silence, rendered black
+
+
+class AudioError(ValueError):
+    """Why one file cannot be used; recorded in the file's `error`, never raised to the user."""
+
+
+@dataclass(frozen=True)
+class MelConfig:
+    """How a clip becomes images; stored in the bundle (preprocessing.mel) so prediction renders the same."""
+    sample_rate: int = 22050  # Hz; every clip is resampled to it
+    n_fft: int = 2048  # STFT window in samples
+    hop_length: int = 512  # samples between frames: image width = duration * sample_rate / hop_length + 1
+    n_mels: int = 128  # mel bands: the image height
+    fmin: float = 0.0  # Hz, lowest band edge
+    fmax: float | None = None  # Hz, highest band edge; None: sample_rate / 2
+    duration: float = 5.0  # seconds per window; shorter clips are padded, longer ones cut into windows
+    top_db: float = 80.0  # dB below each window's peak that map to black
+
+    def __post_init__(self):
+        for name, kind in (("sample_rate", int), ("n_fft", int), ("hop_length", int), ("n_mels", int), ("fmin", float),
+                           ("duration", float), ("top_db", float)) + ((("fmax", float),) if self.fmax is not None else ()):
+            object.__setattr__(self, name, kind(getattr(self, name)))  # fmin=0 and fmin=0.0: one config, one key
+
+        def need(ok: bool, option: str, value, what: str):
+            if not ok:
+                raise ItfitsError(f"{option} must be {what}, got {value}")
+        need(self.sample_rate >= 1000, "--sample-rate", self.sample_rate, "at least 1000 Hz")
+        need(self.n_fft >= 16, "--n-fft", self.n_fft, "at least 16 samples")
+        need(self.hop_length >= 1, "--hop-length", self.hop_length, "at least 1 sample")
+        need(self.n_mels >= 8, "--n-mels", self.n_mels, "at least 8")
+        need(self.duration * self.sample_rate >= self.n_fft, "--duration", self.duration,
+             f"at least n_fft / sample_rate = {self.n_fft / self.sample_rate:.3g} s")
+        need(self.top_db > 0, "--top-db", self.top_db, "positive")
+        nyquist = self.sample_rate / 2
+        need(self.fmax is None or 0 < self.fmax <= nyquist, "--fmax", self.fmax, f"in (0, sample_rate / 2 = {nyquist:g}]")
+        need(0 <= self.fmin < (self.fmax or nyquist), "--fmin", self.fmin, f"in [0, fmax = {self.fmax or nyquist:g})")
+
+    def json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MelConfig":
+        return cls(**d)
+
+    def key(self) -> str:
+        """Short hash of the parameters and the rendering version: the cache folder of this config."""
+        text = json.dumps({**asdict(self), "render_version": RENDER_VERSION}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def window_samples(self) -> int:
+        return round(self.duration * self.sample_rate)
+
+
+# ---- one clip -> window images -------------------------------------------------------------------------------
+
+def _decode_reason(e: BaseException) -> str:
+    """The most telling message in an exception chain: libsndfile's when it tried (audioread's are often empty)."""
+    err = e
+    while err is not None:
+        if hasattr(err, "error_string"):  # soundfile.LibsndfileError
+            return err.error_string
+        err = err.__context__
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def load_audio(path: str | Path, cfg: MelConfig, *, max_seconds: float | None = None) -> np.ndarray:
+    """Mono float32 samples at cfg.sample_rate (stereo averaged, any rate resampled), at most `max_seconds`.
+    Raises AudioError with the reason when the file cannot be used."""
+    import librosa
+    p = Path(path)
+    if not p.is_file():
+        raise AudioError("file not found")
+    if p.stat().st_size == 0:
+        raise AudioError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "PySoundFile failed. Trying audioread instead." and its FutureWarning
+        try:
+            y, _ = librosa.load(p, sr=cfg.sample_rate, mono=True, duration=max_seconds)
+        except Exception as e:  # libsndfile, audioread and librosa raise many types; the reason goes in the table
+            raise AudioError(f"cannot decode as audio: {_decode_reason(e)}") from e
+    if y.size == 0:
+        raise AudioError("no audio samples in the file")
+    return y
+
+
+def split_windows(y: np.ndarray, cfg: MelConfig) -> list[np.ndarray]:
+    """Consecutive windows of cfg.duration, the last one shorter (mel_image pads it with silence). A remnant
+    shorter than half a window after full ones is dropped (its image would be mostly padding)."""
+    n = cfg.window_samples
+    return [y[s:s + n] for s in range(0, len(y), n) if s == 0 or len(y) - s >= n / 2]
+
+
+@lru_cache(maxsize=8)
+def _mel_basis(cfg: MelConfig) -> np.ndarray:
+    import librosa
+    return librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax)
+
+
+@lru_cache(maxsize=8)
+def _hann(n_fft: int) -> np.ndarray:
+    import librosa
+    return librosa.filters.get_window("hann", n_fft, fftbins=True)  # float64, what librosa.stft uses
+
+
+def mel_image(segment: np.ndarray, cfg: MelConfig) -> np.ndarray:
+    """(n_mels, frames) uint8 image of one window whose first samples are `segment` and the rest silence:
+    power mel spectrogram -> dB below its peak -> 0..255, low frequencies in the last row. A silent window
+    is all zeros (no division by its zero peak).
+
+    Equal to librosa.feature.melspectrogram (center=True, zero padding) + power_to_db(ref=peak) on the
+    zero-padded window, computed faster: the mel filters and the Hann window are built once per config, and
+    frames that lie wholly in the padding are set to zero power instead of being transformed."""
+    import librosa
+    from scipy import fft
+    hop, half = cfg.hop_length, cfg.n_fft // 2
+    frames = 1 + cfg.window_samples // hop
+    segment = segment[:cfg.window_samples]
+    n = min(frames, -(-(len(segment) + half) // hop))  # frame t covers [t * hop - half, t * hop + half)
+    padded = np.zeros((n - 1) * hop + cfg.n_fft, np.float32)
+    padded[half:half + len(segment)] = segment[:len(padded) - half]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, cfg.n_fft)[::hop]  # (n, n_fft)
+    stft = fft.rfft(windows * _hann(cfg.n_fft), axis=-1).astype(np.complex64)  # as librosa.stft: float64 FFT
+    power = np.zeros((cfg.n_mels, frames), np.float32)
+    power[:, :n] = _mel_basis(cfg) @ (np.abs(stft) ** 2).T
+    peak = power.max()  # a float32 scalar, as power_to_db(ref=np.max) takes it: the same rounding
+    if not peak > POWER_FLOOR:  # silence (or nothing finite): black, rather than 0 dB everywhere
+        return np.zeros(power.shape, np.uint8)
+    db = librosa.power_to_db(power, ref=peak, amin=POWER_FLOOR, top_db=cfg.top_db)  # in [-top_db, 0]
+    img = np.rint((db + cfg.top_db) * (255.0 / cfg.top_db))
+    return np.ascontiguousarray(img[::-1].clip(0, 255).astype(np.uint8))
+
+
+def render_windows(path: str | Path, cfg: MelConfig, *, max_windows: int | None = None) -> list[np.ndarray]:
+    """The window images of one clip (all of them, or the first `max_windows`). Raises AudioError."""
+    max_seconds = None if max_windows is None else max_windows * cfg.duration
+    return [mel_image(w, cfg) for w in split_windows(load_audio(path, cfg, max_seconds=max_seconds), cfg)]
+
+
+def window_pil(img: np.ndarray):
+    """A window image as the 8-bit RGB PIL image the backbones take (what load_image gives for its PNG)."""
+    from PIL import Image
+    return Image.fromarray(img, "L").convert("RGB")
+
+
+# ---- folders -> cached PNGs ----------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """Where rendered spectrograms are kept: $ITFITS_CACHE/mel, default ~/.cache/itfits/mel."""
+    return Path(os.environ.get("ITFITS_CACHE") or Path.home() / ".cache" / "itfits").expanduser() / "mel"
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def render_cached(path: str, cfg: MelConfig, folder: Path, max_windows: int | None) -> tuple[list[str], str | None, bool]:
+    """(window PNG paths, error, rendered now) for one file. The PNGs of a clip live in one folder,
+    folder/<sha256[:2]>/<sha256>.w<max_windows>/000.png ..., written beside it and renamed into place when
+    complete: an interrupted render leaves nothing that a later one would use."""
+    from PIL import Image
+    from .io import atomic_dir
+    try:
+        digest = _file_digest(path)
+    except OSError as e:
+        return [], "file not found" if isinstance(e, FileNotFoundError) else f"cannot read: {e}", False
+    done = folder / digest[:2] / f"{digest}.w{max_windows or 'all'}"
+    pngs = sorted(done.glob("*.png"), key=lambda p: int(p.stem)) if done.is_dir() else []
+    if pngs:
+        return [str(p) for p in pngs], None, False
+    try:
+        images = render_windows(path, cfg, max_windows=max_windows)
+    except AudioError as e:
+        return [], str(e), True
+    with atomic_dir(done) as tmp:
+        for i, img in enumerate(images):
+            Image.fromarray(img, "L").save(tmp / f"{i:03d}.png", format="PNG", compress_level=1)  # speed over size
+    return [str(done / f"{i:03d}.png") for i in range(len(images))], None, True
+
+
+def _render_all(paths: list[str], cfg: MelConfig, folder: Path, max_windows: int | None, workers: int,
+                progress: bool) -> list[tuple[list[str], str | None, bool]]:
+    from fastprogress.fastprogress import progress_bar
+    # librosa loads its submodules (scipy.signal, numba) lazily, about 3 s: load them once here, before the
+    # pool forks, rather than once in every worker
+    import librosa.core.audio, librosa.feature.spectral  # noqa: E401, F401
+    if workers <= 1 or len(paths) < 4:
+        it = (render_cached(p, cfg, folder, max_windows) for p in paths)
+        return list(progress_bar(it, total=len(paths), leave=False) if progress else it)
+    results: list = [None] * len(paths)
+    with ProcessPoolExecutor(max_workers=min(workers, len(paths))) as ex:
+        futures = {ex.submit(render_cached, p, cfg, folder, max_windows): i for i, p in enumerate(paths)}
+        done = as_completed(futures)
+        for fut in (progress_bar(done, total=len(futures), leave=False) if progress else done):
+            results[futures[fut]] = fut.result()
+    return results
+
+
+def render_folder(items: pl.DataFrame, cfg: MelConfig, *, cache: Path | None = None, workers: int | None = None,
+                  max_windows: int | None = MAX_TRAIN_WINDOWS, progress: bool = True) -> pl.DataFrame:
+    """Render the audio files of an items table (path, label, split, error) to cached spectrogram PNGs, in
+    parallel over `workers` processes (default: every core), with a progress bar.
+
+    Returns one row per window: path (the PNG), label, split (the clip's: windows of one clip never straddle
+    train and valid), error (null), source (the clip), window (0, 1, ...), cached (true if rendered before).
+    A clip that cannot be used gets one row instead: path = source, its error, window null."""
+    folder = (cache or cache_dir()) / cfg.key()
+    todo = items.filter(pl.col("error").is_null())["path"].to_list()
+    results = dict(zip(todo, _render_all(todo, cfg, folder, max_windows, workers or os.cpu_count() or 1, progress)))
+    rows = []
+    for path, label, split, error in items.select("path", "label", "split", "error").iter_rows():
+        pngs, error, rendered = results.get(path, ([], error, False))
+        rows += [(png, label, split, None, path, i, not rendered) for i, png in enumerate(pngs)] or [
+            (path, label, split, error, path, None, False)]
+    schema = {"path": pl.String, "label": pl.String, "split": pl.String, "error": pl.String, "source": pl.String,
+              "window": pl.Int64, "cached": pl.Boolean}
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def source_files(windows: pl.DataFrame) -> pl.DataFrame:
+    """One row per clip of a render_folder table: path (the clip), label, split, error."""
+    return (windows.unique("source", keep="first", maintain_order=True)
+            .select(pl.col("source").alias("path"), "label", "split", "error"))
+
+
+def audio_to_images(in_dir: str | Path, out_dir: str | Path, cfg: MelConfig, *, workers: int | None = None,
+                    max_windows: int | None = MAX_TRAIN_WINDOWS, cache: Path | None = None) -> pl.DataFrame:
+    """`itfits audio-to-images`: every audio file under in_dir -> out_dir/<same sub-folders>/<name>_<window>.png,
+    plus out_dir/windows.csv (image, source, window) and out_dir/skipped.csv (source, error).
+    out_dir must be new or empty; it appears complete or not at all. Returns the windows table."""
+    import shutil
+    from .io import atomic_dir
+    from .sources import AUDIO_EXTS, expand_inputs
+
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.is_dir():
+        raise ItfitsError(f"{in_dir} is not a folder")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ItfitsError(f"{out_dir} exists and is not an empty folder; pass a new OUT_DIR (nothing is overwritten)")
+    files = [p for p, _ in expand_inputs([str(in_dir)], AUDIO_EXTS)]
+    if not files:
+        raise ItfitsError(f"no files with extensions {', '.join(sorted(AUDIO_EXTS))} under {in_dir}")
+    items = pl.DataFrame({"path": files, "label": [str(Path(p).parent.relative_to(in_dir)) for p in files],
+                          "split": None, "error": None}, schema_overrides={"split": pl.String, "error": pl.String})
+    windows = render_folder(items, cfg, cache=cache, workers=workers, max_windows=max_windows)
+    ok = windows.filter(pl.col("error").is_null())
+    taken: dict[str, str] = {}  # image stem -> its clip
+    rows = []
+    with atomic_dir(out_dir) as tmp:
+        for png, source, window in ok.select("path", "source", "window").iter_rows():
+            rel = Path(source).relative_to(in_dir)
+            stem = str(rel.with_suffix(""))
+            if taken.setdefault(stem, source) != source:  # a.wav beside a.flac: keep the extension in the name
+                stem = str(rel.with_name(rel.name.replace(".", "_")))
+            name = f"{stem}_{window:03d}.png"
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, tmp / name)
+            rows.append((name, source, window))
+        pl.DataFrame(rows, schema={"image": pl.String, "source": pl.String, "window": pl.Int64},
+                     orient="row").write_csv(tmp / "windows.csv")
+        windows.filter(pl.col("error").is_not_null()).select("source", "error").write_csv(tmp / "skipped.csv")
+    return windows
+
+
+# ---- prediction: clips -> model outputs, windows averaged --------------------------------------------------
+
+class AudioFiles:
+    """Map-style dataset: (path, error) -> (window tensors (W, 3, size, size), error); an unreadable file
+    gives no windows and its error, never a crash. All windows of a clip are used."""
+
+    def __init__(self, items: list[tuple[str, str | None]], prep, cfg: MelConfig):
+        self.items, self.prep, self.cfg = items, prep, cfg
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        import torch
+        path, error = self.items[i]
+        if error is None:
+            try:
+                images = render_windows(path, self.cfg)
+                return torch.stack([self.prep.to_tensor(window_pil(img)) for img in images]), ""
+            except AudioError as e:
+                error = str(e)
+        return torch.zeros(0, 3, self.prep.size, self.prep.size), error
+
+
+def _as_lists(batch):
+    return [x for x, _ in batch], [e for _, e in batch]
+
+
+def audio_batches(model, prep, cfg: MelConfig, items: list[tuple[str, str | None]], *, batch_size: int = 64,
+                  num_workers: int | None = None) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[str]]]:
+    """(paths, logits, features, errors) per batch of clips, one row per clip, like predict.image_batches.
+
+    A clip's row is the mean of its windows' logits and the mean of their features: the calibration
+    (temperature, unknown score, threshold) is fitted on these same per-clip means at fit time, so the
+    threshold keeps its meaning; the softmax of mean logits is the normalised geometric mean of the
+    windows' probabilities. Windows go through the model `batch_size` at a time, rendered in `num_workers`
+    DataLoader processes. Rows with an error have meaningless (zero) outputs."""
+    import torch
+    from .backbones import forward_features
+    from .images import default_workers
+
+    workers = default_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(AudioFiles(items, prep, cfg), batch_size=batch_size, collate_fn=_as_lists,
+                                         num_workers=min(workers, -(-len(items) // batch_size)))
+    model.eval()
+    device = next(model.parameters()).device
+    last = model[1][-1]  # the head's final Linear: features (B, nf) -> logits (B, n_classes)
+    start = 0
+    with torch.inference_mode():
+        for clips, errors in loader:
+            counts = torch.tensor([len(c) for c in clips])
+            x = torch.cat(clips)  # (windows of every clip in the batch, 3, size, size)
+            logits, feats = torch.zeros(len(x), last.out_features), torch.zeros(len(x), last.in_features)
+            for i in range(0, len(x), batch_size):
+                lo, fe = forward_features(model, prep.normalize(x[i:i + batch_size].to(device)))
+                logits[i:i + len(lo)], feats[i:i + len(lo)] = lo.float().cpu(), fe.float().cpu()
+            clip = torch.repeat_interleave(torch.arange(len(clips)), counts)  # window -> its clip
+            div = counts.clamp(min=1).unsqueeze(1)  # a clip without windows (an error) keeps zeros
+            c_logits = torch.zeros(len(clips), last.out_features).index_add_(0, clip, logits) / div
+            c_feats = torch.zeros(len(clips), last.in_features).index_add_(0, clip, feats) / div
+            yield [p for p, _ in items[start:start + len(clips)]], c_logits.numpy(), c_feats.numpy(), list(errors)
+            start += len(clips)
