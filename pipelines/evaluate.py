@@ -32,6 +32,9 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     from .reports import plot_reliability, plot_risk_coverage
 
     bundle = load_bundle(model)
+    if bundle.meta.get("modality") == "tabular":
+        raise ItfitsError(f"{model} is a tabular model; itfits evaluate takes image models for now. Its validation "
+                          "figures are in the run's run.json; for new rows, itfits predict MODEL rows.csv --out FILE")
     classes, calib = bundle.classes, bundle.calibration
     items = check_files(read_source(data)).filter(pl.col("error").is_null())
     foreign = sorted(set(items["label"]) - set(classes))
