@@ -150,9 +150,13 @@ def stratified_valid(codes: np.ndarray, *, valid_pct: float, seed: int) -> np.nd
     of one. Vectorised over items, so it serves a table of millions of rows too."""
     rng = np.random.default_rng(seed)
     codes = np.asarray(codes, dtype=np.int64).ravel()
-    order = np.argsort(codes, kind="stable")  # item indices grouped by class, ascending within each
+    n_classes = int(codes.max()) + 1 if len(codes) else 0
+    if n_classes <= 64:  # item indices per class, ascending: a scan per class beats a sort for few classes
+        groups = (np.flatnonzero(codes == k) for k in range(n_classes))
+    else:
+        groups = np.split(np.argsort(codes, kind="stable"), np.cumsum(np.bincount(codes))[:-1])
     valid = np.zeros(len(codes), dtype=bool)
-    for idx in np.split(order, np.cumsum(np.bincount(codes))[:-1]) if len(codes) else []:
+    for idx in groups:
         idx = rng.permutation(idx)
         valid[idx[:max(1, round(len(idx) * valid_pct)) if len(idx) > 1 else 0]] = True
     return valid

@@ -19,7 +19,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 
 from .errors import ItfitsError, did_you_mean
-from .sources import read_table, table_columns
+from .sources import NULL_VALUES, read_table, table_columns
 
 NA = "#na#"  # fastai's name for the missing/unseen category, code 0
 MAX_CARD = 20  # integer columns (and targets) with more distinct values are continuous (fastai's cont_cat_split)
@@ -38,9 +38,7 @@ def _describe(dtype) -> str:
 
 
 def _from_text(value: str, dtype: str):
-    """A vocabulary entry (text, as stored in itfits.json) back as a value of its column's type."""
-    if dtype == "Boolean":
-        return value == "true"
+    """A vocabulary entry (text, as stored in itfits.json) back as a number of its column's type."""
     return float(value) if dtype == "Float64" else int(value)
 
 
@@ -67,6 +65,8 @@ def parse_columns(df: pl.DataFrame, dtypes: dict[str, object], *, source) -> tup
     parsed, messages, partly_bad = {}, [], []
     for name, dtype in dtypes.items():
         s = df[name]
+        if s.dtype == pl.String and dtype != pl.String:  # NA words are missing values (Parquet text, say), not bad
+            s = s.set(s.str.strip_chars().is_in(NULL_VALUES), None)
         out = parsed[name] = _parse(s, dtype)
         if out is s:  # already of its type: nothing to check
             continue
@@ -211,7 +211,11 @@ class TabularPreprocessing:
         vocab, dtype = self.vocab[name][1:], self.dtypes[name]
         if dtype == "String":  # an Enum cast maps the whole column at once; unseen values become null
             return pl.col(name).cast(pl.Enum(vocab), strict=False).to_physical().cast(pl.Int32).add(1).fill_null(0)
-        values = [_from_text(v, dtype) for v in vocab]  # compare as numbers/bools: no cast of the column to text
+        if dtype == "Boolean":
+            code = {v: i + 1 for i, v in enumerate(vocab)}
+            return pl.when(pl.col(name)).then(code.get("true", 0)).when(~pl.col(name)).then(code.get("false", 0)) \
+                .otherwise(0).cast(pl.Int32).alias(name)
+        values = [_from_text(v, dtype) for v in vocab]  # compare as numbers: no cast of the column to text
         return pl.col(name).replace_strict(values, range(1, len(vocab) + 1), default=0, return_dtype=pl.Int32)
 
     def encode_target(self, target: pl.Series) -> np.ndarray:

@@ -192,7 +192,7 @@ def _choose_lr(learn, config: FitConfig, run: Path, log) -> tuple[float, dict[st
 def _calibration_line(calibration, report: dict) -> str:
     return (f"temperature {calibration.temperature:.2f} (valid ECE {report['valid_ece']['before']:.3f} -> "
             f"{report['valid_ece']['after']:.3f}); unknown score {calibration.score}, threshold "
-            f"{calibration.threshold:.4g} ({report['score_chosen_by']})")
+            f"{calibration.threshold:.4g} ({report.get('score_chosen_by', 'given')})")
 
 
 def fit(config: FitConfig, log=print) -> dict:
