@@ -19,7 +19,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 
 from .errors import ItfitsError, did_you_mean
-from .sources import NULL_VALUES, read_table, table_columns
+from .sources import NULL_VALUES, read_table, stratified_valid, table_columns
 
 NA = "#na#"  # fastai's name for the missing/unseen category, code 0
 MAX_CARD = 20  # integer columns (and targets) with more distinct values are continuous (fastai's cont_cat_split)
@@ -79,7 +79,8 @@ def parse_columns(df: pl.DataFrame, dtypes: dict[str, object], *, source) -> tup
                               f"--ignore {name}")
         if n_bad:
             partly_bad.append(name)
-            messages.append(pl.when(bad).then(pl.lit(f"{name}: '") + s.cast(pl.String) + pl.lit(f"' is not {_describe(dtype)}")))
+            value = s.cast(pl.String)
+            messages.append(pl.when(bad).then(pl.lit(f"{name}: '") + value + pl.lit(f"' is not {_describe(dtype)}")))
     errors = (pl.select(pl.concat_str(messages, separator="; ", ignore_nulls=True).replace("", None)).to_series()
               if messages else pl.repeat(None, df.height, dtype=pl.String, eager=True))
     return pl.DataFrame(parsed, height=df.height), errors.alias("error"), partly_bad
@@ -313,7 +314,6 @@ def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), 
                   seed: int = 42) -> TabularData:
     """Read a CSV/Parquet table and preprocess it for training: columns inferred (or as given), rows with a
     missing target or unreadable values skipped, seeded split, statistics from the training rows."""
-    from .sources import stratified_valid
     path = Path(path)
     names = table_columns(path)
     cat, cont, ignore = list(cat), list(cont), list(ignore)
@@ -324,7 +324,8 @@ def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), 
     df = read_table(path, [target, *used]).with_row_index(_ROW)
     n_rows = df.height
     t = df[target]
-    df, no_target = _skip(df, t.is_null() | (t.is_nan() if t.dtype.is_float() else False), f"missing target '{target}'")
+    no_value = t.is_null() | (t.is_nan() if t.dtype.is_float() else False)
+    df, no_target = _skip(df, no_value, f"missing target '{target}'")
     if df.height == 0:
         raise ItfitsError(f"no row of {path} has a value in the target column '{target}'")
     cats, conts = infer_columns(df.select(used), cat=cat, cont=cont)
@@ -334,7 +335,6 @@ def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), 
     df, unreadable = _skip(df, errors.is_not_null(), errors)
     y = df[target]
     task = infer_task(y)
-    rng = np.random.default_rng(seed)
     if task == "classification":
         classes, codes = _classes(y)
         valid = stratified_valid(codes, valid_pct=valid_pct, seed=seed)
@@ -342,15 +342,16 @@ def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), 
     else:
         classes, codes = [], None
         valid = np.zeros(df.height, bool)
-        valid[rng.permutation(df.height)[:max(1, round(df.height * valid_pct))]] = True
+        valid[np.random.default_rng(seed).permutation(df.height)[:max(1, round(df.height * valid_pct))]] = True
     prep = TabularPreprocessing.fit(df, pl.Series(~valid), target=target, task=task, classes=classes, cat=cats,
                                     cont=conts, ignore=ignore, dtypes=dtypes)
     n_train = int((~valid).sum())
     notes = [f"column '{c}' has {len(prep.vocab[c]) - 1} distinct values in {n_train} training rows: if it is an "
              f"id, --ignore {c}" for c in cats if len(prep.vocab[c]) > 100 and len(prep.vocab[c]) > n_train / 2]
     x_cat, x_cont = prep.encode(df)
-    return TabularData(prep=prep, x_cat=x_cat, x_cont=x_cont, y=codes if codes is not None else prep.encode_target(y),
-                       valid=valid, rows=df[_ROW].to_numpy(), skipped=pl.concat([no_target, unreadable]).sort("row"),
+    y = codes if codes is not None else prep.encode_target(y)
+    return TabularData(prep=prep, x_cat=x_cat, x_cont=x_cont, y=y, valid=valid, rows=df[_ROW].to_numpy(),
+                       skipped=pl.concat([no_target, unreadable]).sort("row"),
                        n_rows=n_rows, notes=notes)
 
 
