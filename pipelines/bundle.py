@@ -42,12 +42,27 @@ def image_bundle_meta(arch: str, classes: list[str], prep, *, training: dict, me
     }
 
 
+def tabular_bundle_meta(prep, spec, *, training: dict) -> dict:
+    """itfits.json for a tabular model: the column schema, vocabularies, fill values and normalisation
+    (`TabularPreprocessing`) and what rebuilds fastai's TabularModel (`TabularModelSpec`)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "modality": "tabular",
+        "task": prep.task,
+        "classes": list(prep.classes),
+        "preprocessing": prep.json(),
+        "model": spec.json(),
+        "training": training,
+        "versions": library_versions(),
+    }
+
+
 @dataclass(frozen=True)
 class Bundle:
     path: Path
     meta: dict
     model: nn.Module  # in eval mode
-    calibration: Calibration
+    calibration: Calibration | None  # None for regression: no classes, no unknown flags
 
     @property
     def classes(self) -> list[str]:
@@ -68,14 +83,14 @@ class Bundle:
         return AUDIO_EXTS if self.mel else IMAGE_EXTS
 
 
-def save_bundle(model: nn.Module, meta: dict, calibration: Calibration, out_dir: Path) -> None:
+def save_bundle(model: nn.Module, meta: dict, calibration: Calibration | None, out_dir: Path) -> None:
     """Write the bundle folder atomically: a crash leaves the previous bundle (or none), never half of one.
     The unknown scores' feature statistics go into the safetensors file beside the weights."""
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if calibration.stats is not None:
+    if calibration is not None and calibration.stats is not None:
         state.update(calibration.stats.tensors())
-    meta = {**meta, "calibration": calibration.json()}
+    meta = {**meta, "calibration": calibration.json() if calibration is not None else None}
     with atomic_dir(Path(out_dir)) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -97,13 +112,21 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def load_bundle(path: Path | str) -> Bundle:
-    """Rebuild the model from itfits.json through the backbone registry and load its safetensors weights."""
-    from safetensors.torch import load_file
+def _rebuild_model(meta: dict) -> nn.Module:
+    """The untrained model itfits.json describes: fastai's TabularModel, or a backbone from the registry."""
+    if meta.get("modality") == "tabular":
+        from .tabular import TabularModelSpec, create_tabular_model
+        return create_tabular_model(TabularModelSpec.from_json(meta["model"]))
     from .backbones import create_backbone
+    return create_backbone(meta["backbone"], num_classes=len(meta["classes"]), weights="none")
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Rebuild the model from itfits.json (backbone registry or tabular spec) and load its safetensors weights."""
+    from safetensors.torch import load_file
     meta = read_meta(Path(path))
     path = Path(meta.pop("_path"))
-    model = create_backbone(meta["backbone"], num_classes=len(meta["classes"]), weights="none")
+    model = _rebuild_model(meta)
     try:
         tensors = load_file(str(path / WEIGHTS))
         stats = UnknownStats.from_tensors(tensors) if "unknown.bank" in tensors else None
@@ -111,5 +134,5 @@ def load_bundle(path: Path | str) -> Bundle:
     except (RuntimeError, OSError) as e:  # torch lists every mismatch on its own line: keep the first
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
         raise ItfitsError(f"the weights in {path / WEIGHTS} do not fit the model in {META}: {first}") from e
-    calibration = Calibration(**meta["calibration"], stats=stats)
+    calibration = Calibration(**meta["calibration"], stats=stats) if meta["calibration"] is not None else None
     return Bundle(path=path, meta=meta, model=model.eval(), calibration=calibration)

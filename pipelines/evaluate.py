@@ -39,6 +39,9 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     from .reports import plot_reliability, plot_risk_coverage
 
     bundle = load_bundle(model)
+    if bundle.meta.get("modality") == "tabular":
+        raise ItfitsError(f"{model} is a tabular model; itfits evaluate takes image models for now. Its validation "
+                          "figures are in the run's run.json; for new rows, itfits predict MODEL rows.csv --out FILE")
     classes, calib, mel = bundle.classes, bundle.calibration, bundle.mel
     items = read_source(data, exts=bundle.input_exts)
     if mel is None:  # audio files are checked by rendering them: file_outputs gives their errors

@@ -63,10 +63,10 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def choose_batch_size(n_train: int) -> int:
-    """Small data needs small batches (DESIGN lessons): about n/16, a power of two in [8, 64]."""
+def choose_batch_size(n_train: int, *, largest: int = 64) -> int:
+    """Small data needs small batches (DESIGN lessons): about n/16, a power of two in [8, largest]."""
     bs = 8
-    while bs * 2 <= min(64, n_train / 16):
+    while bs * 2 <= min(largest, n_train / 16):
         bs *= 2
     return bs
 

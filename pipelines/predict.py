@@ -1,4 +1,5 @@
-"""Batch prediction: inputs -> rows of the predictions table (see DESIGN.md), streamed batch by batch."""
+"""Batch prediction: inputs -> rows of the predictions table (see DESIGN.md), streamed batch by batch.
+Image bundles yield one dict per file; tabular bundles yield DataFrame chunks (input columns, then predictions)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 
 from .backbones import forward_features
 from .bundle import Bundle
+from .errors import ItfitsError
 from .images import ImagePreprocessing, default_workers, load_image
 from .io import atomic_path
 from .sources import check_image, expand_inputs
@@ -82,25 +84,76 @@ def file_outputs(model, prep: ImagePreprocessing, paths: list[str], *, mel=None,
             [e for b in batches for e in b[3]])
 
 
-def prediction_rows(paths, probs: np.ndarray, scores: np.ndarray, unknown: np.ndarray, errors, classes, *, topk: int):
-    """Rows of the predictions table (DESIGN.md): label, calibrated confidence, score, unknown, top-k."""
-    k = min(topk, len(classes))
+def prediction_frame(probs: np.ndarray, scores: np.ndarray, unknown: np.ndarray, errors, classes, *,
+                     topk: int) -> pl.DataFrame:
+    """The predictions table's columns (DESIGN.md) after the inputs': label, calibrated confidence, unknown, error,
+    score, top-k. Rows with an error (a non-empty string) have nulls in every other column."""
+    k, n = min(topk, len(classes)), len(probs)
     order = np.argsort(-probs, axis=1)[:, :k]
-    for path, p, s, unk, top, error in zip(paths, probs, scores, unknown, order, errors):
-        if error:
-            row = {"path": path, "label": None, "confidence": None, "unknown": None, "error": error, "score": None}
-            row.update({f"top{j + 1}{s}": None for j in range(k) for s in ("", "_prob")})
+    top_p = np.take_along_axis(probs, order, axis=1).astype(np.float64)
+    names = np.asarray(classes, dtype=object)[order]
+    errors = pl.Series("error", [e or None for e in errors], dtype=pl.String)
+    unknown = np.asarray(unknown, dtype=bool)
+    cols = {"label": pl.Series(np.where(unknown, "unknown", names[:, 0]), dtype=pl.String), "confidence": top_p[:, 0],
+            "unknown": unknown, "error": errors, "score": np.asarray(scores, dtype=np.float64)}
+    for j in range(k):
+        cols[f"top{j + 1}"] = pl.Series(names[:, j], dtype=pl.String)
+        cols[f"top{j + 1}_prob"] = top_p[:, j]
+    ok = errors.is_null()
+    return pl.DataFrame(cols).with_columns(pl.when(ok).then(pl.col(c)).alias(c) for c in cols if c != "error")
+
+
+def regression_frame(values: np.ndarray, errors) -> pl.DataFrame:
+    """The predictions table's columns for a regression model: `prediction` in the target's units; confidence,
+    unknown and score stay null (no calibrated unknown detection for regression)."""
+    errors = pl.Series("error", [e or None for e in errors], dtype=pl.String)
+    ok = errors.is_null()
+    return pl.DataFrame({
+        "prediction": pl.Series(np.asarray(values, dtype=np.float64)).zip_with(ok, pl.Series([None], dtype=pl.Float64)),
+        "confidence": pl.repeat(None, len(ok), dtype=pl.Float64, eager=True),
+        "unknown": pl.repeat(None, len(ok), dtype=pl.Boolean, eager=True),
+        "error": errors,
+        "score": pl.repeat(None, len(ok), dtype=pl.Float64, eager=True)})
+
+
+def prediction_rows(paths, probs: np.ndarray, scores: np.ndarray, unknown: np.ndarray, errors, classes, *, topk: int):
+    """Rows of the predictions table (DESIGN.md), one dict per file: path, then `prediction_frame`'s columns."""
+    frame = prediction_frame(probs, scores, unknown, errors, classes, topk=topk)
+    yield from frame.insert_column(0, pl.Series("path", list(paths), dtype=pl.String)).iter_rows(named=True)
+
+
+def table_predictions(bundle: Bundle, inputs: list[str], config: PredictConfig, *,
+                      chunk: int = 65536) -> Iterator[pl.DataFrame]:
+    """Prediction chunks for one CSV/Parquet table: every input column (typed as at training where it reads
+    cleanly), then `prediction_frame` (classification) or `regression_frame` columns. Input columns named like an
+    output column are kept with an `_input` suffix."""
+    from .tabular import TabularPreprocessing, tabular_outputs
+    if len(inputs) != 1:
+        raise ItfitsError(f"a tabular model predicts one table at a time, got {len(inputs)} inputs: "
+                          "itfits predict MODEL rows.csv --out preds.parquet")
+    prep = TabularPreprocessing.from_json(bundle.meta["preprocessing"])
+    table, parsed, errors = prep.read_rows(Path(inputs[0]))
+    outputs = {"label", "prediction", "confidence", "unknown", "error", "score"} | {
+        f"top{j}{s}" for j in range(1, len(prep.classes) + 1) for s in ("", "_prob")}
+    table = table.rename({c: f"{c}_input" for c in table.columns if c in outputs})
+    for start in range(0, table.height, chunk):
+        logits, feats = tabular_outputs(bundle.model, *prep.encode(parsed.slice(start, chunk)))
+        errs = errors.slice(start, chunk).to_list()
+        if prep.task == "regression":
+            out = regression_frame(prep.decode_target(logits[:, 0]), errs)
         else:
-            row = {"path": path, "label": "unknown" if unk else classes[top[0]], "confidence": float(p[top[0]]),
-                   "unknown": bool(unk), "error": None, "score": float(s)}
-            for j, c in enumerate(top):
-                row[f"top{j + 1}"], row[f"top{j + 1}_prob"] = classes[c], float(p[c])
-        yield row
+            probs, scores, unknown = bundle.calibration.apply(logits, feats, threshold=config.threshold)
+            out = prediction_frame(probs, scores, unknown, errs, bundle.classes, topk=config.topk)
+        yield table.slice(start, chunk).hstack(out)
 
 
-def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictConfig()) -> Iterator[dict]:
-    """One dict per input file (DESIGN.md predictions table), yielded as batches finish. An audio bundle
-    renders each clip with its own mel parameters and reports one row per clip."""
+def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictConfig()) -> Iterator[dict | pl.DataFrame]:
+    """One dict per input file (DESIGN.md predictions table), yielded as batches finish. An audio bundle renders
+    each clip with its own mel parameters and reports one row per clip; a tabular bundle yields DataFrame chunks
+    of the input table with its predictions (`table_predictions`)."""
+    if bundle.meta.get("modality") == "tabular":
+        yield from table_predictions(bundle, inputs, config)
+        return
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
     items = expand_inputs(inputs, bundle.input_exts)
     for paths, logits, features, errors in file_batches(bundle.model, prep, items, mel=bundle.mel,
@@ -109,16 +162,17 @@ def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictCo
         yield from prediction_rows(paths, probs, scores, unknown, errors, bundle.classes, topk=config.topk)
 
 
-def write_predictions(rows: Iterator[dict], out: Path, *, chunk: int = 1024) -> dict[str, int]:
-    """Write rows to CSV or Parquet (by extension) atomically, CSV in chunks as they come. Returns counts."""
+def write_predictions(rows: Iterator[dict | pl.DataFrame], out: Path, *, chunk: int = 1024) -> dict[str, int]:
+    """Write rows (dicts, or DataFrame chunks) to CSV or Parquet (by extension) atomically, CSV in chunks as they
+    come. Returns counts."""
     out = Path(out)
     counts = {"files": 0, "unknown": 0, "errors": 0}
     frames, buf = [], []
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-        def flush():
-            if not buf:
+        def flush(df: pl.DataFrame | None = None):
+            if df is None and not buf:
                 return
-            df = pl.DataFrame(buf, infer_schema_length=None)
+            df = pl.DataFrame(buf, infer_schema_length=None) if df is None else df
             counts["files"] += df.height
             counts["unknown"] += int(df["unknown"].fill_null(False).sum())
             counts["errors"] += int(df["error"].is_not_null().sum())
@@ -127,6 +181,10 @@ def write_predictions(rows: Iterator[dict], out: Path, *, chunk: int = 1024) -> 
             frames.append(df if out.suffix.lower() == ".parquet" else df.clear())
             buf.clear()
         for row in rows:
+            if isinstance(row, pl.DataFrame):
+                flush()
+                flush(row)
+                continue
             buf.append(row)
             if len(buf) >= chunk:
                 flush()

@@ -19,14 +19,71 @@ from .errors import ItfitsError
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}  # what libsndfile >= 1.1 decodes (soundfile)
 TABLE_EXTS = {".csv", ".parquet"}
+INFER_ROWS = 10_000  # CSV rows polars infers types from; the whole file when a later value does not fit
+# CSV words read as missing, besides empty fields: pandas' list (a float column reads NaN as NaN: missing too)
+NULL_VALUES = ["#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+               "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 
 
-def read_table(path: Path) -> pl.DataFrame:
-    """A CSV or Parquet file as a polars DataFrame, with a clear error when it cannot be read."""
+def _check_table(path: Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ItfitsError(f"{path} does not exist or is not a file; a table is a .csv or .parquet file")
+    if path.suffix.lower() not in TABLE_EXTS:
+        raise ItfitsError(f"{path}: a table must be a .csv or .parquet file")
+    return path
+
+
+def table_columns(path: Path | str) -> list[str]:
+    """Column names of a CSV (its header) or Parquet file, without reading the data."""
+    path = _check_table(path)
     try:
-        return pl.read_parquet(path) if path.suffix.lower() == ".parquet" else pl.read_csv(path, infer_schema_length=10000)
+        if path.suffix.lower() == ".parquet":
+            return pl.scan_parquet(path).collect_schema().names()
+        return pl.read_csv(path, n_rows=0, infer_schema=False).columns
     except Exception as e:
         raise ItfitsError(f"cannot read table {path}: {e}") from e
+
+
+def read_table(path: Path | str, columns: list[str] | None = None, *, strings=()) -> pl.DataFrame:
+    """`columns` (default all) of a CSV or Parquet file, scanned lazily so other columns are never parsed.
+    CSV: empty fields and the NULL_VALUES words are missing; columns named in `strings` are read as text, to be
+    parsed with `tabular.parse_columns`."""
+    path = _check_table(path)
+
+    def scan(infer_rows: int | None) -> pl.LazyFrame:
+        if path.suffix.lower() == ".parquet":
+            return pl.scan_parquet(path)
+        return pl.scan_csv(path, infer_schema_length=infer_rows, schema_overrides={c: pl.String for c in strings})
+
+    try:
+        try:
+            lf = scan(INFER_ROWS)
+            df = (lf.select(columns) if columns is not None else lf).collect()
+        except pl.exceptions.ComputeError:  # a value past the first INFER_ROWS rows does not fit the inferred type
+            lf = scan(None)
+            df = (lf.select(columns) if columns is not None else lf).collect()
+    except Exception as e:
+        raise ItfitsError(f"cannot read table {path}: {e}") from e
+    return df if path.suffix.lower() == ".parquet" else _missing_words(df, keep_text=strings)
+
+
+def _missing_words(df: pl.DataFrame, *, keep_text=()) -> pl.DataFrame:
+    """NULL_VALUES words in text columns -> missing; a text column then holding only numbers becomes a number
+    column (Int64, else Float64) unless in `keep_text`. Same result as polars' `null_values=` option, which
+    slows the whole read (about 0.7 s instead of 0.4 s for a million rows), where this looks at text columns only."""
+    text = [c for c, t in df.schema.items() if t == pl.String]
+    found = df.select(pl.col(text).is_in(NULL_VALUES).any()).row(0, named=True) if text else {}
+    fixed = []
+    for name in (c for c in text if found[c]):
+        s = df.select(pl.when(~pl.col(name).is_in(NULL_VALUES)).then(pl.col(name)).alias(name)).to_series()
+        for dtype in (() if name in keep_text else (pl.Int64, pl.Float64)):
+            number = s.str.strip_chars().cast(dtype, strict=False)
+            if number.null_count() == s.null_count():
+                s = number
+                break
+        fixed.append(s)
+    return df.with_columns(fixed) if fixed else df
 
 
 def _files_under(folder: Path, exts: set[str]) -> list[Path]:
@@ -103,14 +160,26 @@ def detect_modality(data: str | Path) -> str:
 
 def stratified_split(labels: list[str], *, valid_pct: float, seed: int) -> list[str]:
     """'train'/'valid' per item: per class, a seeded shuffle puts round(n * valid_pct) (at least 1) in valid."""
+    _, codes = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+    return np.where(stratified_valid(codes, valid_pct=valid_pct, seed=seed), "valid", "train").tolist()
+
+
+def stratified_valid(codes: np.ndarray, *, valid_pct: float, seed: int) -> np.ndarray:
+    """Valid mask for items with class codes 0..C-1 (classes in sorted order), as `stratified_split` splits:
+    per class, in code order, a seeded shuffle puts round(n * valid_pct) (at least 1) in valid; none of a class
+    of one. Vectorised over items, so it serves a table of millions of rows too."""
     rng = np.random.default_rng(seed)
-    labels_arr = np.asarray(labels)
-    split = np.full(len(labels), "train", dtype=object)
-    for label in sorted(set(labels)):
-        idx = rng.permutation(np.flatnonzero(labels_arr == label))
-        n_valid = max(1, round(len(idx) * valid_pct)) if len(idx) > 1 else 0
-        split[idx[:n_valid]] = "valid"
-    return split.tolist()
+    codes = np.asarray(codes, dtype=np.int64).ravel()
+    n_classes = int(codes.max()) + 1 if len(codes) else 0
+    if n_classes <= 64:  # item indices per class, ascending: a scan per class beats a sort for few classes
+        groups = (np.flatnonzero(codes == k) for k in range(n_classes))
+    else:
+        groups = np.split(np.argsort(codes, kind="stable"), np.cumsum(np.bincount(codes))[:-1])
+    valid = np.zeros(len(codes), dtype=bool)
+    for idx in groups:
+        idx = rng.permutation(idx)
+        valid[idx[:max(1, round(len(idx) * valid_pct)) if len(idx) > 1 else 0]] = True
+    return valid
 
 
 def check_image(path: str) -> str | None:

@@ -1,4 +1,5 @@
-"""lr_find (plot + csv), training (fastai fine_tune) with a per-epoch history, and the whole `fit` of a run."""
+"""lr_find (plot + csv), training (fastai fine_tune or fit_one_cycle) with a per-epoch history, and the whole
+`fit` of a run: images (a pretrained backbone) or a table (`target` given: fastai's TabularModel)."""
 from __future__ import annotations
 
 import time
@@ -22,7 +23,7 @@ CHOSEN_SUGGESTION = "minimum"  # lr at the loss minimum / 10 (fastai's lr_min): 
 
 @dataclass
 class FitConfig:
-    data: str  # folder of class sub-folders, folder with train/ valid/, or a path,label table
+    data: str  # folder of class sub-folders, folder with train/ valid/, a path,label table, or a table with `target`
     out: str = "runs/itfits"  # the run folder
     arch: str = "efficientnet_lite0"  # a name from `itfits backbones`
     weights: str = "auto"  # auto | hub | none | path to .safetensors/.pth
@@ -40,6 +41,11 @@ class FitConfig:
     num_workers: int | None = None  # None: up to 4, one per core (audio rendering: every core)
     lr_find_iters: int = 100
     mel: MelConfig | None = None  # audio DATA: how clips become spectrograms; None: MelConfig() defaults
+    target: str | None = None  # tabular: the column to predict; None: DATA holds images
+    cat: list[str] | None = None  # tabular: columns to treat as categorical; None: inferred
+    cont: list[str] | None = None  # tabular: columns to treat as continuous; None: inferred
+    ignore: list[str] | None = None  # tabular: columns not to use (ids, leaks)
+    layers: list[int] | None = None  # tabular: hidden layer sizes; None: [200, 100] as fastai's tabular_learner
 
 
 class History(Callback):
@@ -73,13 +79,18 @@ def find_lr(learn, out_dir: Path | None = None, *, num_it: int = 100) -> tuple[f
     return suggestions[CHOSEN_SUGGESTION], suggestions
 
 
-def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1) -> pl.DataFrame:
-    """fastai fine_tune: `freeze_epochs` on the head, then `epochs` unfrozen, one-cycle. Returns the history."""
+def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, fine_tune: bool = True) -> pl.DataFrame:
+    """fastai fine_tune: `freeze_epochs` on the head, then `epochs` unfrozen, one-cycle; or, with
+    fine_tune=False (no pretrained body), fit_one_cycle for `epochs`. Returns the history."""
     import fastai.callback.schedule  # noqa: F401  fastai @patches fine_tune/fit_one_cycle onto Learner here
     history = History()
     with learn.added_cbs(history):
-        learn.fine_tune(epochs, base_lr=lr, freeze_epochs=freeze_epochs)
-    return pl.DataFrame(history.rows)
+        if fine_tune:
+            learn.fine_tune(epochs, base_lr=lr, freeze_epochs=freeze_epochs)
+        else:
+            learn.fit_one_cycle(epochs, lr)
+    rows = pl.DataFrame(history.rows)
+    return rows if fine_tune else rows.drop("phase")
 
 
 @dataclass(frozen=True)
@@ -123,15 +134,47 @@ def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
     return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, mel=mel)
 
 
+def prepare_tabular(config: FitConfig, run: Path):
+    """(TabularData, bs, learner) for a tabular run; skipped rows listed in run/skipped.csv."""
+    from fastai.torch_core import set_seed
+    from .images import choose_batch_size
+    from .learners import tabular_learner
+    from .tabular import TabularModelSpec, prepare_table, tabular_dataloaders
+
+    data = prepare_table(config.data, target=config.target, cat=config.cat or (), cont=config.cont or (),
+                         ignore=config.ignore or (), valid_pct=config.valid_pct, seed=config.seed)
+    write_table(data.skipped, run / "skipped.csv")
+    bs = config.bs or choose_batch_size(int((~data.valid).sum()), largest=1024)
+    set_seed(config.seed)
+    dls = tabular_dataloaders(data, bs=bs)
+    learn = tabular_learner(dls, TabularModelSpec.for_data(data.prep, config.layers), path=run,
+                            regression=data.prep.task == "regression", target_std=data.prep.target_std)
+    return data, bs, learn
+
+
 def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
     """`itfits lr-find`: lr_find.png / lr_find.csv in config.out, and the suggestions."""
     from fastai.torch_core import set_seed
     from .learners import image_learner
     run = Path(config.out)
-    data = prepare_data(config, run)
-    set_seed(config.seed)
-    learn = image_learner(data.dls, config.arch, weights=config.weights, path=run)
+    if config.target is not None:
+        learn = prepare_tabular(config, run)[2]
+    else:
+        data = prepare_data(config, run)
+        set_seed(config.seed)
+        learn = image_learner(data.dls, config.arch, weights=config.weights, path=run)
     return find_lr(learn, run, num_it=config.lr_find_iters)
+
+
+def _calibrate(config: FitConfig, n_classes: int, *, valid: tuple, train: tuple, unknown: tuple | None):
+    """calibrate() on (logits, features, targets) of the validation set, (features, targets) of training items
+    and optional (logits, features) of unknown examples, with the config's score, threshold and keep."""
+    from .unknown import UnknownStats, calibrate
+    stats = UnknownStats.fit(train[0], train[1], n_classes, seed=config.seed)
+    u_logits, u_feats = unknown if unknown is not None else (None, None)
+    threshold = None if config.threshold == "auto" else float(config.threshold)
+    return calibrate(valid[0], valid[2], valid[1], stats, keep=config.keep, score=config.score, threshold=threshold,
+                     unknown_logits=u_logits, unknown_features=u_feats)
 
 
 def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, config: FitConfig, *, mel: MelConfig | None = None,
@@ -142,7 +185,6 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
     Returns (Calibration, report, validation outputs {logits, features, targets, paths})."""
     from .predict import file_outputs
     from .sources import AUDIO_EXTS, IMAGE_EXTS, expand_inputs
-    from .unknown import UnknownStats, calibrate
 
     def outputs(paths):
         return file_outputs(model, prep, paths, mel=mel, num_workers=config.num_workers)
@@ -155,24 +197,40 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
     v_logits, v_feats, _ = outputs(valid["path"].to_list())
     _, t_feats, _ = outputs(train["path"].to_list())
     v_targets = np.array([index[c] for c in valid["label"]])
-    stats = UnknownStats.fit(t_feats, np.array([index[c] for c in train["label"]]), len(classes), seed=config.seed)
-    u_logits = u_feats = None
+    unknown = None
     if config.unknown:
         u_paths = [p for p, err in expand_inputs([config.unknown], AUDIO_EXTS if mel else IMAGE_EXTS) if err is None]
         if not u_paths:
             raise ItfitsError(f"--unknown {config.unknown}: no {'audio' if mel else 'image'} files found")
         u_logits, u_feats, u_errors = outputs(u_paths)
         good = np.array([not e for e in u_errors])
-        u_logits, u_feats = u_logits[good], u_feats[good]
-    threshold = None if config.threshold == "auto" else float(config.threshold)
-    calibration, report = calibrate(v_logits, v_targets, v_feats, stats, keep=config.keep, score=config.score,
-                                    threshold=threshold, unknown_logits=u_logits, unknown_features=u_feats)
+        unknown = (u_logits[good], u_feats[good])
+    calibration, report = _calibrate(config, len(classes), valid=(v_logits, v_feats, v_targets),
+                                     train=(t_feats, np.array([index[c] for c in train["label"]])), unknown=unknown)
     return calibration, report, {"logits": v_logits, "features": v_feats, "targets": v_targets,
                                  "paths": valid["path"].to_list()}
 
 
+def _choose_lr(learn, config: FitConfig, run: Path, log) -> tuple[float, dict[str, float] | None]:
+    """config.lr, or lr_find's chosen suggestion (plot and table written into the run folder)."""
+    if config.lr is not None:
+        return config.lr, None
+    lr, suggestions = find_lr(learn, run, num_it=config.lr_find_iters)
+    log("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in suggestions.items())
+        + f"; using {CHOSEN_SUGGESTION} {lr:.2e} (plot: {run / 'lr_find.png'})")
+    return lr, suggestions
+
+
+def _calibration_line(calibration, report: dict) -> str:
+    return (f"temperature {calibration.temperature:.2f} (valid ECE {report['valid_ece']['before']:.3f} -> "
+            f"{report['valid_ece']['after']:.3f}); unknown score {calibration.score}, threshold "
+            f"{calibration.threshold:.4g} ({report.get('score_chosen_by', 'given')})")
+
+
 def fit(config: FitConfig, log=print) -> dict:
     """`itfits fit`: train on config.data and write the run folder. Returns the run summary (run.json)."""
+    if config.target is not None:
+        return fit_table(config, log)
     from fastai.torch_core import set_seed
     from .bundle import image_bundle_meta, save_bundle
     from .learners import image_learner
@@ -190,11 +248,7 @@ def fit(config: FitConfig, log=print) -> dict:
         + f"; batch size {bs}{' (chosen from the data size)' if config.bs is None else ''}, size {prep.size}")
     set_seed(config.seed)
     learn = image_learner(dls, config.arch, weights=config.weights, path=run)
-    lr, suggestions = config.lr, None
-    if lr is None:
-        lr, suggestions = find_lr(learn, run, num_it=config.lr_find_iters)
-        log("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in suggestions.items())
-            + f"; using {CHOSEN_SUGGESTION} {lr:.2e} (plot: {run / 'lr_find.png'})")
+    lr, suggestions = _choose_lr(learn, config, run, log)
     history = train(learn, epochs=config.epochs, lr=lr, freeze_epochs=config.freeze_epochs)
     write_table(history, run / "history.csv")
 
@@ -202,9 +256,7 @@ def fit(config: FitConfig, log=print) -> dict:
     preds = valid["logits"].argmax(1)
     write_confusion_matrix(confusion_matrix(valid["targets"], preds, classes), classes, run)
     accuracy = float((preds == valid["targets"]).mean())
-    log(f"temperature {calibration.temperature:.2f} (valid ECE {calib_report['valid_ece']['before']:.3f} -> "
-        f"{calib_report['valid_ece']['after']:.3f}); unknown score {calibration.score}, threshold "
-        f"{calibration.threshold:.4g} ({calib_report['score_chosen_by']})")
+    log(_calibration_line(calibration, calib_report))
 
     summary = {
         "config": asdict(config),
@@ -219,7 +271,101 @@ def fit(config: FitConfig, log=print) -> dict:
     save_bundle(learn.model, meta, calibration, run / "model")
     write_json(summary, run / "run.json")
     probs, scores, _ = calibration.apply(valid["logits"], valid["features"])
-    report = write_report(run, summary, history, Validation(logits=valid["logits"], targets=valid["targets"],
-                          names=valid["paths"], probs=probs, scores=scores, images=valid["paths"]))
+    report = write_report(run, summary, history, Validation(
+        logits=valid["logits"], targets=valid["targets"], names=valid["paths"], probs=probs, scores=scores,
+        images=None if data.mel else valid["paths"]))  # audio: clips are not pictures, no thumbnails
     log(f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}; report: {report}")
+    return summary
+
+
+def calibrate_table(model, data, config: FitConfig, *, max_train: int = 4096):
+    """As calibrate_images, for a table: temperature, score and threshold from the validation rows, feature
+    statistics from (up to `max_train`) training rows, score choice from the rows of config.unknown (a table of
+    examples of none of the classes) when given. Returns (Calibration, report, validation logits, features)."""
+    from .tabular import tabular_outputs
+    t_cat, t_cont, t_y = data.part(False)
+    if len(t_y) > max_train:
+        keep = np.random.default_rng(config.seed).choice(len(t_y), max_train, replace=False)
+        t_cat, t_cont, t_y = t_cat[keep], t_cont[keep], t_y[keep]
+    v_cat, v_cont, v_y = data.part(True)
+    v_logits, v_feats = tabular_outputs(model, v_cat, v_cont)
+    unknown = None
+    if config.unknown:
+        _, parsed, errors = data.prep.read_rows(config.unknown)
+        parsed = parsed.filter(errors.is_null())
+        if parsed.height == 0:
+            raise ItfitsError(f"--unknown {config.unknown}: no usable rows")
+        unknown = tabular_outputs(model, *data.prep.encode(parsed))
+    calibration, report = _calibrate(config, len(data.prep.classes), valid=(v_logits, v_feats, v_y),
+                                     train=(tabular_outputs(model, t_cat, t_cont)[1], t_y), unknown=unknown)
+    return calibration, report, v_logits, v_feats
+
+
+def _regression_results(model, data) -> dict:
+    """Validation RMSE, MAE and R² in the target's units."""
+    from .tabular import tabular_outputs
+    v_cat, v_cont, v_y = data.part(True)
+    pred = data.prep.decode_target(tabular_outputs(model, v_cat, v_cont)[0][:, 0])
+    truth = data.prep.decode_target(v_y)
+    err = pred - truth
+    return {"valid_rmse": float(np.sqrt((err ** 2).mean())), "valid_mae": float(np.abs(err).mean()),
+            "valid_r2": float(1 - (err ** 2).sum() / max(((truth - truth.mean()) ** 2).sum(), 1e-12))}
+
+
+def fit_table(config: FitConfig, log=print) -> dict:
+    """`itfits fit TABLE --target COLUMN`: fastai's TabularModel trained with fit_one_cycle; writes the run folder
+    as `fit` does for images. Returns the run summary (run.json)."""
+    from .bundle import save_bundle, tabular_bundle_meta
+    from .reports import confusion_matrix, write_confusion_matrix
+    from .tabular import TabularModelSpec
+
+    t0 = time.perf_counter()
+    run = Path(config.out)
+    run.mkdir(parents=True, exist_ok=True)
+    data, bs, learn = prepare_tabular(config, run)
+    prep, n_skipped = data.prep, data.skipped.height
+    classify = prep.task == "classification"
+    log(f"{data.n_rows} rows: {len(learn.dls.train_ds)} train, {len(learn.dls.valid_ds)} valid, {n_skipped} skipped"
+        + (f" (listed in {run / 'skipped.csv'})" if n_skipped else "")
+        + f"; batch size {bs}{' (chosen from the data size)' if config.bs is None else ''}")
+    log(f"{prep.task} of '{prep.target}'" + (f" into {len(prep.classes)} classes" if classify else "")
+        + f"; categorical: {', '.join(prep.cat) or 'none'}; continuous: {', '.join(prep.cont) or 'none'}"
+        + (f"; missing-value flags for: {', '.join(prep.na)}" if prep.na else ""))
+    for note in data.notes:
+        log(f"note: {note}")
+    lr, suggestions = _choose_lr(learn, config, run, log)
+    history = train(learn, epochs=config.epochs, lr=lr, fine_tune=False)
+    write_table(history, run / "history.csv")
+
+    calibration = calib_report = None
+    if classify:
+        calibration, calib_report, v_logits, v_feats = calibrate_table(learn.model, data, config)
+        v_y, preds = data.y[data.valid], v_logits.argmax(1)
+        write_confusion_matrix(confusion_matrix(v_y, preds, prep.classes), prep.classes, run)
+        results = {"valid_accuracy": float((preds == v_y).mean())}
+        log(_calibration_line(calibration, calib_report))
+    else:
+        results = _regression_results(learn.model, data)
+    results.update(valid_loss=float(history["valid_loss"][-1]), seconds=round(time.perf_counter() - t0, 1))
+    spec = TabularModelSpec.for_data(prep, config.layers)
+    summary = {
+        "config": asdict(config),
+        "resolved": {"lr": lr, "lr_suggestions": suggestions, "bs": bs, "task": prep.task, "classes": prep.classes,
+                     "cat": prep.cat, "cont": prep.cont, "na_flags": prep.na, "layers": list(spec.layers),
+                     "emb_szs": spec.json()["emb_szs"], "n_rows": data.n_rows, "n_train": len(learn.dls.train_ds),
+                     "n_valid": len(learn.dls.valid_ds), "n_skipped": n_skipped},
+        "results": results,
+        "calibration": calib_report,
+    }
+    save_bundle(learn.model, tabular_bundle_meta(prep, spec, training=results), calibration, run / "model")
+    write_json(summary, run / "run.json")
+    if classify:  # the report's confusion matrix, per-class table and top losses are for classes
+        from .reports import Validation, write_report
+        from .sources import read_table
+        probs, scores, _ = calibration.apply(v_logits, v_feats)
+        rows = read_table(Path(config.data))[data.rows[data.valid].tolist()]
+        write_report(run, summary, history, Validation(logits=v_logits, targets=data.y[data.valid],
+                     names=[f"row {r}" for r in data.rows[data.valid]], probs=probs, scores=scores, rows=rows))
+    log(", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in results.items() if k.startswith("valid_"))
+        + f"; model bundle in {run / 'model'}")
     return summary

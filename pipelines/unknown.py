@@ -166,7 +166,9 @@ def calibrate(valid_logits: np.ndarray, valid_targets: np.ndarray, valid_feature
         raise ItfitsError(f"--keep must be in (0, 1], got {keep}")
     if score is not None and score not in SCORES:
         raise ItfitsError(f"'{score}' is not an unknown score; choices: {', '.join(SCORES)}")
-    t = fit_temperature(valid_logits, valid_targets)
+    correct = valid_logits.argmax(1) == valid_targets
+    # with no validation mistakes the NLL keeps falling as T -> 0: no evidence to recalibrate on, keep T = 1
+    t = fit_temperature(valid_logits, valid_targets) if not correct.all() else 1.0
     report = {"temperature": t,
               "valid_nll": {"before": nll(valid_logits, valid_targets), "after": nll(valid_logits, valid_targets, t)},
               "valid_ece": {"before": expected_calibration_error(softmax(valid_logits), valid_targets),
@@ -181,7 +183,7 @@ def calibrate(valid_logits: np.ndarray, valid_targets: np.ndarray, valid_feature
             report["score_chosen_by"] = "best AUROC on the --unknown examples"
     if score is None:
         score, report["score_chosen_by"] = DEFAULT_SCORE, "default"
-    correct = valid_logits.argmax(1) == valid_targets
+    report.setdefault("score_chosen_by", "--score")
     if threshold is None:
         threshold = choose_threshold(valid_scores[score], correct, keep)
     accepted = valid_scores[score] >= threshold

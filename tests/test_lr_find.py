@@ -6,13 +6,14 @@ import json
 
 import numpy as np
 import polars as pl
+import pytest
 from PIL import Image
 
 from helpers import FASHION, run_cli
 from pipelines.training import CHOSEN_SUGGESTION
 
 SUGGESTIONS = ("minimum", "steep", "valley", "slide")
-SMALL = ["--size", "32", "--bs", "16", "--workers", "0"]
+SMALL = ["--size", "32", "--bs", "8", "--workers", "0"]  # lr_find runs a fixed number of batches: small ones
 
 
 def _check_lr_find_files(folder):
@@ -40,6 +41,7 @@ def test_lr_find_command(tmp_path):
     assert not (out / "model").exists() and not (out / "history.csv").exists(), "lr-find does only lr_find"
 
 
+@pytest.mark.slow  # lr_find, then training and calibration
 def test_fit_without_lr_uses_the_chosen_suggestion(tmp_path):
     run = tmp_path / "run"
     proc = run_cli("fit", FASHION, "--out", run, "--epochs", "1", "--freeze-epochs", "1", *SMALL)

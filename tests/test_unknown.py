@@ -10,7 +10,7 @@ import pytest
 from helpers import FASHION, FASHION_TEST, run_cli
 from pipelines.bundle import load_bundle, save_bundle
 from pipelines.images import ImagePreprocessing
-from pipelines.predict import image_outputs
+from pipelines.predict import file_outputs
 from pipelines.unknown import (SCORES, Calibration, auroc, calibrate, choose_threshold, fit_temperature, fpr_at_tpr, nll,
                                softmax)
 
@@ -21,7 +21,7 @@ def test_outputs(trained_run):
     bundle = load_bundle(trained_run.model)
     paths = sorted(p for p in FASHION_TEST.rglob("*.png"))
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
-    logits, feats, errors = image_outputs(bundle.model, prep, [str(p) for p in paths], num_workers=0)
+    logits, feats, errors = file_outputs(bundle.model, prep, [str(p) for p in paths], num_workers=0)
     assert not any(errors)
     targets = np.array([bundle.classes.index(p.parent.name) for p in paths])
     return bundle, logits, feats, targets

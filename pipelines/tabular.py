@@ -1,0 +1,455 @@
+"""Polars table -> fastai tabular DataLoaders and TabularModel, and the same preprocessing at prediction time.
+
+What fastai's TabularPandas does with Categorify, FillMissing and Normalize, done with polars expressions and
+kept as plain JSON (`TabularPreprocessing`) so a bundle never pickles its procs:
+  categorical: vocabulary "#na#" + sorted training values; code 0 = missing or unseen
+  continuous:  missing -> training median, plus a `<col>_na` categorical flag where training had missing values;
+               then (x - training mean) / training std
+The model is fastai's `TabularModel` on (x_cat, x_cont) tensors batched straight from memory.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+
+from .errors import ItfitsError, did_you_mean
+from .sources import NULL_VALUES, read_table, stratified_valid, table_columns
+
+NA = "#na#"  # fastai's name for the missing/unseen category, code 0
+MAX_CARD = 20  # integer columns (and targets) with more distinct values are continuous (fastai's cont_cat_split)
+BOOL_WORDS = {"true": True, "false": False, "t": True, "f": False, "yes": True, "no": False, "y": True, "n": False,
+              "1": True, "0": False}
+DEFAULT_LAYERS = (200, 100)  # fastai's tabular_learner default
+_ROW, _TRAIN = "__itfits_row", "__itfits_train"
+_DTYPES = {str(t): t for t in (pl.String, pl.Boolean, pl.Float64, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8,
+                               pl.UInt16, pl.UInt32, pl.UInt64)}
+
+
+# ---- reading values as their types ------------------------------------------------------------------------------
+
+def _describe(dtype) -> str:
+    return "a number" if dtype == pl.Float64 else "true/false" if dtype == pl.Boolean else "a whole number"
+
+
+def _from_text(value: str, dtype: str):
+    """A vocabulary entry (text, as stored in itfits.json) back as a number of its column's type."""
+    return float(value) if dtype == "Float64" else int(value)
+
+
+def _parse(s: pl.Series, dtype) -> pl.Series:
+    """`s` as `dtype`; values that cannot be read as it become null."""
+    if s.dtype == dtype:
+        return s
+    if s.dtype != pl.String:
+        try:
+            return s.cast(dtype, strict=False)  # numeric widening, bool -> float, categorical -> string
+        except pl.exceptions.InvalidOperationError:
+            pass
+    text = s.cast(pl.String).str.strip_chars()
+    if dtype == pl.Boolean:
+        return text.str.to_lowercase().replace_strict(list(BOOL_WORDS), list(BOOL_WORDS.values()), default=None,
+                                                      return_dtype=pl.Boolean)
+    return text.cast(dtype, strict=False)
+
+
+def parse_columns(df: pl.DataFrame, dtypes: dict[str, object], *, source) -> tuple[pl.DataFrame, pl.Series, list[str]]:
+    """(the columns of `dtypes` parsed to those types, per-row error or null, names of columns with bad values).
+    A column where no value can be read as its type is an ItfitsError naming it; where only some rows are bad,
+    those rows get an error that names the column and the value."""
+    parsed, messages, partly_bad = {}, [], []
+    for name, dtype in dtypes.items():
+        s = df[name]
+        if s.dtype == pl.String and dtype != pl.String:  # NA words are missing values (Parquet text, say), not bad
+            s = s.set(s.str.strip_chars().is_in(NULL_VALUES), None)
+        out = parsed[name] = _parse(s, dtype)
+        if out is s:  # already of its type: nothing to check
+            continue
+        bad = s.is_not_null() & out.is_null()
+        n_bad = int(bad.sum())
+        if n_bad and n_bad == s.len() - s.null_count():
+            examples = ", ".join(repr(v) for v in s.filter(bad).cast(pl.String).unique(maintain_order=True).head(3))
+            raise ItfitsError(f"column '{name}' in {source} has no value that reads as {_describe(dtype)} ({dtype}), "
+                              f"as the model needs (e.g. {examples}). Fix the column, or train with --cat {name} or "
+                              f"--ignore {name}")
+        if n_bad:
+            partly_bad.append(name)
+            value = s.cast(pl.String)
+            messages.append(pl.when(bad).then(pl.lit(f"{name}: '") + value + pl.lit(f"' is not {_describe(dtype)}")))
+    errors = (pl.select(pl.concat_str(messages, separator="; ", ignore_nulls=True).replace("", None)).to_series()
+              if messages else pl.repeat(None, df.height, dtype=pl.String, eager=True))
+    return pl.DataFrame(parsed, height=df.height), errors.alias("error"), partly_bad
+
+
+# ---- which column is what -------------------------------------------------------------------------------------
+
+def _parse_dtype(dtype, role: str) -> str:
+    """The type a column is read as at prediction time: text for categories, numbers as themselves."""
+    if role == "cont":
+        return "Float64"
+    if dtype == pl.Boolean or dtype.is_integer():
+        return str(dtype)
+    return "Float64" if dtype.is_float() else "String"
+
+
+def infer_columns(df: pl.DataFrame, *, cat=(), cont=()) -> tuple[list[str], list[str]]:
+    """(categorical, continuous) names: text, bool and integer columns with at most MAX_CARD values are
+    categorical, other numbers continuous (fastai's cont_cat_split); `cat`/`cont` override the guess."""
+    ints = [c for c, t in df.schema.items() if t.is_integer() and c not in cat and c not in cont]
+    card = df.select(pl.col(ints).n_unique()).row(0, named=True) if ints else {}
+    cats, conts = [], []
+    for name, dtype in df.schema.items():
+        if name in cat or name in cont:
+            (cats if name in cat else conts).append(name)
+        elif dtype in (pl.String, pl.Categorical, pl.Boolean, pl.Null) or isinstance(dtype, pl.Enum):
+            cats.append(name)
+        elif dtype.is_integer():
+            (cats if card[name] <= MAX_CARD else conts).append(name)
+        elif dtype.is_float() or dtype.is_decimal():
+            conts.append(name)
+        else:
+            raise ItfitsError(f"column '{name}' has type {dtype}, which itfits cannot use as it is: --ignore {name}, "
+                              f"or derive numbers or categories from it (e.g. year, month) first")
+    return cats, conts
+
+
+def infer_task(target: pl.Series) -> str:
+    """classification for text, bool and integer targets with at most MAX_CARD values; else regression."""
+    dtype = target.dtype
+    if dtype.is_float() or dtype.is_decimal() or (dtype.is_integer() and target.n_unique() > MAX_CARD):
+        return "regression"
+    if dtype in (pl.String, pl.Categorical, pl.Boolean) or dtype.is_integer() or isinstance(dtype, pl.Enum):
+        return "classification"
+    raise ItfitsError(f"target column '{target.name}' has type {dtype}; it must hold classes (text, bool, integers) "
+                      "or numbers")
+
+
+# ---- preprocessing ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TabularPreprocessing:
+    """Everything between a table's rows and the model's inputs; stored in itfits.json as is."""
+    target: str
+    task: str  # classification | regression
+    classes: list[str]  # class names (classification), [] for regression
+    cat: list[str]
+    cont: list[str]
+    ignore: list[str]
+    dtypes: dict[str, str]  # input column -> type it is read as: String, Boolean, Int64, ..., Float64
+    vocab: dict[str, list[str]]  # categorical column -> ["#na#", training values...]
+    na: list[str]  # continuous columns that get a <col>_na flag (they had missing values in training)
+    fill: dict[str, float]  # continuous column -> training median
+    mean: dict[str, float]
+    std: dict[str, float]
+    target_mean: float = 0.0  # regression: the model predicts (y - target_mean) / target_std
+    target_std: float = 1.0
+
+    @property
+    def inputs(self) -> list[str]:
+        return self.cat + self.cont
+
+    @property
+    def cat_sizes(self) -> list[int]:
+        """Vocabulary size of each categorical model input: the columns, then the _na flags (#na#, false, true)."""
+        return [len(self.vocab[c]) for c in self.cat] + [3] * len(self.na)
+
+    def json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TabularPreprocessing":
+        return cls(**d)
+
+    @classmethod
+    def fit(cls, df: pl.DataFrame, train: pl.Series, *, target: str, task: str, classes: list[str], cat: list[str],
+            cont: list[str], ignore: list[str], dtypes: dict[str, str]) -> "TabularPreprocessing":
+        """Statistics from the `train` rows of `df` (columns parsed by `parse_columns`), in one polars pass."""
+        t = pl.col(_TRAIN)
+        stats = [pl.col(c).filter(t).drop_nulls().unique().sort().cast(pl.String).implode().alias(f"vocab{i}")
+                 for i, c in enumerate(cat)]
+        if task == "regression":
+            y = pl.col(target).filter(t).cast(pl.Float64)
+            stats += [y.mean().alias("y_mean"), y.std(ddof=0).alias("y_std")]
+        rows = df.with_columns(train.alias(_TRAIN))
+        row = rows.select(stats).row(0, named=True) if stats else {}
+        fill, mean, std, na = {}, {}, {}, []
+        n = int(train.sum())
+        for s in rows.select(pl.col(cont).filter(t).fill_nan(None)).iter_columns() if cont else []:
+            x = s.drop_nulls().to_numpy()
+            if len(x) < n:
+                na.append(s.name)
+            fill[s.name] = float(np.median(x)) if len(x) else 0.0  # numpy's partition: faster than polars' median
+            filled_mean = (x.sum() + (n - len(x)) * fill[s.name]) / max(n, 1)
+            var = (((x - filled_mean) ** 2).sum() + (n - len(x)) * (fill[s.name] - filled_mean) ** 2) / max(n, 1)
+            mean[s.name], std[s.name] = float(filled_mean), float(np.sqrt(var)) + 1e-7  # fastai Normalize: +1e-7
+        return cls(target=target, task=task, classes=list(classes), cat=list(cat), cont=list(cont),
+                   ignore=list(ignore), dtypes=dtypes, vocab={c: [NA] + row[f"vocab{i}"] for i, c in enumerate(cat)},
+                   na=na, fill=fill, mean=mean, std=std,
+                   target_mean=float(row.get("y_mean") or 0.0), target_std=float(row.get("y_std") or 1.0))
+
+    @property
+    def parse_dtypes(self) -> dict[str, object]:
+        return {c: _DTYPES[self.dtypes[c]] for c in self.inputs}
+
+    def encode(self, parsed: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(x_cat (N, n_cat) int32 codes, x_cont (N, n_cont) float32) from columns parsed by `parse_columns`."""
+        codes = [self._codes(c) for c in self.cat]
+        codes += [pl.col(c).fill_nan(None).is_null().cast(pl.Int32).add(1).alias(f"{c}_na") for c in self.na]
+        conts = [((pl.col(c).fill_nan(None).fill_null(self.fill[c]) - self.mean[c]) / self.std[c]).cast(pl.Float32)
+                 for c in self.cont]
+        n = parsed.height
+        x_cat = np.asarray(parsed.select(codes).to_numpy(), np.int32) if codes else np.zeros((n, 0), np.int32)
+        x_cont = np.asarray(parsed.select(conts).to_numpy(), np.float32) if conts else np.zeros((n, 0), np.float32)
+        return x_cat, x_cont
+
+    def _codes(self, name: str) -> pl.Expr:
+        """Category codes of a parsed column: 1 + index in the training vocabulary; 0 when missing or unseen."""
+        vocab, dtype = self.vocab[name][1:], self.dtypes[name]
+        if dtype == "String":  # an Enum cast maps the whole column at once; unseen values become null
+            return pl.col(name).cast(pl.Enum(vocab), strict=False).to_physical().cast(pl.Int32).add(1).fill_null(0)
+        if dtype == "Boolean":
+            code = {v: i + 1 for i, v in enumerate(vocab)}
+            return pl.when(pl.col(name)).then(code.get("true", 0)).when(~pl.col(name)).then(code.get("false", 0)) \
+                .otherwise(0).cast(pl.Int32).alias(name)
+        values = [_from_text(v, dtype) for v in vocab]  # compare as numbers: no cast of the column to text
+        return pl.col(name).replace_strict(values, range(1, len(vocab) + 1), default=0, return_dtype=pl.Int32)
+
+    def encode_target(self, target: pl.Series) -> np.ndarray:
+        if self.task == "classification":
+            return target.cast(pl.String).replace_strict(self.classes, range(len(self.classes)),
+                                                         return_dtype=pl.Int64).to_numpy()
+        return ((target.cast(pl.Float64) - self.target_mean) / self.target_std).cast(pl.Float32).to_numpy()
+
+    def decode_target(self, outputs: np.ndarray) -> np.ndarray:
+        """Regression outputs back in the target's units."""
+        return outputs.astype(np.float64) * self.target_std + self.target_mean
+
+    def read_rows(self, path: Path | str) -> tuple[pl.DataFrame, pl.DataFrame, pl.Series]:
+        """(the table to show in the output, the model's columns parsed, per-row error or null) for prediction.
+        Extra columns are kept; a missing model column is an ItfitsError naming it."""
+        names = table_columns(path)
+        missing = [c for c in self.inputs if c not in names]
+        if missing:
+            hint = did_you_mean(missing[0], names)
+            raise ItfitsError(f"{path} lacks column(s) the model was trained on: {', '.join(missing)}."
+                              f"{hint} It has: {', '.join(names)}")
+        table = read_table(path, strings=self.inputs)  # CSV: model columns as text, parsed here with row errors
+        parsed, errors, partly_bad = parse_columns(table, self.parse_dtypes, source=path)
+        clean = [c for c in self.inputs if c not in partly_bad]  # shown typed; partly bad ones as read
+        return table.with_columns(parsed.select(clean)), parsed, errors
+
+
+# ---- the data stage of a run ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TabularData:
+    """A training table, preprocessed: model inputs for every usable row and which rows were skipped."""
+    prep: TabularPreprocessing
+    x_cat: np.ndarray  # (N, n_cat) int32 category codes (nn.Embedding takes int32), 0 = missing or unseen
+    x_cont: np.ndarray  # (N, n_cont) float32, normalised
+    y: np.ndarray  # (N,) class index (int64), or normalised target (float32)
+    valid: np.ndarray  # (N,) bool: in the validation split
+    rows: np.ndarray  # (N,) row number (0-based) in the file of each usable row
+    skipped: pl.DataFrame  # row (0-based, in the file), error
+    n_rows: int  # rows in the file
+    notes: list[str] = field(default_factory=list)  # things the user may want to know about their columns
+
+    def part(self, valid: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        m = self.valid if valid else ~self.valid
+        return self.x_cat[m], self.x_cont[m], self.y[m]
+
+
+def _check_names(path: Path, names: list[str], *, target: str, cat, cont, ignore) -> None:
+    for flag, given in (("--target", [target]), ("--cat", cat), ("--cont", cont), ("--ignore", ignore)):
+        for n in given:
+            if n not in names:
+                raise ItfitsError(f"{flag} {n}: {path} has no column '{n}';{did_you_mean(n, names)} "
+                                  f"columns: {', '.join(names)}")
+    given = {"--cat": cat, "--cont": cont, "--ignore": ignore}
+    for a, b in (("--cat", "--cont"), ("--cat", "--ignore"), ("--cont", "--ignore")):
+        both = sorted(set(given[a]) & set(given[b]))
+        if both:
+            raise ItfitsError(f"column(s) {', '.join(both)} given to both {a} and {b}; choose one")
+    if target in [*cat, *cont, *ignore]:
+        raise ItfitsError(f"'{target}' is the --target; it cannot also be in --cat, --cont or --ignore")
+
+
+def _classes(y: pl.Series) -> tuple[list[str], np.ndarray]:
+    """(class names in sorted order, class index per row)."""
+    classes = y.unique().sort()
+    names = classes.cast(pl.String).to_list()
+    if y.dtype == pl.String:  # an Enum cast is the fastest lookup
+        return names, y.cast(pl.Enum(names)).to_physical().cast(pl.Int64).to_numpy()
+    return names, y.replace_strict(classes, range(len(classes)), return_dtype=pl.Int64).to_numpy()
+
+
+def _check_classes(classes: list[str], codes: np.ndarray, valid: np.ndarray) -> None:
+    counts = np.bincount(codes, minlength=len(classes))
+    if len(classes) < 2:
+        raise ItfitsError(f"the target needs at least 2 classes, found {len(classes)} ({', '.join(classes)}); "
+                          "for numbers to predict, use a float column (regression)")
+    small = [f"{c} ({n})" for c, n in zip(classes, counts) if n < 2]
+    if small:
+        raise ItfitsError(f"every class needs at least 2 rows; too few in: {', '.join(small[:20])}"
+                          + (f" and {len(small) - 20} more" if len(small) > 20 else ""))
+    if valid.all() or not valid.any():
+        raise ItfitsError(f"no rows in the {'train' if valid.all() else 'valid'} split; check --valid-pct")
+
+
+def _skip(df: pl.DataFrame, drop: pl.Series, errors) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(df without the `drop` rows, those rows' numbers and errors)."""
+    if not drop.any():
+        return df, pl.DataFrame(schema={"row": pl.UInt32, "error": pl.String})
+    gone = df.filter(drop).select(pl.col(_ROW).alias("row"), error=errors.filter(drop) if isinstance(errors, pl.Series)
+                                  else pl.lit(errors))
+    return df.filter(~drop), gone
+
+
+def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), valid_pct: float = 0.2,
+                  seed: int = 42) -> TabularData:
+    """Read a CSV/Parquet table and preprocess it for training: columns inferred (or as given), rows with a
+    missing target or unreadable values skipped, seeded split, statistics from the training rows."""
+    path = Path(path)
+    names = table_columns(path)
+    cat, cont, ignore = list(cat), list(cont), list(ignore)
+    _check_names(path, names, target=target, cat=cat, cont=cont, ignore=ignore)
+    used = [c for c in names if c != target and c not in ignore]
+    if not used:
+        raise ItfitsError(f"no input columns left in {path} besides the target '{target}' and --ignore")
+    df = read_table(path, [target, *used]).with_row_index(_ROW)
+    n_rows = df.height
+    t = df[target]
+    no_value = t.is_null() | (t.is_nan() if t.dtype.is_float() else False)
+    df, no_target = _skip(df, no_value, f"missing target '{target}'")
+    if df.height == 0:
+        raise ItfitsError(f"no row of {path} has a value in the target column '{target}'")
+    cats, conts = infer_columns(df.select(used), cat=cat, cont=cont)
+    dtypes = {c: _parse_dtype(df.schema[c], "cat" if c in cats else "cont") for c in used}
+    parsed, errors, _ = parse_columns(df, {c: _DTYPES[dtypes[c]] for c in used}, source=path)
+    df = df.with_columns(parsed.get_columns())
+    df, unreadable = _skip(df, errors.is_not_null(), errors)
+    y = df[target]
+    task = infer_task(y)
+    if task == "classification":
+        classes, codes = _classes(y)
+        valid = stratified_valid(codes, valid_pct=valid_pct, seed=seed)
+        _check_classes(classes, codes, valid)
+    else:
+        classes, codes = [], None
+        valid = np.zeros(df.height, bool)
+        valid[np.random.default_rng(seed).permutation(df.height)[:max(1, round(df.height * valid_pct))]] = True
+    prep = TabularPreprocessing.fit(df, pl.Series(~valid), target=target, task=task, classes=classes, cat=cats,
+                                    cont=conts, ignore=ignore, dtypes=dtypes)
+    n_train = int((~valid).sum())
+    notes = [f"column '{c}' has {len(prep.vocab[c]) - 1} distinct values in {n_train} training rows: if it is an "
+             f"id, --ignore {c}" for c in cats if len(prep.vocab[c]) > 100 and len(prep.vocab[c]) > n_train / 2]
+    x_cat, x_cont = prep.encode(df)
+    y = codes if codes is not None else prep.encode_target(y)
+    return TabularData(prep=prep, x_cat=x_cat, x_cont=x_cont, y=y, valid=valid, rows=df[_ROW].to_numpy(),
+                       skipped=pl.concat([no_target, unreadable]).sort("row"),
+                       n_rows=n_rows, notes=notes)
+
+
+# ---- fastai DataLoaders ------------------------------------------------------------------------------------------
+
+class TabularTensors(torch.utils.data.Dataset):
+    """(x_cat, x_cont, y) tensors; indexing with a tensor of row numbers gives a whole batch."""
+    n_inp = 2  # fastai: the first two are the model's inputs, the last the target
+
+    def __init__(self, x_cat: np.ndarray, x_cont: np.ndarray, y: np.ndarray):
+        self.tensors = (torch.as_tensor(x_cat), torch.as_tensor(x_cont), torch.as_tensor(y))
+
+    def __len__(self):
+        return len(self.tensors[2])
+
+    def __getitem__(self, idx):
+        return tuple(t[idx] for t in self.tensors)
+
+
+class TensorBatches(DataLoader):
+    """A fastai DataLoader that takes each batch with one index (as fastai's TabDataLoader does with
+    DataFrame.iloc): no per-row Python and no collate, so an epoch over a million rows stays cheap."""
+
+    def do_item(self, s):
+        return s  # keep the row number; create_batch reads the rows
+
+    def create_batch(self, b):
+        return self.dataset[torch.as_tensor(b)]
+
+    def retain(self, res, b):
+        return res
+
+
+def tabular_dataloaders(data: TabularData, *, bs: int, device=None) -> DataLoaders:
+    """fastai DataLoaders over the train (shuffled, last partial batch dropped for BatchNorm) and valid rows."""
+    train, valid = TabularTensors(*data.part(False)), TabularTensors(*data.part(True))
+    bs = max(2, min(bs, len(train)))
+    return DataLoaders(TensorBatches(train, bs=bs, shuffle=True, drop_last=True),
+                       TensorBatches(valid, bs=2 * bs), device=device)
+
+
+# ---- the model -----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TabularModelSpec:
+    """What rebuilds fastai's TabularModel; stored in itfits.json."""
+    emb_szs: tuple[tuple[int, int], ...]  # (vocabulary size, embedding size) per categorical input
+    n_cont: int
+    n_out: int  # classes, or 1 for regression
+    layers: tuple[int, ...] = DEFAULT_LAYERS
+
+    @classmethod
+    def for_data(cls, prep: TabularPreprocessing, layers=None) -> "TabularModelSpec":
+        """Embedding sizes by fastai's rule of thumb (`emb_sz_rule`, as `get_emb_sz` does)."""
+        from fastai.tabular.model import emb_sz_rule
+        return cls(emb_szs=tuple((n, emb_sz_rule(n)) for n in prep.cat_sizes), n_cont=len(prep.cont),
+                   n_out=len(prep.classes) if prep.task == "classification" else 1,
+                   layers=tuple(layers or DEFAULT_LAYERS))
+
+    def json(self) -> dict:
+        return {"emb_szs": [list(e) for e in self.emb_szs], "n_cont": self.n_cont, "n_out": self.n_out,
+                "layers": list(self.layers)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TabularModelSpec":
+        return cls(emb_szs=tuple(tuple(e) for e in d["emb_szs"]), n_cont=d["n_cont"], n_out=d["n_out"],
+                   layers=tuple(d["layers"]))
+
+
+def create_tabular_model(spec: TabularModelSpec) -> torch.nn.Module:
+    """fastai's TabularModel as tabular_learner builds it (BatchNorm, ReLU, no dropout, no y_range)."""
+    from fastai.tabular.model import TabularModel
+    return TabularModel(list(spec.emb_szs), spec.n_cont, spec.n_out, list(spec.layers))
+
+
+def forward_features(model, x_cat: torch.Tensor, x_cont: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, features): features are the input of the last Linear (B, layers[-1]), for the unknown scores."""
+    seen: list[torch.Tensor] = []
+    hook = model.layers[-1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        logits = model(x_cat, x_cont)
+    finally:
+        hook.remove()
+    return logits, seen[0]
+
+
+def tabular_outputs(model, x_cat: np.ndarray, x_cont: np.ndarray, *, bs: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, n_out), features (N, D)) for all rows, in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits, feats = [], []
+    with torch.inference_mode():
+        for i in range(0, len(x_cat), bs):
+            lo, fe = forward_features(model, torch.as_tensor(x_cat[i:i + bs], device=device),
+                                      torch.as_tensor(x_cont[i:i + bs], device=device))
+            logits.append(lo.float().cpu().numpy())
+            feats.append(fe.float().cpu().numpy())
+    if not logits:
+        return np.zeros((0, model.layers[-1][0].out_features), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(logits), np.concatenate(feats)
+

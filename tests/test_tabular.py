@@ -1,0 +1,359 @@
+"""Tables end to end on real small data (data/penguins.csv): fit -> run folder -> bundle -> predict, column
+inference and overrides, missing values, unseen categories, extra columns, errors (whole column, per row, missing
+column), regression, unknown flagging on a held-out species, a bundle without pickle that rebuilds the model."""
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from helpers import REPO, run_cli
+from pipelines.errors import ItfitsError
+
+PENGUINS = REPO / "data" / "penguins.csv"
+CLASSES = ["Adelie", "Chinstrap", "Gentoo"]
+INPUTS = ["island", "sex", "bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"]
+OUTPUTS = ["label", "confidence", "unknown", "error", "score"] + [f"top{j}{s}" for j in (1, 2, 3) for s in ("", "_prob")]
+QUIET = dict(log=lambda *a: None)
+
+
+def penguins() -> pl.DataFrame:
+    return pl.read_csv(PENGUINS, null_values="NA")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """`itfits fit data/penguins.csv --target species` as a user runs it, lr_find included."""
+    out = tmp_path_factory.mktemp("tab") / "run"
+    proc = run_cli("fit", PENGUINS, "--target", "species", "--ignore", "year", "--cont",
+                   "body_mass_g,flipper_length_mm", "--epochs", "3", "--out", out)
+    assert proc.returncode == 0, f"itfits fit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    (out / "stdout.txt").write_text(proc.stdout)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(run):
+    from pipelines.bundle import load_bundle
+    return load_bundle(run / "model")
+
+
+def predict_table(bundle, path, **config) -> pl.DataFrame:
+    from pipelines.predict import PredictConfig, predict
+    return pl.concat(list(predict(bundle, [str(path)], PredictConfig(**config))))
+
+
+# ---- the run folder ---------------------------------------------------------------------------------------------
+
+def test_fit_writes_the_run_folder(run):
+    for name in ["model/model.safetensors", "model/itfits.json", "history.csv", "lr_find.png", "lr_find.csv",
+                 "confusion_matrix.png", "confusion_matrix.csv", "run.json", "skipped.csv"]:
+        assert (run / name).is_file(), f"{name} missing from the run folder"
+    assert (run / "lr_find.png").read_bytes().startswith(b"\x89PNG")
+    assert not [p.name for p in run.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"], "temp files left"
+    history = pl.read_csv(run / "history.csv")
+    assert history.columns == ["epoch", "train_loss", "valid_loss", "accuracy", "seconds"] and history.height == 3
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    stdout = (run / "stdout.txt").read_text()
+    assert "lr_find suggestions" in stdout and "categorical: island, sex" in stdout and "344 rows" in stdout
+
+
+def test_run_json_records_every_setting_and_the_result(run):
+    from pipelines.training import FitConfig
+    summary = json.loads((run / "run.json").read_text())
+    config, resolved = summary["config"], summary["resolved"]
+    assert set(config) == {f.name for f in fields(FitConfig)}
+    assert config["target"] == "species" and config["ignore"] == ["year"]
+    assert config["cont"] == ["body_mass_g", "flipper_length_mm"], "--cont a,b is split on commas"
+    assert resolved["task"] == "classification" and resolved["classes"] == CLASSES
+    assert resolved["cat"] == ["island", "sex"] and resolved["lr"] == resolved["lr_suggestions"]["valley"]
+    assert resolved["n_train"] + resolved["n_valid"] == 344 and resolved["n_skipped"] == 0
+    assert summary["results"]["valid_accuracy"] > 0.85, summary["results"]
+    cm = pl.read_csv(run / "confusion_matrix.csv")
+    counts = cm.select(CLASSES).to_numpy()
+    assert cm["actual"].to_list() == CLASSES and counts.sum() == resolved["n_valid"]
+    assert np.trace(counts) / counts.sum() == pytest.approx(summary["results"]["valid_accuracy"])
+
+
+def test_bundle_is_json_and_safetensors_and_rebuilds_without_pickle(run, monkeypatch):
+    from safetensors.torch import load_file
+    from pipelines.bundle import load_bundle
+    meta = json.loads((run / "model" / "itfits.json").read_text())
+    assert meta["modality"] == "tabular" and meta["task"] == "classification" and meta["classes"] == CLASSES
+    prep = meta["preprocessing"]
+    assert prep["target"] == "species" and prep["ignore"] == ["year"]
+    assert prep["vocab"]["island"] == ["#na#", "Biscoe", "Dream", "Torgersen"]
+    assert prep["vocab"]["sex"] == ["#na#", "female", "male"]
+    assert prep["dtypes"]["island"] == "String" and prep["dtypes"]["bill_length_mm"] == "Float64"
+    train = penguins()  # statistics are from the training rows only: close to, not equal to, the whole table's
+    assert prep["fill"]["body_mass_g"] == pytest.approx(train["body_mass_g"].median(), rel=0.05)
+    assert prep["mean"]["bill_length_mm"] == pytest.approx(train["bill_length_mm"].mean(), rel=0.03)
+    assert prep["std"]["bill_length_mm"] == pytest.approx(train["bill_length_mm"].std(), rel=0.1)
+    assert set(prep["na"]) == {"bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"}
+    assert meta["model"]["layers"] == [200, 100] and meta["model"]["n_cont"] == 4
+    assert [n for n, _ in meta["model"]["emb_szs"]] == [4, 3, 3, 3, 3, 3]  # island, sex, four _na flags
+    assert {"temperature", "score", "threshold"} <= set(meta["calibration"]) and meta["calibration"]["score"] == "knn"
+    files = sorted(p.name for p in (run / "model").iterdir())
+    assert files == ["itfits.json", "model.safetensors"]
+    saved = load_file(str(run / "model" / "model.safetensors"))
+    assert {"unknown.bank", "unknown.means", "unknown.precision"} <= set(saved)
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("loading a bundle must not unpickle")
+    for mod, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(mod, name, no_unpickling)
+    bundle = load_bundle(run / "model")
+    state = bundle.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith("unknown."))
+
+
+def test_bundle_predicts_exactly_what_the_learner_predicts(tmp_path):
+    """The prediction path (file -> parse -> encode -> model) equals the training path (prepare_table -> Learner)."""
+    from pipelines.bundle import load_bundle, save_bundle, tabular_bundle_meta
+    from pipelines.tabular import TabularModelSpec
+    from pipelines.training import FitConfig, prepare_tabular, train
+    from pipelines.unknown import Calibration
+    config = FitConfig(data=str(PENGUINS), target="species", seed=1, bs=32)
+    data, _, learn = prepare_tabular(config, tmp_path)
+    train(learn, epochs=1, lr=1e-2, fine_tune=False)
+    probs, _ = learn.get_preds(ds_idx=1)
+    meta = tabular_bundle_meta(data.prep, TabularModelSpec.for_data(data.prep), training={})
+    save_bundle(learn.model, meta, Calibration(temperature=1.0, score="max_softmax"), tmp_path / "model")
+    rows = penguins().with_row_index("row").filter(pl.col("row").is_in(data.rows[data.valid].tolist()))
+    rows.drop("row").write_csv(tmp_path / "valid.csv")
+    out = predict_table(load_bundle(tmp_path / "model"), tmp_path / "valid.csv", topk=3)
+    by_class = np.zeros((out.height, 3))
+    for j in (1, 2, 3):
+        for i, (c, p) in enumerate(zip(out[f"top{j}"], out[f"top{j}_prob"])):
+            by_class[i, CLASSES.index(c)] = p
+    np.testing.assert_allclose(by_class, probs.numpy(), atol=1e-5)
+
+
+# ---- predictions ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def new_rows(tmp_path_factory) -> Path:
+    """Rows as users send them: an unseen island, missing values, a bad number in one row, an extra column."""
+    df = penguins().head(8).with_columns(pl.col("bill_length_mm").cast(pl.String), note=pl.lit("extra"))
+    df = df.with_columns(island=pl.Series(["Torgersen", "Atlantis", None, "Dream", "Biscoe", "Biscoe", "Dream", "Dream"]),
+                         bill_length_mm=pl.Series(["39.1", "abc", "40", None, " 41.5 ", "45", "NA", "46.2"]))
+    path = tmp_path_factory.mktemp("rows") / "rows.csv"
+    df.write_csv(path)
+    return path
+
+
+def test_cli_predict_csv_to_parquet_keeps_inputs_and_flags_rows(run, new_rows, tmp_path):
+    from typer.testing import CliRunner
+    from app.cli import app
+    out = tmp_path / "preds.parquet"
+    res = CliRunner().invoke(app, ["predict", str(run / "model"), str(new_rows), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "8 rows" in res.output and "1 errors" in res.output
+    df = pl.read_parquet(out)
+    inputs = pl.read_csv(new_rows).columns
+    assert df.columns == inputs + OUTPUTS, "every input column in front, then the predictions"
+    assert df.schema["confidence"] == pl.Float64 and df.schema["unknown"] == pl.Boolean
+    assert df["note"].to_list() == ["extra"] * 8, "extra columns are kept"
+    bad = df.filter(pl.col("error").is_not_null())
+    assert bad.height == 1 and "bill_length_mm" in bad["error"][0] and "'abc'" in bad["error"][0]
+    assert bad.select(OUTPUTS[:3] + ["score", "top1"]).null_count().row(0) == (1, 1, 1, 1, 1)
+    good = df.filter(pl.col("error").is_null())
+    assert good.height == 7 and good["top1"].null_count() == 0, "unseen island and missing values still predict"
+    assert ((good["label"] == "unknown") == good["unknown"]).all()
+    assert (good.filter(~pl.col("unknown"))["label"] == good.filter(~pl.col("unknown"))["top1"]).all()
+    assert ((good["confidence"] > 0) & (good["confidence"] <= 1)).all()
+    assert df["bill_length_mm"].dtype == pl.String, "a partly bad column is shown as read"
+    assert df["island"][1] == "Atlantis"
+
+
+def test_predict_parquet_in_csv_out_matches_csv_in(bundle, new_rows, tmp_path):
+    from pipelines.predict import PredictConfig, predict, write_predictions
+    pl.read_csv(new_rows).write_parquet(tmp_path / "rows.parquet")
+    counts = write_predictions(predict(bundle, [str(tmp_path / "rows.parquet")], PredictConfig(topk=2)),
+                               tmp_path / "p.csv")
+    assert counts == {"files": 8, "unknown": counts["unknown"], "errors": 1}
+    from_parquet = pl.read_csv(tmp_path / "p.csv")
+    from_csv = predict_table(bundle, new_rows, topk=2)
+    assert from_parquet.columns == from_csv.columns and from_parquet.columns[-4:] == ["top1", "top1_prob", "top2", "top2_prob"]
+    np.testing.assert_allclose(from_parquet["top1_prob"].fill_null(-1).to_numpy(),
+                               from_csv["top1_prob"].fill_null(-1).to_numpy(), atol=1e-6)
+    assert from_parquet["error"].to_list() == from_csv["error"].to_list()
+
+
+def test_unseen_and_missing_values_are_coded_like_fastai(bundle):
+    from pipelines.tabular import TabularPreprocessing
+    prep = TabularPreprocessing.from_json(bundle.meta["preprocessing"])
+    rows = pl.DataFrame({"island": ["Dream", "Atlantis", None], "sex": ["male", None, "female"],
+                         "bill_length_mm": [40.0, None, float("nan")], "bill_depth_mm": [18.0, 18.0, 18.0],
+                         "flipper_length_mm": [190.0, 190.0, 190.0], "body_mass_g": [3800.0, 3800.0, None]})
+    x_cat, x_cont = prep.encode(rows)
+    assert x_cat[:, 0].tolist() == [2, 0, 0], "island: vocabulary index; unseen and missing -> #na# (0)"
+    assert x_cat[:, 1].tolist() == [2, 0, 1]
+    assert x_cat[:, 2].tolist() == [1, 2, 2], "bill_length_mm_na flag: missing and NaN -> true"
+    filled = (prep.fill["bill_length_mm"] - prep.mean["bill_length_mm"]) / prep.std["bill_length_mm"]
+    assert x_cont[1, 0] == pytest.approx(filled) and x_cont[2, 0] == pytest.approx(filled)
+    assert x_cont[0, 0] == pytest.approx((40.0 - prep.mean["bill_length_mm"]) / prep.std["bill_length_mm"])
+
+
+def test_missing_column_and_unreadable_column_are_errors_naming_the_column(run, bundle, new_rows, tmp_path):
+    from typer.testing import CliRunner
+    from app.cli import app
+    pl.read_csv(new_rows).drop("sex").write_csv(tmp_path / "no_sex.csv")
+    res = CliRunner().invoke(app, ["predict", str(run / "model"), str(tmp_path / "no_sex.csv"), "--out",
+                                   str(tmp_path / "p.csv")])
+    assert isinstance(res.exception, ItfitsError) and "sex" in str(res.exception)
+    assert not (tmp_path / "p.csv").exists(), "no output on error"
+    pl.read_csv(new_rows).with_columns(body_mass_g=pl.lit("heavy")).write_csv(tmp_path / "heavy.csv")
+    with pytest.raises(ItfitsError, match="column 'body_mass_g'.*'heavy'"):
+        predict_table(bundle, tmp_path / "heavy.csv")
+    from pipelines.predict import predict
+    with pytest.raises(ItfitsError, match="one table at a time"):
+        list(predict(bundle, [str(new_rows)] * 2))
+
+
+def test_input_columns_named_like_outputs_are_kept_with_a_suffix(bundle, new_rows, tmp_path):
+    pl.read_csv(new_rows).rename({"note": "label"}).write_csv(tmp_path / "rows.csv")
+    df = predict_table(bundle, tmp_path / "rows.csv")
+    assert "label_input" in df.columns and df["label_input"].to_list() == ["extra"] * 8
+    assert set(df["label"].drop_nulls()) <= set(CLASSES) | {"unknown"}
+
+
+# ---- columns, missing values, errors at training time ----------------------------------------------------------------
+
+def test_columns_are_inferred_like_fastai_and_overridable(tmp_path):
+    from pipelines.tabular import prepare_table
+    d = prepare_table(PENGUINS, target="species")
+    assert d.prep.cat == ["island", "sex", "year"], "text columns and integers with <= 20 values are categorical"
+    assert d.prep.cont == ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"]
+    assert d.prep.dtypes["year"] == "Int64" and d.prep.vocab["year"] == ["#na#", "2007", "2008", "2009"]
+    d = prepare_table(PENGUINS, target="species", cat=["flipper_length_mm"], cont=["year"], ignore=["island"])
+    assert d.prep.cat == ["flipper_length_mm", "sex"] and "year" in d.prep.cont and "island" not in d.prep.inputs
+    assert d.x_cat.shape == (344, 2 + len(d.prep.na)) and d.x_cont.shape == (344, 4)
+    table = penguins().with_columns(id=pl.format("bird-{}", pl.int_range(pl.len())), tagged=pl.col("year") > 2007,
+                                    ring=pl.int_range(pl.len()) % 50)
+    table.write_parquet(tmp_path / "t.parquet")
+    d = prepare_table(tmp_path / "t.parquet", target="species")
+    assert "tagged" in d.prep.cat and d.prep.dtypes["tagged"] == "Boolean" and "ring" in d.prep.cont
+    assert any("'id'" in n and "--ignore id" in n for n in d.notes), "an id-like column is pointed out"
+    with pytest.raises(ItfitsError, match="did you mean 'island'"):
+        prepare_table(PENGUINS, target="species", ignore=["islnd"])
+    with pytest.raises(ItfitsError, match="both --cat and --cont"):
+        prepare_table(PENGUINS, target="species", cat=["year"], cont=["year"])
+    with pytest.raises(ItfitsError, match="--target"):
+        prepare_table(PENGUINS, target="species", ignore=["species"])
+    table.with_columns(seen=pl.date(2020, 1, 1)).write_parquet(tmp_path / "d.parquet")
+    with pytest.raises(ItfitsError, match="--ignore seen"):
+        prepare_table(tmp_path / "d.parquet", target="species")
+
+
+def test_missing_targets_and_unreadable_values_skip_rows_with_reasons(tmp_path):
+    from pipelines.tabular import prepare_table
+    df = penguins().with_columns(pl.col("bill_depth_mm").cast(pl.String))
+    row = pl.int_range(pl.len())
+    df = df.with_columns(bill_depth_mm=pl.when(row == 5).then(pl.lit("deep")).when(row < 12).then(pl.lit("NA"))
+                         .otherwise(pl.col("bill_depth_mm")))
+    df.write_csv(tmp_path / "t.csv")
+    d = prepare_table(tmp_path / "t.csv", target="sex", cont=["bill_depth_mm"])
+    skipped = dict(d.skipped.iter_rows())
+    assert len(skipped) == 11 + 1 and d.n_rows == 344 and len(d.y) == 344 - 12
+    assert skipped[5] == "bill_depth_mm: 'deep' is not a number"
+    assert skipped[3] == "missing target 'sex'"
+    assert 5 not in d.rows.tolist() and 3 not in d.rows.tolist()
+    assert "bill_depth_mm" in d.prep.na, "NA in training rows gives the column a missing-value flag"
+    df.with_columns(bill_depth_mm=pl.lit("deep")).write_csv(tmp_path / "bad.csv")
+    with pytest.raises(ItfitsError, match="column 'bill_depth_mm'"):
+        prepare_table(tmp_path / "bad.csv", target="sex", cont=["bill_depth_mm"])
+
+
+def test_split_is_seeded_and_stratified():
+    from pipelines.tabular import prepare_table
+    a, b = (prepare_table(PENGUINS, target="species", seed=3) for _ in range(2))
+    assert (a.valid == b.valid).all()
+    assert not (a.valid == prepare_table(PENGUINS, target="species", seed=4).valid).all()
+    counts = penguins()["species"].value_counts().sort("species")["count"].to_numpy()
+    assert np.bincount(a.y[a.valid]).tolist() == [round(n * 0.2) for n in counts]
+
+
+def test_parse_columns_reads_words_and_numbers():
+    from pipelines.tabular import parse_columns
+    df = pl.DataFrame({"b": ["yes", "No", "TRUE", "0", "maybe"], "i": ["1", " 2 ", "3", None, "x"]})
+    parsed, errors, bad = parse_columns(df, {"b": pl.Boolean, "i": pl.Int64}, source="t")
+    assert parsed["b"].to_list() == [True, False, True, False, None] and parsed["i"].to_list() == [1, 2, 3, None, None]
+    assert errors.to_list() == [None] * 4 + ["b: 'maybe' is not true/false; i: 'x' is not a whole number"]
+    assert bad == ["b", "i"]
+
+
+# ---- regression, unknowns, the CLI's flags ---------------------------------------------------------------------------
+
+def test_regression_on_a_float_target(tmp_path):
+    from pipelines.bundle import load_bundle
+    from pipelines.training import FitConfig, fit
+    summary = fit(FitConfig(data=str(PENGUINS), target="bill_length_mm", out=str(tmp_path / "run"), epochs=5,
+                            lr=1e-2), **QUIET)
+    res = summary["results"]
+    assert summary["resolved"]["task"] == "regression" and summary["resolved"]["classes"] == []
+    assert summary["resolved"]["n_skipped"] == 2, "the two rows without a bill length"
+    assert res["valid_r2"] > 0.5 and res["valid_rmse"] < penguins()["bill_length_mm"].std(), res
+    assert "rmse" in pl.read_csv(tmp_path / "run" / "history.csv").columns
+    assert not (tmp_path / "run" / "confusion_matrix.csv").exists()
+    bundle = load_bundle(tmp_path / "run" / "model")
+    assert bundle.meta["task"] == "regression" and bundle.calibration is None
+    penguins().head(20).write_csv(tmp_path / "rows.csv")
+    df = predict_table(bundle, tmp_path / "rows.csv")
+    assert df.columns[-5:] == ["prediction", "confidence", "unknown", "error", "score"]
+    known = df.filter(pl.col("bill_length_mm").is_not_null())
+    assert (known["prediction"] - known["bill_length_mm"]).abs().mean() < 4.0
+    assert df["confidence"].null_count() == df["unknown"].null_count() == df["score"].null_count() == 20
+
+
+def test_held_out_species_is_flagged_unknown(tmp_path):
+    """Trained on Adelie and Gentoo only, with half the Chinstrap rows as --unknown examples (they choose the
+    score): most of the other Chinstrap rows are flagged unknown, few held-out known rows are."""
+    from pipelines.bundle import load_bundle
+    from pipelines.training import FitConfig, fit
+    df = penguins().with_row_index("i")
+    known = df.filter(pl.col("species") != "Chinstrap")
+    test = known["i"].is_in(known["i"].sample(fraction=0.2, seed=0).to_list())
+    known.filter(~test).drop("i").write_csv(tmp_path / "known.csv")
+    known.filter(test).drop("i").write_csv(tmp_path / "known_test.csv")
+    chinstrap = df.filter(pl.col("species") == "Chinstrap").drop("i")
+    chinstrap.gather_every(2).write_csv(tmp_path / "chinstrap_examples.csv")
+    chinstrap.gather_every(2, offset=1).write_csv(tmp_path / "chinstrap_test.csv")
+    summary = fit(FitConfig(data=str(tmp_path / "known.csv"), target="species", ignore=["year"], epochs=5, lr=1e-2,
+                            out=str(tmp_path / "run"), unknown=str(tmp_path / "chinstrap_examples.csv")), **QUIET)
+    report = summary["calibration"]
+    assert "--unknown" in report["score_chosen_by"] and set(report["unknown_examples"]) >= {"knn", "max_softmax"}
+    bundle = load_bundle(tmp_path / "run" / "model")
+    known_rate = predict_table(bundle, tmp_path / "known_test.csv")["unknown"].mean()
+    unseen = predict_table(bundle, tmp_path / "chinstrap_test.csv")
+    assert (unseen["unknown"] == (unseen["score"] < bundle.calibration.threshold)).all()
+    rate = unseen["unknown"].mean()
+    assert rate > 0.5 and known_rate < 0.3 and rate > 3 * known_rate, (bundle.calibration.score, rate, known_rate)
+
+
+def test_cli_splits_names_and_rejects_table_flags_without_target():
+    from app.cli import _layers, _names
+    assert _names(["a,b", " c ", "d,"]) == ["a", "b", "c", "d"] and _names(None) is None
+    assert _layers("64,32") == [64, 32]
+    with pytest.raises(ItfitsError, match="--layers"):
+        _layers("big")
+    from typer.testing import CliRunner
+    from app.cli import app
+    res = CliRunner().invoke(app, ["fit", str(PENGUINS), "--cat", "island"])
+    assert isinstance(res.exception, ItfitsError) and "--target" in str(res.exception)
+
+
+def test_notebook_runs(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(REPO / "notebooks" / "03_tabular.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "Chinstrap flagged unknown" in text
