@@ -29,7 +29,7 @@ from pipelines.bundle import Bundle, load_bundle
 from pipelines.errors import ItfitsError
 from pipelines.predict import PredictConfig, predict
 from pipelines.reports import thumbnail_uri
-from pipelines.sources import IMAGE_EXTS
+from pipelines.sources import AUDIO_EXTS, IMAGE_EXTS
 
 from .uploads import Upload, UploadLimits, UploadRefused, receive_files
 
@@ -48,6 +48,7 @@ class Modality:
 # The bundle's meta["modality"] -> what the page takes. Audio (issue 5) and tabular (issue 6) are one line each.
 MODALITIES: dict[str, Modality] = {
     "image": Modality("images", frozenset(IMAGE_EXTS), predict, lambda path: thumbnail_uri(path, size=64)),
+    "audio": Modality("sound clips", frozenset(AUDIO_EXTS), predict),
 }
 
 
