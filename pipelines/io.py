@@ -13,6 +13,12 @@ import polars as pl
 from .errors import ItfitsError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path):
     """Yields a temporary path in the same folder; renamed onto `path` only if the block succeeds."""
@@ -20,6 +26,7 @@ def atomic_path(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the output is an ordinary file
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -34,6 +41,7 @@ def atomic_dir(path: Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the output is an ordinary folder
     try:
         yield tmp
         if path.exists():

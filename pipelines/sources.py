@@ -178,7 +178,7 @@ def stratified_valid(codes: np.ndarray, *, valid_pct: float, seed: int) -> np.nd
     valid = np.zeros(len(codes), dtype=bool)
     for idx in groups:
         idx = rng.permutation(idx)
-        valid[idx[:max(1, round(len(idx) * valid_pct)) if len(idx) > 1 else 0]] = True
+        valid[idx[:min(len(idx) - 1, max(1, round(len(idx) * valid_pct)))]] = True  # n >= 2: one or more in each split
     return valid
 
 
