@@ -399,17 +399,3 @@ def test_mel_options_on_images_and_mixed_folders_are_refused(tmp_path):
     table = tmp_path / "clips.csv"
     pl.DataFrame({"path": [str(p) for p in sorted(AUDIO.rglob("*.flac"))], "label": "x"}).write_csv(table)
     assert detect_modality(table) == "audio"
-
-
-# ---- the notebook ---------------------------------------------------------------------------------------------
-
-def test_notebook_runs(tmp_path, monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
-    monkeypatch.setenv("ITFITS_NOTEBOOK_OUT", str(tmp_path / "run"))
-    nb = nbformat.read(REPO / "notebooks" / "02_audio.ipynb", as_version=4)
-    NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(REPO)}}).execute()
-    assert (tmp_path / "run" / "model" / "itfits.json").is_file()
-    outputs = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
-                      for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "valid accuracy" in outputs and "unknown" in outputs

@@ -15,7 +15,11 @@ from helpers import REPO
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 KERNEL = "itfits-test-python"
 # Files each notebook must have written under ITFITS_RUNS (the notebooks of other modalities add theirs).
-EXPECTED = {"01_images.ipynb": ["01_images/report.html", "01_images/model/itfits.json", "01_images/evaluate/metrics.json"]}
+EXPECTED = {"01_images.ipynb": ["01_images/report.html", "01_images/model/itfits.json", "01_images/evaluate/metrics.json"],
+            "02_audio.ipynb": ["02_audio/report.html", "02_audio/model/itfits.json"],
+            "03_tabular.ipynb": ["03_tabular/run/report.html", "03_tabular/run/model/itfits.json"]}
+# Text each notebook must have printed.
+EXPECTED_TEXT = {"02_audio.ipynb": ["valid accuracy", "unknown"], "03_tabular.ipynb": ["Chinstrap flagged unknown"]}
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +62,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch, jupyter_path):
     for name in EXPECTED.get(path.name, []):
         assert (runs / name).is_file(), f"{path.name} did not write {name}"
     assert runs.is_dir() and any(runs.iterdir()), f"{path.name} wrote nothing under ITFITS_RUNS"
+    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                   for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    for expected in EXPECTED_TEXT.get(path.name, []):
+        assert expected in text, f"{path.name} did not print {expected!r}"

@@ -347,13 +347,3 @@ def test_cli_splits_names_and_rejects_table_flags_without_target():
     from app.cli import app
     res = CliRunner().invoke(app, ["fit", str(PENGUINS), "--cat", "island"])
     assert isinstance(res.exception, ItfitsError) and "--target" in str(res.exception)
-
-
-def test_notebook_runs(tmp_path):
-    import nbformat
-    from nbclient import NotebookClient
-    nb = nbformat.read(REPO / "notebooks" / "03_tabular.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "Chinstrap flagged unknown" in text
