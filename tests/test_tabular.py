@@ -347,3 +347,21 @@ def test_cli_splits_names_and_rejects_table_flags_without_target():
     from app.cli import app
     res = CliRunner().invoke(app, ["fit", str(PENGUINS), "--cat", "island"])
     assert isinstance(res.exception, ItfitsError) and "--target" in str(res.exception)
+
+
+def test_web_page_predicts_uploaded_tables(run, tmp_path):
+    from starlette.testclient import TestClient
+    from app.web import create_app
+    from pipelines.bundle import load_bundle
+    from pipelines.predict import predict
+    rows = penguins().head(4)
+    rows.write_csv(tmp_path / "rows.csv")
+    rows.drop("island").write_csv(tmp_path / "no_island.csv")
+    expected = pl.concat(predict(load_bundle(run / "model"), [str(tmp_path / "rows.csv")]))
+    with TestClient(create_app(run)) as client:
+        page = client.post("/predict", files=[("files", ("rows.csv", (tmp_path / "rows.csv").read_bytes())),
+                                              ("files", ("no_island.csv", (tmp_path / "no_island.csv").read_bytes()))])
+    assert page.status_code == 200
+    for label in expected["top1"]:
+        assert label in page.text
+    assert "lacks column(s) the model was trained on: island" in page.text

@@ -45,10 +45,23 @@ class Modality:
     preview: Callable[[Path], str | None] | None = None  # a picture of one file as a data URI, shown in its row
 
 
+def _table_rows(bundle: Bundle, paths: list[str], config: PredictConfig) -> Iterator[dict]:
+    """Predictions table rows for uploaded CSV/Parquet tables, one per table row; a table that cannot be
+    predicted (a missing column, say) is one row with its error."""
+    for path in paths:
+        try:
+            table = pl.concat(predict(bundle, [path], config))
+        except ItfitsError as e:
+            yield {"path": path, "label": None, "confidence": None, "unknown": None, "error": str(e), "score": None}
+            continue
+        yield from ({"path": path, **row} for row in table.iter_rows(named=True))
+
+
 # The bundle's meta["modality"] -> what the page takes. Audio (issue 5) and tabular (issue 6) are one line each.
 MODALITIES: dict[str, Modality] = {
     "image": Modality("images", frozenset(IMAGE_EXTS), predict, lambda path: thumbnail_uri(path, size=64)),
     "audio": Modality("sound clips", frozenset(AUDIO_EXTS), predict),
+    "tabular": Modality("CSV or Parquet tables", frozenset({".csv", ".parquet"}), _table_rows),
 }
 
 
