@@ -97,15 +97,21 @@ def prediction_rows(paths, probs: np.ndarray, scores: np.ndarray, unknown: np.nd
 
 
 def fast_path(bundle: Bundle, prep: ImagePreprocessing, precision: str = "auto") -> dict:
-    """image_batches' precision and memory format for a bundle: the same fast path as training, chosen for
-    inference (on a CPU, bf16 only where the probe finds it faster for this backbone at this size). The
-    bundle's model moves to the GPU where there is one."""
+    """image_batches' precision and memory format for a bundle. auto: the precision the model was trained (and
+    calibrated) in, where this machine runs it faster (on a CPU: the inference probe), else fp32; channels-last
+    for conv nets. Why not bf16 for every model: BatchNorm subtracts running means from bf16 convolution outputs,
+    and on low-contrast images that cancellation moved logits of an fp32-trained model by half their range.
+    The bundle's model moves to the GPU where there is one."""
     arch = bundle.meta["backbone"]
     if torch.cuda.is_available():
         bundle.model.cuda()
     device = next(bundle.model.parameters()).device
-    return {"precision": resolve_precision(precision, arch=arch, size=prep.size, train=False, device=device),
-            "channels_last": get_spec(arch).channels_last}
+    trained = bundle.meta.get("training", {}).get("precision", "fp32")
+    if precision == "auto" and trained == "fp32":
+        chosen = Precision("fp32", "auto", device.type, "the model was trained and calibrated in fp32")
+    else:
+        chosen = resolve_precision(precision, arch=arch, size=prep.size, train=False, device=device)
+    return {"precision": chosen, "channels_last": get_spec(arch).channels_last}
 
 
 def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictConfig()) -> Iterator[dict]:
