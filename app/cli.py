@@ -62,9 +62,15 @@ def _mel_config(args: dict):
 def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, freeze_epochs: int, lr: Optional[float],
                 bs: Optional[int], size: Optional[int], valid_pct: float, seed: int, threshold: str,
                 workers: Optional[int], keep: float = 0.95, score: Optional[str] = None, unknown: Optional[Path] = None,
-                mel=None, target: Optional[str] = None, cat=None, cont=None, ignore=None, layers: Optional[str] = None):
+                mel=None, target: Optional[str] = None, cat=None, cont=None, ignore=None, layers: Optional[str] = None,
+                *, precision: str = "auto", accum: int = 1, ema: bool = False, ema_decay: Optional[float] = None,
+                compile: bool = False):
+    from pipelines.precision import check_precision
     from pipelines.training import FitConfig
-    for name, value in [("--epochs", epochs), ("--bs", bs), ("--size", size)]:
+    check_precision(precision)
+    if ema_decay is not None and not 0 < ema_decay < 1:
+        raise ItfitsError(f"--ema-decay must be between 0 and 1, got {ema_decay}")
+    for name, value in [("--epochs", epochs), ("--bs", bs), ("--size", size), ("--accum", accum)]:
         if value is not None and value < 1:
             raise ItfitsError(f"{name} must be at least 1, got {value}")
     if not 0 < valid_pct < 1:
@@ -88,12 +94,30 @@ def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, fre
                      freeze_epochs=freeze_epochs, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
                      threshold=threshold, keep=keep, score=score, unknown=str(unknown) if unknown else None,
                      num_workers=workers, mel=mel, target=target, cat=_names(cat), cont=_names(cont),
-                     ignore=_names(ignore), layers=_layers(layers))
+                     ignore=_names(ignore), layers=_layers(layers), precision=precision, accum=accum,
+                     ema=ema or ema_decay is not None, ema_decay=ema_decay, compile=compile)
+
+
+def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int]):
+    """The stored settings of the run in RUN; flags given beside --resume are ignored, with a warning."""
+    from pipelines.errors import ItfitsWarning
+    from pipelines.training import resume_config
+    from click.core import ParameterSource
+    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "workers")
+             and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+    if given:
+        warnings.warn(f"--resume continues with the run's own settings ({run / 'checkpoints' / 'config.json'}); "
+                      f"ignored: {', '.join(given)}", ItfitsWarning)
+    config = resume_config(run)
+    if workers is not None:
+        config.num_workers = workers
+    return config
 
 
 @app.command()
 def fit(
-    data: Path = typer.Argument(..., help="Folder with a sub-folder per class (or train/ and valid/), a CSV/Parquet with path,label, or a table with --target."),
+    ctx: typer.Context,
+    data: Optional[Path] = typer.Argument(None, help="Folder with a sub-folder per class (or train/ and valid/), a CSV/Parquet with path,label, or a table with --target."),
     out: Path = typer.Option(Path("runs/itfits"), "--out", help="Run folder for the model, plots and tables."),
     arch: str = typer.Option("efficientnet_lite0", help=ARCH_HELP),
     weights: str = typer.Option("auto", help=WEIGHTS_HELP),
@@ -117,14 +141,25 @@ def fit(
     cont: Optional[list[str]] = typer.Option(None, help=CONT_HELP),
     ignore: Optional[list[str]] = typer.Option(None, help=IGNORE_HELP),
     layers: Optional[str] = typer.Option(None, help="Tabular: hidden layer sizes, e.g. 200,100 (fastai's default)."),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16. auto: bf16 on GPUs that have it, else fp16 with loss scaling; on a CPU bf16 where it runs this backbone faster, else fp32."),
+    accum: int = typer.Option(1, help="Accumulate gradients over this many batches of --bs per optimizer step; --lr is the lr of the batch of bs x accum."),
+    ema: bool = typer.Option(False, "--ema", help="Validate and save an exponential moving average of the weights."),
+    ema_decay: Optional[float] = typer.Option(None, help="EMA decay after warm-up (implies --ema); default: from the run length."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (inductor); falls back to eager with a warning."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this folder from its last checkpoint, with its own settings."),
 ):
     """Fine-tune a pretrained backbone on DATA (images, or audio rendered to mel spectrograms; with --target, train
     fastai's tabular model on a table); writes OUT/model, plots, history, report.html and run.json."""
     from pipelines.training import fit as run_fit
+    if resume is not None:
+        run_fit(_resume_config(ctx, resume, workers))
+        return
+    if data is None:
+        raise ItfitsError("fit needs DATA (a folder or a table), or --resume RUN to continue a run")
     mel = _mel_config(locals())
     run_fit(_fit_config(data, out, arch, weights, epochs, freeze_epochs, lr, bs, size, valid_pct, seed, threshold,
                         workers, keep, score, unknown, mel, target=target, cat=cat, cont=cont, ignore=ignore,
-                        layers=layers))
+                        layers=layers, precision=precision, accum=accum, ema=ema, ema_decay=ema_decay, compile=compile))
 
 
 @app.command("lr-find")
@@ -167,6 +202,7 @@ def predict(
     threshold: Optional[float] = typer.Option(None, help="Override the bundle's unknown threshold (on its score's scale)."),
     batch_size: int = typer.Option(64),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: up to 4)."),
+    precision: str = typer.Option("auto", help="auto (bf16/fp16 on a GPU, bf16 on a CPU where it is faster) or fp32 (exact)."),
 ):
     """Predict INPUTS with a trained bundle; rows the model should not trust are labelled unknown."""
     from pipelines.bundle import load_bundle
@@ -176,7 +212,9 @@ def predict(
     if topk < 1 or batch_size < 1:
         raise ItfitsError("--topk and --batch-size must be at least 1")
     bundle = load_bundle(model)
-    config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold)
+    from pipelines.precision import check_precision
+    config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold,
+                           precision=check_precision(precision))
     counts = write_predictions(run_predict(bundle, inputs, config), out)
     noun = "rows" if bundle.meta.get("modality") == "tabular" else "files"
     typer.echo(f"{counts['files']} {noun}, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}")
@@ -254,8 +292,19 @@ def backbones(pattern: str = typer.Argument("*", help="Shell-style filter, e.g. 
         typer.echo(f"{name:24s} {spec.input_size}px  weights: {source}" + ("  [default]" if name == DEFAULT_BACKBONE else ""))
 
 
+def _format_warning(message, category, filename, lineno, line=None):
+    from pipelines.errors import ItfitsWarning
+    if issubclass(category, ItfitsWarning):  # ours are for users: one line, no source location
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main():
     warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # timm internals, not ours
+    warnings.formatwarning = _format_warning
     try:
         app()
     except ItfitsError as e:

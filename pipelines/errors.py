@@ -6,6 +6,11 @@ class ItfitsError(Exception):
     """A problem with the user's input or setup, with the way out in its message."""
 
 
+class ItfitsWarning(UserWarning):
+    """Something the user should know that does not stop the run (a fallback, a risky setting); the CLI
+    prints it as one line, `warning: ...`."""
+
+
 def did_you_mean(value: str, choices) -> str:
     """' did you mean 'x'?' when `value` is close to one of `choices`, else ''."""
     close = difflib.get_close_matches(value, list(choices), n=1)

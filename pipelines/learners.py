@@ -1,10 +1,25 @@
-"""Learner factories: a backbone from the registry (fastai loss, metrics, body/head parameter split), or
+"""Learner factories: a backbone from the registry (fastai loss, metrics, body/head parameter split) with the
+training controls as callbacks: precision (+ channels-last), gradient accumulation, EMA, torch.compile; or
 fastai's TabularModel on a preprocessed table."""
 from __future__ import annotations
 
+import functools
+import sys
+import warnings
 from pathlib import Path
 
-from .backbones import create_backbone
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.torch_core import to_float
+
+from .backbones import create_backbone, get_spec
+from .errors import ItfitsWarning
+from .precision import Precision
+
+EMA_SHARE = 0.1  # the auto EMA decay averages over about the last 10% of a fit's optimizer steps
+EMA_DECAY_MAX = 0.9998  # fastxtend's and timm's usual decay, reached only on long runs
+TINY_BN_BATCH = 8  # BatchNorm statistics from fewer samples than this are noisy enough to hurt
 
 
 def body_head_split(model):
@@ -13,15 +28,221 @@ def body_head_split(model):
     return [params(model[0]), params(model[1])]
 
 
-def image_learner(dls, arch: str, *, weights: str = "auto", path: Path | str = "."):
-    """A fastai Learner for image classification on `dls` with the registered backbone `arch`."""
+class CpuAutocast(Callback):
+    """bf16 autocast around the forward pass and the loss on a CPU (fastai's MixedPrecision autocasts 'cuda' only).
+    bf16 has fp32's range, so no loss scaling; predictions go back to fp32 for the loss and the metrics."""
+    order = MixedPrecision.order
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+        self.dtype, self.ctx = dtype, None
+
+    def before_batch(self):
+        self.ctx = torch.autocast("cpu", dtype=self.dtype)
+        self.ctx.__enter__()
+
+    def after_pred(self):
+        self.learn.pred = to_float(self.pred)
+
+    def after_loss(self):
+        self._exit()
+
+    def after_cancel_batch(self):  # a callback cancelled the batch before after_loss: leave autocast all the same
+        self._exit()
+
+    def _exit(self):
+        if self.ctx is not None:
+            self.ctx.__exit__(None, None, None)
+            self.ctx = None
+
+
+def precision_callbacks(precision: Precision, *, channels_last: bool) -> list[Callback]:
+    """fastai MixedPrecision (CUDA, with loss scaling for fp16), our CpuAutocast (CPU bf16), and ChannelsLast."""
+    from fastai.callback.channelslast import ChannelsLast
+    cbs = [ChannelsLast()] if channels_last else []
+    if precision.name == "fp32":
+        return cbs
+    if precision.device == "cuda":
+        return cbs + [MixedPrecision(precision.name)]
+    return cbs + [CpuAutocast(precision.dtype)]
+
+
+def has_batchnorm(model) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def accumulation(*, accum: int, bs: int, model) -> list[Callback]:
+    """fastai GradientAccumulation for `accum` micro-batches of `bs` per optimizer step (its n_acc counts samples).
+    The loss is scaled so the step equals one on a batch of accum * bs: the lr is the lr of that batch."""
+    from fastai.callback.training import GradientAccumulation
+    if bs < TINY_BN_BATCH and has_batchnorm(model):
+        warnings.warn(f"batches of {bs} with a BatchNorm backbone: its statistics come from each (micro-)batch of {bs}, "
+                      f"however large --accum makes the effective batch; use --bs {TINY_BN_BATCH} or more with fewer "
+                      f"--accum steps, or a LayerNorm backbone (convnext_*, vit_*)", ItfitsWarning, stacklevel=2)
+    return [GradientAccumulation(n_acc=accum * bs)] if accum > 1 else []
+
+
+def ema_decay_for(steps: float) -> float:
+    """EMA decay that averages over about EMA_SHARE of `steps` optimizer steps, at least 2, at most EMA_DECAY_MAX.
+    DESIGN: a constant 0.9998 over a few dozen steps leaves the EMA near its starting point."""
+    return min(EMA_DECAY_MAX, 1 - 1 / max(2.0, EMA_SHARE * steps))
+
+
+@functools.cache
+def ema_class():
+    """The EMA callback class (below). fastxtend is imported on first use, not with this module."""
+    # fastxtend 0.1.7 predates fastai 2.8: callback.ema imports (test_training_controls checks), much else does not.
+    # Importing it appends its LogDispatch to fastai's default callbacks, which EMASchedule logs through, so it is
+    # imported before the Learner is built.
+    from fastxtend.callback.ema import EMACallback, EMASchedule
+
+    class EMA(EMASchedule):
+        """fastxtend's EMASchedule (decay warmed up from `start_decay` to `final_decay` over the first `finish` of
+        each fit) with the decay chosen from the run length, and fixes for fastxtend 0.1.7: a second fit works
+        (0.1.7 replaces its schedule factory by the schedule it made), BatchNorm statistics follow the model (0.1.7
+        pairs model buffers with themselves, and its CPU loop skips buffers), the EMA keeps updating after a step
+        that gradient accumulation skipped, and its state goes into checkpoints. After each fit,
+        `learn.model_ema` holds the EMA model; validation uses it."""
+
+        def __init__(self, *, final_decay: float | None = None, start_decay: float = 0.0, finish: float = 0.3):
+            # foreach (fused) updates also run on CPUs and cover floating buffers: BatchNorm running statistics
+            super().__init__(start_decay=start_decay, final_decay=final_decay or EMA_DECAY_MAX, finish=finish,
+                             foreach=True)
+            self.auto_decay, self.pending, self.schedule_fn = final_decay is None, None, self.schedule
+
+        def before_fit(self):
+            self.schedule = self.schedule_fn  # fine_tune fits twice; fastxtend overwrote it in the first
+            if self.auto_decay:
+                world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+                steps = self.n_epoch * len(self.dls.train) / self._accum() / world
+                self.final_decay = self.decay = ema_decay_for(steps)
+            super().before_fit()
+            if not self.run:  # lr_find and get_preds: fastxtend turned itself off
+                return
+            ema_buffers = dict(self.ema_model.named_buffers())
+            self.int_buffers = [(b, ema_buffers[n]) for n, b in self.learn.model.named_buffers()
+                                if not torch.is_floating_point(b) and n in ema_buffers]
+            self.model_buffers, self.ema_buffers = [], []  # replaced by int_buffers, copied in after_batch
+            if self.pending is not None:
+                self._load(self.pending)
+                self.pending = None
+
+        def after_batch(self):
+            updated = self._do_ema
+            if updated:
+                self.decay = self.schedule_step(self.decay, self.pct_train)
+                self.inverse_decay = 1 - self.decay
+            EMACallback.after_batch(self)  # the update, and turning EMA back on after a skipped step
+            if updated:
+                with torch.no_grad():
+                    for b, e in self.int_buffers:
+                        e.copy_(b)
+
+        def _accum(self) -> float:
+            from fastai.callback.training import GradientAccumulation
+            n_acc = next((cb.n_acc for cb in self.learn.cbs if isinstance(cb, GradientAccumulation)), None)
+            return max(1.0, n_acc / self.dls.train.bs) if n_acc else 1.0
+
+        def state_dict(self) -> dict:
+            return {"model": self.ema_model.state_dict(), "decay": float(self.decay),
+                    "schedule_pct": float(self.schedule_pct), "do_ema": bool(self._do_ema)}
+
+        def _load(self, state: dict):
+            self.ema_model.load_state_dict(state["model"])
+            self.decay, self.schedule_pct, self._do_ema = state["decay"], state["schedule_pct"], state["do_ema"]
+            self.inverse_decay = 1 - abs(self.decay)
+
+    return EMA
+
+
+def ema_callback(*, final_decay: float | None = None):
+    """The EMA callback (see `ema_class`); `final_decay` None: chosen from the number of steps of each fit."""
+    return ema_class()(final_decay=final_decay)
+
+
+def find_ema(learn):
+    """The Learner's EMA callback, or None."""
+    if "fastxtend.callback.ema" not in sys.modules:  # never imported: no EMA anywhere
+        return None
+    return next((cb for cb in learn.cbs if isinstance(cb, ema_class())), None)
+
+
+class TorchCompile(Callback):
+    """torch.compile of the model, in place (`nn.Module.compile`: the state dict keeps its key names, no
+    `_orig_mod.` prefix). One training step on a random batch is tried first; where compiling fails (no C
+    compiler for inductor on a CPU, an unsupported platform or layer) the run goes on eagerly with a warning.
+    fastxtend's compiler callback does not import with this torch."""
+    order = MixedPrecision.order - 1  # after ChannelsLast and the move to the device, before EMA copies the model
+
+    def __init__(self, *, precision: Precision | None = None, channels_last: bool = False, backend: str = "inductor",
+                 mode: str | None = None):
+        self.precision, self.channels_last, self.backend, self.mode = precision, channels_last, backend, mode
+        self.failed = None
+
+    def before_fit(self):
+        model = self.learn.model
+        if self.failed or getattr(model, "_compiled_call_impl", None) is not None:
+            return
+        try:
+            model.compile(backend=self.backend, mode=self.mode)
+            self._trial_step(model)
+        except Exception as e:  # inductor, dynamo and backends raise many types; any of them means: run eagerly
+            uncompile(model)
+            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            warnings.warn(f"--compile: torch.compile ({self.backend}) failed, training without it ({self.failed})",
+                          ItfitsWarning, stacklevel=2)
+
+    def _trial_step(self, model):
+        """Forward and backward on a random batch of the training shape, with the run's autocast; the model's
+        buffers (BatchNorm statistics) and gradients are put back as they were."""
+        x = self.dls.valid.one_batch()[0] if len(self.dls.valid) else self.dls.train.one_batch()[0]
+        x = torch.randn((self.dls.train.bs, *x.shape[1:]), device=x.device)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        was_training = model.training
+        model.train()
+        try:
+            with self.precision.autocast() if self.precision else torch.autocast("cpu", enabled=False):
+                out = model(x)
+            out.float().sum().backward()
+        finally:
+            model.train(was_training)
+            model.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(buffers[n])
+
+
+def uncompile(model) -> None:
+    """Back to eager calls (nn.Module has `compile` but no inverse): prediction after training runs eagerly rather
+    than compiling again for inference mode and every new batch shape."""
+    model._compiled_call_impl = None
+
+
+def image_learner(dls, arch: str, *, weights: str = "auto", path: Path | str = ".", precision: Precision | None = None,
+                  accum: int = 1, ema: bool = False, ema_decay: float | None = None, compile: bool = False):
+    """A fastai Learner for image classification on `dls` with the registered backbone `arch`, with the training
+    controls as callbacks: `precision` (None: fp32; see precision.resolve_precision), channels-last for conv nets,
+    `accum` micro-batches per step, an EMA of the weights, torch.compile."""
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
 
+    spec = get_spec(arch)
     model = create_backbone(arch, num_classes=len(dls.vocab), weights=weights)
+    cbs = precision_callbacks(precision, channels_last=spec.channels_last) if precision else []
+    cbs += accumulation(accum=accum, bs=dls.train.bs, model=model)
+    if compile:
+        cbs.append(TorchCompile(precision=precision, channels_last=spec.channels_last))
+    if ema:
+        cbs.append(ema_callback(final_decay=ema_decay))
     return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=body_head_split,
-                   path=Path(path), model_dir="checkpoints")
+                   path=Path(path), model_dir="checkpoints", cbs=cbs)
+
+
+def effective_batch(bs: int, accum: int, world_size: int = 1) -> int:
+    """Samples per optimizer step: micro-batch x accumulation steps x data-parallel processes."""
+    return bs * accum * world_size
 
 
 def _rmse_in_units(inp, targ, *, scale: float):

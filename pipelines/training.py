@@ -1,29 +1,32 @@
-"""lr_find (plot + csv), training (fastai fine_tune or fit_one_cycle) with a per-epoch history, and the whole
-`fit` of a run: images (a pretrained backbone) or a table (`target` given: fastai's TabularModel)."""
+"""lr_find (plot + csv), training (fastai fine_tune or fit_one_cycle) with a per-epoch history and checkpoints,
+resume, and the whole `fit` of a run: images or audio (a pretrained backbone) or a table (`target` given:
+fastai's TabularModel)."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
+from fastai.torch_core import find_bs
 
 from .audio import MelConfig
+from .checkpoints import CHECKPOINT, CONFIG, Checkpoint, load_checkpoint, restore
+from .distributed import is_main
 from .errors import ItfitsError
 from .images import ImagePreprocessing
 from .io import write_json, write_table
 
 LR_SUGGESTIONS = ("minimum", "steep", "valley", "slide")
-CHOSEN_SUGGESTION = "minimum"  # lr at the loss minimum / 10 (fastai's lr_min): valley (4e-4) trained
-# Fashion-MNIST to 0.71 test accuracy in bench/unknown_scores.py settings, minimum (2.8e-3) to 0.85, steep (6e-3) 0.79
+CHOSEN_SUGGESTION = "valley"  # fastai's default suggestion, the most reliable of the four for fine-tuning
 
 
 @dataclass
 class FitConfig:
-    data: str  # folder of class sub-folders, folder with train/ valid/, a path,label table, or a table with `target`
+    data: str  # folder of class sub-folders, folder with train/ valid/, or a path,label table
     out: str = "runs/itfits"  # the run folder
     arch: str = "efficientnet_lite0"  # a name from `itfits backbones`
     weights: str = "auto"  # auto | hub | none | path to .safetensors/.pth
@@ -40,6 +43,12 @@ class FitConfig:
     unknown: str | None = None  # folder of examples of none of the classes: for choosing score/threshold only
     num_workers: int | None = None  # None: up to 4, one per core (audio rendering: every core)
     lr_find_iters: int = 100
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16/fp16 on GPUs, bf16 on CPUs where it is faster
+    accum: int = 1  # micro-batches of `bs` per optimizer step: the lr applies to the batch of bs x accum
+    ema: bool = False  # validate and save an exponential moving average of the weights
+    ema_decay: float | None = None  # None: chosen from the steps of each fit (averages about the last 10%)
+    compile: bool = False  # torch.compile the model; falls back to eager with a warning
+    resume: bool = False  # continue the run in `out` from its last checkpoint (RUN/checkpoints)
     mel: MelConfig | None = None  # audio DATA: how clips become spectrograms; None: MelConfig() defaults
     target: str | None = None  # tabular: the column to predict; None: DATA holds images
     cat: list[str] | None = None  # tabular: columns to treat as categorical; None: inferred
@@ -49,20 +58,38 @@ class FitConfig:
 
 
 class History(Callback):
-    """One row per epoch over every fit of the Learner (fine_tune runs two: frozen, then unfrozen)."""
+    """One row per epoch over every fit of the Learner (fine_tune runs two: frozen, then unfrozen), continuing
+    `rows` of a resumed run. images: training images this process saw (its shard in data-parallel runs);
+    images_per_s: those per second of the epoch's training part."""
     order = Recorder.order + 1  # after Recorder has written this epoch's log
 
-    def __init__(self):
-        self.rows = []
+    def __init__(self, rows: list[dict] | None = None):
+        self.rows = list(rows or [])
 
     def before_epoch(self):
-        self.start = time.perf_counter()
+        self.start, self.images, self.train_seconds, self.skipped = time.perf_counter(), 0, 0.0, False
+
+    def before_train(self):
+        self.train_start = time.perf_counter()
+
+    def after_batch(self):
+        if self.training:
+            self.images += find_bs(self.yb)
+
+    def after_train(self):
+        self.train_seconds = time.perf_counter() - self.train_start
+
+    def after_cancel_epoch(self):  # an epoch a resumed run skips (fastai's SkipToEpoch)
+        self.skipped = True
 
     def after_epoch(self):
+        if self.skipped:
+            return
         row = {n: v for n, v in zip(self.recorder.metric_names, self.recorder.log) if n not in ("epoch", "time")}
         phase = "frozen" if self.opt.frozen_idx else "unfrozen"
         self.rows.append({"epoch": len(self.rows), "phase": phase, **row,
-                          "seconds": round(time.perf_counter() - self.start, 2)})
+                          "seconds": round(time.perf_counter() - self.start, 2), "images": self.images,
+                          "images_per_s": round(self.images / max(self.train_seconds, 1e-9), 2)})
 
 
 def find_lr(learn, out_dir: Path | None = None, *, num_it: int = 100) -> tuple[float, dict[str, float]]:
@@ -79,18 +106,60 @@ def find_lr(learn, out_dir: Path | None = None, *, num_it: int = 100) -> tuple[f
     return suggestions[CHOSEN_SUGGESTION], suggestions
 
 
-def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, fine_tune: bool = True) -> pl.DataFrame:
-    """fastai fine_tune: `freeze_epochs` on the head, then `epochs` unfrozen, one-cycle; or, with
-    fine_tune=False (no pretrained body), fit_one_cycle for `epochs`. Returns the history."""
+@dataclass(frozen=True)
+class Phase:
+    name: str  # "frozen" (head only) or "unfrozen"
+    epochs: int
+    lr: slice  # fastai's lr_max: one lr, or body..head discriminative lrs
+    kwargs: tuple  # more fit_one_cycle arguments as (key, value) pairs
+
+
+def fine_tune_phases(*, epochs: int, lr: float, freeze_epochs: int = 1) -> list[Phase]:
+    """fastai's `fine_tune` (lr_mult=100, pct_start=0.3, div=5) as data, so a resumed run can start in either
+    phase: one-cycle on the head at lr, then on everything at lr/2, the body at a 100th of the head's lr."""
+    head_lr = lr / 2
+    return [Phase("frozen", freeze_epochs, slice(lr), (("pct_start", 0.99),)),
+            Phase("unfrozen", epochs, slice(head_lr / 100, head_lr), (("pct_start", 0.3), ("div", 5.0)))]
+
+
+def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints: Path | None = None,
+          resume: dict | None = None, checkpoint_meta: dict | None = None, fine_tune: bool = True) -> pl.DataFrame:
+    """fastai fine_tune: `freeze_epochs` on the head, then `epochs` unfrozen, one-cycle. Returns the history.
+    With `checkpoints` (a folder), each epoch ends by writing checkpoints/last.pt; with `resume` (such a checkpoint,
+    see checkpoints.load_checkpoint) training continues after its epoch, in its phase, at its one-cycle position.
+    With an EMA callback on the Learner, the model ends with the EMA weights. fine_tune=False (a table: no
+    pretrained body): one fit_one_cycle of `epochs`, no checkpoints."""
     import fastai.callback.schedule  # noqa: F401  fastai @patches fine_tune/fit_one_cycle onto Learner here
-    history = History()
-    with learn.added_cbs(history):
-        if fine_tune:
-            learn.fine_tune(epochs, base_lr=lr, freeze_epochs=freeze_epochs)
-        else:
-            learn.fit_one_cycle(epochs, lr)
-    rows = pl.DataFrame(history.rows)
-    return rows if fine_tune else rows.drop("phase")
+    from .learners import find_ema, uncompile
+    if not fine_tune:
+        history = History()
+        learn.fit_one_cycle(epochs, lr, cbs=[history])
+        return pl.DataFrame(history.rows).drop("phase")
+    history = History(resume["history"] if resume else None)
+    done = resume["epoch"] if resume else 0  # epochs finished over both phases
+    first = 0  # this phase's first epoch, counted over both phases
+    for phase in fine_tune_phases(epochs=epochs, lr=lr, freeze_epochs=freeze_epochs):
+        if phase.epochs == 0 or done >= first + phase.epochs:
+            first += phase.epochs
+            continue
+        learn.freeze() if phase.name == "frozen" else learn.unfreeze()
+        if resume is not None:
+            restore(learn, resume)
+            if done == first:  # at a phase's start fastai's freeze/unfreeze clears the optimizer state: so here too
+                learn.opt.clear_state()
+            resume = None
+        cbs = [history]
+        if checkpoints is not None:
+            cbs.append(Checkpoint(Path(checkpoints) / CHECKPOINT, first_epoch=first, history=history,
+                                  meta=checkpoint_meta or {}))
+        # start_epoch: fastai's SkipToEpoch skips the epochs done; pct_train, and so the one-cycle, starts there
+        learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=max(0, done - first), cbs=cbs, **dict(phase.kwargs))
+        first += phase.epochs
+    ema = find_ema(learn)
+    if ema is not None and getattr(learn, "model_ema", None) is not None:
+        learn.model.load_state_dict(learn.model_ema.state_dict())  # calibration and the bundle use the EMA weights
+    uncompile(learn.model)
+    return pl.DataFrame(history.rows)
 
 
 @dataclass(frozen=True)
@@ -124,7 +193,8 @@ def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
         raise ItfitsError(f"mel options (--n-mels, --duration, ...) are for audio, and {config.data} holds images")
     else:
         files = items = check_files(read_source(config.data, valid_pct=config.valid_pct, seed=config.seed))
-    write_table(files.filter(pl.col("error").is_not_null()).select("path", "label", "error"), run / "skipped.csv")
+    if is_main():  # data-parallel runs: rank 0 alone writes the run folder
+        write_table(files.filter(pl.col("error").is_not_null()).select("path", "label", "error"), run / "skipped.csv")
     classes = require_classes(files)
     prep = ImagePreprocessing(size=config.size or spec.input_size, mean=spec.mean, std=spec.std)
     n_train = items.filter(pl.col("error").is_null() & (pl.col("split") == "train")).height
@@ -178,16 +248,20 @@ def _calibrate(config: FitConfig, n_classes: int, *, valid: tuple, train: tuple,
 
 
 def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, config: FitConfig, *, mel: MelConfig | None = None,
-                     max_train: int = 4096):
+                     max_train: int = 4096, precision=None):
     """Temperature, unknown score and threshold from the validation set, feature statistics from (up to
     `max_train`) training items, score choice from config.unknown examples when given. With `mel`, items are
     audio clips and each clip's outputs are the mean over its windows, exactly as prediction computes them.
+    `precision`: the training's (a precision.Precision), so image outputs match the Learner's validation.
     Returns (Calibration, report, validation outputs {logits, features, targets, paths})."""
     from .predict import file_outputs
     from .sources import AUDIO_EXTS, IMAGE_EXTS, expand_inputs
 
+    from .backbones import get_spec
+    fast = {"precision": precision, "channels_last": get_spec(config.arch).channels_last}
+
     def outputs(paths):
-        return file_outputs(model, prep, paths, mel=mel, num_workers=config.num_workers)
+        return file_outputs(model, prep, paths, mel=mel, num_workers=config.num_workers, **fast)
 
     ok = items.filter(pl.col("error").is_null())
     index = {c: i for i, c in enumerate(classes)}
@@ -227,32 +301,116 @@ def _calibration_line(calibration, report: dict) -> str:
             f"{calibration.threshold:.4g} ({report.get('score_chosen_by', 'given')})")
 
 
-def fit(config: FitConfig, log=print) -> dict:
-    """`itfits fit`: train on config.data and write the run folder. Returns the run summary (run.json)."""
-    if config.target is not None:
-        return fit_table(config, log)
+@dataclass(frozen=True)
+class TrainedImages:
+    """What `train_images` hands to `finish_images`: the trained Learner and what the run resolved."""
+    learn: object  # fastai Learner, its model holding the final (EMA, where on) weights
+    items: pl.DataFrame  # one row per input file (audio: per clip)
+    classes: list[str]
+    prep: object  # images.ImagePreprocessing
+    history: pl.DataFrame
+    resolved: dict  # lr, bs, precision, ... for run.json
+    precision: object  # precision.Precision the training ran in
+    started: float  # time.perf_counter() at the start
+    mel: MelConfig | None = None  # audio runs: the rendering
+
+
+def write_run_config(config: FitConfig, run: Path) -> None:
+    """RUN/checkpoints/config.json: the settings `--resume RUN` continues with."""
+    write_json({**asdict(config), "resume": False}, run / "checkpoints" / CONFIG)
+
+
+def resume_config(run: Path | str) -> FitConfig:
+    """The FitConfig of the run in folder `run`, set to resume it."""
+    from .checkpoints import read_run_config
+    stored = read_run_config(Path(run))
+    known = {f.name for f in fields(FitConfig)}
+    config = FitConfig(**{**{k: v for k, v in stored.items() if k in known}, "resume": True})
+    if isinstance(config.mel, dict):  # stored as JSON
+        config.mel = MelConfig.from_json(config.mel)
+    return config
+
+
+def train_images(config: FitConfig, *, log=print) -> TrainedImages:
+    """`itfits fit` up to the trained Learner: data, a Learner with the training controls, lr_find, fine_tune with
+    a checkpoint at each epoch end, or the rest of an interrupted run (config.resume). In data-parallel runs every
+    process calls it (inside distributed.process_group()); rank 0 alone writes into the run folder."""
+    from fastai.callback.progress import ProgressCallback
     from fastai.torch_core import set_seed
-    from .bundle import image_bundle_meta, save_bundle
-    from .learners import image_learner
-    from .reports import Validation, confusion_matrix, write_confusion_matrix, write_report
+    from .distributed import DataParallel, broadcast_object, world_size
+    from .learners import effective_batch, find_ema, image_learner
+    from .precision import resolve_precision
 
     t0 = time.perf_counter()
     run = Path(config.out)
-    run.mkdir(parents=True, exist_ok=True)
+    main = is_main()
+    state = load_checkpoint(run) if config.resume else None
+    total = config.freeze_epochs + config.epochs
+    if state is not None and state["epoch"] >= total:
+        raise ItfitsError(f"{run} has finished all {total} epochs; nothing to resume. Its bundle is {run / 'model'}")
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            write_run_config(config, run)
+    set_seed(config.seed)  # the DataLoaders draw their shuffling seed from python's random when they are made
     data = prepare_data(config, run, log)
-    files, classes, prep, bs, dls = data.files, data.classes, data.prep, data.bs, data.dls
-    n_skipped = files["error"].is_not_null().sum()
-    log(f"{files.height - n_skipped} files in {len(classes)} classes "
+    items, classes, prep, bs, dls = data.files, data.classes, data.prep, data.bs, data.dls
+    n_skipped = items["error"].is_not_null().sum()
+    world = world_size()
+    log(f"{items.height - n_skipped} files in {len(classes)} classes "
         f"({len(dls.train_ds)} train, {len(dls.valid_ds)} valid{' windows' if data.mel else ''}); {n_skipped} skipped"
         + (f", listed in {run / 'skipped.csv'}" if n_skipped else "")
-        + f"; batch size {bs}{' (chosen from the data size)' if config.bs is None else ''}, size {prep.size}")
+        + f"; batch size {bs}{' (chosen from the data size)' if config.bs is None else ''}"
+        + (f" x {config.accum} accumulated" if config.accum > 1 else "")
+        + (f" x {world} processes" if world > 1 else "")
+        + (f" = {effective_batch(bs, config.accum, world)} per step" if config.accum > 1 or world > 1 else "")
+        + f", size {prep.size}")
+    # a resumed run keeps the precision it started with: the CPU probe could choose otherwise today
+    precision = resolve_precision(state["precision"] if state else config.precision, arch=config.arch, size=prep.size)
+    log(f"precision {precision.name} ({precision.reason})")
     set_seed(config.seed)
-    learn = image_learner(dls, config.arch, weights=config.weights, path=run)
-    lr, suggestions = _choose_lr(learn, config, run, log)
-    history = train(learn, epochs=config.epochs, lr=lr, freeze_epochs=config.freeze_epochs)
-    write_table(history, run / "history.csv")
+    learn = image_learner(dls, config.arch, weights=config.weights, path=run, precision=precision, accum=config.accum,
+                          ema=config.ema, ema_decay=config.ema_decay, compile=config.compile)
+    if not main:  # one progress bar and log, from rank 0
+        learn.remove_cb(ProgressCallback)
+        learn.logger = lambda *a, **k: None
+    lr, suggestions = config.lr, None
+    if state is not None:
+        lr, suggestions = state["lr"], state.get("lr_suggestions")
+        log(f"resuming {run} after epoch {state['epoch']} of {total}")
+    elif lr is None:
+        lr, suggestions = find_lr(learn, run if main else None, num_it=config.lr_find_iters)
+        lr, suggestions = broadcast_object((lr, suggestions))  # every process trains with rank 0's choice
+        log("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in suggestions.items())
+            + f"; using {CHOSEN_SUGGESTION} {lr:.2e} (plot: {run / 'lr_find.png'})")
+    if world > 1:
+        learn.add_cb(DataParallel())
+    history = train(learn, epochs=config.epochs, lr=lr, freeze_epochs=config.freeze_epochs,
+                    checkpoints=run / "checkpoints", resume=state,
+                    checkpoint_meta={"lr": lr, "lr_suggestions": suggestions, "precision": precision.name})
+    if main:
+        write_table(history, run / "history.csv")
+    ema, compiler = find_ema(learn), next((cb for cb in learn.cbs if type(cb).__name__ == "TorchCompile"), None)
+    resolved = {"lr": lr, "lr_suggestions": suggestions, "bs": bs, "accum": config.accum,
+                "effective_bs": effective_batch(bs, config.accum, world), "size": prep.size, "classes": classes,
+                "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds), "n_skipped": int(n_skipped),
+                "precision": precision.json(), "channels_last": any(type(cb).__name__ == "ChannelsLast" for cb in learn.cbs),
+                "ema_decay": float(ema.final_decay) if ema is not None else None,
+                "compiled": bool(compiler and not compiler.failed), "compile_error": compiler.failed if compiler else None,
+                "world_size": world, "resumed_after_epoch": state["epoch"] if state else None,
+                **({"mel": data.mel.json()} if data.mel else {})}
+    return TrainedImages(learn=learn, items=items, classes=classes, prep=prep, history=history, resolved=resolved,
+                         precision=precision, started=t0, mel=data.mel)
 
-    calibration, calib_report, valid = calibrate_images(learn.model, files, classes, prep, config, mel=data.mel)
+
+def finish_images(trained: TrainedImages, config: FitConfig, *, log=print) -> dict:
+    """Calibration, confusion matrix, the bundle and run.json of a trained run (rank 0's work). Returns run.json."""
+    from .bundle import image_bundle_meta, save_bundle
+    from .reports import Validation, confusion_matrix, write_confusion_matrix, write_report
+
+    run, learn, classes, history = Path(config.out), trained.learn, trained.classes, trained.history
+    calibration, calib_report, valid = calibrate_images(learn.model, trained.items, classes, trained.prep, config,
+                                                        mel=trained.mel, precision=trained.precision)
     preds = valid["logits"].argmax(1)
     write_confusion_matrix(confusion_matrix(valid["targets"], preds, classes), classes, run)
     accuracy = float((preds == valid["targets"]).mean())
@@ -260,22 +418,33 @@ def fit(config: FitConfig, log=print) -> dict:
 
     summary = {
         "config": asdict(config),
-        "resolved": {"lr": lr, "lr_suggestions": suggestions, "bs": bs, "size": prep.size, "classes": classes,
-                     "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds), "n_skipped": int(n_skipped),
-                     **({"mel": data.mel.json(), "n_valid_clips": len(valid["targets"])} if data.mel else {})},
+        "resolved": {**trained.resolved, **({"n_valid_clips": len(valid["targets"])} if trained.mel else {})},
         "results": {"valid_accuracy": accuracy, "valid_loss": float(history["valid_loss"][-1]),
-                    "seconds": round(time.perf_counter() - t0, 1)},
+                    "seconds": round(time.perf_counter() - trained.started, 1)},
         "calibration": calib_report,
     }
-    meta = image_bundle_meta(config.arch, classes, prep, training=summary["results"], mel=data.mel)
+    meta = image_bundle_meta(config.arch, classes, trained.prep,
+                             training={**summary["results"], "precision": trained.precision.name}, mel=trained.mel)
     save_bundle(learn.model, meta, calibration, run / "model")
     write_json(summary, run / "run.json")
     probs, scores, _ = calibration.apply(valid["logits"], valid["features"])
     report = write_report(run, summary, history, Validation(
         logits=valid["logits"], targets=valid["targets"], names=valid["paths"], probs=probs, scores=scores,
-        images=None if data.mel else valid["paths"]))  # audio: clips are not pictures, no thumbnails
+        images=None if trained.mel else valid["paths"]))  # audio: clips are not pictures, no thumbnails
     log(f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}; report: {report}")
     return summary
+
+
+def fit(config: FitConfig, log=print) -> dict:
+    """`itfits fit`: train on config.data and write the run folder. Returns the run summary (run.json).
+    Under `accelerate launch` / `torchrun`, every process trains its shard; rank 0 returns the summary, the
+    others an empty dict. With config.target, a table: `fit_table`."""
+    if config.target is not None:
+        return fit_table(config, log)
+    from .distributed import process_group
+    with process_group():
+        trained = train_images(config, log=log if is_main() else (lambda *a, **k: None))
+        return finish_images(trained, config, log=log) if is_main() else {}
 
 
 def calibrate_table(model, data, config: FitConfig, *, max_train: int = 4096):

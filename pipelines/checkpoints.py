@@ -1,0 +1,141 @@
+"""Checkpoints at each epoch end (RUN/checkpoints/last.pt) and what `itfits fit --resume RUN` needs to go on.
+
+A checkpoint holds the model, the optimizer state, the epoch (over both fine_tune phases), the history so far,
+the EMA state, the RNG states (torch, CUDA, numpy, python, the training DataLoader's shuffle) and what the run
+resolved (lr, precision). These are our own internal files, so torch.save; they hold only tensors and plain
+Python values and are loaded with weights_only=True, never unpickling objects. The bundle stays safetensors.
+RUN/checkpoints/config.json is the FitConfig the run started with.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastai.learner import Recorder
+
+from .errors import ItfitsError
+from .io import atomic_path
+
+CHECKPOINT, CONFIG = "last.pt", "config.json"
+FORMAT = 1
+
+
+def _plain(v):
+    """numpy scalars and fastai L -> Python values, so weights_only loading needs no allow-list."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (list, tuple)) and not isinstance(v, (str, bytes)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def rng_state(learn) -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    dl_rng = getattr(learn.dls.loaders[0], "rng", None)
+    if isinstance(dl_rng, random.Random):
+        state["train_dl"] = dl_rng.getstate()
+    return state
+
+
+def set_rng_state(learn, state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    dl_rng = getattr(learn.dls.loaders[0], "rng", None)
+    if "train_dl" in state and isinstance(dl_rng, random.Random):
+        dl_rng.setstate(_tuples(state["train_dl"]))
+
+
+def _tuples(v):  # random.setstate wants the nested tuples back
+    return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def save_checkpoint(path: Path, learn, *, epoch: int, history: list[dict], meta: dict) -> None:
+    """Write the checkpoint beside `path`, then rename: a kill mid-write leaves the previous one whole."""
+    from fastai.torch_core import get_model
+    from .learners import find_ema
+    opt = learn.opt.state_dict()
+    ema = find_ema(learn)
+    state = {"format": FORMAT, "epoch": epoch, "history": _plain(history), **_plain(meta),
+             "model": get_model(learn.model).state_dict(),
+             "opt": {"state": _plain(opt["state"]), "hypers": _plain(list(opt["hypers"]))},
+             "ema": ema.state_dict() if ema is not None and getattr(ema, "ema_model", None) is not None else None,
+             "rng": _plain(rng_state(learn))}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(run: Path) -> dict:
+    """The last checkpoint of run folder `run` (see save_checkpoint)."""
+    path = Path(run) / "checkpoints" / CHECKPOINT
+    if not path.is_file():
+        raise ItfitsError(f"{run} has no checkpoint to resume ({path} is missing): it stopped before its first "
+                          f"epoch ended, or is not a run folder. Start it again without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ItfitsError(f"cannot read checkpoint {path}: {e}") from e
+    if state.get("format") != FORMAT:
+        raise ItfitsError(f"{path} has checkpoint format {state.get('format')}; this itfits reads {FORMAT}")
+    return state
+
+
+def read_run_config(run: Path) -> dict:
+    """The FitConfig (as a dict) that the run in folder `run` started with."""
+    path = Path(run) / "checkpoints" / CONFIG
+    if not path.is_file():
+        raise ItfitsError(f"{run} is not a run folder that can be resumed ({path} is missing); pass the --out folder "
+                          f"of an interrupted itfits fit")
+    return json.loads(path.read_text())
+
+
+def restore(learn, state: dict) -> None:
+    """Put a checkpoint's model, optimizer, EMA and RNG states into `learn`, already frozen or unfrozen for the
+    phase it resumes in (the optimizer must exist with that phase's parameter groups)."""
+    from fastai.torch_core import get_model
+    from fastcore.foundation import L
+    from .learners import find_ema
+    get_model(learn.model).load_state_dict(state["model"])
+    if learn.opt is None:
+        learn.create_opt()
+    learn.opt.load_state_dict({"state": state["opt"]["state"], "hypers": L(state["opt"]["hypers"])})
+    ema = find_ema(learn)
+    if ema is not None and state.get("ema") is not None:
+        ema.pending = state["ema"]  # applied by the EMA callback once it has built its EMA model in before_fit
+    set_rng_state(learn, state["rng"])
+
+
+class Checkpoint(Callback):
+    """At each epoch end (not the ones a resumed run skips), the checkpoint at `path`, in the main process only.
+    `first_epoch`: this fit's first epoch counted over both fine_tune phases."""
+    order = Recorder.order + 2  # after Recorder and History have logged the epoch
+
+    def __init__(self, path: Path, *, first_epoch: int, history, meta: dict):
+        self.path, self.first_epoch, self.history, self.meta = Path(path), first_epoch, history, meta
+
+    def before_epoch(self):
+        self.skipped = False
+
+    def after_cancel_epoch(self):
+        self.skipped = True
+
+    def after_epoch(self):
+        from .distributed import is_main
+        if self.skipped or not is_main():
+            return
+        save_checkpoint(self.path, self.learn, epoch=self.first_epoch + self.epoch + 1, history=self.history.rows,
+                        meta=self.meta)

@@ -1,0 +1,106 @@
+"""Checkpoints and `itfits fit --resume RUN`: a training process killed with SIGKILL after its first epoch goes on
+where it stopped and ends as the uninterrupted run would have."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import FASHION, FASHION_TEST, REPO, run_cli
+
+# 1 frozen + 3 unfrozen epochs: the kill lands in the first phase or early in the second
+RESUME_ARGS = ["--epochs", "3", "--freeze-epochs", "1", "--size", "32", "--lr", "3e-3", "--bs", "16", "--workers", "0",
+               "--precision", "fp32", "--seed", "3"]
+TOTAL = 4
+
+
+def _kill_after_first_checkpoint(run, args) -> int:
+    """Start `itfits fit`, SIGKILL it as soon as its first checkpoint exists; the epoch that checkpoint holds."""
+    ckpt = run / "checkpoints" / "last.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "fit", str(FASHION), "--out", str(run), *args],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not ckpt.exists():
+        assert proc.poll() is None, f"fit ended before its first checkpoint:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"]
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    run = root / "run"
+    killed_after = _kill_after_first_checkpoint(run, RESUME_ARGS)
+    assert not (run / "run.json").exists() and not (run / "model").exists(), "the killed run must not look finished"
+    proc = run_cli("fit", "--resume", run, "--workers", "0")
+    assert proc.returncode == 0, f"resume failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return run, killed_after, proc
+
+
+def test_checkpoint_files_are_plain_tensors_and_values(resumed):
+    run, killed_after, _ = resumed
+    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)  # no pickled objects
+    assert {"model", "opt", "rng", "epoch", "history", "lr", "precision"} <= set(state)
+    assert state["epoch"] == TOTAL and len(state["history"]) == TOTAL
+    assert not any(k.startswith("_orig_mod.") or k.startswith("module.") for k in state["model"])
+    config = json.loads((run / "checkpoints" / "config.json").read_text())
+    assert config["epochs"] == 3 and config["size"] == 32 and config["resume"] is False
+
+
+def test_resumed_run_finishes_every_planned_epoch(resumed):
+    run, killed_after, proc = resumed
+    assert 1 <= killed_after < TOTAL
+    assert f"resuming {run} after epoch {killed_after} of {TOTAL}" in proc.stdout
+    history = pl.read_csv(run / "history.csv")
+    assert history["epoch"].to_list() == list(range(TOTAL))
+    assert history["phase"].to_list() == ["frozen"] + ["unfrozen"] * 3
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["resolved"]["resumed_after_epoch"] == killed_after
+    assert summary["config"]["resume"] is True and summary["config"]["epochs"] == 3
+    assert summary["resolved"]["precision"]["precision"] == "fp32"
+
+
+def test_resumed_run_equals_the_uninterrupted_one(resumed, tmp_path):
+    """Same phase, same one-cycle position, same optimizer and RNG states: fp32 on one thread, the resumed run
+    ends with the very weights of a run that was never stopped."""
+    run, _, _ = resumed
+    proc = run_cli("fit", FASHION, "--out", tmp_path / "whole", *RESUME_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(str(run / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    weights = [k for k in a if not k.startswith("unknown.")]
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in weights)
+    assert worst < 1e-5, f"resumed weights differ from the uninterrupted run's by up to {worst}"
+    h_a, h_b = pl.read_csv(run / "history.csv"), pl.read_csv(tmp_path / "whole" / "history.csv")
+    assert h_a["train_loss"].to_list() == pytest.approx(h_b["train_loss"].to_list(), rel=1e-4)
+
+
+def test_resumed_bundle_predicts(resumed, tmp_path):
+    run, _, _ = resumed
+    out = tmp_path / "p.csv"
+    proc = run_cli("predict", run / "model", FASHION_TEST, "--out", out, "--workers", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = pl.read_csv(out)
+    truth = df["path"].map_elements(lambda p: p.replace("\\", "/").split("/")[-2], return_dtype=pl.String)
+    assert df["error"].null_count() == df.height and (df["top1"] == truth).mean() > 0.5
+
+
+def test_resume_errors_name_the_way_out(resumed, tmp_path):
+    run, _, _ = resumed
+    proc = run_cli("fit", "--resume", run)
+    assert proc.returncode == 1 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("fit", "--resume", tmp_path / "nowhere")
+    assert proc.returncode == 1 and "can be resumed" in proc.stderr
+    proc = run_cli("fit")
+    assert proc.returncode == 1 and "--resume" in proc.stderr

@@ -1,0 +1,236 @@
+"""Training controls on real small data: precision (CPU bf16 autocast, channels-last, the auto probe, fallbacks),
+gradient accumulation, EMA, torch.compile, and prediction on the same fast path. Nothing here asserts timings."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import FASHION, run_cli
+
+ARCH = "efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def data():
+    """(items, classes, prep, dls) for data/fashion at 32 px, batches of 16, no worker processes."""
+    from pipelines.backbones import get_spec
+    from pipelines.images import ImagePreprocessing, image_dataloaders
+    from pipelines.sources import check_files, read_source, require_classes
+    from fastai.torch_core import set_seed
+    set_seed(1)
+    items = check_files(read_source(FASHION, seed=1))
+    classes = require_classes(items)
+    spec = get_spec(ARCH)
+    prep = ImagePreprocessing(size=32, mean=spec.mean, std=spec.std)
+    return items, classes, prep, image_dataloaders(items, classes=classes, prep=prep, bs=16, num_workers=0)
+
+
+def learner(dls, tmp_path, **kwargs):
+    from fastai.torch_core import set_seed
+    from pipelines.learners import image_learner
+    set_seed(1)
+    return image_learner(dls, ARCH, weights="auto", path=tmp_path, **kwargs)
+
+
+def cpu(name: str):
+    from pipelines.precision import resolve_precision
+    return resolve_precision(name, arch=ARCH, size=32, device="cpu")
+
+
+# ---- precision ---------------------------------------------------------------------------------------------
+
+def test_precision_names_and_fallbacks():
+    from pipelines.errors import ItfitsError, ItfitsWarning
+    assert cpu("fp32").name == "fp32" and cpu("fp32").autocast().__class__.__name__ == "nullcontext"
+    assert cpu("bf16").name == "bf16" and cpu("bf16").dtype == torch.bfloat16
+    with pytest.warns(ItfitsWarning, match="fp16 needs a GPU"):
+        fallback = cpu("fp16")
+    assert fallback.name in ("fp32", "bf16") and fallback.requested == "fp16"  # never a crash, never fp16 on a CPU
+    with pytest.raises(ItfitsError, match="did you mean 'fp16'"):
+        cpu("fp61")
+
+
+def test_auto_probe_is_cached_and_leaves_the_seeded_rng_alone():
+    from pipelines.precision import cpu_step_times
+    before = torch.get_rng_state()
+    first = cpu("auto")
+    assert torch.equal(before, torch.get_rng_state()), "the probe moved the RNG a seeded run depends on"
+    hits = cpu_step_times.cache_info().hits
+    again = cpu("auto")
+    assert cpu_step_times.cache_info().hits == hits + 1, "the probe ran twice in one process"
+    assert first == again and first.name in ("fp32", "bf16") and "probe" in first.reason
+    t32, t16 = cpu_step_times(ARCH, 32, train=True)
+    assert t32 > 0 and t16 > 0
+
+
+def test_cli_rejects_bad_training_flags(tmp_path):
+    proc = run_cli("fit", FASHION, "--out", tmp_path / "r", "--precision", "fp61")
+    assert proc.returncode == 1 and "did you mean 'fp16'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("fit", FASHION, "--out", tmp_path / "r", "--accum", "0")
+    assert proc.returncode == 1 and "--accum" in proc.stderr
+
+
+def test_bf16_training_on_cpu_learns_and_keeps_fp32_weights(data, tmp_path):
+    from pipelines.learners import CpuAutocast
+    from pipelines.predict import file_outputs
+    from pipelines.training import train
+    items, classes, prep, dls = data
+    learn = learner(dls, tmp_path, precision=cpu("bf16"))
+    assert any(isinstance(cb, CpuAutocast) for cb in learn.cbs)
+    assert any(type(cb).__name__ == "ChannelsLast" for cb in learn.cbs), "conv nets train channels-last"
+    history = train(learn, epochs=2, lr=3e-3, freeze_epochs=1)
+    assert history["accuracy"][-1] > 0.5, f"bf16 run: valid accuracy {history['accuracy'][-1]} (chance 0.25)"
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters()), "autocast keeps fp32 master weights"
+    conv = next(p for p in learn.model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+
+    # prediction on the same fast path: bf16 autocast, channels-last, outputs float32 and close to fp32's
+    paths = [r.path for r in dls.valid_ds.items]
+    l16, f16, _ = file_outputs(learn.model, prep, paths, num_workers=0, precision=cpu("bf16"), channels_last=True)
+    l32, f32, _ = file_outputs(learn.model, prep, paths, num_workers=0, precision=cpu("fp32"))
+    assert l16.dtype == np.float32 and f16.dtype == np.float32 and np.isfinite(l16).all()
+    # bf16 is coarse (BatchNorm's subtraction of running means cancels digits on these low-contrast images):
+    # most, not all, predictions agree; that is why an fp32-trained bundle predicts in fp32 under auto
+    assert (l16.argmax(1) == l32.argmax(1)).mean() >= 0.75
+
+
+# ---- gradient accumulation ----------------------------------------------------------------------------------
+
+def test_accumulation_steps_once_per_accum_batches(data, tmp_path):
+    from fastai.callback.core import Callback
+    from fastai.callback.training import GradientAccumulation
+    import fastai.callback.schedule  # noqa: F401  fit_one_cycle
+
+    class Count(Callback):
+        def before_fit(self):
+            self.n_batches = self.n_steps = 0
+
+        def after_batch(self):
+            self.n_batches += self.training
+
+        def after_step(self):
+            self.n_steps += 1
+
+    _, _, _, dls = data
+    learn = learner(dls, tmp_path, accum=3)
+    acc = next(cb for cb in learn.cbs if isinstance(cb, GradientAccumulation))
+    assert acc.n_acc == 3 * 16, "fastai's n_acc counts samples: accum x bs"
+    count = Count()
+    learn.freeze()
+    learn.fit_one_cycle(1, 1e-3, cbs=count)
+    assert count.n_batches == len(dls.train) and count.n_steps == len(dls.train) // 3
+
+
+def test_tiny_batchnorm_batches_warn():
+    from pipelines.backbones import create_backbone
+    from pipelines.errors import ItfitsWarning
+    from pipelines.learners import accumulation
+    with pytest.warns(ItfitsWarning, match="BatchNorm"):
+        cbs = accumulation(accum=8, bs=4, model=create_backbone("resnet18", num_classes=2, weights="none"))
+    assert cbs[0].n_acc == 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accumulation(accum=8, bs=4, model=torch.nn.Sequential(torch.nn.Linear(3, 2)))  # no BatchNorm: no warning
+        accumulation(accum=2, bs=16, model=create_backbone("resnet18", num_classes=2, weights="none"))
+
+
+# ---- EMA ----------------------------------------------------------------------------------------------------
+
+def test_fastxtend_modules_we_use_import():
+    # fastxtend 0.1.7 predates fastai 2.8 (DESIGN.md): only some of its modules import; these are the ones we use
+    from fastxtend.callback.ema import EMACallback, EMASchedule  # noqa: F401
+    from pipelines.learners import ema_class
+    assert issubclass(ema_class(), EMASchedule)
+
+
+def test_ema_short_run_learns_and_is_what_validation_and_the_bundle_use(data, tmp_path):
+    from pipelines.learners import ema_decay_for, find_ema
+    from pipelines.training import train
+    items, classes, prep, dls = data
+    learn = learner(dls, tmp_path, ema=True)
+    ema = find_ema(learn)
+    history = train(learn, epochs=2, lr=3e-3, freeze_epochs=1)
+    steps = 2 * len(dls.train)
+    assert ema.final_decay == pytest.approx(ema_decay_for(steps)) and ema.final_decay < 0.99, \
+        "a short run needs a short EMA (DESIGN: 0.9998 over a few dozen steps learns nothing)"
+    assert history["accuracy"][-1] > 0.5, f"EMA run: valid accuracy {history['accuracy'][-1]} (chance 0.25)"
+    # the model ends with the EMA weights, BatchNorm statistics included (fastxtend 0.1.7 left them behind on CPUs)
+    model, averaged = learn.model.state_dict(), learn.model_ema.state_dict()
+    assert all(torch.equal(model[k], averaged[k]) for k in model)
+    learn.remove_cb(ema)
+    _, acc = learn.validate()  # the plain Learner now validates the weights the bundle saves
+    assert acc == pytest.approx(history["accuracy"][-1], abs=1e-6)
+
+
+def test_ema_batchnorm_statistics_follow_the_model(data, tmp_path):
+    import fastai.callback.schedule  # noqa: F401
+    from pipelines.learners import find_ema
+    _, _, _, dls = data
+    learn = learner(dls, tmp_path, ema=True)
+    learn.unfreeze()
+    start = {k: v.clone() for k, v in learn.model.state_dict().items() if "running_var" in k}
+    learn.fit_one_cycle(1, 1e-3)
+    ema = find_ema(learn).ema_model.state_dict()
+    moved = [k for k in start if not torch.allclose(ema[k], start[k])]
+    assert len(moved) > 0.9 * len(start), "the EMA model's BatchNorm statistics stayed where they started"
+
+
+# ---- torch.compile ------------------------------------------------------------------------------------------
+
+def _tiny_learner(dls, tmp_path, cb):
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from torch import nn
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                          nn.Sequential(nn.Linear(8, len(dls.vocab))))
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), path=tmp_path, cbs=[cb])
+
+
+@pytest.mark.slow
+def test_compile_runs_with_inductor_and_keeps_key_names(data, tmp_path):
+    from pipelines.learners import TorchCompile, uncompile
+    _, _, _, dls = data
+    cb = TorchCompile(backend="inductor")
+    learn = _tiny_learner(dls, tmp_path, cb)
+    keys = set(learn.model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", category=UserWarning)  # an ItfitsWarning here would mean: fell back
+        learn.fit(1, 1e-3)
+    assert cb.failed is None and learn.model._compiled_call_impl is not None
+    assert set(learn.model.state_dict()) == keys, "no _orig_mod. prefix: bundles load into an uncompiled model"
+    uncompile(learn.model)
+    assert learn.model._compiled_call_impl is None
+
+
+def test_compile_failure_falls_back_with_a_warning(data, tmp_path):
+    from pipelines.errors import ItfitsWarning
+    from pipelines.learners import TorchCompile
+    _, _, _, dls = data
+    cb = TorchCompile(backend="no_such_backend")
+    learn = _tiny_learner(dls, tmp_path, cb)
+    with pytest.warns(ItfitsWarning, match="training without it"):
+        learn.fit(1, 1e-3)
+    assert cb.failed and learn.model._compiled_call_impl is None
+    assert np.isfinite(learn.recorder.values[-1][0])
+
+
+# ---- prediction on the trained bundle ------------------------------------------------------------------------
+
+def test_predict_precision_auto_and_bf16_agree_with_fp32(trained_run):
+    from helpers import FASHION_TEST
+    from pipelines.bundle import load_bundle
+    from pipelines.predict import PredictConfig, predict
+    bundle = load_bundle(trained_run.model)
+    meta_precision = bundle.meta["training"]["precision"]
+    assert meta_precision in ("fp32", "bf16"), "the bundle records the training precision"
+    rows = {p: list(predict(bundle, [str(FASHION_TEST)], PredictConfig(num_workers=0, precision=p)))
+            for p in ("fp32", "bf16", "auto")}
+    top = {p: [r["top1"] for r in rs] for p, rs in rows.items()}
+    assert np.mean([a == b for a, b in zip(top["fp32"], top["bf16"])]) >= 0.75
+    assert all(r["error"] is None and 0 <= r["top1_prob"] <= 1 for r in rows["bf16"])
+    if meta_precision == "fp32":  # auto predicts in the precision the bundle was trained and calibrated in
+        assert [r["top1_prob"] for r in rows["auto"]] == [r["top1_prob"] for r in rows["fp32"]]
