@@ -326,10 +326,9 @@ def audio_batches(model, prep, cfg: MelConfig, items: list[tuple[str, str | None
                   num_workers: int | None = None) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[str]]]:
     """(paths, logits, features, errors) per batch of clips, one row per clip, like predict.image_batches.
 
-    A clip's row is the mean of its windows' logits and the mean of their features: the calibration
-    (temperature, unknown score, threshold) is fitted on these same per-clip means at fit time, so the
-    threshold keeps its meaning; the softmax of mean logits is the normalised geometric mean of the
-    windows' probabilities. Windows go through the model `batch_size` at a time, rendered in `num_workers`
+    A clip's probabilities are the mean of its windows' probabilities, returned as logits log(mean p) (so the
+    softmax gives that mean back); its features are the mean of theirs. The calibration (temperature, unknown
+    score, threshold) is fitted on these same per-clip outputs at fit time, so the threshold keeps its meaning. Windows go through the model `batch_size` at a time, rendered in `num_workers`
     DataLoader processes. Rows with an error have meaningless (zero) outputs."""
     import torch
     from .backbones import forward_features
@@ -352,7 +351,9 @@ def audio_batches(model, prep, cfg: MelConfig, items: list[tuple[str, str | None
                 logits[i:i + len(lo)], feats[i:i + len(lo)] = lo.float().cpu(), fe.float().cpu()
             clip = torch.repeat_interleave(torch.arange(len(clips)), counts)  # window -> its clip
             div = counts.clamp(min=1).unsqueeze(1)  # a clip without windows (an error) keeps zeros
-            c_logits = torch.zeros(len(clips), last.out_features).index_add_(0, clip, logits) / div
+            probs = torch.softmax(logits, dim=1)
+            c_probs = torch.zeros(len(clips), last.out_features).index_add_(0, clip, probs) / div
+            c_logits = torch.log(c_probs.clamp(min=1e-12))  # a clip without windows: equal (meaningless) logits
             c_feats = torch.zeros(len(clips), last.in_features).index_add_(0, clip, feats) / div
             yield [p for p, _ in items[start:start + len(clips)]], c_logits.numpy(), c_feats.numpy(), list(errors)
             start += len(clips)

@@ -318,7 +318,8 @@ def test_predict_flags_like_images_and_is_mostly_right(audio_predictions):
 
 
 def test_predict_averages_a_clips_windows_as_training_saw_them(audio_run, tmp_path):
-    """A 3-window clip: its row is the mean of the model's outputs on the 3 cached PNGs the Learner trains on."""
+    """A 3-window clip: its row averages the model's outputs (probabilities, features) on the 3 cached PNGs the
+    Learner trains on."""
     from pipelines.audio import audio_batches
     from pipelines.bundle import load_bundle
     from pipelines.images import ImagePreprocessing
@@ -335,7 +336,9 @@ def test_predict_averages_a_clips_windows_as_training_saw_them(audio_run, tmp_pa
     assert len(batches) == 1
     paths, logits, feats, errors = batches[0]
     assert paths == [str(clip)] and errors == [""] and logits.shape == (1, len(AUDIO_CLASSES))
-    np.testing.assert_allclose(logits[0], w_logits.mean(0), atol=1e-4)
+    window_probs = np.exp(w_logits - w_logits.max(1, keepdims=True))
+    window_probs /= window_probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(np.exp(logits[0]), window_probs.mean(0), atol=1e-4)  # the mean of window probabilities
     np.testing.assert_allclose(feats[0], w_feats.mean(0), atol=1e-4)
 
 
