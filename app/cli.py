@@ -188,6 +188,7 @@ def lr_find(
     config = _fit_config(data, out, arch, weights, 1, 1, None, bs, size, valid_pct, seed, "auto", workers, mel=mel,
                          target=target, cat=cat, cont=cont, ignore=ignore, layers=layers)
     lr, suggestions = run_lr_find(config)
+    typer.echo()  # fastai's progress bar leaves its line open when output is not a terminal
     for name, value in suggestions.items():
         typer.echo(f"{name:8s} {value:.2e}" + ("  <- itfits fit uses this" if name == CHOSEN_SUGGESTION else ""))
     typer.echo(f"plot: {out / 'lr_find.png'}  table: {out / 'lr_find.csv'}")
