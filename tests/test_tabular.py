@@ -15,6 +15,7 @@ import torch
 
 from helpers import REPO, run_cli
 from pipelines.errors import ItfitsError
+from pipelines.training import CHOSEN_SUGGESTION
 
 PENGUINS = REPO / "data" / "penguins.csv"
 CLASSES = ["Adelie", "Chinstrap", "Gentoo"]
@@ -58,7 +59,8 @@ def test_fit_writes_the_run_folder(run):
     assert (run / "lr_find.png").read_bytes().startswith(b"\x89PNG")
     assert not [p.name for p in run.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"], "temp files left"
     history = pl.read_csv(run / "history.csv")
-    assert history.columns == ["epoch", "train_loss", "valid_loss", "accuracy", "seconds"] and history.height == 3
+    assert history.columns == ["epoch", "train_loss", "valid_loss", "accuracy", "seconds", "images", "images_per_s"]
+    assert history.height == 3
     assert history["train_loss"][-1] < history["train_loss"][0]
     stdout = (run / "stdout.txt").read_text()
     assert "lr_find suggestions" in stdout and "categorical: island, sex" in stdout and "344 rows" in stdout
@@ -72,7 +74,7 @@ def test_run_json_records_every_setting_and_the_result(run):
     assert config["target"] == "species" and config["ignore"] == ["year"]
     assert config["cont"] == ["body_mass_g", "flipper_length_mm"], "--cont a,b is split on commas"
     assert resolved["task"] == "classification" and resolved["classes"] == CLASSES
-    assert resolved["cat"] == ["island", "sex"] and resolved["lr"] == resolved["lr_suggestions"]["valley"]
+    assert resolved["cat"] == ["island", "sex"] and resolved["lr"] == resolved["lr_suggestions"][CHOSEN_SUGGESTION]
     assert resolved["n_train"] + resolved["n_valid"] == 344 and resolved["n_skipped"] == 0
     assert summary["results"]["valid_accuracy"] > 0.85, summary["results"]
     cm = pl.read_csv(run / "confusion_matrix.csv")
