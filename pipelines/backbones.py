@@ -148,11 +148,17 @@ def _load_weights(model: nn.Module, spec: BackboneSpec, weights: str) -> None:
         return
     sd = _hub_state_dict(spec) if weights == "hub" else _file_state_dict(Path(weights))
     sd = {k: v for k, v in sd.items() if not k.startswith(spec.classifier + ".")}
-    missing, _ = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # tensors of other shapes: the state dict of another architecture
+        raise ItfitsError(f"the weights in {weights} do not fit '{spec.name}' ({spec.library} {spec.model_name}): "
+                          f"{str(e).strip().splitlines()[-1].strip()}; pass a state dict of that architecture") from e
     missing = [k for k in missing if not k.startswith(spec.classifier + ".")]
-    if missing:
-        raise ItfitsError(f"weights for '{spec.name}' from {weights} lack {len(missing)} tensors "
-                          f"(first: {missing[:3]}); is it a state dict of {spec.library} {spec.model_name}?")
+    if missing or unexpected:  # extra tensors: a deeper relative (resnet34's fit resnet18's shapes, and more)
+        what = f"lack {len(missing)} tensors (first: {missing[:3]})" if missing else \
+            f"hold {len(unexpected)} tensors it does not have (first: {unexpected[:3]})"
+        raise ItfitsError(f"weights for '{spec.name}' from {weights} {what}; is it a state dict of "
+                          f"{spec.library} {spec.model_name}?")
 
 
 class TorchvisionBody(nn.Module):
