@@ -98,3 +98,9 @@ def write_odd_images(folder: Path) -> dict[str, Path]:
     return out
 
 
+def free_port() -> int:
+    """A localhost TCP port nothing listens on now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from browser import FLAGS, install_chromium
-from helpers import FASHION_TEST, REPO, run_cli
+from helpers import FASHION_TEST, REPO, free_port, run_cli
 
 MAX_FILE_MB = 0.05  # small, so that an over-limit file is quick to make
 TEST_FILES = sorted(FASHION_TEST.glob("*/*.png"))[::10][:3]
@@ -175,12 +175,6 @@ def test_serve_errors_are_one_line(tmp_path):
 
 
 # ---- in a browser: `itfits serve` in a subprocess, driven by headless Chromium ------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(trained_run):
