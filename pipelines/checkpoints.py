@@ -74,6 +74,8 @@ def save_checkpoint(path: Path, learn, *, epoch: int, history: list[dict], meta:
              "model": get_model(learn.model).state_dict(),
              "opt": {"state": _plain(opt["state"]), "hypers": _plain(list(opt["hypers"]))},
              "ema": ema.state_dict() if ema is not None and getattr(ema, "ema_model", None) is not None else None,
+             # fastai's train_loss is a moving average over the fit: a resumed fit goes on with it, not afresh
+             "smooth_loss": {"val": float(learn.recorder.smooth_loss.val), "count": int(learn.recorder.smooth_loss.count)},
              "rng": _plain(rng_state(learn))}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -103,9 +105,11 @@ def read_run_config(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def restore(learn, state: dict) -> None:
+def restore(learn, state: dict, *, phase_start: bool = False) -> None:
     """Put a checkpoint's model, optimizer, EMA and RNG states into `learn`, already frozen or unfrozen for the
-    phase it resumes in (the optimizer must exist with that phase's parameter groups)."""
+    phase it resumes in (the optimizer must exist with that phase's parameter groups). `phase_start`: the
+    checkpoint ended the previous phase; the new one starts with a cleared optimizer state (fastai's freeze and
+    unfreeze clear it) and its own EMA."""
     from fastai.torch_core import get_model
     from fastcore.foundation import L
     from .learners import find_ema
@@ -113,19 +117,28 @@ def restore(learn, state: dict) -> None:
     if learn.opt is None:
         learn.create_opt()
     learn.opt.load_state_dict({"state": state["opt"]["state"], "hypers": L(state["opt"]["hypers"])})
+    if phase_start:
+        learn.opt.clear_state()
     ema = find_ema(learn)
-    if ema is not None and state.get("ema") is not None:
+    if ema is not None and state.get("ema") is not None and not phase_start:
         ema.pending = state["ema"]  # applied by the EMA callback once it has built its EMA model in before_fit
     set_rng_state(learn, state["rng"])
 
 
 class Checkpoint(Callback):
     """At each epoch end (not the ones a resumed run skips), the checkpoint at `path`, in the main process only.
-    `first_epoch`: this fit's first epoch counted over both fine_tune phases."""
+    `first_epoch`: this fit's first epoch counted over both fine_tune phases; `smooth_loss`: the training loss
+    average to go on with (a fit resumed in its middle)."""
     order = Recorder.order + 2  # after Recorder and History have logged the epoch
 
-    def __init__(self, path: Path, *, first_epoch: int, history, meta: dict):
+    def __init__(self, path: Path, *, first_epoch: int, history, meta: dict, smooth_loss: dict | None = None):
         self.path, self.first_epoch, self.history, self.meta = Path(path), first_epoch, history, meta
+        self.smooth_loss = smooth_loss  # of the checkpoint a fit resumes from, in its middle
+
+    def before_fit(self):  # after Recorder's, which starts the moving average afresh
+        if self.smooth_loss is not None:
+            self.recorder.smooth_loss.val = torch.tensor(self.smooth_loss["val"])
+            self.recorder.smooth_loss.count = self.smooth_loss["count"]
 
     def before_epoch(self):
         self.skipped = False

@@ -46,12 +46,19 @@ class ImagePreprocessing:
     def from_json(cls, d: dict) -> "ImagePreprocessing":
         return cls(size=d["size"], mean=tuple(d["mean"]), std=tuple(d["std"]), resize=d["resize"])
 
+    def resized(self, img: Image.Image) -> Image.Image:
+        """`img` resized exactly as fastai's validation pipeline does."""
+        if self.resize == "squish":  # what fastai's Resize comes down to (whole-image crop_pad, then a bilinear
+            # resize), without its transform dispatch: half of prediction's time per image at small sizes
+            return img.resize((self.size, self.size), Image.BILINEAR)
+        from fastai.vision.augment import Resize
+        from fastai.vision.core import PILImage
+        return Resize(self.size, method=self.resize)(PILImage(img), split_idx=1)
+
     def to_tensor(self, img: Image.Image) -> torch.Tensor:
         """(3, size, size) float tensor in [0, 1], resized exactly as fastai's validation pipeline does."""
-        from fastai.vision.augment import Resize
-        from fastai.vision.core import PILImage, image2tensor
-        img = Resize(self.size, method=self.resize)(PILImage(img), split_idx=1)
-        return image2tensor(img).float().div_(255)
+        from fastai.vision.core import image2tensor
+        return image2tensor(self.resized(img)).float().div_(255)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
@@ -61,6 +68,17 @@ class ImagePreprocessing:
 
 def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
+
+
+def loader_workers(*, cached: bool = False) -> int:
+    """DataLoader worker processes when the user sets none. With a GPU: up to 4, so decoding overlaps the GPU's
+    work. Without one the model computes on the cores workers would take: none when the images come decoded
+    from memory or the machine has 4 cores or fewer (measured on 2: workers cost more than they bring), else a
+    quarter of the cores, up to 4."""
+    cpus = os.cpu_count() or 1
+    if torch.cuda.is_available():
+        return default_workers()
+    return 0 if cached or cpus <= 4 else min(4, cpus // 4)
 
 
 def choose_batch_size(n_train: int, *, largest: int = 64) -> int:
@@ -83,6 +101,33 @@ def _pil_item(row: _Row):
     return PILImage(load_image(row.path))
 
 
+CACHE_MAX_BYTES = 2 << 30  # decoded images kept in memory up to 2 GiB (10,000 at 224 px take 1.5 GiB)
+
+
+class DecodedImages:
+    """Every image decoded and resized once, at the start, kept as (3, size, size) uint8 arrays: epochs after the
+    first pay for augmentation only, not for decoding files (a 12 MP JPEG takes ~50 ms, a training step on a
+    CPU about as long). The resize is the deterministic one of validation (squish), so items are the same as
+    decoding each time. Decoding runs in threads: PIL releases the GIL while it decodes."""
+
+    def __init__(self, paths: list[str], prep: ImagePreprocessing, *, threads: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+        self.prep = prep
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+            self.arrays = dict(zip(paths, pool.map(self._decode, paths)))
+
+    def _decode(self, path: str) -> np.ndarray:  # (3, size, size), as torch lays images out
+        return np.ascontiguousarray(np.asarray(self.prep.resized(load_image(path))).transpose(2, 0, 1))
+
+    def __call__(self, row: _Row):
+        from fastai.torch_core import TensorImage
+        return TensorImage(torch.from_numpy(self.arrays[row.path]))
+
+    @staticmethod
+    def fits(n: int, size: int) -> bool:
+        return n * size * size * 3 <= CACHE_MAX_BYTES
+
+
 def _label(row: _Row):
     return row.label
 
@@ -92,19 +137,26 @@ def _is_valid(row: _Row):
 
 
 def image_dataloaders(items: pl.DataFrame, *, classes: list[str], prep: ImagePreprocessing, bs: int,
-                      augment: bool = True, num_workers: int | None = None):
-    """fastai DataLoaders over the usable rows of an items table (rows with an error are left out)."""
-    from fastai.data.block import CategoryBlock, DataBlock
-    from fastai.data.transforms import FuncSplitter, Normalize
+                      augment: bool = True, num_workers: int | None = None, cache: bool | None = None):
+    """fastai DataLoaders over the usable rows of an items table (rows with an error are left out).
+    cache: decode and resize every image once, up front (DecodedImages); None: when they fit in CACHE_MAX_BYTES.
+    num_workers None: see loader_workers."""
+    from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
+    from fastai.data.transforms import FuncSplitter, IntToFloatTensor, Normalize
     from fastai.vision.augment import Resize, aug_transforms
     from fastai.vision.data import ImageBlock
 
     ok = items.filter(pl.col("error").is_null())
     rows = [_Row(*r) for r in zip(ok["path"].to_list(), ok["label"].to_list(), (ok["split"] == "valid").to_list())]
     batch_tfms = (aug_transforms() if augment else []) + [Normalize.from_stats(prep.mean, prep.std)]
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=classes)), get_x=_pil_item, get_y=_label,
-                      splitter=FuncSplitter(_is_valid), item_tfms=Resize(prep.size, method=prep.resize),
-                      batch_tfms=batch_tfms)
+    if cache is None:
+        cache = DecodedImages.fits(len(rows), prep.size)
+    if cache:  # items are uint8 tensors already at size: no PIL, no item transforms, only batch ones
+        x_block, get_x, item_tfms = TransformBlock(batch_tfms=IntToFloatTensor), DecodedImages([r.path for r in rows], prep), []
+    else:
+        x_block, get_x, item_tfms = ImageBlock, _pil_item, [Resize(prep.size, method=prep.resize)]
+    block = DataBlock(blocks=(x_block, CategoryBlock(vocab=classes)), get_x=get_x, get_y=_label,
+                      splitter=FuncSplitter(_is_valid), item_tfms=item_tfms, batch_tfms=batch_tfms)
     n_train = sum(not r.is_valid for r in rows)
-    workers = default_workers() if num_workers is None else num_workers
+    workers = loader_workers(cached=cache) if num_workers is None else num_workers
     return block.dataloaders(rows, bs=min(bs, n_train), num_workers=workers)

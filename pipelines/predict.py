@@ -2,10 +2,12 @@
 Image bundles yield one dict per file; tabular bundles yield DataFrame chunks (input columns, then predictions)."""
 from __future__ import annotations
 
+import queue
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import polars as pl
@@ -14,16 +16,16 @@ import torch
 from .backbones import forward_features, get_spec
 from .bundle import Bundle
 from .errors import ItfitsError
-from .images import ImagePreprocessing, default_workers, load_image
+from .images import ImagePreprocessing, load_image, loader_workers
 from .io import atomic_path
 from .precision import Precision, resolve_precision
-from .sources import check_image, expand_inputs
+from .sources import expand_inputs, read_checked
 
 
 @dataclass
 class PredictConfig:
     batch_size: int = 64
-    num_workers: int | None = None  # None: up to 4, one per core
+    num_workers: int | None = None  # None: images.loader_workers (0 on small CPU-only machines, else up to 4)
     topk: int = 3
     threshold: float | None = None  # None: the bundle's threshold (chosen on validation data at fit time)
     precision: str = "auto"  # auto: bf16/fp16 on a GPU, bf16 on a CPU where it is faster; fp32: exact outputs
@@ -41,13 +43,16 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, error = self.items[i]
         if error is None:
-            error = check_image(path)
-        if error is None:
-            try:
-                return self.prep.to_tensor(load_image(path)), ""
-            except Exception as e:  # a file that passed the check but still fails: record, go on
+            try:  # one decode, with check_image's checks (sources.read_checked)
+                x, error = read_checked(path, self._tensor)
+                if error is None:
+                    return x, ""
+            except Exception as e:  # a file that passed the checks but still fails: record, go on
                 error = f"cannot decode: {e}"
         return torch.zeros(3, self.prep.size, self.prep.size), error
+
+    def _tensor(self, path) -> torch.Tensor:
+        return self.prep.to_tensor(load_image(path))
 
 
 def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *, batch_size: int = 64,
@@ -55,9 +60,11 @@ def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | 
                   ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[str]]]:
     """(paths, logits, features, errors) per batch, logits and features float32 whatever the `precision` (None:
     fp32); rows with an error have meaningless logits. `channels_last` for conv nets: faster on CPUs and GPUs."""
-    workers = default_workers() if num_workers is None else num_workers
+    workers = loader_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(ImageFiles(items, prep), batch_size=batch_size,
                                          num_workers=min(workers, -(-len(items) // batch_size)))
+    if workers == 0:  # decode the next batch in a thread while the model runs on this one (PIL and torch
+        loader = prefetched(loader)  # release the GIL): the time per batch is the longer of the two, not the sum
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
@@ -71,6 +78,38 @@ def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | 
             yield ([p for p, _ in items[start:start + len(x)]], logits.float().cpu().numpy(),
                    features.float().cpu().numpy(), list(errors))
             start += len(x)
+
+
+def prefetched(batches: Iterable, depth: int = 2) -> Iterator:
+    """The items of `batches`, made up to `depth` ahead in a background thread; its exceptions re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for b in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001  handed to the consumer, raised there
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (b := q.get()) is not done:
+            if isinstance(b, BaseException):
+                raise b
+            yield b
+    finally:  # the consumer stopped early (an error, a closed generator): let the thread end
+        stop.set()
 
 
 def file_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *, mel=None,

@@ -182,28 +182,38 @@ def stratified_valid(codes: np.ndarray, *, valid_pct: float, seed: int) -> np.nd
     return valid
 
 
-def check_image(path: str) -> str | None:
-    """None when the file decodes fully as an image, else the reason it cannot be used."""
+def read_checked(path: str, read: Callable[[Path], object]) -> tuple[object | None, str | None]:
+    """(read(path), None), or (None, the reason the file cannot be used): missing, empty, a decompression bomb,
+    not an image, truncated. Prediction reads each file once this way instead of checking, then decoding."""
     from PIL import Image
     p = Path(path)
     if not p.is_file():
-        return "file not found"
+        return None, "file not found"
     if p.stat().st_size == 0:
-        return "empty file (0 bytes)"
+        return None, "empty file (0 bytes)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
-                im.load()  # a truncated file fails here, not at verify()
+            return read(p), None
     except Image.DecompressionBombError as e:
-        return f"decompression bomb: {e}"
+        return None, f"decompression bomb: {e}"
     except Image.DecompressionBombWarning as e:
-        return f"decompression bomb: {e}"
+        return None, f"decompression bomb: {e}"
     except Image.UnidentifiedImageError:
-        return "not an image"
+        return None, "not an image"
     except (OSError, SyntaxError, ValueError) as e:
-        return f"cannot decode: {e}"
-    return None
+        return None, f"cannot decode: {e}"
+
+
+def _decode_fully(p: Path) -> None:
+    from PIL import Image
+    with Image.open(p) as im:
+        im.load()  # a truncated file fails here, not at verify()
+
+
+def check_image(path: str) -> str | None:
+    """None when the file decodes fully as an image, else the reason it cannot be used."""
+    return read_checked(path, _decode_fully)[1]
 
 
 def check_files(items: pl.DataFrame, check: Callable[[str], str | None] = check_image, *, workers: int = 8) -> pl.DataFrame:

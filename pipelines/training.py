@@ -42,7 +42,7 @@ class FitConfig:
     keep: float = 0.95  # share of correctly classified validation items the auto threshold accepts
     score: str | None = None  # unknown score; None: best on --unknown examples if given, else the default
     unknown: str | None = None  # folder of examples of none of the classes: for choosing score/threshold only
-    num_workers: int | None = None  # None: up to 4, one per core (audio rendering: every core)
+    num_workers: int | None = None  # None: images.loader_workers (none on CPU-only machines of <= 4 cores; audio rendering: every core)
     lr_find_iters: int = 100
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16/fp16 on GPUs, bf16 on CPUs where it is faster
     accum: int = 1  # micro-batches of `bs` per optimizer step: the lr applies to the batch of bs x accum
@@ -144,15 +144,16 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
             first += phase.epochs
             continue
         learn.freeze() if phase.name == "frozen" else learn.unfreeze()
+        smooth_loss = None
         if resume is not None:
-            restore(learn, resume)
-            if done == first:  # at a phase's start fastai's freeze/unfreeze clears the optimizer state: so here too
-                learn.opt.clear_state()
+            # at a phase's start fastai's freeze/unfreeze clears the optimizer state, and the EMA starts afresh
+            restore(learn, resume, phase_start=done == first)
+            smooth_loss = resume.get("smooth_loss") if done > first else None
             resume = None
         cbs = [history]
         if checkpoints is not None:
             cbs.append(Checkpoint(Path(checkpoints) / CHECKPOINT, first_epoch=first, history=history,
-                                  meta=checkpoint_meta or {}))
+                                  meta=checkpoint_meta or {}, smooth_loss=smooth_loss))
         # start_epoch: fastai's SkipToEpoch skips the epochs done; pct_train, and so the one-cycle, starts there
         learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=max(0, done - first), cbs=cbs, **dict(phase.kwargs))
         first += phase.epochs
@@ -380,7 +381,9 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
         lr, suggestions = state["lr"], state.get("lr_suggestions")
         log(f"resuming {run} after epoch {state['epoch']} of {total}")
     elif lr is None:
-        lr, suggestions = find_lr(learn, run if main else None, num_it=config.lr_find_iters)
+        # with --accum, lr_find's iterations are micro-batches: N x as many make its usual number of steps, so
+        # the suggestion is an lr for the effective batch
+        lr, suggestions = find_lr(learn, run if main else None, num_it=config.lr_find_iters * config.accum)
         lr, suggestions = broadcast_object((lr, suggestions))  # every process trains with rank 0's choice
         log("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in suggestions.items())
             + f"; using {CHOSEN_SUGGESTION} {lr:.2e} (plot: {run / 'lr_find.png'})")

@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 
 from helpers import FASHION, FASHION_TEST, REPO, run_cli
 
-# 1 frozen + 3 unfrozen epochs: the kill lands in the first phase or early in the second
-RESUME_ARGS = ["--epochs", "3", "--freeze-epochs", "1", "--size", "32", "--lr", "3e-3", "--bs", "16", "--workers", "0",
-               "--precision", "fp32", "--seed", "3"]
+# 2 frozen + 2 unfrozen epochs: the kill after the first epoch lands in the middle of the first phase, so the
+# resumed run continues that phase's one-cycle schedule, then goes into the second. With EMA, whose state (the
+# averaged weights, the decay's warm-up position) must survive the kill too.
+RESUME_ARGS = ["--epochs", "2", "--freeze-epochs", "2", "--size", "32", "--lr", "3e-3", "--bs", "16", "--workers", "0",
+               "--precision", "fp32", "--seed", "3", "--ema"]
 TOTAL = 4
 
 
@@ -53,9 +55,10 @@ def test_checkpoint_files_are_plain_tensors_and_values(resumed):
     state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)  # no pickled objects
     assert {"model", "opt", "rng", "epoch", "history", "lr", "precision"} <= set(state)
     assert state["epoch"] == TOTAL and len(state["history"]) == TOTAL
+    assert set(state["ema"]["model"]) == set(state["model"]) and 0 < state["ema"]["decay"] < 1
     assert not any(k.startswith("_orig_mod.") or k.startswith("module.") for k in state["model"])
     config = json.loads((run / "checkpoints" / "config.json").read_text())
-    assert config["epochs"] == 3 and config["size"] == 32 and config["resume"] is False
+    assert config["epochs"] == 2 and config["freeze_epochs"] == 2 and config["resume"] is False
 
 
 def test_resumed_run_finishes_every_planned_epoch(resumed):
@@ -64,10 +67,10 @@ def test_resumed_run_finishes_every_planned_epoch(resumed):
     assert f"resuming {run} after epoch {killed_after} of {TOTAL}" in proc.stdout
     history = pl.read_csv(run / "history.csv")
     assert history["epoch"].to_list() == list(range(TOTAL))
-    assert history["phase"].to_list() == ["frozen"] + ["unfrozen"] * 3
+    assert history["phase"].to_list() == ["frozen", "frozen", "unfrozen", "unfrozen"]
     summary = json.loads((run / "run.json").read_text())
     assert summary["resolved"]["resumed_after_epoch"] == killed_after
-    assert summary["config"]["resume"] is True and summary["config"]["epochs"] == 3
+    assert summary["config"]["resume"] is True and summary["config"]["epochs"] == 2
     assert summary["resolved"]["precision"]["precision"] == "fp32"
 
 
@@ -104,3 +107,40 @@ def test_resume_errors_name_the_way_out(resumed, tmp_path):
     assert proc.returncode == 1 and "can be resumed" in proc.stderr
     proc = run_cli("fit")
     assert proc.returncode == 1 and "--resume" in proc.stderr
+
+
+def test_resume_at_a_phase_boundary_starts_the_next_phase_as_fine_tune_does(tmp_path):
+    """A checkpoint that ended the head-only phase: the resumed run starts the unfrozen phase with a cleared
+    optimizer state and a fresh EMA, as fastai's fine_tune does, and ends with the uninterrupted run's weights."""
+    from fastai.torch_core import set_seed
+    from pipelines.backbones import get_spec
+    from pipelines.checkpoints import load_checkpoint
+    from pipelines.images import ImagePreprocessing, image_dataloaders
+    from pipelines.learners import image_learner
+    from pipelines.precision import resolve_precision
+    from pipelines.sources import check_files, read_source, require_classes
+    from pipelines.training import train
+
+    items = check_files(read_source(FASHION, seed=2))
+    classes, spec = require_classes(items), get_spec("efficientnet_lite0")
+    prep = ImagePreprocessing(size=32, mean=spec.mean, std=spec.std)
+
+    def learner(run):
+        set_seed(2)
+        dls = image_dataloaders(items, classes=classes, prep=prep, bs=16, num_workers=0)
+        return image_learner(dls, "efficientnet_lite0", path=run, ema=True,
+                             precision=resolve_precision("fp32", arch="efficientnet_lite0", size=32))
+
+    whole = learner(tmp_path / "whole")
+    train(whole, epochs=1, lr=3e-3, freeze_epochs=1, checkpoints=tmp_path / "whole" / "checkpoints")
+    head_only = learner(tmp_path / "cut")
+    train(head_only, epochs=0, lr=3e-3, freeze_epochs=1, checkpoints=tmp_path / "cut" / "checkpoints",
+          checkpoint_meta={"lr": 3e-3})
+    state = load_checkpoint(tmp_path / "cut")
+    assert state["epoch"] == 1
+    resumed = learner(tmp_path / "cut")
+    history = train(resumed, epochs=1, lr=3e-3, freeze_epochs=1, checkpoints=tmp_path / "cut" / "checkpoints",
+                    resume=state)
+    assert history["phase"].to_list() == ["frozen", "unfrozen"]
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
