@@ -99,6 +99,7 @@ def test_bf16_training_on_cpu_learns_and_keeps_fp32_weights(data, tmp_path):
 
 # ---- gradient accumulation ----------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:You are shadowing an attribute")  # fastai's GradientAccumulation's own
 def test_accumulation_steps_once_per_accum_batches(data, tmp_path):
     from fastai.callback.core import Callback
     from fastai.callback.training import GradientAccumulation
