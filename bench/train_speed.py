@@ -130,7 +130,7 @@ def worker_fastai(a) -> dict:
 def worker_predict(a) -> dict:
     """itfits' prediction pipeline in process: files -> rows -> CSV."""
     from pipelines.bundle import load_bundle
-    from pipelines.predict import PredictConfig, fast_path, predict, write_predictions
+    from pipelines.predict import fast_path, predict, write_predictions
     from pipelines.images import ImagePreprocessing
     bundle = load_bundle(a.bundle)
     chosen = fast_path(bundle, ImagePreprocessing.from_json(bundle.meta["preprocessing"]))["precision"].name
@@ -207,7 +207,8 @@ def _run_fit(a, run: Path) -> dict:
     import polars as pl
     t = time.perf_counter()
     args = ["fit", str(DATA), "--out", str(run), "--arch", a.arch, "--weights", a.weights, "--epochs", str(a.epochs),
-            "--freeze-epochs", "1", "--size", str(a.size), "--bs", str(a.bs), "--lr", str(LR), "--precision", a.precision]
+            "--freeze-epochs", "1", "--size", str(a.size), "--bs", str(a.bs), "--lr", str(LR),
+            "--precision", a.precision]
     proc = subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
@@ -260,7 +261,8 @@ def main():
     from pipelines.precision import resolve_precision
     chosen = resolve_precision(a.precision, arch=a.arch, size=a.size)
     a.precision = chosen.name  # every variant trains in the same precision
-    print(f"{a.arch} ({a.weights} weights) {a.size}px bs {a.bs}, 1+{a.epochs} epochs on {DATA.relative_to(REPO)}; precision "
+    print(f"{a.arch} ({a.weights} weights) {a.size}px bs {a.bs}, 1+{a.epochs} epochs on {DATA.relative_to(REPO)}; "
+          f"precision "
           f"{chosen.name} ({chosen.reason}); {os.cpu_count()} cores, torch threads {a.threads or 'default'}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     results: dict[str, list[dict]] = {}

@@ -75,7 +75,8 @@ def save_checkpoint(path: Path, learn, *, epoch: int, history: list[dict], meta:
              "opt": {"state": _plain(opt["state"]), "hypers": _plain(list(opt["hypers"]))},
              "ema": ema.state_dict() if ema is not None and getattr(ema, "ema_model", None) is not None else None,
              # fastai's train_loss is a moving average over the fit: a resumed fit goes on with it, not afresh
-             "smooth_loss": {"val": float(learn.recorder.smooth_loss.val), "count": int(learn.recorder.smooth_loss.count)},
+             "smooth_loss": {"val": float(learn.recorder.smooth_loss.val),
+                             "count": int(learn.recorder.smooth_loss.count)},
              "rng": _plain(rng_state(learn))}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

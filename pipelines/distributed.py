@@ -66,7 +66,8 @@ def process_group():
 
 
 def broadcast_object(obj, src: int = 0):
-    """`obj` from rank `src` in every process (e.g. the lr rank 0's lr_find chose); `obj` itself when not distributed."""
+    """`obj` from rank `src` in every process (e.g. the lr rank 0's lr_find chose); `obj` itself when not
+    distributed."""
     if not dist.is_initialized():
         return obj
     box = [obj]

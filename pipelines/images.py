@@ -152,7 +152,8 @@ def image_dataloaders(items: pl.DataFrame, *, classes: list[str], prep: ImagePre
     if cache is None:
         cache = DecodedImages.fits(len(rows), prep.size)
     if cache:  # items are uint8 tensors already at size: no PIL, no item transforms, only batch ones
-        x_block, get_x, item_tfms = TransformBlock(batch_tfms=IntToFloatTensor), DecodedImages([r.path for r in rows], prep), []
+        x_block, item_tfms = TransformBlock(batch_tfms=IntToFloatTensor), []
+        get_x = DecodedImages([r.path for r in rows], prep)
     else:
         x_block, get_x, item_tfms = ImageBlock, _pil_item, [Resize(prep.size, method=prep.resize)]
     block = DataBlock(blocks=(x_block, CategoryBlock(vocab=classes)), get_x=get_x, get_y=_label,

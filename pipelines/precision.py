@@ -46,7 +46,8 @@ class Precision:
 
 def check_precision(name: str) -> str:
     if name not in PRECISIONS:
-        raise ItfitsError(f"'{name}' is not a precision;{did_you_mean(name, PRECISIONS)} choices: {', '.join(PRECISIONS)}")
+        raise ItfitsError(f"'{name}' is not a precision;{did_you_mean(name, PRECISIONS)} "
+                          f"choices: {', '.join(PRECISIONS)}")
     return name
 
 

@@ -398,9 +398,12 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
     resolved = {"lr": lr, "lr_suggestions": suggestions, "bs": bs, "accum": config.accum,
                 "effective_bs": effective_batch(bs, config.accum, world), "size": prep.size, "classes": classes,
                 "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds), "n_skipped": int(n_skipped),
-                "precision": precision.json(), "channels_last": any(type(cb).__name__ == "ChannelsLast" for cb in learn.cbs),
+                "precision": precision.json(),
+                "channels_last": any(type(cb).__name__ == "ChannelsLast" for cb in learn.cbs),
                 "ema_decay": float(ema.final_decay) if ema is not None else None,
-                "compiled": bool(compiler and not compiler.failed), "compile_error": compiler.failed if compiler else None,
+                "compiled": bool(compiler and not compiler.failed),
+                "compile_error": compiler.failed if compiler else None,
+                "num_workers": dls.train.fake_l.num_workers,  # fastai keeps the process count there
                 "world_size": world, "resumed_after_epoch": state["epoch"] if state else None,
                 **({"mel": data.mel.json()} if data.mel else {})}
     return TrainedImages(learn=learn, items=items, classes=classes, prep=prep, history=history, resolved=resolved,
