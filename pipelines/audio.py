@@ -250,9 +250,11 @@ def render_folder(items: pl.DataFrame, cfg: MelConfig, *, cache: Path | None = N
 
 
 def source_files(windows: pl.DataFrame) -> pl.DataFrame:
-    """One row per clip of a render_folder table: path (the clip), label, split, error."""
+    """One row per clip of a render_folder table: path (the clip), label, split, error, image (its first window's
+    PNG; null for a skipped clip)."""
     return (windows.unique("source", keep="first", maintain_order=True)
-            .select(pl.col("source").alias("path"), "label", "split", "error"))
+            .select(pl.col("source").alias("path"), "label", "split", "error",
+                    image=pl.when(pl.col("error").is_null()).then(pl.col("path"))))
 
 
 def audio_to_images(in_dir: str | Path, out_dir: str | Path, cfg: MelConfig, *, workers: int | None = None,

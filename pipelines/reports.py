@@ -19,6 +19,12 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+
+
 def plot_lr_find(lrs, losses, suggestions: dict[str, float], chosen: str, path: Path) -> None:
     """Loss against learning rate (log scale), each suggestion marked, the chosen one named in the legend."""
     plt = _pyplot()
@@ -30,9 +36,7 @@ def plot_lr_find(lrs, losses, suggestions: dict[str, float], chosen: str, path: 
     ax.set(xscale="log", xlabel="learning rate", ylabel="loss", title="lr_find")
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def confusion_matrix(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> np.ndarray:
@@ -58,9 +62,7 @@ def write_confusion_matrix(cm: np.ndarray, classes: list[str], out_dir: Path) ->
     ax.set_xticklabels(classes, rotation=45, ha="right")
     ax.set_yticklabels(classes)
     fig.tight_layout()
-    with atomic_path(out_dir / "confusion_matrix.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save(fig, out_dir / "confusion_matrix.png")
 
 
 def plot_reliability(probs: np.ndarray, targets: np.ndarray, path: Path, bins: int = 10) -> None:
@@ -77,9 +79,7 @@ def plot_reliability(probs: np.ndarray, targets: np.ndarray, path: Path, bins: i
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="reliability")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_risk_coverage(scores: np.ndarray, correct: np.ndarray, path: Path, *, threshold: float | None = None) -> None:
@@ -96,9 +96,7 @@ def plot_risk_coverage(scores: np.ndarray, correct: np.ndarray, path: Path, *, t
         ax.legend()
     ax.set(xlabel="coverage (share accepted)", ylabel="risk (error rate among accepted)", title="risk-coverage")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_losses(history: pl.DataFrame, path: Path) -> None:
@@ -125,9 +123,20 @@ def plot_losses(history: pl.DataFrame, path: Path) -> None:
         ax.set_xticks(epochs)
         ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def plot_predicted_vs_actual(actual: np.ndarray, predicted: np.ndarray, path: Path, *, target: str) -> None:
+    """Each validation row's prediction against its true value; a perfect model puts every point on the diagonal."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(actual, predicted, s=12, alpha=0.6)
+    lo, hi = min(actual.min(), predicted.min()), max(actual.max(), predicted.max())
+    ax.plot([lo, hi], [lo, hi], "--", color="gray", label="predicted = actual")
+    ax.set(xlabel=f"actual {target}", ylabel=f"predicted {target}", title="predicted against actual (valid)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    _save(fig, path)
 
 
 # ---- the run report: one self-contained HTML file ---------------------------------------------------------
@@ -138,14 +147,24 @@ THUMBNAIL = 96  # pixels, the longer side of a top-loss thumbnail
 
 @dataclass(frozen=True)
 class Validation:
-    """What training already computed on the validation set; the report draws on it and runs no model."""
-    logits: np.ndarray  # (N, C) uncalibrated, as the loss saw them
-    targets: np.ndarray  # (N,) class indices
+    """What training already computed on the validation set; the report draws on it and runs no model.
+    A classifier's has `logits`, a regression's `predictions`."""
+    targets: np.ndarray  # (N,) class indices; regression: true values in the target's units
     names: list[str]  # how a person finds each item: its file, or a row id
+    logits: np.ndarray | None = None  # (N, C) uncalibrated, as the loss saw them
+    predictions: np.ndarray | None = None  # (N,) regression: predicted values in the target's units
     probs: np.ndarray | None = None  # (N, C) calibrated probabilities; None: softmax of the logits
     scores: np.ndarray | None = None  # (N,) unknown score of each item (higher = known); None: no risk-coverage plot
     images: list[str] | None = None  # a picture of each item (image file, spectrogram PNG) for the thumbnails
     rows: pl.DataFrame | None = None  # tabular: each item's input columns, shown instead of thumbnails
+
+    def __post_init__(self):
+        if (self.logits is None) == (self.predictions is None):
+            raise ValueError("Validation takes logits (classification) or predictions (regression), one of them")
+
+    @property
+    def regression(self) -> bool:
+        return self.predictions is not None
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -160,15 +179,22 @@ def item_losses(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def top_losses(valid: Validation, classes: list[str], k: int = TOP_LOSSES) -> pl.DataFrame:
-    """The k validation items with the highest loss: index, name, actual, predicted, probability, loss."""
-    losses = item_losses(valid.logits, valid.targets)
-    probs = valid.probs if valid.probs is not None else _softmax(valid.logits)
-    order = np.argsort(-losses, kind="stable")[:k]
-    preds = probs.argmax(1)
-    return pl.DataFrame({"index": order, "name": [valid.names[i] for i in order],
-                         "actual": [classes[valid.targets[i]] for i in order],
-                         "predicted": [classes[preds[i]] for i in order],
-                         "probability": probs[order, preds[order]].astype(float), "loss": losses[order].astype(float)},
+    """The k validation items with the highest loss: index, name, actual, predicted, then probability and loss;
+    regression: the largest absolute errors, then error (predicted - actual)."""
+    if valid.regression:
+        error = valid.predictions - valid.targets
+        order = np.argsort(-np.abs(error), kind="stable")[:k]
+        columns = {"actual": valid.targets[order].astype(float), "predicted": valid.predictions[order].astype(float),
+                   "error": error[order].astype(float)}
+    else:
+        losses = item_losses(valid.logits, valid.targets)
+        probs = valid.probs if valid.probs is not None else _softmax(valid.logits)
+        order = np.argsort(-losses, kind="stable")[:k]
+        preds = probs.argmax(1)
+        columns = {"actual": [classes[valid.targets[i]] for i in order],
+                   "predicted": [classes[preds[i]] for i in order],
+                   "probability": probs[order, preds[order]].astype(float), "loss": losses[order].astype(float)}
+    return pl.DataFrame({"index": order, "name": [valid.names[i] for i in order], **columns},
                         schema_overrides={"index": pl.Int64})
 
 
@@ -195,7 +221,9 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding
 td.num{text-align:right;font-variant-numeric:tabular-nums}img.plot{max-width:100%}.muted{color:#777}
 .grid{display:flex;flex-wrap:wrap;gap:.8em 2em}h3{margin:.3em 0}
 .card{border:1px solid #ddd;padding:.4em;width:11em;font-size:.85em}
-.card img{display:block;margin:0 auto .3em;image-rendering:pixelated;width:96px}.wrong{color:#b00}
+.card img{display:block;margin:0 auto .3em;image-rendering:pixelated;width:96px;height:96px;object-fit:contain}
+/* contain: a spectrogram thumbnail is tall and narrow; it keeps its shape in the square */
+.wrong{color:#b00}
 .name{word-break:break-all}"""
 
 
@@ -224,49 +252,38 @@ def _figure(path: Path, alt: str):
 
 
 def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validation) -> Path:
-    """RUN/report.html: settings, lr_find, loss curves, confusion matrix, per-class precision/recall, top losses,
-    calibration and unknown figures, skipped files. Writes losses.png, reliability.png, risk_coverage.png,
-    per_class.csv and top_losses.csv beside it. Every image is embedded, so the one file can be mailed.
-    Draws only on what training computed (history, validation logits): it runs no model. Returns the path."""
+    """RUN/report.html: settings, lr_find, loss curves, skipped files, and for a classifier the confusion matrix,
+    per-class precision/recall, top losses, calibration and unknown figures; for a regression predicted against
+    actual and the rows with the largest errors. Writes losses.png, top_losses.csv and (classifier) reliability.png,
+    risk_coverage.png, per_class.csv or (regression) predicted_vs_actual.png beside it. Every image is embedded, so
+    the one file can be mailed. Draws only on what training computed (history, validation outputs): it runs no
+    model. Returns the path."""
     from fastcore.xml import H1, H2, H3, Body, Div, Head, Html, Meta, P, Style, Title, to_xml
-    from .evaluate import per_class
 
     run = Path(run)
-    classes = summary["resolved"]["classes"]
-    plot_losses(history, run / "losses.png")
-    probs = valid.probs if valid.probs is not None else _softmax(valid.logits)
-    preds = probs.argmax(1)
-    plot_reliability(probs, valid.targets, run / "reliability.png")
-    calib = summary.get("calibration") or {}
-    if valid.scores is not None:
-        plot_risk_coverage(valid.scores, preds == valid.targets, run / "risk_coverage.png",
-                           threshold=calib.get("threshold"))
-    pc = per_class(valid.targets, preds, classes)
-    pc_table = pl.DataFrame([{"class": c, **m} for c, m in pc.items()])
-    write_table(pc_table, run / "per_class.csv")
-    top = top_losses(valid, classes)
-    write_table(top.drop("index"), run / "top_losses.csv")
-
     config, resolved, results = summary["config"], summary["resolved"], summary.get("results", {})
+    plot_losses(history, run / "losses.png")
+    top = top_losses(valid, resolved["classes"])
+    write_table(top.drop("index"), run / "top_losses.csv")
     used = {k: v for k, v in resolved.items() if k not in ("classes", "lr_suggestions")}
     lr_part = ([_figure(run / "lr_find.png", "lr_find plot"),
                 _kv_table({f"suggestion: {k}": v for k, v in resolved["lr_suggestions"].items()})]
                if resolved.get("lr_suggestions") else
                [P(f"lr_find did not run: the learning rate was given ({resolved.get('lr')}).", cls="muted")])
+    model = f"a tabular model of '{config['target']}'" if config.get("target") else config.get("arch", "")
+    task = ("regression" if valid.regression else
+            f"{len(resolved['classes'])} classes ({', '.join(resolved['classes'])})")
 
     body = [H1("itfits run report"),
-            P(f"{config.get('arch', '')} on {config.get('data', '')}: {len(classes)} classes "
-              f"({', '.join(classes)}), {resolved.get('n_train')} train / {resolved.get('n_valid')} valid items."),
-            _kv_table({"valid accuracy": results.get("valid_accuracy"), "valid loss": results.get("valid_loss"),
-                       "seconds": results.get("seconds")}),
+            P(f"{model} on {config.get('data', '')}: {task}, {resolved.get('n_train')} train / "
+              f"{resolved.get('n_valid')} valid items."),
+            _kv_table({k.replace("_", " "): v for k, v in results.items()}),
             H2("Settings"), Div(Div(H3("As given (FitConfig)"), _kv_table(config)),
                                 Div(H3("As used"), _kv_table(used)), cls="grid"),
             H2("Learning rate finder"), *lr_part,
             H2("Loss and metrics"), _figure(run / "losses.png", "loss and metric curves"),
-            H2("Confusion matrix (validation)"), _figure(run / "confusion_matrix.png", "confusion matrix"),
-            H2("Per class (validation)"), _frame_table(pc_table),
-            H2(f"Top {top.height} losses (validation)"), _top_losses_part(top, valid),
-            H2("Calibration and unknowns"), *_calibration_part(run, calib, risk=valid.scores is not None)]
+            *(_regression_part(run, config.get("target", ""), valid, top) if valid.regression else
+              _classification_part(run, summary, valid, top))]
     skipped = run / "skipped.csv"
     if skipped.is_file():
         table = pl.read_csv(skipped, infer_schema_length=0)
@@ -278,6 +295,34 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
     with atomic_path(out) as tmp:
         tmp.write_text("<!doctype html>\n" + to_xml(page), encoding="utf-8")
     return out
+
+
+def _classification_part(run: Path, summary: dict, valid: Validation, top: pl.DataFrame) -> list:
+    """Confusion matrix, per-class table (per_class.csv), top losses, calibration and unknown figures."""
+    from fastcore.xml import H2
+    from .evaluate import per_class
+    classes, calib = summary["resolved"]["classes"], summary.get("calibration") or {}
+    probs = valid.probs if valid.probs is not None else _softmax(valid.logits)
+    preds = probs.argmax(1)
+    plot_reliability(probs, valid.targets, run / "reliability.png")
+    if valid.scores is not None:
+        plot_risk_coverage(valid.scores, preds == valid.targets, run / "risk_coverage.png",
+                           threshold=calib.get("threshold"))
+    pc_table = pl.DataFrame([{"class": c, **m} for c, m in per_class(valid.targets, preds, classes).items()])
+    write_table(pc_table, run / "per_class.csv")
+    return [H2("Confusion matrix (validation)"), _figure(run / "confusion_matrix.png", "confusion matrix"),
+            H2("Per class (validation)"), _frame_table(pc_table),
+            H2(f"Top {top.height} losses (validation)"), _top_losses_part(top, valid),
+            H2("Calibration and unknowns"), *_calibration_part(run, calib, risk=valid.scores is not None)]
+
+
+def _regression_part(run: Path, target: str, valid: Validation, top: pl.DataFrame) -> list:
+    """Predicted against actual (predicted_vs_actual.png) and the rows with the largest errors."""
+    from fastcore.xml import H2
+    plot_predicted_vs_actual(valid.targets, valid.predictions, run / "predicted_vs_actual.png", target=target)
+    return [H2("Predicted against actual (validation)"),
+            _figure(run / "predicted_vs_actual.png", "predicted against actual"),
+            H2(f"The {top.height} largest errors (validation)"), _top_losses_part(top, valid)]
 
 
 def _top_losses_part(top: pl.DataFrame, valid: Validation):

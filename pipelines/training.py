@@ -435,9 +435,13 @@ def finish_images(trained: TrainedImages, config: FitConfig, *, log=print) -> di
     save_bundle(learn.model, meta, calibration, run / "model")
     write_json(summary, run / "run.json")
     probs, scores, _ = calibration.apply(valid["logits"], valid["features"])
+    images = valid["paths"]
+    if trained.mel:  # a clip's picture: its first window's spectrogram, rendered for training (in the cache)
+        first_window = dict(trained.items.select("path", "image").iter_rows())
+        images = [first_window[p] for p in valid["paths"]]
     report = write_report(run, summary, history, Validation(
         logits=valid["logits"], targets=valid["targets"], names=valid["paths"], probs=probs, scores=scores,
-        images=None if trained.mel else valid["paths"]))  # audio: clips are not pictures, no thumbnails
+        images=images))
     log(f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}; report: {report}")
     return summary
 
@@ -477,12 +481,8 @@ def calibrate_table(model, data, config: FitConfig, *, max_train: int = 4096):
     return calibration, report, v_logits, v_feats
 
 
-def _regression_results(model, data) -> dict:
+def _regression_results(pred: np.ndarray, truth: np.ndarray) -> dict:
     """Validation RMSE, MAE and R² in the target's units."""
-    from .tabular import tabular_outputs
-    v_cat, v_cont, v_y = data.part(True)
-    pred = data.prep.decode_target(tabular_outputs(model, v_cat, v_cont)[0][:, 0])
-    truth = data.prep.decode_target(v_y)
     err = pred - truth
     return {"valid_rmse": float(np.sqrt((err ** 2).mean())), "valid_mae": float(np.abs(err).mean()),
             "valid_r2": float(1 - (err ** 2).sum() / max(((truth - truth.mean()) ** 2).sum(), 1e-12))}
@@ -492,8 +492,9 @@ def fit_table(config: FitConfig, log=print) -> dict:
     """`itfits fit TABLE --target COLUMN`: fastai's TabularModel trained with fit_one_cycle; writes the run folder
     as `fit` does for images. Returns the run summary (run.json)."""
     from .bundle import save_bundle, tabular_bundle_meta
-    from .reports import confusion_matrix, write_confusion_matrix
-    from .tabular import TabularModelSpec
+    from .reports import Validation, confusion_matrix, write_confusion_matrix, write_report
+    from .sources import read_table
+    from .tabular import TabularModelSpec, tabular_outputs
 
     t0 = time.perf_counter()
     run = Path(config.out)
@@ -513,6 +514,8 @@ def fit_table(config: FitConfig, log=print) -> dict:
     history = train(learn, epochs=config.epochs, lr=lr, fine_tune=False)
     write_table(history, run / "history.csv")
 
+    v_rows = data.rows[data.valid]
+    rows = read_table(Path(config.data))[v_rows.tolist()]  # the validation rows as the file has them
     calibration = calib_report = None
     if classify:
         calibration, calib_report, v_logits, v_feats = calibrate_table(learn.model, data, config)
@@ -520,8 +523,14 @@ def fit_table(config: FitConfig, log=print) -> dict:
         write_confusion_matrix(confusion_matrix(v_y, preds, prep.classes), prep.classes, run)
         results = {"valid_accuracy": float((preds == v_y).mean())}
         log(_calibration_line(calibration, calib_report))
+        probs, scores, _ = calibration.apply(v_logits, v_feats)
+        outputs = dict(logits=v_logits, targets=v_y, probs=probs, scores=scores)
     else:
-        results = _regression_results(learn.model, data)
+        v_cat, v_cont, _ = data.part(True)
+        v_pred = prep.decode_target(tabular_outputs(learn.model, v_cat, v_cont)[0][:, 0])
+        v_true = rows[prep.target].cast(pl.Float64).to_numpy()  # exact: data.y holds it normalised, in float32
+        results = _regression_results(v_pred, v_true)
+        outputs = dict(predictions=v_pred, targets=v_true)
     results.update(valid_loss=float(history["valid_loss"][-1]), seconds=round(time.perf_counter() - t0, 1))
     spec = TabularModelSpec.for_data(prep, config.layers)
     summary = {
@@ -535,13 +544,7 @@ def fit_table(config: FitConfig, log=print) -> dict:
     }
     save_bundle(learn.model, tabular_bundle_meta(prep, spec, training=results), calibration, run / "model")
     write_json(summary, run / "run.json")
-    if classify:  # the report's confusion matrix, per-class table and top losses are for classes
-        from .reports import Validation, write_report
-        from .sources import read_table
-        probs, scores, _ = calibration.apply(v_logits, v_feats)
-        rows = read_table(Path(config.data))[data.rows[data.valid].tolist()]
-        write_report(run, summary, history, Validation(logits=v_logits, targets=data.y[data.valid],
-                     names=[f"row {r}" for r in data.rows[data.valid]], probs=probs, scores=scores, rows=rows))
+    report = write_report(run, summary, history, Validation(names=[f"row {r}" for r in v_rows], rows=rows, **outputs))
     log(", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in results.items() if k.startswith("valid_"))
-        + f"; model bundle in {run / 'model'}")
+        + f"; model bundle in {run / 'model'}; report: {report}")
     return summary

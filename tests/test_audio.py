@@ -2,6 +2,7 @@
 fit -> bundle -> predict / evaluate through the CLI, audio-to-images, and the notebook."""
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import warnings
@@ -272,6 +273,21 @@ def test_fit_skips_broken_clips_with_reasons_and_uses_odd_ones(audio_run):
         assert by_name[name][0] == audio_run.broken[name].parent.name
     n_good = sum(1 for _ in AUDIO.rglob("*.flac")) + len(audio_run.odd)
     assert f"{n_good} files in 4 classes" in audio_run.stdout and f"{len(BROKEN_AUDIO)} skipped" in audio_run.stdout
+
+
+def test_report_shows_top_loss_clips_as_their_first_spectrogram(audio_run):
+    """Each top-loss card: the clip's file name, and a thumbnail of its first window's spectrogram (the PNG that
+    training rendered into the cache)."""
+    from pipelines.reports import thumbnail_uri
+    page = (audio_run.run / "report.html").read_text()
+    top = pl.read_csv(audio_run.run / "top_losses.csv")
+    windows = render_folder(read_source(audio_run.data, exts=AUDIO_EXTS), MEL, workers=1, progress=False)  # cached
+    first = dict(windows.filter(pl.col("window") == 0).select("source", "path").iter_rows())
+    section = page.split("losses (validation)</h2>", 1)[1].split("<h2>", 1)[0]
+    assert top.height > 0 and section.count("data:image/png;base64,") == top.height
+    for clip in top["name"]:
+        assert html.escape(Path(clip).name) in section
+        assert thumbnail_uri(first[clip]) in section, f"{clip}: not its first window's spectrogram"
 
 
 def test_a_second_fit_renders_nothing(audio_run, mel_cache):

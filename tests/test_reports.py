@@ -1,5 +1,5 @@
 """RUN/report.html: one self-contained page built from what training computed (no model runs), every string
-escaped; its plots and tables are files in RUN too."""
+escaped; its plots and tables are files in RUN too. Classifiers and regressions (a table with a continuous target)."""
 from __future__ import annotations
 
 import base64
@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 import torch
 from PIL import Image
 
-from helpers import CLASSES, FASHION
+from helpers import CLASSES, FASHION, REPO
 from pipelines.reports import TOP_LOSSES, Validation, item_losses, write_report
 
 PLOTS = ["losses.png", "confusion_matrix.png", "reliability.png", "risk_coverage.png"]
@@ -109,16 +110,24 @@ def validation(n: int, n_classes: int, names: list[str], **kw) -> Validation:
     return Validation(logits=rng.normal(size=(n, n_classes)), targets=rng.integers(0, n_classes, n), names=names, **kw)
 
 
-def test_report_runs_no_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_report_runs_no_model(tmp_path, monkeypatch, task):
     def no_inference(*args, **kwargs):
         raise AssertionError("the report ran a model")
     monkeypatch.setattr(torch.nn.Module, "__call__", no_inference)
     monkeypatch.setattr("pipelines.predict.image_batches", no_inference)
     files = sorted(str(p) for p in (FASHION / "bag").glob("*.png"))[:16]
     run, summary, history = fake_run(tmp_path, CLASSES)
-    out = write_report(run, summary, history, validation(16, 4, files, images=files, scores=np.linspace(-2, 0, 16)))
+    if task == "regression":
+        valid = Validation(targets=np.arange(16.0), predictions=np.arange(16.0) ** 1.1, names=files,
+                           rows=pl.DataFrame({"x": range(16)}))
+        plots = ["losses.png", "predicted_vs_actual.png"]
+    else:
+        valid = validation(16, 4, files, images=files, scores=np.linspace(-2, 0, 16))
+        plots = [p for p in PLOTS if p != "confusion_matrix.png"]
+    out = write_report(run, summary, history, valid)
     assert out == run / "report.html" and out.is_file()
-    assert all((run / p).is_file() for p in PLOTS if p != "confusion_matrix.png")
+    assert all((run / p).is_file() for p in plots)
 
 
 def test_report_escapes_every_string(tmp_path):
@@ -170,6 +179,68 @@ def test_report_shows_table_rows_for_tabular_items(tmp_path):
     page = write_report(run, summary, history, validation(10, 2, [f"row {i}" for i in range(10)], rows=rows)).read_text()
     top = page.split("losses (validation)</h2>", 1)[1].split("<h2>", 1)[0]
     assert "bill_length_mm" in top and "Biscoe" in top and "<img" not in top
+
+
+def table_rows(fragment: str) -> list[list[str]]:
+    """The text of each table row's cells (th or td) in an HTML fragment, as a browser shows it."""
+    rows: list[list[str]] = []
+
+    class Parser(HTMLParser):
+        in_cell = False
+
+        def handle_starttag(self, tag, attributes):
+            if tag == "tr":
+                rows.append([])
+            elif tag in ("td", "th"):
+                rows[-1].append("")
+                self.in_cell = True
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.in_cell = False
+
+        def handle_data(self, data):
+            if self.in_cell:
+                rows[-1][-1] += data
+
+    Parser().feed(fragment)
+    return rows
+
+
+def test_regression_run_reports_its_largest_errors_with_their_rows(tmp_path):
+    """A regression on data/penguins.csv (body mass from the other columns; lr_find, 1 epoch): the
+    report has settings, lr_find, losses, predicted against actual, and the validation rows with the largest
+    errors, each with its columns as they are in the file."""
+    from pipelines.training import FitConfig, fit
+    penguins = REPO / "data" / "penguins.csv"
+    run = tmp_path / "run"
+    summary = fit(FitConfig(data=str(penguins), target="body_mass_g", epochs=1, out=str(run)),
+                  log=lambda *a: None)
+    plots = ["lr_find.png", "losses.png", "predicted_vs_actual.png"]
+    for name in ["report.html", "top_losses.csv", *plots]:
+        assert (run / name).is_file(), f"{name} missing from the run folder"
+    page = (run / "report.html").read_text()
+    assert_self_contained(page)
+    for name in plots:
+        assert base64.b64encode((run / name).read_bytes()).decode() in page, f"{name} not embedded"
+    assert "regression" in page and "valid rmse" in page and "Confusion matrix" not in page
+
+    top = pl.read_csv(run / "top_losses.csv")
+    assert top.columns == ["name", "actual", "predicted", "error"] and top.height == TOP_LOSSES
+    np.testing.assert_allclose(top["error"], top["predicted"] - top["actual"])
+    assert (top["error"].abs().diff().drop_nulls() <= 0).all(), "largest absolute error first"
+    assert abs(top["error"][0]) >= summary["results"]["valid_mae"]
+    section = page.split("largest errors (validation)</h2>", 1)[1].split("<h2>", 1)[0]
+    header, *cells = table_rows(section)
+    shown = [dict(zip(header, row)) for row in cells]
+    assert [r["name"] for r in shown] == top["name"].to_list()
+    table = pl.read_csv(penguins, null_values="NA")
+    assert top["actual"].to_list() == [table["body_mass_g"][int(n.removeprefix("row "))] for n in top["name"]]
+    for r in shown:  # each shown row is the file's row of that number: target, prediction and its inputs
+        row = table.row(int(r["name"].removeprefix("row ")), named=True)
+        assert float(r["actual"]) == float(r["body_mass_g"]) == row["body_mass_g"], r
+        assert (r["species"], r["island"], float(r["flipper_length_mm"])) == (
+            row["species"], row["island"], row["flipper_length_mm"]), r
 
 
 def test_item_losses_are_cross_entropy():
