@@ -19,6 +19,7 @@ from .distributed import is_main
 from .errors import ItfitsError
 from .images import ImagePreprocessing
 from .io import write_json, write_table
+from .unknown import DEFAULT_SCORE, TABLE_DEFAULT_SCORE, UnknownStats, calibrate
 
 LR_SUGGESTIONS = ("minimum", "steep", "valley", "slide")
 CHOSEN_SUGGESTION = "minimum"  # lr at the loss minimum / 10 (fastai's lr_min): valley (4e-4) trained
@@ -255,16 +256,15 @@ def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
 
 
 def _calibrate(config: FitConfig, n_classes: int, *, valid: tuple, train: tuple, unknown: tuple | None,
-               head_dim: int):
+               head_dim: int, default_score: str):
     """calibrate() on (logits, features, targets) of the validation set, (features, targets) of training items
     and optional (logits, features) of unknown examples, with the config's score, threshold and keep.
     `head_dim`: how many feature columns are the head's (see unknown.py)."""
-    from .unknown import UnknownStats, calibrate
     stats = UnknownStats.fit(train[0], train[1], n_classes, head_dim=head_dim, seed=config.seed)
     u_logits, u_feats = unknown if unknown is not None else (None, None)
     threshold = None if config.threshold == "auto" else float(config.threshold)
     return calibrate(valid[0], valid[2], valid[1], stats, keep=config.keep, score=config.score, threshold=threshold,
-                     unknown_logits=u_logits, unknown_features=u_feats)
+                     unknown_logits=u_logits, unknown_features=u_feats, default_score=default_score)
 
 
 def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, config: FitConfig, *, mel: MelConfig | None = None,
@@ -301,7 +301,7 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
         unknown = (u_logits[good], u_feats[good])
     calibration, report = _calibrate(config, len(classes), valid=(v_logits, v_feats, v_targets),
                                      train=(t_feats, np.array([index[c] for c in train["label"]])), unknown=unknown,
-                                     head_dim=model[1][-1].in_features)
+                                     head_dim=model[1][-1].in_features, default_score=DEFAULT_SCORE)
     return calibration, report, {"logits": v_logits, "features": v_feats, "targets": v_targets,
                                  "paths": valid["path"].to_list()}
 
@@ -493,7 +493,8 @@ def calibrate_table(model, data, config: FitConfig, *, max_train: int = 4096):
         unknown = tabular_outputs(model, *data.prep.encode(parsed))
     calibration, report = _calibrate(config, len(data.prep.classes), valid=(v_logits, v_feats, v_y),
                                      train=(tabular_outputs(model, t_cat, t_cont)[1], t_y), unknown=unknown,
-                                     head_dim=v_feats.shape[1])  # tabular features are the head's only
+                                     head_dim=v_feats.shape[1],  # tabular features are the head's only
+                                     default_score=TABLE_DEFAULT_SCORE)
     return calibration, report, v_logits, v_feats
 
 
