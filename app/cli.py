@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from pipelines.errors import ItfitsError, did_you_mean
-from pipelines.unknown import DEFAULT_SCORE, SCORES
+from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained models on a folder of labelled files; predict with unknown flags.")
@@ -132,7 +132,7 @@ def fit(
     seed: int = typer.Option(42),
     threshold: str = typer.Option("auto", help="Unknown threshold on the score: auto (chosen on validation data, see --keep) or a number."),
     keep: float = typer.Option(0.95, help="Share of correctly classified validation items the auto threshold accepts."),
-    score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE})."),
+    score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE}; tables: {TABLE_DEFAULT_SCORE})."),
     unknown: Optional[Path] = typer.Option(None, help="Examples of none of the classes (a folder; tabular: a table), only used to choose score and threshold."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,

@@ -341,21 +341,20 @@ def audio_batches(model, prep, cfg: MelConfig, items: list[tuple[str, str | None
                                          num_workers=min(workers, -(-len(items) // batch_size)))
     model.eval()
     device = next(model.parameters()).device
-    last = model[1][-1]  # the head's final Linear: features (B, nf) -> logits (B, n_classes)
     start = 0
     with torch.inference_mode():
         for clips, errors in loader:
             counts = torch.tensor([len(c) for c in clips])
             x = torch.cat(clips)  # (windows of every clip in the batch, 3, size, size)
-            logits, feats = torch.zeros(len(x), last.out_features), torch.zeros(len(x), last.in_features)
-            for i in range(0, len(x), batch_size):
-                lo, fe = forward_features(model, prep.normalize(x[i:i + batch_size].to(device)))
-                logits[i:i + len(lo)], feats[i:i + len(lo)] = lo.float().cpu(), fe.float().cpu()
+            outs = [forward_features(model, prep.normalize(x[i:i + batch_size].to(device)))  # an empty batch too:
+                    for i in range(0, max(1, len(x)), batch_size)]  # the outputs' widths
+            logits = torch.cat([lo.float().cpu() for lo, _ in outs])
+            feats = torch.cat([fe.float().cpu() for _, fe in outs])
             clip = torch.repeat_interleave(torch.arange(len(clips)), counts)  # window -> its clip
             div = counts.clamp(min=1).unsqueeze(1)  # a clip without windows (an error) keeps zeros
             probs = torch.softmax(logits, dim=1)
-            c_probs = torch.zeros(len(clips), last.out_features).index_add_(0, clip, probs) / div
+            c_probs = torch.zeros(len(clips), probs.shape[1]).index_add_(0, clip, probs) / div
             c_logits = torch.log(c_probs.clamp(min=1e-12))  # a clip without windows: equal (meaningless) logits
-            c_feats = torch.zeros(len(clips), last.in_features).index_add_(0, clip, feats) / div
+            c_feats = torch.zeros(len(clips), feats.shape[1]).index_add_(0, clip, feats) / div
             yield [p for p, _ in items[start:start + len(clips)]], c_logits.numpy(), c_feats.numpy(), list(errors)
             start += len(clips)

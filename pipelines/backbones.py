@@ -196,7 +196,25 @@ def create_backbone(name: str, *, num_classes: int, weights: str = "auto") -> nn
     return nn.Sequential(body, create_head(nf, num_classes))
 
 
+def last_stage(body: nn.Module) -> nn.Module:
+    """The body's last stage of blocks: timm's `blocks` (EfficientNet, ViT) or `stages` (ConvNeXt), a ResNet's layer4."""
+    if isinstance(body, TorchvisionBody):
+        return body.features[-2]
+    for name in ("stages", "blocks"):
+        if isinstance(getattr(body, name, None), nn.Sequential):
+            return getattr(body, name)[-1]
+    raise ItfitsError(f"no last stage found in {type(body).__name__}: register it in backbones.last_stage")
+
+
 def forward_features(model: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, features): features are the input of the head's last Linear, used by the unknown scores."""
-    features = model[1][:-1](model[0](x))
-    return model[1][-1](features), features
+    """(logits, features) for the unknown scores: features are [the input of the head's last Linear | the input of
+    the body's last stage, averaged over positions]. The second part is more generic than the head's: unknowns
+    that the fine-tuned head maps close to a class often stand out there (bench/BENCHMARKS.md)."""
+    seen = []
+    hook = last_stage(model[0]).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        head = model[1][:-1](model[0](x))
+    finally:
+        hook.remove()
+    stage = seen[0].mean((2, 3)) if seen[0].ndim == 4 else seen[0].mean(1)  # (B, C, H, W) or ViT tokens (B, N, C)
+    return model[1][-1](head), torch.cat([head, stage.to(head.dtype)], 1)

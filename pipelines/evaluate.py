@@ -12,7 +12,7 @@ from .images import ImagePreprocessing
 from .io import write_json
 from .predict import file_outputs
 from .sources import check_files, expand_inputs, read_source
-from .unknown import SCORES, auroc, compute_scores, expected_calibration_error, fpr_at_tpr, nll, softmax
+from .unknown import auroc, compute_scores, expected_calibration_error, fpr_at_tpr, nll, softmax
 
 PLAIN_RULE = 0.95  # what most fastai users write by hand: max softmax < 0.95 -> unknown
 
@@ -63,7 +63,7 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     probs = softmax(logits, calib.temperature)
     preds = probs.argmax(1)
     correct = preds == targets
-    scores = compute_scores(logits, feats, temperature=calib.temperature, stats=calib.stats)
+    scores = compute_scores(logits, feats, temperature=calib.temperature, stats=calib.stats, names=calib.stats.scores)
     accepted = scores[calib.score] >= calib.threshold
     plain_accepted = softmax(logits).max(1) >= PLAIN_RULE
     metrics = {
@@ -86,14 +86,15 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
             raise ItfitsError(f"--unknown {unknown}: no {'audio' if mel else 'image'} files found")
         u_logits, u_feats, u_errors = file_outputs(bundle.model, prep, u_paths, mel=mel, num_workers=num_workers)
         good = np.array([not e for e in u_errors])
-        u_scores = compute_scores(u_logits[good], u_feats[good], temperature=calib.temperature, stats=calib.stats)
+        u_scores = compute_scores(u_logits[good], u_feats[good], temperature=calib.temperature, stats=calib.stats,
+                                  names=calib.stats.scores)
         metrics["n_unknown"] = int(good.sum())
         metrics["scores"] = {n: {"auroc": auroc(scores[n], u_scores[n]), "fpr95": fpr_at_tpr(scores[n], u_scores[n])}
-                             for n in SCORES}
+                             for n in calib.stats.scores}
         metrics["unknown_rule"]["unknown_accepted"] = float((u_scores[calib.score] >= calib.threshold).mean())
         plain_rate = float((softmax(u_logits[good]).max(1) >= PLAIN_RULE).mean())
         metrics["plain_rule"]["unknown_accepted"] = plain_rate
-        for n in SCORES:  # the fair comparison: accept no more unknowns than the plain rule does
+        for n in calib.stats.scores:  # the fair comparison: accept no more unknowns than the plain rule does
             metrics["scores"][n]["correct_accepted_at_plain_unknown_rate"] = accepted_at_rate(
                 scores[n][correct], u_scores[n], plain_rate)
     out = Path(out)

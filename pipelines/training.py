@@ -19,6 +19,7 @@ from .distributed import is_main
 from .errors import ItfitsError
 from .images import ImagePreprocessing
 from .io import write_json, write_table
+from .unknown import DEFAULT_SCORE, TABLE_DEFAULT_SCORE, UnknownStats, calibrate
 
 LR_SUGGESTIONS = ("minimum", "steep", "valley", "slide")
 CHOSEN_SUGGESTION = "minimum"  # lr at the loss minimum / 10 (fastai's lr_min): valley (4e-4) trained
@@ -93,11 +94,27 @@ class History(Callback):
                           "images_per_s": round(self.images / max(self.train_seconds, 1e-9), 2)})
 
 
+def _tolerant(suggest):
+    """A fastai lr suggestion function that gives NaN where the recorded curve is too short for it (slide needs
+    more than 15 points; lr_find stops early when the loss diverges) instead of failing."""
+    def tolerant(lrs, losses, num_it):
+        try:
+            return suggest(lrs, losses, num_it)
+        except (IndexError, ValueError, RuntimeError):
+            return float("nan"), (float("nan"), float("nan"))
+    tolerant.__name__ = suggest.__name__  # lr_find names its results after the functions
+    return tolerant
+
+
 def find_lr(learn, out_dir: Path | None = None, *, num_it: int = 100) -> tuple[float, dict[str, float]]:
     """(chosen lr, all suggestions); writes lr_find.png and lr_find.csv into out_dir when given."""
     from fastai.callback.schedule import minimum, slide, steep, valley
-    res = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=False, num_it=num_it)
-    suggestions = {name: float(v) for name, v in zip(LR_SUGGESTIONS, res)}
+    res = learn.lr_find(suggest_funcs=tuple(map(_tolerant, (minimum, steep, valley, slide))), show_plot=False,
+                        num_it=num_it)
+    suggestions = {name: float(v) for name, v in zip(LR_SUGGESTIONS, res) if np.isfinite(v)}
+    if CHOSEN_SUGGESTION not in suggestions:
+        raise ItfitsError(f"lr_find recorded {len(learn.recorder.losses)} losses, too few to suggest a learning rate "
+                          f"(it stops early when the loss diverges); give one with --lr")
     rec = learn.recorder
     lrs, losses = np.asarray(rec.lrs, dtype=float), np.asarray([float(x) for x in rec.losses])
     if out_dir is not None:
@@ -238,15 +255,16 @@ def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
     return find_lr(learn, run, num_it=config.lr_find_iters)
 
 
-def _calibrate(config: FitConfig, n_classes: int, *, valid: tuple, train: tuple, unknown: tuple | None):
+def _calibrate(config: FitConfig, n_classes: int, *, valid: tuple, train: tuple, unknown: tuple | None,
+               head_dim: int, default_score: str):
     """calibrate() on (logits, features, targets) of the validation set, (features, targets) of training items
-    and optional (logits, features) of unknown examples, with the config's score, threshold and keep."""
-    from .unknown import UnknownStats, calibrate
-    stats = UnknownStats.fit(train[0], train[1], n_classes, seed=config.seed)
+    and optional (logits, features) of unknown examples, with the config's score, threshold and keep.
+    `head_dim`: how many feature columns are the head's (see unknown.py)."""
+    stats = UnknownStats.fit(train[0], train[1], n_classes, head_dim=head_dim, seed=config.seed)
     u_logits, u_feats = unknown if unknown is not None else (None, None)
     threshold = None if config.threshold == "auto" else float(config.threshold)
     return calibrate(valid[0], valid[2], valid[1], stats, keep=config.keep, score=config.score, threshold=threshold,
-                     unknown_logits=u_logits, unknown_features=u_feats)
+                     unknown_logits=u_logits, unknown_features=u_feats, default_score=default_score)
 
 
 def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, config: FitConfig, *, mel: MelConfig | None = None,
@@ -282,7 +300,8 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
         good = np.array([not e for e in u_errors])
         unknown = (u_logits[good], u_feats[good])
     calibration, report = _calibrate(config, len(classes), valid=(v_logits, v_feats, v_targets),
-                                     train=(t_feats, np.array([index[c] for c in train["label"]])), unknown=unknown)
+                                     train=(t_feats, np.array([index[c] for c in train["label"]])), unknown=unknown,
+                                     head_dim=model[1][-1].in_features, default_score=DEFAULT_SCORE)
     return calibration, report, {"logits": v_logits, "features": v_feats, "targets": v_targets,
                                  "paths": valid["path"].to_list()}
 
@@ -477,7 +496,9 @@ def calibrate_table(model, data, config: FitConfig, *, max_train: int = 4096):
             raise ItfitsError(f"--unknown {config.unknown}: no usable rows")
         unknown = tabular_outputs(model, *data.prep.encode(parsed))
     calibration, report = _calibrate(config, len(data.prep.classes), valid=(v_logits, v_feats, v_y),
-                                     train=(tabular_outputs(model, t_cat, t_cont)[1], t_y), unknown=unknown)
+                                     train=(tabular_outputs(model, t_cat, t_cont)[1], t_y), unknown=unknown,
+                                     head_dim=v_feats.shape[1],  # tabular features are the head's only
+                                     default_score=TABLE_DEFAULT_SCORE)
     return calibration, report, v_logits, v_feats
 
 

@@ -1,20 +1,27 @@
 """Unknown handling: temperature calibration, unknown scores, threshold choice from data, and the metrics.
 
-Every score is "higher = more likely one of the known classes". What a score needs besides the logits
-(a bank of training features for kNN, class means and a precision matrix for Mahalanobis) is kept in
+Every score is "higher = more likely one of the known classes". The features a model gives for the scores are
+[the head's penultimate features | the pooled input of the body's last stage] (backbones.forward_features;
+tabular models give the first part only). What a score needs besides the logits (banks of training features for
+kNN, class means and a precision matrix for Mahalanobis, the standardisation of the combined score) is kept in
 `UnknownStats` and saved into the bundle's safetensors file; the JSON keeps the scalars.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from .errors import ItfitsError
 
-SCORES = ("max_softmax", "max_logit", "energy", "knn", "mahalanobis")
-DEFAULT_SCORE = "knn"  # best AUROC on held-out classes in bench/unknown_scores.py (see bench/BENCHMARKS.md)
+SCORES = ("max_softmax", "max_logit", "energy", "knn", "mahalanobis", "combined")
+# best AUROC, and the most correct items kept at the plain 0.95 rule's unknown acceptance, on held-out classes in
+# bench/unknown_scores.py (see bench/BENCHMARKS.md)
+DEFAULT_SCORE = "combined"
+# tables: Mahalanobis on the MLP's features caught each held-out penguin species best (AUROC 0.93-1.0, combined
+# 0.79-0.94: max softmax, one of its parts, is near chance there; README "Tabular")
+TABLE_DEFAULT_SCORE = "mahalanobis"
 KNN_K = 5
 KNN_BANK_MAX = 2048  # training features kept for kNN (fp16): at most 2048 x D, a few MB for D = 512-1280
 
@@ -58,14 +65,20 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int
 
 @dataclass
 class UnknownStats:
-    """Feature statistics of the training set that the feature-space scores need (D = feature size)."""
-    bank: np.ndarray  # (N, D) L2-normalised training features, for kNN
+    """Feature statistics of the training set that the feature-space scores need (D = head feature size, M =
+    size of the body's pooled stage features, 0 for tabular models)."""
+    bank: np.ndarray  # (N, D) L2-normalised head features of training items, for kNN
     means: np.ndarray  # (C, D) class means, for Mahalanobis
     precision: np.ndarray  # (D, D) inverse of the shared within-class covariance
+    stage_bank: np.ndarray  # (N, M) L2-normalised stage features of the same items, for the combined score
+    combine: np.ndarray  # (K, 2) mean and std on validation items of each part of the combined score
 
     @classmethod
-    def fit(cls, features: np.ndarray, targets: np.ndarray, n_classes: int, *, seed: int = 0) -> "UnknownStats":
-        feats = features.astype(np.float64)
+    def fit(cls, features: np.ndarray, targets: np.ndarray, n_classes: int, *, head_dim: int,
+            seed: int = 0) -> "UnknownStats":
+        """From training features; `head_dim`: how many of the feature columns are the head's (the rest: stage)."""
+        stage = features[:, head_dim:].astype(np.float32)
+        feats = features[:, :head_dim].astype(np.float64)
         rng = np.random.default_rng(seed)
         keep = rng.permutation(len(feats))[:KNN_BANK_MAX]
         means = np.stack([feats[targets == c].mean(0) if (targets == c).any() else np.zeros(feats.shape[1])
@@ -74,18 +87,62 @@ class UnknownStats:
         cov = centred.T @ centred / max(1, len(feats) - 1)
         cov += np.eye(cov.shape[0]) * (1e-3 * np.trace(cov) / cov.shape[0] + 1e-8)  # shrinkage: D can exceed N
         return cls(bank=_l2(feats[keep]).astype(np.float16), means=means.astype(np.float32),
-                   precision=np.linalg.inv(cov).astype(np.float32))
+                   precision=np.linalg.inv(cov).astype(np.float32), stage_bank=_l2(stage[keep]).astype(np.float16),
+                   combine=np.zeros((0, 2), np.float32))
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """The scores these statistics serve (bundles from before the combined score lack it)."""
+        return SCORES if len(self.combine) else tuple(n for n in SCORES if n != "combined")
+
+    @property
+    def head_dim(self) -> int:
+        return self.bank.shape[1]
+
+    def combined_parts(self, logits: np.ndarray, features: np.ndarray, temperature: float) -> np.ndarray:
+        """(N, K) the parts of the combined score, unstandardised: kNN on head features, kNN on stage features
+        (when the model has them) and log calibrated max softmax. Each sees unknowns a different way (distance to
+        training items in the classifier's own space, in a more generic mid-level space, and the classifier's
+        doubt); on held-out classes their standardised sum beats each alone (bench/BENCHMARKS.md)."""
+        parts = [_knn(features[:, :self.head_dim], self.bank)]
+        if self.stage_bank.shape[1]:
+            parts.append(_knn(features[:, self.head_dim:], self.stage_bank))
+        parts.append(np.log(np.clip(softmax(logits, temperature).max(1), 1e-30, None)))
+        return np.stack(parts, 1)
+
+    def with_combine(self, logits: np.ndarray, features: np.ndarray, temperature: float) -> "UnknownStats":
+        """These statistics, with each part of the combined score standardised on validation items (known,
+        unseen in training)."""
+        parts = self.combined_parts(logits, features, temperature)
+        std = parts.std(0) if len(parts) > 1 else np.ones(parts.shape[1])
+        return replace(self, combine=np.stack([parts.mean(0), np.clip(std, 1e-6, None)], 1).astype(np.float32))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"unknown.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.__dict__.items()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "UnknownStats":
-        return cls(**{k: tensors[f"unknown.{k}"].numpy() for k in ("bank", "means", "precision")})
+        fields = {k: tensors[f"unknown.{k}"].numpy() for k in ("bank", "means", "precision")}
+        # bundles from before the combined score have neither: it is then unavailable, the others work
+        fields["stage_bank"] = tensors["unknown.stage_bank"].numpy() if "unknown.stage_bank" in tensors else \
+            np.zeros((len(fields["bank"]), 0), np.float16)
+        fields["combine"] = tensors["unknown.combine"].numpy() if "unknown.combine" in tensors else np.zeros((0, 2))
+        return cls(**fields)
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+    # not np.linalg.norm: it calls OpenBLAS, whose threads then spin and slow the next forward pass (see _knn)
+    return x / np.clip(np.sqrt(np.square(x).sum(axis=1, keepdims=True)), 1e-12, None)
+
+
+def _knn(features: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """Minus the distance to the k-th nearest training feature (Sun et al. 2022), both L2-normalised."""
+    # the product in torch, not numpy: numpy's OpenBLAS threads keep spinning after a call and took the cores from
+    # the next batch's forward pass (itfits predict: 413 instead of about 670 images/s on 2 cores)
+    sims = (torch.from_numpy(_l2(features.astype(np.float32))) @ torch.from_numpy(bank.astype(np.float32)).T).numpy()
+    k = min(KNN_K, sims.shape[1])
+    kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
+    return -np.sqrt(np.clip(2 - 2 * kth, 0, None))
 
 
 def compute_scores(logits: np.ndarray, features: np.ndarray | None, *, temperature: float,
@@ -101,14 +158,17 @@ def compute_scores(logits: np.ndarray, features: np.ndarray | None, *, temperatu
             z = logits / temperature
             m = z.max(1)
             out[name] = temperature * (m + np.log(np.exp(z - m[:, None]).sum(1)))
-        elif name == "knn":  # minus the distance to the k-th nearest training feature (Sun et al. 2022)
-            sims = _l2(features.astype(np.float32)) @ stats.bank.astype(np.float32).T
-            k = min(KNN_K, sims.shape[1])
-            kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
-            out[name] = -np.sqrt(np.clip(2 - 2 * kth, 0, None))
+        elif name == "knn":
+            out[name] = _knn(features[:, :stats.head_dim], stats.bank)
         elif name == "mahalanobis":  # minus the smallest class-conditional Mahalanobis distance (Lee et al. 2018)
-            d = features[:, None, :].astype(np.float32) - stats.means[None]
+            d = features[:, None, :stats.head_dim].astype(np.float32) - stats.means[None]
             out[name] = -np.einsum("ncd,de,nce->nc", d, stats.precision, d).min(1)
+        elif name == "combined":  # the sum of the standardised parts
+            if not len(stats.combine):
+                raise ItfitsError("this model has no statistics for the combined score (made by an older itfits); "
+                                  "use --score knn or max_softmax, or train it again")
+            out[name] = ((stats.combined_parts(logits, features, temperature) - stats.combine[:, 0])
+                         / stats.combine[:, 1]).sum(1)
         else:
             raise ItfitsError(f"'{name}' is not an unknown score; choices: {', '.join(SCORES)}")
     return out
@@ -159,7 +219,7 @@ class Calibration:
 
 def calibrate(valid_logits: np.ndarray, valid_targets: np.ndarray, valid_features: np.ndarray, stats: UnknownStats, *,
               keep: float = 0.95, score: str | None = None, threshold: float | None = None, unknown_logits: np.ndarray | None = None,
-              unknown_features: np.ndarray | None = None) -> tuple[Calibration, dict]:
+              unknown_features: np.ndarray | None = None, default_score: str = DEFAULT_SCORE) -> tuple[Calibration, dict]:
     """Fit the temperature, choose the score (given, else best AUROC on unknown examples, else the default)
     and the threshold (given, else the one accepting `keep` of the correct validation items). Returns the calibration and a report of the figures behind it."""
     if not 0 < keep <= 1:
@@ -169,6 +229,7 @@ def calibrate(valid_logits: np.ndarray, valid_targets: np.ndarray, valid_feature
     correct = valid_logits.argmax(1) == valid_targets
     # with no validation mistakes the NLL keeps falling as T -> 0: no evidence to recalibrate on, keep T = 1
     t = fit_temperature(valid_logits, valid_targets) if not correct.all() else 1.0
+    stats = stats.with_combine(valid_logits, valid_features, t)
     report = {"temperature": t,
               "valid_nll": {"before": nll(valid_logits, valid_targets), "after": nll(valid_logits, valid_targets, t)},
               "valid_ece": {"before": expected_calibration_error(softmax(valid_logits), valid_targets),
@@ -182,7 +243,7 @@ def calibrate(valid_logits: np.ndarray, valid_targets: np.ndarray, valid_feature
             score = max(SCORES, key=lambda n: report["unknown_examples"][n]["auroc"])
             report["score_chosen_by"] = "best AUROC on the --unknown examples"
     if score is None:
-        score, report["score_chosen_by"] = DEFAULT_SCORE, "default"
+        score, report["score_chosen_by"] = default_score, "default"
     report.setdefault("score_chosen_by", "--score")
     if threshold is None:
         threshold = choose_threshold(valid_scores[score], correct, keep)

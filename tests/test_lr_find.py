@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from helpers import FASHION, run_cli
+from helpers import FASHION, REPO, run_cli
 from pipelines.training import CHOSEN_SUGGESTION
 
 SUGGESTIONS = ("minimum", "steep", "valley", "slide")
@@ -54,3 +54,14 @@ def test_fit_without_lr_uses_the_chosen_suggestion(tmp_path):
     assert summary["resolved"]["lr"] == suggestions[CHOSEN_SUGGESTION] > 0
     assert "lr_find suggestions" in proc.stdout and f"using {CHOSEN_SUGGESTION} {suggestions[CHOSEN_SUGGESTION]:.2e}" in proc.stdout
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_short_lr_find_drops_the_suggestions_it_cannot_make(tmp_path):
+    """20 iterations leave 13 usable points: too few for fastai's slide rule (it needs more than 15), which used to
+    crash the fit; the other suggestions still come, and the chosen one is used."""
+    from pipelines.training import FitConfig, fit
+    summary = fit(FitConfig(data=str(REPO / "data" / "penguins.csv"), target="body_mass_g", out=str(tmp_path / "run"),
+                            epochs=1, lr_find_iters=20), log=lambda *a: None)
+    suggestions = summary["resolved"]["lr_suggestions"]
+    assert "slide" not in suggestions and CHOSEN_SUGGESTION in suggestions
+    assert summary["resolved"]["lr"] == suggestions[CHOSEN_SUGGESTION] > 0

@@ -16,6 +16,7 @@ import torch
 from helpers import REPO, run_cli
 from pipelines.errors import ItfitsError
 from pipelines.training import CHOSEN_SUGGESTION
+from pipelines.unknown import TABLE_DEFAULT_SCORE
 
 PENGUINS = REPO / "data" / "penguins.csv"
 CLASSES = ["Adelie", "Chinstrap", "Gentoo"]
@@ -100,7 +101,7 @@ def test_bundle_is_json_and_safetensors_and_rebuilds_without_pickle(run, monkeyp
     assert set(prep["na"]) == {"bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"}
     assert meta["model"]["layers"] == [200, 100] and meta["model"]["n_cont"] == 4
     assert [n for n, _ in meta["model"]["emb_szs"]] == [4, 3, 3, 3, 3, 3]  # island, sex, four _na flags
-    assert {"temperature", "score", "threshold"} <= set(meta["calibration"]) and meta["calibration"]["score"] == "knn"
+    assert {"temperature", "score", "threshold"} <= set(meta["calibration"]) and meta["calibration"]["score"] == TABLE_DEFAULT_SCORE
     files = sorted(p.name for p in (run / "model").iterdir())
     assert files == ["itfits.json", "model.safetensors"]
     saved = load_file(str(run / "model" / "model.safetensors"))

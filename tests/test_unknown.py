@@ -11,8 +11,9 @@ from helpers import FASHION, FASHION_TEST, run_cli
 from pipelines.bundle import load_bundle, save_bundle
 from pipelines.images import ImagePreprocessing
 from pipelines.predict import file_outputs
-from pipelines.unknown import (SCORES, Calibration, auroc, calibrate, choose_threshold, fit_temperature, fpr_at_tpr, nll,
-                               softmax)
+from pipelines.errors import ItfitsError
+from pipelines.unknown import (SCORES, Calibration, UnknownStats, auroc, calibrate, choose_threshold, compute_scores,
+                               fit_temperature, fpr_at_tpr, nll, softmax)
 
 
 @pytest.fixture(scope="module")
@@ -111,5 +112,35 @@ def test_bundle_round_trip_keeps_calibration(trained_run, tmp_path):
     save_bundle(bundle.model, {k: v for k, v in bundle.meta.items() if k != "calibration"}, changed, tmp_path / "b")
     again = load_bundle(tmp_path / "b")
     assert again.calibration.json() == changed.json()
-    for name in ("bank", "means", "precision"):
+    for name in ("bank", "means", "precision", "stage_bank", "combine"):
         assert np.array_equal(getattr(again.calibration.stats, name), getattr(cal.stats, name))
+
+
+def test_combined_score_parts_are_standardised_on_validation(test_outputs):
+    """The combined score: kNN on head features + kNN on the body's stage features + log max softmax, each
+    standardised on the items calibrate() sees as validation: there each part has mean 0 and std 1."""
+    bundle, logits, feats, targets = test_outputs
+    stats = bundle.calibration.stats
+    head_dim = bundle.model[1][-1].in_features
+    assert stats.head_dim == head_dim and feats.shape[1] == head_dim + stats.stage_bank.shape[1]
+    assert stats.stage_bank.shape[1] == 192  # efficientnet_lite0: channels into its last stage of blocks
+    cal, _ = calibrate(logits, targets, feats, stats)
+    parts = (cal.stats.combined_parts(logits, feats, cal.temperature) - cal.stats.combine[:, 0]) / cal.stats.combine[:, 1]
+    assert parts.shape == (len(logits), 3)
+    assert np.allclose(parts.mean(0), 0, atol=1e-4) and np.allclose(parts.std(0), 1, atol=1e-3)
+    scores = compute_scores(logits, feats, temperature=cal.temperature, stats=cal.stats)
+    assert np.allclose(scores["combined"], parts.sum(1), atol=1e-4)
+    assert np.array_equal(stats.combine, bundle.calibration.stats.combine)  # calibrate() left its input alone
+
+
+def test_bundle_without_combined_statistics_still_predicts(trained_run):
+    """Bundles saved before the combined score have no stage bank: the other scores work, asking for it is a clear error."""
+    from safetensors.torch import load_file
+    tensors = {k: v for k, v in load_file(str(trained_run.model / "model.safetensors")).items()
+               if k not in ("unknown.stage_bank", "unknown.combine")}
+    old = UnknownStats.from_tensors(tensors)
+    assert "combined" not in old.scores and "knn" in old.scores
+    logits, feats = np.random.default_rng(0).normal(size=(4, 5)), np.random.default_rng(1).normal(size=(4, 512 + 192))
+    assert set(compute_scores(logits, feats, temperature=1.0, stats=old, names=old.scores)) == set(old.scores)
+    with pytest.raises(ItfitsError, match="combined"):
+        compute_scores(logits, feats, temperature=1.0, stats=old, names=["combined"])
