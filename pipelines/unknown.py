@@ -139,7 +139,8 @@ def _knn(features: np.ndarray, bank: np.ndarray) -> np.ndarray:
     """Minus the distance to the k-th nearest training feature (Sun et al. 2022), both L2-normalised."""
     # the product in torch, not numpy: numpy's OpenBLAS threads keep spinning after a call and took the cores from
     # the next batch's forward pass (itfits predict: 413 instead of about 670 images/s on 2 cores)
-    sims = (torch.from_numpy(_l2(features.astype(np.float32))) @ torch.from_numpy(bank.astype(np.float32)).T).numpy()
+    with torch.autocast("cpu", enabled=False):  # fp32 even where prediction runs under bf16 autocast
+        sims = (torch.from_numpy(_l2(features.astype(np.float32))) @ torch.from_numpy(bank.astype(np.float32)).T).numpy()
     k = min(KNN_K, sims.shape[1])
     kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
     return -np.sqrt(np.clip(2 - 2 * kth, 0, None))
