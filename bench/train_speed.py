@@ -16,7 +16,8 @@ the whole network; the frozen head-only epoch of fine_tune is faster and left ou
                   a Learner on the same model, fine_tune, fp32, fastai's defaults
 Prediction (images/s over --predict-images files; interpreter start-up excluded for all three):
   itfits predict  pipelines.predict.predict + write_predictions on the bundle that round's fit wrote
-  bare model      forward passes on tensors made beforehand, batches of 64, the precision predict chose
+  bare model      forward passes on tensors made beforehand, batches of 64, the model as predict runs it (its
+                  precision, memory format, BatchNorms folded: predict.fast_path)
   fastai predict  learn.predict(file) per file, the loop fastai's docs show
 """
 from __future__ import annotations
@@ -148,7 +149,7 @@ def worker_bare_inference(a) -> dict:
     from pipelines.predict import fast_path
     bundle = load_bundle(a.bundle)
     fast = fast_path(bundle, ImagePreprocessing.from_json(bundle.meta["preprocessing"]))
-    model = bundle.model.eval()
+    model = fast["model"]
     x = torch.randn(64, 3, a.size, a.size)
     if fast["channels_last"]:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)

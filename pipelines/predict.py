@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from .backbones import forward_features, get_spec
+from .backbones import fold_batchnorm, forward_features, get_spec
 from .bundle import Bundle
 from .errors import ItfitsError
 from .images import ImagePreprocessing, load_image, loader_workers
@@ -198,21 +198,24 @@ def table_predictions(bundle: Bundle, inputs: list[str], config: PredictConfig, 
 
 
 def fast_path(bundle: Bundle, prep: ImagePreprocessing, precision: str = "auto") -> dict:
-    """image_batches' precision and memory format for a bundle. auto: the precision the model was trained (and
+    """image_batches' model, precision and memory format for a bundle. auto: the precision the model was trained (and
     calibrated) in, where this machine runs it faster (on a CPU: the inference probe), else fp32; channels-last
     for conv nets. Why not bf16 for every model: BatchNorm subtracts running means from bf16 convolution outputs,
     and on low-contrast images that cancellation moved logits of an fp32-trained model by half their range.
-    The bundle's model moves to the GPU where there is one."""
+    The bundle's model moves to the GPU where there is one; the model returned has its BatchNorms folded into its
+    convolutions (backbones.fold_batchnorm: the same outputs, faster)."""
     arch = bundle.meta["backbone"]
     if torch.cuda.is_available():
         bundle.model.cuda()
     device = next(bundle.model.parameters()).device
+    example = torch.randn(2, 3, prep.size, prep.size, generator=torch.Generator().manual_seed(0)).to(device)
     trained = bundle.meta.get("training", {}).get("precision", "fp32")
     if precision == "auto" and trained == "fp32":
         chosen = Precision("fp32", "auto", device.type, "the model was trained and calibrated in fp32")
     else:
         chosen = resolve_precision(precision, arch=arch, size=prep.size, train=False, device=device)
-    return {"precision": chosen, "channels_last": get_spec(arch).channels_last}
+    return {"model": fold_batchnorm(bundle.model, example), "precision": chosen,
+            "channels_last": get_spec(arch).channels_last}
 
 
 def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictConfig()) -> Iterator[dict | pl.DataFrame]:
@@ -224,8 +227,9 @@ def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictCo
         return
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
     items = expand_inputs(inputs, bundle.input_exts)
-    fast = fast_path(bundle, prep, config.precision) if bundle.mel is None else {}  # audio: fp32, as calibrated
-    for paths, logits, features, errors in file_batches(bundle.model, prep, items, mel=bundle.mel,
+    # audio: the model as calibrated, fp32
+    fast = fast_path(bundle, prep, config.precision) if bundle.mel is None else {"model": bundle.model}
+    for paths, logits, features, errors in file_batches(prep=prep, items=items, mel=bundle.mel,
                                                         batch_size=config.batch_size, num_workers=config.num_workers,
                                                         **fast):
         probs, scores, unknown = bundle.calibration.apply(logits, features, threshold=config.threshold)

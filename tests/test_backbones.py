@@ -188,3 +188,27 @@ def test_pth_is_never_unpickled_into_objects(tmp_path, capsys):
         with pytest.raises(ItfitsError):
             create_backbone("resnet18", num_classes=2, weights=str(path))
     assert "unpickled!" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,weights,n_bn", [("efficientnet_lite0", "auto", 49), ("resnet18", "none", 20)])
+def test_batchnorm_folding_keeps_the_outputs(name, weights, n_bn):
+    """Prediction folds each conv's BatchNorm into the conv: same outputs (fp32), no BatchNorm2d left, the
+    original model untouched, and folding a folded model is a no-op. Running statistics are randomised so that
+    the folding has real work to do (fresh BatchNorms are the identity)."""
+    from torch import nn
+    from pipelines.backbones import fold_batchnorm, forward_features
+    torch.manual_seed(0)
+    model = create_backbone(name, num_classes=4, weights=weights).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(3, 3, 64, 64)
+    folded = fold_batchnorm(model, x[:1])
+    assert folded is not model
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        (want_logits, want_feats), (logits, feats) = forward_features(model, x), forward_features(folded, x)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(feats, want_feats, rtol=1e-4, atol=1e-4)
+    assert fold_batchnorm(folded, x[:1]) is folded

@@ -219,7 +219,8 @@ def test_bundle_probabilities_equal_the_learners(small_learner, tmp_path, monkey
     monkeypatch.setattr(pickle, "loads", no_unpickling)
     bundle = load_bundle(tmp_path / "model")
     assert bundle.classes == classes
-    # fp32: exact outputs to compare at 1e-5 (the default, auto, may run bf16 where the CPU is faster in it)
+    # fp32 outputs to compare (the default, auto, may run bf16 where the CPU is faster in it); equal up to fp32
+    # rounding: prediction folds BatchNorms into convolutions and runs channels-last (about 1e-5 apart here)
     rows = list(predict(bundle, paths, PredictConfig(batch_size=7, num_workers=0, topk=len(classes), precision="fp32")))
     monkeypatch.undo()
 
@@ -230,7 +231,7 @@ def test_bundle_probabilities_equal_the_learners(small_learner, tmp_path, monkey
     for i, names in enumerate(bundle_names):
         for name, p in zip(names, bundle_probs[i]):
             by_class[i, classes.index(name)] = p
-    np.testing.assert_allclose(by_class, probs.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(by_class, probs.numpy(), atol=1e-4, rtol=0)
     assert [r["top1"] for r in rows] == [classes[i] for i in probs.argmax(1).tolist()]
 
 
