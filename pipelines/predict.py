@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,9 @@ def table_predictions(bundle: Bundle, inputs: list[str], config: PredictConfig, 
         yield table.slice(start, chunk).hstack(out)
 
 
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a bundle's model -> its folded copy
+
+
 def fast_path(bundle: Bundle, prep: ImagePreprocessing, precision: str = "auto") -> dict:
     """image_batches' model, precision and memory format for a bundle. auto: the precision the model was trained (and
     calibrated) in, where this machine runs it faster (on a CPU: the inference probe), else fp32; channels-last
@@ -211,13 +215,15 @@ def fast_path(bundle: Bundle, prep: ImagePreprocessing, precision: str = "auto")
     if torch.cuda.is_available():
         bundle.model.cuda()
     device = next(bundle.model.parameters()).device
-    example = torch.randn(2, 3, prep.size, prep.size, generator=torch.Generator().manual_seed(0)).to(device)
+    if bundle.model not in _FOLDED:  # once per model: `itfits serve` predicts with the same bundle per request
+        example = torch.randn(2, 3, prep.size, prep.size, generator=torch.Generator().manual_seed(0)).to(device)
+        _FOLDED[bundle.model] = fold_batchnorm(bundle.model, example)
     trained = bundle.meta.get("training", {}).get("precision", "fp32")
     if precision == "auto" and trained == "fp32":
         chosen = Precision("fp32", "auto", device.type, "the model was trained and calibrated in fp32")
     else:
         chosen = resolve_precision(precision, arch=arch, size=prep.size, train=False, device=device)
-    return {"model": fold_batchnorm(bundle.model, example), "precision": chosen,
+    return {"model": _FOLDED[bundle.model], "precision": chosen,
             "channels_last": get_spec(arch).channels_last}
 
 
