@@ -64,17 +64,17 @@ def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | 
     workers = loader_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(ImageFiles(items, prep), batch_size=batch_size,
                                          num_workers=min(workers, -(-len(items) // batch_size)))
-    if workers == 0:  # decode the next batch in a thread while the model runs on this one (PIL and torch
-        loader = prefetched(loader)  # release the GIL): the time per batch is the longer of the two, not the sum
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         model.to(memory_format=memory_format)
     device = next(model.parameters()).device
+    batches = ((prep.normalize(x.to(device)).contiguous(memory_format=memory_format), errors) for x, errors in loader)
+    if workers == 0:  # decode and normalise the next batch in a thread while the model runs on this one (PIL and
+        batches = prefetched(batches)  # torch release the GIL): the time per batch is the longer of the two
     start = 0
     with torch.inference_mode(), precision.autocast() if precision else nullcontext():
-        for x, errors in loader:
-            x = prep.normalize(x.to(device)).contiguous(memory_format=memory_format)
+        for x, errors in batches:
             logits, features = forward_features(model, x)
             yield ([p for p, _ in items[start:start + len(x)]], logits.float().cpu().numpy(),
                    features.float().cpu().numpy(), list(errors))
