@@ -41,6 +41,21 @@ def _layers(value: Optional[str]) -> Optional[list[int]]:
     return layers
 
 
+# Options that fit and lr-find share (typer needs them in each signature; one definition here)
+ARCH = typer.Option("efficientnet_lite0", help=ARCH_HELP)
+WEIGHTS = typer.Option("auto", help=WEIGHTS_HELP)
+BS = typer.Option(None, help="Batch size; chosen from the data size when not given.")
+SIZE = typer.Option(None, help="Image size in pixels; the backbone's own when not given.")
+VALID_PCT = typer.Option(0.2, help="Share of each class held out when DATA has no split.")
+SEED = typer.Option(42, help="Seed of the split and the training.")
+WORKERS = typer.Option(None, help=WORKERS_HELP)
+TARGET = typer.Option(None, help=TARGET_HELP)
+CAT = typer.Option(None, help=CAT_HELP)
+CONT = typer.Option(None, help=CONT_HELP)
+IGNORE = typer.Option(None, help=IGNORE_HELP)
+LAYERS = typer.Option(None, help="Tabular: hidden layer sizes, e.g. 200,100 (fastai's default).")
+
+
 # Mel-spectrogram options of audio DATA (fit, lr-find, audio-to-images); None: MelConfig's default
 SAMPLE_RATE = typer.Option(None, "--sample-rate", help="Audio: Hz every clip is resampled to (default: 22050).", rich_help_panel="Audio")
 N_FFT = typer.Option(None, "--n-fft", help="Audio: STFT window in samples (default: 2048).", rich_help_panel="Audio")
@@ -121,28 +136,28 @@ def fit(
     ctx: typer.Context,
     data: Optional[Path] = typer.Argument(None, help="Folder with a sub-folder per class (or train/ and valid/), a CSV/Parquet with path,label, or a table with --target."),
     out: Path = typer.Option(Path("runs/itfits"), "--out", help="Run folder for the model, plots and tables."),
-    arch: str = typer.Option("efficientnet_lite0", help=ARCH_HELP),
-    weights: str = typer.Option("auto", help=WEIGHTS_HELP),
+    arch: str = ARCH,
+    weights: str = WEIGHTS,
     epochs: int = typer.Option(5, help="Unfrozen epochs of fine_tune (tabular: epochs of fit_one_cycle)."),
     freeze_epochs: int = typer.Option(1, help="Head-only epochs before unfreezing."),
     lr: Optional[float] = typer.Option(None, help="Learning rate; without it lr_find chooses one."),
-    bs: Optional[int] = typer.Option(None, help="Batch size; chosen from the data size when not given."),
-    size: Optional[int] = typer.Option(None, help="Image size in pixels; the backbone's own when not given."),
-    valid_pct: float = typer.Option(0.2, help="Share of each class held out when DATA has no split."),
-    seed: int = typer.Option(42),
+    bs: Optional[int] = BS,
+    size: Optional[int] = SIZE,
+    valid_pct: float = VALID_PCT,
+    seed: int = SEED,
     threshold: str = typer.Option("auto", help="Unknown threshold on the score: auto (chosen on validation data, see --keep) or a number."),
     keep: float = typer.Option(0.95, help="Share of correctly classified validation items the auto threshold accepts."),
     score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE}; tables: {TABLE_DEFAULT_SCORE})."),
     unknown: Optional[Path] = typer.Option(None, help="Examples of none of the classes (a folder; tabular: a table), only used to choose score and threshold."),
-    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    workers: Optional[int] = WORKERS,
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
-    target: Optional[str] = typer.Option(None, help=TARGET_HELP),
-    cat: Optional[list[str]] = typer.Option(None, help=CAT_HELP),
-    cont: Optional[list[str]] = typer.Option(None, help=CONT_HELP),
-    ignore: Optional[list[str]] = typer.Option(None, help=IGNORE_HELP),
-    layers: Optional[str] = typer.Option(None, help="Tabular: hidden layer sizes, e.g. 200,100 (fastai's default)."),
+    target: Optional[str] = TARGET,
+    cat: Optional[list[str]] = CAT,
+    cont: Optional[list[str]] = CONT,
+    ignore: Optional[list[str]] = IGNORE,
+    layers: Optional[str] = LAYERS,
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16. auto: bf16 on GPUs that have it, else fp16 with loss scaling; on a CPU bf16 where it runs this backbone faster, else fp32."),
     accum: int = typer.Option(1, help="Accumulate gradients over this many batches of --bs per optimizer step; --lr is the lr of the batch of bs x accum."),
     ema: bool = typer.Option(False, "--ema", help="Validate and save an exponential moving average of the weights."),
@@ -168,21 +183,21 @@ def fit(
 def lr_find(
     data: Path = typer.Argument(..., help="Same as for fit."),
     out: Path = typer.Option(Path("runs/lr_find"), "--out", help="Folder for lr_find.png and lr_find.csv."),
-    arch: str = typer.Option("efficientnet_lite0", help=ARCH_HELP),
-    weights: str = typer.Option("auto", help=WEIGHTS_HELP),
-    bs: Optional[int] = typer.Option(None),
-    size: Optional[int] = typer.Option(None),
-    valid_pct: float = typer.Option(0.2),
-    seed: int = typer.Option(42),
-    workers: Optional[int] = typer.Option(None),
+    arch: str = ARCH,
+    weights: str = WEIGHTS,
+    bs: Optional[int] = BS,
+    size: Optional[int] = SIZE,
+    valid_pct: float = VALID_PCT,
+    seed: int = SEED,
+    workers: Optional[int] = WORKERS,
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
-    target: Optional[str] = typer.Option(None, help=TARGET_HELP),
-    cat: Optional[list[str]] = typer.Option(None, help=CAT_HELP),
-    cont: Optional[list[str]] = typer.Option(None, help=CONT_HELP),
-    ignore: Optional[list[str]] = typer.Option(None, help=IGNORE_HELP),
-    layers: Optional[str] = typer.Option(None, help="Tabular: hidden layer sizes, e.g. 200,100."),
+    target: Optional[str] = TARGET,
+    cat: Optional[list[str]] = CAT,
+    cont: Optional[list[str]] = CONT,
+    ignore: Optional[list[str]] = IGNORE,
+    layers: Optional[str] = LAYERS,
 ):
     """Run fastai's lr_find only: plot, table and suggested learning rates."""
     from pipelines.training import CHOSEN_SUGGESTION, run_lr_find
@@ -205,7 +220,7 @@ def predict(
     threshold: Optional[float] = typer.Option(None, help="Override the bundle's unknown threshold (on its score's scale)."),
     batch_size: int = typer.Option(64),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
-    precision: str = typer.Option("auto", help="auto (bf16/fp16 on a GPU, bf16 on a CPU where it is faster) or fp32 (exact)."),
+    precision: str = typer.Option("auto", help="auto (bf16/fp16 on a GPU, bf16 on a CPU where it is faster) or fp32."),
 ):
     """Predict INPUTS with a trained bundle; rows the model should not trust are labelled unknown."""
     from pipelines.bundle import load_bundle
