@@ -311,9 +311,13 @@ def _choose_lr(learn, config: FitConfig, run: Path, log) -> tuple[float, dict[st
     if config.lr is not None:
         return config.lr, None
     lr, suggestions = find_lr(learn, run, num_it=config.lr_find_iters)
-    log("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in suggestions.items())
-        + f"; using {CHOSEN_SUGGESTION} {lr:.2e} (plot: {run / 'lr_find.png'})")
+    log(_lr_line(lr, suggestions, run))
     return lr, suggestions
+
+
+def _lr_line(lr: float, suggestions: dict[str, float], run: Path) -> str:
+    return ("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in suggestions.items())
+            + f"; using {CHOSEN_SUGGESTION} {lr:.2e} (plot: {run / 'lr_find.png'})")
 
 
 def _calibration_line(calibration, report: dict) -> str:
@@ -404,8 +408,7 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
         # the suggestion is an lr for the effective batch
         lr, suggestions = find_lr(learn, run if main else None, num_it=config.lr_find_iters * config.accum)
         lr, suggestions = broadcast_object((lr, suggestions))  # every process trains with rank 0's choice
-        log("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in suggestions.items())
-            + f"; using {CHOSEN_SUGGESTION} {lr:.2e} (plot: {run / 'lr_find.png'})")
+        log(_lr_line(lr, suggestions, run))
     if world > 1:
         learn.add_cb(DataParallel())
     history = train(learn, epochs=config.epochs, lr=lr, freeze_epochs=config.freeze_epochs,
