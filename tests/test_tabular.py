@@ -292,6 +292,24 @@ def test_parse_columns_reads_words_and_numbers():
     assert bad == ["b", "i"]
 
 
+
+def test_training_reads_text_as_categorical_with_the_same_values(tmp_path):
+    """prepare_table reads text columns as Categoricals (ids, each string hashed once): NA words are still missing,
+    a column of numbers and NA words still becomes numbers, and the values equal a plain text read."""
+    from pipelines.sources import read_table
+    from pipelines.tabular import _median, _text_codes, _text_vocab
+    text, cat = read_table(PENGUINS), read_table(PENGUINS, categorical=True)
+    assert text["bill_length_mm"].dtype == pl.Float64 and text["sex"].null_count() == 11
+    assert isinstance(cat["sex"].dtype, pl.Categorical) and cat.schema["bill_length_mm"] == pl.Float64
+    assert cat.with_columns(pl.col(c).cast(pl.String) for c in ("species", "island", "sex")).equals(text)
+    names = _text_vocab(cat["island"])
+    assert names == sorted(text["island"].unique().to_list())
+    codes = _text_codes(cat["sex"], {"female": 1, "male": 2}, missing=0)
+    assert codes.tolist() == text["sex"].replace_strict({"female": 1, "male": 2}, default=0).to_list()
+    rng = np.random.default_rng(0)
+    for x in (rng.normal(size=101), rng.normal(size=100), rng.integers(0, 5, 10).astype(float), np.array([3.0])):
+        assert _median(x.copy()) == np.median(x)
+
 # ---- regression, unknowns, the CLI's flags ---------------------------------------------------------------------------
 
 def test_regression_on_a_float_target(tmp_path):
