@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from pipelines.errors import ItfitsError, did_you_mean
+from pipelines.runtime import reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -321,6 +322,7 @@ _python_format_warning = warnings.formatwarning
 
 
 def main():
+    reuse_freed_memory()
     warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # timm internals, not ours
     warnings.filterwarnings("ignore", message=r"You are shadowing an attribute \(count\)")  # fastai's own accum
     warnings.formatwarning = _format_warning

@@ -256,6 +256,9 @@ def main():
     if a.threads:  # before torch is imported here, and inherited by every variant's process
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.threads)
     if a.worker:
+        if not a.worker.startswith("fastai"):  # as `itfits` runs (app.cli.main); the plain fastai recipes as they come
+            from pipelines.runtime import reuse_freed_memory
+            reuse_freed_memory()
         print(json.dumps(WORKERS[a.worker](a)))
         return
 

@@ -2,13 +2,14 @@
 Image bundles yield one dict per file; tabular bundles yield DataFrame chunks (input columns, then predictions)."""
 from __future__ import annotations
 
-import queue
-import threading
+import os
+import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import polars as pl
@@ -33,7 +34,8 @@ class PredictConfig:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """(path, error) pairs -> (input tensor, error); an unreadable file gives zeros and its error, never a crash."""
+    """(path, error) pairs -> ((3, size, size) uint8 array, error); an unreadable file gives zeros and its error,
+    never a crash. Batches become float and are normalised whole (`image_batches`), not image by image."""
 
     def __init__(self, items: list[tuple[str, str | None]], prep: ImagePreprocessing):
         self.items, self.prep = items, prep
@@ -45,75 +47,61 @@ class ImageFiles(torch.utils.data.Dataset):
         path, error = self.items[i]
         if error is None:
             try:  # one decode, with check_image's checks (sources.read_checked)
-                x, error = read_checked(path, self._tensor)
+                x, error = read_checked(path, self._array)
                 if error is None:
                     return x, ""
             except Exception as e:  # a file that passed the checks but still fails: record, go on
                 error = f"cannot decode: {e}"
-        return torch.zeros(3, self.prep.size, self.prep.size), error
+        return np.zeros((3, self.prep.size, self.prep.size), np.uint8), error
 
-    def _tensor(self, path) -> torch.Tensor:
-        return self.prep.to_tensor(load_image(path))
+    def _array(self, path) -> np.ndarray:
+        return self.prep.array(load_image(path, gray=True))
+
+
+def _stack(batch: list[tuple[np.ndarray, str]]) -> tuple[torch.Tensor, list[str]]:
+    """DataLoader collate for ImageFiles: one uint8 tensor (B, 3, size, size), the errors as a list."""
+    return torch.from_numpy(np.stack([x for x, _ in batch])), [e for _, e in batch]
 
 
 def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *, batch_size: int = 64,
                   num_workers: int | None = None, precision: Precision | None = None, channels_last: bool = False
                   ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[str]]]:
     """(paths, logits, features, errors) per batch, logits and features float32 whatever the `precision` (None:
-    fp32); rows with an error have meaningless logits. `channels_last` for conv nets: faster on CPUs and GPUs."""
-    workers = loader_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(ImageFiles(items, prep), batch_size=batch_size,
-                                         num_workers=min(workers, -(-len(items) // batch_size)))
+    fp32); rows with an error have meaningless logits. `channels_last` for conv nets: faster on CPUs and GPUs.
+
+    Without DataLoader workers (images.loader_workers: small CPU-only machines) files are decoded here: one after
+    another while that costs little next to the model (small files: threads would only fight over the GIL and
+    the model's cores, 14% fewer images/s at 64 px on 2 cores), in a pool of threads, one per core, from the
+    first batch that took more than half as long to decode as the model took on it (large photos: PIL releases
+    the GIL while it decodes, 1.9x on 2 cores)."""
+    files = ImageFiles(items, prep)
+    workers = min(loader_workers() if num_workers is None else num_workers, -(-len(items) // batch_size))
+    loader = iter(torch.utils.data.DataLoader(files, batch_size=batch_size, collate_fn=_stack, num_workers=workers)
+                  ) if workers else None
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         model.to(memory_format=memory_format)
     device = next(model.parameters()).device
-    batches = ((prep.normalize(x.to(device)).contiguous(memory_format=memory_format), errors) for x, errors in loader)
-    if workers == 0:  # decode and normalise the next batch in a thread while the model runs on this one (PIL and
-        batches = prefetched(batches)  # torch release the GIL): the time per batch is the longer of the two
-    start = 0
-    with torch.inference_mode(), precision.autocast() if precision else nullcontext():
-        for x, errors in batches:
-            logits, features = forward_features(model, x)
-            yield ([p for p, _ in items[start:start + len(x)]], logits.float().cpu().numpy(),
-                   features.float().cpu().numpy(), list(errors))
-            start += len(x)
-
-
-def prefetched(batches: Iterable, depth: int = 2) -> Iterator:
-    """The items of `batches`, made up to `depth` ahead in a background thread; its exceptions re-raised here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce():
-        # one torch thread here (this thread's own setting): the batches' torch work (collating, to float) would
-        # otherwise start a second pool of OpenMP threads that competes with the model's (+12% images/s on 2 cores)
-        torch.set_num_threads(1)
-        try:
-            for b in batches:
-                while not stop.is_set():
-                    try:
-                        q.put(b, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as e:  # noqa: BLE001  handed to the consumer, raised there
-            q.put(e)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
+    pool = None
     try:
-        while (b := q.get()) is not done:
-            if isinstance(b, BaseException):
-                raise b
-            yield b
-    finally:  # the consumer stopped early (an error, a closed generator): let the thread end
-        stop.set()
+        with torch.inference_mode(), precision.autocast() if precision else nullcontext():
+            for start in range(0, len(items), batch_size):
+                began = time.perf_counter()
+                if loader is None:
+                    batch = range(start, min(start + batch_size, len(items)))
+                    x, errors = _stack(list(pool.map(files.__getitem__, batch)) if pool else [files[i] for i in batch])
+                else:
+                    x, errors = next(loader)
+                decoded = time.perf_counter()
+                logits, features = forward_features(model, prep.normalize(x.to(device), memory_format))
+                logits, features = logits.float().cpu().numpy(), features.float().cpu().numpy()
+                if loader is None and pool is None and decoded - began > (time.perf_counter() - decoded) / 2:
+                    pool = ThreadPoolExecutor(os.cpu_count() or 1)
+                yield [p for p, _ in items[start:start + len(x)]], logits, features, errors
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def file_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *, mel=None,

@@ -197,25 +197,22 @@ def stratified_valid(codes: np.ndarray, *, valid_pct: float, seed: int) -> np.nd
 
 def read_checked(path: str, read: Callable[[Path], object]) -> tuple[object | None, str | None]:
     """(read(path), None), or (None, the reason the file cannot be used): missing, empty, a decompression bomb,
-    not an image, truncated. Prediction reads each file once this way instead of checking, then decoding."""
+    not an image, truncated. Prediction reads each file once this way instead of checking, then decoding; whether
+    the file exists and has bytes is asked only when reading fails (two system calls fewer per good file)."""
     from PIL import Image
     p = Path(path)
-    if not p.is_file():
-        return None, "file not found"
-    if p.stat().st_size == 0:
-        return None, "empty file (0 bytes)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return read(p), None
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return None, f"decompression bomb: {e}"
-    except Image.DecompressionBombWarning as e:
-        return None, f"decompression bomb: {e}"
-    except Image.UnidentifiedImageError:
-        return None, "not an image"
-    except (OSError, SyntaxError, ValueError) as e:
-        return None, f"cannot decode: {e}"
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        if not p.is_file():
+            return None, "file not found"
+        if p.stat().st_size == 0:
+            return None, "empty file (0 bytes)"
+        return None, "not an image" if isinstance(e, Image.UnidentifiedImageError) else f"cannot decode: {e}"
 
 
 def _decode_fully(p: Path) -> None:

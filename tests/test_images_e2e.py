@@ -235,6 +235,40 @@ def test_bundle_probabilities_equal_the_learners(small_learner, tmp_path, monkey
     assert [r["top1"] for r in rows] == [classes[i] for i in probs.argmax(1).tolist()]
 
 
+def test_large_photos_are_decoded_in_threads_with_the_same_rows(small_learner, tmp_path, monkeypatch):
+    """Files slow to decode next to the model move prediction's decoding to a pool of threads; the rows equal
+    those of a DataLoader worker process decoding the same files."""
+    from concurrent.futures import ThreadPoolExecutor
+    import pipelines.predict as P
+    from pipelines.bundle import image_bundle_meta, load_bundle, save_bundle
+    from pipelines.unknown import Calibration
+
+    learn, classes, prep = small_learner
+    save_bundle(learn.model, image_bundle_meta("efficientnet_lite0", classes, prep, training={}),
+                Calibration(temperature=1.0, score="max_softmax", threshold=0.5), tmp_path / "model")
+    bundle = load_bundle(tmp_path / "model")
+    paths = []  # 1600 x 1200 JPEGs: tens of ms each to decode, where the model takes about 1 ms an image at 32 px
+    for i, src in enumerate(sorted(FASHION.rglob("*.png"))[:6]):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        Image.open(src).convert("RGB").resize((1600, 1200), Image.BILINEAR).save(paths[-1], quality=90)
+    pools = []
+
+    class Spy(ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(P, "ThreadPoolExecutor", Spy)
+    config = dict(batch_size=2, topk=len(classes), precision="fp32")
+    threads = list(P.predict(bundle, paths, P.PredictConfig(num_workers=0, **config)))
+    assert len(pools) == 1, "decoding should have moved to threads after the first batch"
+    worker = list(P.predict(bundle, paths, P.PredictConfig(num_workers=1, **config)))
+    assert len(pools) == 1 and [r["path"] for r in threads] == [r["path"] for r in worker] == paths
+    for a, b in zip(threads, worker):
+        assert a["top1"] == b["top1"] and a["error"] is None and b["error"] is None
+        assert a["top1_prob"] == pytest.approx(b["top1_prob"], abs=1e-6)
+
+
 def test_bundle_weights_equal_the_trained_model(small_learner, tmp_path):
     from safetensors.torch import load_file
     from pipelines.bundle import image_bundle_meta, load_bundle, save_bundle
