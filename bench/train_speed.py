@@ -14,6 +14,8 @@ the whole network; the frozen head-only epoch of fine_tune is faster and left ou
                   backward, AdamW step on tensors made beforehand
   fastai fp32     the plain fastai recipe: ImageDataLoaders.from_folder (Resize item transform, aug_transforms),
                   a Learner on the same model, fine_tune, fp32, fastai's defaults
+itfits, model only and bare model run with pipelines.runtime.reuse_freed_memory, as the `itfits` command does;
+the plain fastai variants as fastai comes.
 Prediction (images/s over --predict-images files; interpreter start-up excluded for all three):
   itfits predict  pipelines.predict.predict + write_predictions on the bundle that round's fit wrote
   bare model      forward passes on tensors made beforehand, batches of 64, the model as predict runs it (its
