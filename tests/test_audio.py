@@ -355,7 +355,9 @@ def test_predict_averages_a_clips_windows_as_training_saw_them(audio_run, tmp_pa
     window_probs = np.exp(w_logits - w_logits.max(1, keepdims=True))
     window_probs /= window_probs.sum(1, keepdims=True)
     np.testing.assert_allclose(np.exp(logits[0]), window_probs.mean(0), atol=1e-4)  # the mean of window probabilities
-    np.testing.assert_allclose(feats[0], w_feats.mean(0), atol=1e-4)
+    # the windows go through the model 2 at a time here and 3 at once above: the convolutions round differently,
+    # by about 1e-5 of the features' scale
+    np.testing.assert_allclose(feats[0], w_feats.mean(0), atol=1e-4 * np.abs(w_feats).max())
 
 
 def test_evaluate_an_audio_bundle(audio_run, tmp_path):
