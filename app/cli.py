@@ -325,6 +325,7 @@ def main():
     reuse_freed_memory()
     warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # timm internals, not ours
     warnings.filterwarnings("ignore", message=r"You are shadowing an attribute \(count\)")  # fastai's own accum
+    warnings.filterwarnings("ignore", message=".*could be decompression bomb")  # PIL's; such files get an error
     warnings.formatwarning = _format_warning
     try:
         app()

@@ -13,6 +13,8 @@ import polars as pl
 import torch
 from PIL import Image, ImageOps
 
+from .sources import open_image
+
 BACKGROUND = (255, 255, 255)  # transparent pixels become white, not black (DESIGN: RGBA lesson)
 
 
@@ -20,7 +22,7 @@ def load_image(path: str, *, gray: bool = False) -> Image.Image:
     """An 8-bit RGB image: EXIF rotation applied, 16-bit scaled, palette and alpha composited on white.
     `gray`: a grayscale image stays one channel (mode L), for `ImagePreprocessing.array`, which resizes it before
     it repeats the channel: the same pixels as resizing its RGB copy, for a third of the work."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             arr = np.asarray(im, dtype=np.float64)

@@ -6,7 +6,6 @@ The items table is a polars DataFrame with one row per file: `path` (absolute, s
 from __future__ import annotations
 
 import glob as globlib
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
@@ -195,17 +194,30 @@ def stratified_valid(codes: np.ndarray, *, valid_pct: float, seed: int) -> np.nd
     return valid
 
 
+def open_image(path):
+    """PIL's Image.open, refusing an image over Image.MAX_IMAGE_PIXELS (DecompressionBombError) where PIL only
+    warns below twice that. Checked here, not by turning PIL's warning into an error: that changes the process's
+    warning filters, which is not thread-safe (check_files reads in threads)."""
+    from PIL import Image
+    im = Image.open(path)
+    pixels = im.width * im.height
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+        im.close()
+        raise Image.DecompressionBombError(f"image size ({pixels} pixels) exceeds the limit of "
+                                           f"{Image.MAX_IMAGE_PIXELS} pixels, could be a decompression bomb")
+    return im
+
+
 def read_checked(path: str, read: Callable[[Path], object]) -> tuple[object | None, str | None]:
     """(read(path), None), or (None, the reason the file cannot be used): missing, empty, a decompression bomb,
-    not an image, truncated. Prediction reads each file once this way instead of checking, then decoding; whether
-    the file exists and has bytes is asked only when reading fails (two system calls fewer per good file)."""
+    not an image, truncated. `read` opens the file with `open_image`. Prediction reads each file once this way
+    instead of checking, then decoding; whether the file exists and has bytes is asked only when reading fails
+    (two system calls fewer per good file)."""
     from PIL import Image
     p = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return read(p), None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return read(p), None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning: where filters raise it
         return None, f"decompression bomb: {e}"
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         if not p.is_file():
@@ -216,8 +228,7 @@ def read_checked(path: str, read: Callable[[Path], object]) -> tuple[object | No
 
 
 def _decode_fully(p: Path) -> None:
-    from PIL import Image
-    with Image.open(p) as im:
+    with open_image(p) as im:
         im.load()  # a truncated file fails here, not at verify()
 
 
