@@ -56,7 +56,7 @@ def read_table(path: Path | str, columns: list[str] | None = None, *, strings=()
     def scan(infer_rows: int | None) -> pl.LazyFrame:
         if parquet:
             lf = pl.scan_parquet(path)
-        else:  # the schema inferred once, then given whole: the read itself infers nothing (a sixth faster)
+        else:  # the schema inferred once, then given whole: the read itself infers nothing (about 7% faster)
             schema = pl.scan_csv(path, infer_schema_length=infer_rows,
                                  schema_overrides={c: pl.String for c in strings}).collect_schema()
             lf = pl.scan_csv(path, schema=schema)
