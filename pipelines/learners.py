@@ -13,6 +13,7 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.optimizer import Optimizer
 from fastai.torch_core import to_float
+from torch.optim.adamw import adamw
 
 from .backbones import create_backbone, get_spec
 from .errors import ItfitsWarning
@@ -254,7 +255,6 @@ class FusedAdam(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from torch.optim.adamw import adamw
         if closure is not None:
             raise NotImplementedError("fastai optimizers do not take a closure")
         for params, hyper in zip(self.param_lists, self.hypers):
