@@ -69,6 +69,15 @@ DURATION = typer.Option(None, "--duration", help="Audio: seconds per window; sho
 TOP_DB = typer.Option(None, "--top-db", help="Audio: dB range below each window's peak shown (default: 80).", rich_help_panel="Audio")
 
 
+def _bars_on_terminal_only() -> None:
+    """fastprogress bars (training, lr_find, rendering) redraw their line at every step: in a file or a pipe, a
+    screenful of bars per epoch around the epoch table. fastprogress means to draw them on terminals only, but its
+    check tests that stdout has an `isatty` method, not what the method returns."""
+    if not sys.stdout.isatty():
+        from fastprogress import fastprogress
+        fastprogress.NO_BAR = True
+
+
 def _mel_config(args: dict):
     """A MelConfig from the mel options among a command's arguments (its locals()), or None when none was given."""
     from dataclasses import fields
@@ -169,6 +178,7 @@ def fit(
     """Fine-tune a pretrained backbone on DATA (images, or audio rendered to mel spectrograms; with --target, train
     fastai's tabular model on a table); writes OUT/model, plots, history, report.html and run.json."""
     from pipelines.training import fit as run_fit
+    _bars_on_terminal_only()
     if resume is not None:
         run_fit(_resume_config(ctx, resume, workers))
         return
@@ -202,11 +212,12 @@ def lr_find(
 ):
     """Run fastai's lr_find only: plot, table and suggested learning rates."""
     from pipelines.training import CHOSEN_SUGGESTION, run_lr_find
+    _bars_on_terminal_only()
     mel = _mel_config(locals())
     config = _fit_config(data, out, arch, weights, 1, 1, None, bs, size, valid_pct, seed, "auto", workers, mel=mel,
                          target=target, cat=cat, cont=cont, ignore=ignore, layers=layers)
     lr, suggestions = run_lr_find(config)
-    typer.echo()  # fastai's progress bar leaves its line open when output is not a terminal
+    typer.echo()  # lr_find's last progress bar leaves the cursor on its line
     for name, value in suggestions.items():
         typer.echo(f"{name:8s} {value:.2e}" + ("  <- itfits fit uses this" if name == CHOSEN_SUGGESTION else ""))
     typer.echo(f"plot: {out / 'lr_find.png'}  table: {out / 'lr_find.csv'}")
@@ -276,6 +287,7 @@ def audio_to_images(
 ):
     """Render a folder of audio to mel-spectrogram PNGs, as fit does (cached), without training."""
     from pipelines.audio import MelConfig, audio_to_images as run_audio_to_images
+    _bars_on_terminal_only()
     if max_windows < 1 or (workers is not None and workers < 1):
         raise ItfitsError("--max-windows and --workers must be at least 1")
     mel = _mel_config(locals()) or MelConfig()

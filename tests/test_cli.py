@@ -204,3 +204,11 @@ def test_help_runs_for_every_command():
     for cmd in ("fit", "lr-find", "predict", "backbones"):
         proc = run_cli(cmd, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout, cmd
+
+
+def test_fit_output_to_a_file_has_the_epoch_table_without_progress_bars(trained_run):
+    """Run as the tests run it, stdout is a pipe: no per-batch bar redraws (a screenful per epoch in a log), but
+    the epoch table and itfits' own lines are there."""
+    out = trained_run.stdout
+    assert "train_loss" in out and "valid accuracy" in out
+    assert "Epoch 1/" not in out and "|--" not in out
