@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from pipelines.errors import ItfitsError, did_you_mean
+from pipelines.io import check_output
 from pipelines.runtime import reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
 
@@ -117,6 +118,7 @@ def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, fre
         raise ItfitsError(f"with --target, --unknown takes a .csv/.parquet table of rows of none of the classes, got {unknown}")
     if target is None and (cat or cont or ignore or layers):
         raise ItfitsError("--cat, --cont, --ignore and --layers are for tables: add --target COLUMN")
+    check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     return FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, epochs=epochs,
                      freeze_epochs=freeze_epochs, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
                      threshold=threshold, keep=keep, score=score, unknown=str(unknown) if unknown else None,
@@ -241,6 +243,7 @@ def predict(
         raise ItfitsError(f"--out must end in .csv or .parquet, got {out}")
     if topk < 1 or batch_size < 1:
         raise ItfitsError("--topk and --batch-size must be at least 1")
+    check_output(out, folder=False, inputs=inputs)
     bundle = load_bundle(model)
     from pipelines.precision import check_precision
     config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold,
@@ -262,6 +265,7 @@ def evaluate(
     from pipelines.evaluate import evaluate as run_evaluate
     if unknown is not None and not unknown.is_dir():
         raise ItfitsError(f"--unknown {unknown} is not a folder")
+    check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers)
     rule, plain = m["unknown_rule"], m["plain_rule"]
     typer.echo(f"accuracy {m['accuracy']:.3f} on {m['n_known']} files; ECE {m['ece']['uncalibrated']:.3f} -> "

@@ -271,7 +271,7 @@ def audio_to_images(in_dir: str | Path, out_dir: str | Path, cfg: MelConfig, *, 
         raise ItfitsError(f"{in_dir} is not a folder")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ItfitsError(f"{out_dir} exists and is not an empty folder; pass a new OUT_DIR (nothing is overwritten)")
-    files = [p for p, _ in expand_inputs([str(in_dir)], AUDIO_EXTS)]
+    files = [p for p, error in expand_inputs([str(in_dir)], AUDIO_EXTS) if error is None]
     if not files:
         raise ItfitsError(f"no files with extensions {', '.join(sorted(AUDIO_EXTS))} under {in_dir}")
     items = pl.DataFrame({"path": files, "label": [str(Path(p).parent.relative_to(in_dir)) for p in files],

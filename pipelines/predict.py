@@ -178,7 +178,7 @@ def table_predictions(bundle: Bundle, inputs: list[str], config: PredictConfig, 
     outputs = {"label", "prediction", "confidence", "unknown", "error", "score"} | {
         f"top{j}{s}" for j in range(1, len(prep.classes) + 1) for s in ("", "_prob")}
     table = table.rename({c: f"{c}_input" for c in table.columns if c in outputs})
-    for start in range(0, table.height, chunk):
+    for start in range(0, max(table.height, 1), chunk):  # a table of no rows: the columns, with no rows
         logits, feats = tabular_outputs(bundle.model, *prep.encode(parsed.slice(start, chunk)))
         errs = errors.slice(start, chunk).to_list()
         if prep.task == "regression":

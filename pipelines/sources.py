@@ -6,6 +6,7 @@ The items table is a polars DataFrame with one row per file: `path` (absolute, s
 from __future__ import annotations
 
 import glob as globlib
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
@@ -19,8 +20,9 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}  # what libsndfile >= 1.1 decodes (soundfile)
 TABLE_EXTS = {".csv", ".parquet"}
 INFER_ROWS = 10_000  # CSV rows polars infers types from; the whole file when a later value does not fit
-# CSV words read as missing, besides empty fields: pandas' list (a float column reads NaN as NaN: missing too)
-NULL_VALUES = ["#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+# CSV words read as missing, besides empty fields: pandas' list (a float column reads NaN as NaN: missing too), and
+# "" (a quoted empty field, which polars reads as text)
+NULL_VALUES = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
                "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 
 
@@ -34,14 +36,24 @@ def _check_table(path: Path) -> Path:
 
 
 def table_columns(path: Path | str) -> list[str]:
-    """Column names of a CSV (its header) or Parquet file, without reading the data."""
+    """Column names of a CSV (its header) or Parquet file, without reading the data. A name given twice, or a CSV
+    of one column that other separators split (a ';' or tab-separated file), is an ItfitsError."""
     path = _check_table(path)
     try:
         if path.suffix.lower() == ".parquet":
             return pl.scan_parquet(path).collect_schema().names()
-        return pl.read_csv(path, n_rows=0, infer_schema=False).columns
+        names = pl.read_csv(path, n_rows=0, infer_schema=False).columns
     except Exception as e:
         raise ItfitsError(f"cannot read table {path}: {e}") from e
+    twice = sorted({m[1] for n in names if (m := re.fullmatch(r"(.+)_duplicated_\d+", n)) and m[1] in names})
+    if twice:  # polars renames the second 'x' to 'x_duplicated_0'
+        raise ItfitsError(f"{path}: column name(s) {', '.join(twice)} appear more than once in the header; "
+                          "rename them so that each column has its own name")
+    separator = next((s for s in (";", "\t", "|") if len(names) == 1 and s in names[0]), None)
+    if separator:
+        raise ItfitsError(f"{path} reads as one column, {names[0][:60]!r}...: its fields look separated by "
+                          f"{separator!r}; itfits reads comma-separated CSV (or Parquet): save it with commas")
+    return names
 
 
 def read_table(path: Path | str, columns: list[str] | None = None, *, strings=(), categorical: bool = False
@@ -268,7 +280,8 @@ def expand_inputs(inputs: Iterable[str], exts: set[str] = IMAGE_EXTS) -> list[tu
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out += [(str(f), None) for f in _files_under(p, exts)]
+            out += [(str(f), None) for f in _files_under(p, exts)] or [
+                (item, f"no files in this folder with the extensions {' '.join(sorted(exts))}")]
         elif p.exists():
             out.append((str(p), None))
         elif globlib.has_magic(item):

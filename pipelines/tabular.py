@@ -34,7 +34,15 @@ _DTYPES = {str(t): t for t in (pl.String, pl.Boolean, pl.Float64, pl.Int8, pl.In
 # ---- reading values as their types ------------------------------------------------------------------------------
 
 def _describe(dtype) -> str:
-    return "a number" if dtype == pl.Float64 else "true/false" if dtype == pl.Boolean else "a whole number"
+    return ("a finite number" if dtype == pl.Float64 else "true/false" if dtype == pl.Boolean else "text"
+            if dtype == pl.String else "a whole number")
+
+
+def _readable(source, dtype) -> bool:
+    """Whether a column of type `source` can hold values of the type `dtype` a model reads: text, numbers and
+    booleans can (bad values become row errors); dates can as text only; lists, structs and binary never."""
+    plain = source in (pl.String, pl.Boolean, pl.Null) or source.is_numeric() or isinstance(source, (pl.Categorical, pl.Enum))
+    return plain or (dtype == pl.String and source.is_temporal())
 
 
 def _from_text(value: str, dtype: str):
@@ -47,6 +55,9 @@ def _parse(s: pl.Series, dtype) -> pl.Series:
     if s.dtype == dtype or (dtype == pl.String and isinstance(s.dtype, pl.Categorical)):
         return s
     if s.dtype != pl.String:
+        if dtype.is_integer() and s.dtype.is_float():  # 2007.0 is the whole number 2007; 2007.5 is none
+            whole = s.cast(dtype, strict=False)
+            return whole.set((whole.cast(pl.Float64) != s).fill_null(False), None)
         try:
             return s.cast(dtype, strict=False)  # numeric widening, bool -> float, categorical -> string
         except pl.exceptions.InvalidOperationError:
@@ -55,30 +66,41 @@ def _parse(s: pl.Series, dtype) -> pl.Series:
     if dtype == pl.Boolean:
         return text.str.to_lowercase().replace_strict(list(BOOL_WORDS), list(BOOL_WORDS.values()), default=None,
                                                       return_dtype=pl.Boolean)
-    return text.cast(dtype, strict=False)
+    out = text.cast(dtype, strict=False)
+    if dtype.is_integer() and out.null_count() > text.null_count():  # "2007.0": a CSV written from floats
+        out = out.fill_null(_parse(text.cast(pl.Float64, strict=False), dtype))
+    return out
 
 
-def parse_columns(df: pl.DataFrame, dtypes: dict[str, object], *, source) -> tuple[pl.DataFrame, pl.Series, list[str]]:
+def parse_columns(df: pl.DataFrame, dtypes: dict[str, object], *, source, training: bool = False
+                  ) -> tuple[pl.DataFrame, pl.Series, list[str]]:
     """(the columns of `dtypes` parsed to those types, per-row error or null, names of columns with bad values).
     A column where no value can be read as its type is an ItfitsError naming it; where only some rows are bad,
-    those rows get an error that names the column and the value."""
+    those rows get an error that names the column and the value. Infinite numbers are bad values: a model cannot
+    normalise them. `training`: the errors' advice is for `itfits fit` (else for prediction)."""
     parsed, messages, partly_bad = {}, [], []
     for name, dtype in dtypes.items():
         s = df[name]
+        advice = (f"Fix the column, or leave it out of --cont (or --ignore {name})" if training else
+                  f"The model was trained on '{name}' holding {_describe(dtype)}: fix the column")
+        if not _readable(s.dtype, dtype):
+            raise ItfitsError(f"column '{name}' in {source} has type {s.dtype}; the model reads it as "
+                              f"{_describe(dtype)}. {advice}")
         if isinstance(s.dtype, pl.Categorical) and dtype != pl.String:
             s = s.cast(pl.String)
         if s.dtype == pl.String and dtype != pl.String:  # NA words are missing values (Parquet text, say), not bad
             s = s.set(s.str.strip_chars().is_in(NULL_VALUES), None)
-        out = parsed[name] = _parse(s, dtype)
-        if out is s:  # already of its type: nothing to check
-            continue
+        out = _parse(s, dtype)
         bad = s.is_not_null() & out.is_null()
+        if dtype == pl.Float64:
+            infinite = out.is_infinite()
+            out, bad = out.set(infinite, None), bad | infinite
+        parsed[name] = out
         n_bad = int(bad.sum())
         if n_bad and n_bad == s.len() - s.null_count():
             examples = ", ".join(repr(v) for v in s.filter(bad).cast(pl.String).unique(maintain_order=True).head(3))
             raise ItfitsError(f"column '{name}' in {source} has no value that reads as {_describe(dtype)} ({dtype}), "
-                              f"as the model needs (e.g. {examples}). Fix the column, or train with --cat {name} or "
-                              f"--ignore {name}")
+                              f"as the model needs (e.g. {examples}). {advice}")
         if n_bad:
             partly_bad.append(name)
             value = s.cast(pl.String)
@@ -94,9 +116,9 @@ def _parse_dtype(dtype, role: str) -> str:
     """The type a column is read as at prediction time: text for categories, numbers as themselves."""
     if role == "cont":
         return "Float64"
-    if dtype == pl.Boolean or dtype.is_integer():
+    if dtype == pl.Boolean or (dtype.is_integer() and str(dtype) in _DTYPES):
         return str(dtype)
-    return "Float64" if dtype.is_float() else "String"
+    return "Float64" if dtype.is_float() else "String"  # Int128 categories too: compared as text
 
 
 def infer_columns(df: pl.DataFrame, *, cat=(), cont=()) -> tuple[list[str], list[str]]:
@@ -323,6 +345,9 @@ def _check_names(path: Path, names: list[str], *, target: str, cat, cont, ignore
             raise ItfitsError(f"column(s) {', '.join(both)} given to both {a} and {b}; choose one")
     if target in [*cat, *cont, *ignore]:
         raise ItfitsError(f"'{target}' is the --target; it cannot also be in --cat, --cont or --ignore")
+    reserved = [n for n in names if n.startswith("__itfits")]
+    if reserved:
+        raise ItfitsError(f"{path}: column names starting with __itfits are itfits' own; rename {', '.join(reserved)}")
 
 
 def _classes(y: pl.Series) -> tuple[list[str], np.ndarray]:
@@ -357,6 +382,22 @@ def _skip(df: pl.DataFrame, drop: pl.Series, errors) -> tuple[pl.DataFrame, pl.D
     return df.filter(~drop), gone
 
 
+def _stray_words(prep: TabularPreprocessing) -> list[str]:
+    """Notes on text columns that hold numbers but for a few words (a typo, a unit, "unknown"): one word makes a
+    CSV column text, and so categorical, with every number a category of its own."""
+    notes = []
+    for c in prep.cat:
+        values = pl.Series(prep.vocab[c][1:], dtype=pl.String) if prep.dtypes[c] == "String" else None
+        if values is None or values.len() < 10:
+            continue
+        words = values.filter(values.str.strip_chars().cast(pl.Float64, strict=False).is_null())
+        if 0 < words.len() <= values.len() // 10:
+            notes.append(f"column '{c}' is read as categories because of {words.len()} value(s) that are not numbers "
+                         f"({', '.join(repr(w) for w in words.head(3))}); if it holds numbers, fix those, or train "
+                         f"with --cont {c} (rows with such values are then skipped)")
+    return notes
+
+
 def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), valid_pct: float = 0.2,
                   seed: int = 42) -> TabularData:
     """Read a CSV/Parquet table and preprocess it for training: columns inferred (or as given), rows with a
@@ -371,13 +412,18 @@ def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), 
     df = read_table(path, [target, *used], categorical=True).with_row_index(_ROW)
     n_rows = df.height
     t = df[target]
-    no_value = t.is_null() | (t.is_nan() if t.dtype.is_float() else False)
-    df, no_target = _skip(df, no_value, f"missing target '{target}'")
+    infinite = t.is_infinite() if t.dtype.is_float() else pl.repeat(False, df.height, eager=True)
+    no_value = t.is_null() | (t.is_nan() if t.dtype.is_float() else False) | infinite
+    why = f"missing target '{target}'"
+    if infinite.any():
+        why = pl.select(pl.when(infinite).then(pl.lit(f"target '{target}' is not a finite number"))
+                        .otherwise(pl.lit(why))).to_series()
+    df, no_target = _skip(df, no_value, why)
     if df.height == 0:
         raise ItfitsError(f"no row of {path} has a value in the target column '{target}'")
     cats, conts = infer_columns(df.select(used), cat=cat, cont=cont)
     dtypes = {c: _parse_dtype(df.schema[c], "cat" if c in cats else "cont") for c in used}
-    parsed, errors, _ = parse_columns(df, {c: _DTYPES[dtypes[c]] for c in used}, source=path)
+    parsed, errors, _ = parse_columns(df, {c: _DTYPES[dtypes[c]] for c in used}, source=path, training=True)
     df = df.with_columns(parsed.get_columns())
     df, unreadable = _skip(df, errors.is_not_null(), errors)
     y = df[target]
@@ -390,11 +436,15 @@ def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), 
         classes, codes = [], None
         valid = np.zeros(df.height, bool)
         valid[np.random.default_rng(seed).permutation(df.height)[:max(1, round(df.height * valid_pct))]] = True
+    n_train = int((~valid).sum())
+    if n_train < 2:  # BatchNorm needs 2 rows a batch; the last partial batch is dropped
+        raise ItfitsError(f"{df.height} usable rows leave {n_train} for training after {int(valid.sum())} for "
+                          "validation; training needs at least 2 (more rows, or a lower --valid-pct)")
     prep = TabularPreprocessing.fit(df, ~valid, target=target, task=task, classes=classes, cat=cats,
                                     cont=conts, ignore=ignore, dtypes=dtypes)
-    n_train = int((~valid).sum())
     notes = [f"column '{c}' has {len(prep.vocab[c]) - 1} distinct values in {n_train} training rows: if it is an "
              f"id, --ignore {c}" for c in cats if len(prep.vocab[c]) > 100 and len(prep.vocab[c]) > n_train / 2]
+    notes += _stray_words(prep)
     x_cat, x_cont = prep.encode(df)
     y = codes if codes is not None else prep.encode_target(y)
     return TabularData(prep=prep, x_cat=x_cat, x_cont=x_cont, y=y, valid=valid, rows=df[_ROW].to_numpy(),
@@ -491,12 +541,10 @@ def tabular_outputs(model, x_cat: np.ndarray, x_cont: np.ndarray, *, bs: int = 8
     device = next(model.parameters()).device
     logits, feats = [], []
     with torch.inference_mode():
-        for i in range(0, len(x_cat), bs):
+        for i in range(0, max(len(x_cat), 1), bs):  # no rows: one empty batch, for the outputs' shapes
             lo, fe = forward_features(model, torch.as_tensor(x_cat[i:i + bs], device=device),
                                       torch.as_tensor(x_cont[i:i + bs], device=device))
             logits.append(lo.float().cpu().numpy())
             feats.append(fe.float().cpu().numpy())
-    if not logits:
-        return np.zeros((0, model.layers[-1][0].out_features), np.float32), np.zeros((0, 0), np.float32)
     return np.concatenate(logits), np.concatenate(feats)
 

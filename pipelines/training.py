@@ -152,7 +152,8 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
     if not fine_tune:
         history = History()
         learn.fit_one_cycle(epochs, lr, cbs=[history])
-        return pl.DataFrame(history.rows).drop("phase")
+        return _check_finite(pl.DataFrame(history.rows).drop("phase")
+                             .rename({"images": "rows", "images_per_s": "rows_per_s"}), lr)
     history = History(resume["history"] if resume else None)
     done = resume["epoch"] if resume else 0  # epochs finished over both phases
     first = 0  # this phase's first epoch, counted over both phases
@@ -178,7 +179,17 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
     if ema is not None and getattr(learn, "model_ema", None) is not None:
         learn.model.load_state_dict(learn.model_ema.state_dict())  # calibration and the bundle use the EMA weights
     uncompile(learn.model)
-    return pl.DataFrame(history.rows)
+    return _check_finite(pl.DataFrame(history.rows), lr)
+
+
+def _check_finite(history: pl.DataFrame, lr: float) -> pl.DataFrame:
+    """The history of a training whose last losses are numbers; a diverged one (inf, NaN) is an ItfitsError, so
+    no run saves a model that predicts NaN."""
+    last = {k: history[k][-1] for k in ("train_loss", "valid_loss") if k in history.columns}
+    if not all(v is not None and np.isfinite(v) for v in last.values()):
+        raise ItfitsError(f"training diverged ({', '.join(f'{k} {v}' for k, v in last.items())} after epoch "
+                          f"{history.height}); no model saved. Train with a lower --lr than {lr:.2e}")
+    return history
 
 
 @dataclass(frozen=True)
@@ -480,10 +491,25 @@ def fit(config: FitConfig, log=print) -> dict:
         return finish_images(trained, config, log=log) if is_main() else {}
 
 
-def calibrate_table(model, data, config: FitConfig, *, max_train: int = 4096):
+def unknown_rows(config: FitConfig, prep) -> pl.DataFrame | None:
+    """The usable rows of config.unknown (a table of examples of none of the classes), parsed; read before
+    training, so that a wrong table fails in seconds, not after the training."""
+    if not config.unknown:
+        return None
+    if prep.task == "regression":
+        raise ItfitsError(f"--unknown is for classification; '{prep.target}' holds numbers (regression), which "
+                          "flags no unknowns")
+    _, parsed, errors = prep.read_rows(config.unknown)
+    parsed = parsed.filter(errors.is_null())
+    if parsed.height == 0:
+        raise ItfitsError(f"--unknown {config.unknown}: no usable rows")
+    return parsed
+
+
+def calibrate_table(model, data, config: FitConfig, *, unknown: pl.DataFrame | None = None, max_train: int = 4096):
     """As calibrate_images, for a table: temperature, score and threshold from the validation rows, feature
-    statistics from (up to `max_train`) training rows, score choice from the rows of config.unknown (a table of
-    examples of none of the classes) when given. Returns (Calibration, report, validation logits, features)."""
+    statistics from (up to `max_train`) training rows, score choice from `unknown` (rows of none of the classes,
+    from `unknown_rows`) when given. Returns (Calibration, report, validation logits, features)."""
     from .tabular import tabular_outputs
     t_cat, t_cont, t_y = data.part(False)
     if len(t_y) > max_train:
@@ -491,13 +517,8 @@ def calibrate_table(model, data, config: FitConfig, *, max_train: int = 4096):
         t_cat, t_cont, t_y = t_cat[keep], t_cont[keep], t_y[keep]
     v_cat, v_cont, v_y = data.part(True)
     v_logits, v_feats = tabular_outputs(model, v_cat, v_cont)
-    unknown = None
-    if config.unknown:
-        _, parsed, errors = data.prep.read_rows(config.unknown)
-        parsed = parsed.filter(errors.is_null())
-        if parsed.height == 0:
-            raise ItfitsError(f"--unknown {config.unknown}: no usable rows")
-        unknown = tabular_outputs(model, *data.prep.encode(parsed))
+    if unknown is not None:
+        unknown = tabular_outputs(model, *data.prep.encode(unknown))
     calibration, report = _calibrate(config, len(data.prep.classes), valid=(v_logits, v_feats, v_y),
                                      train=(tabular_outputs(model, t_cat, t_cont)[1], t_y), unknown=unknown,
                                      head_dim=v_feats.shape[1],  # tabular features are the head's only
@@ -525,6 +546,7 @@ def fit_table(config: FitConfig, log=print) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     data, bs, learn = prepare_tabular(config, run)
     prep, n_skipped = data.prep, data.skipped.height
+    unknown = unknown_rows(config, prep)
     classify = prep.task == "classification"
     log(f"{data.n_rows} rows: {len(learn.dls.train_ds)} train, {len(learn.dls.valid_ds)} valid, {n_skipped} skipped"
         + (f" (listed in {run / 'skipped.csv'})" if n_skipped else "")
@@ -542,7 +564,7 @@ def fit_table(config: FitConfig, log=print) -> dict:
     rows = read_table(Path(config.data))[v_rows.tolist()]  # the validation rows as the file has them
     calibration = calib_report = None
     if classify:
-        calibration, calib_report, v_logits, v_feats = calibrate_table(learn.model, data, config)
+        calibration, calib_report, v_logits, v_feats = calibrate_table(learn.model, data, config, unknown=unknown)
         v_y, preds = data.y[data.valid], v_logits.argmax(1)
         write_confusion_matrix(confusion_matrix(v_y, preds, prep.classes), prep.classes, run)
         results = {"valid_accuracy": float((preds == v_y).mean())}

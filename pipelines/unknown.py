@@ -215,7 +215,7 @@ class Calibration:
         """(calibrated probabilities, score, unknown flag) per row."""
         score = compute_scores(logits, features, temperature=self.temperature, stats=self.stats, names=[self.score])[self.score]
         t = self.threshold if threshold is None else threshold
-        return softmax(logits, self.temperature), score, score < t
+        return softmax(logits, self.temperature), score, ~(score >= t)  # a NaN score is no reason to trust a row
 
 
 def calibrate(valid_logits: np.ndarray, valid_targets: np.ndarray, valid_features: np.ndarray, stats: UnknownStats, *,

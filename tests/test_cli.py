@@ -137,22 +137,24 @@ def test_predict_unreadable_inputs_are_error_rows(trained_run, tmp_path):
     rgba.parent.mkdir()
     Image.new("RGBA", (20, 20), (0, 0, 0, 0)).save(rgba)
     missing = tmp_path / "missing.png"
+    (tmp_path / "empty").mkdir()
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("unrelated file")
     out = out_dir / "preds.csv"
 
     proc = run_cli("predict", trained_run.model, inputs, missing, str(tmp_path / "nomatch" / "*.png"),
-                   "--out", out, "--workers", "2")  # worker processes: error rows cross them
+                   tmp_path / "empty", "--out", out, "--workers", "2")  # worker processes: error rows cross them
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     df = pl.read_csv(out)
-    assert df.height == 7
+    assert df.height == 8
     err = {Path(p).name: e for p, e in df.select("path", "error").iter_rows()}
     assert err["missing.png"] and "not found" in err["missing.png"]
     assert err["zero.png"] and "empty" in err["zero.png"]
     assert err["notes.jpg"] and "not an image" in err["notes.jpg"]
     assert err["*.png"] and "no files match" in err["*.png"]
+    assert err["empty"] and "no files in this folder" in err["empty"]
     assert err["icon.png"] is None and all(err[f.name] is None for f in good)
     bad = df.filter(pl.col("error").is_not_null())
     assert bad["label"].null_count() == bad.height and bad["top1"].null_count() == bad.height
@@ -160,9 +162,32 @@ def test_predict_unreadable_inputs_are_error_rows(trained_run, tmp_path):
 
     summary = proc.stdout.strip().splitlines()[-1]
     n_unknown = int(df["unknown"].fill_null(False).sum())
-    assert "7 files" in summary and f"{n_unknown} unknown" in summary and "4 errors" in summary
+    assert "8 files" in summary and f"{n_unknown} unknown" in summary and "5 errors" in summary
     assert str(out) in summary
     assert sorted(p.name for p in out_dir.iterdir()) == ["keep.txt", "preds.csv"], "temp files left behind"
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(trained_run, tmp_path):
+    """--out a folder where a file goes (or the reverse), under a file, equal to an input, or a run folder inside
+    the image folder it trains on: a one-line error at once, the input untouched, nothing written."""
+    from typer.testing import CliRunner
+    from app.cli import app
+    from pipelines.errors import ItfitsError
+    (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "file").write_text("x")
+    rows = tmp_path / "rows.csv"
+    rows.write_text("species\nAdelie\n")
+    data = _class_folder(tmp_path / "data", {"a": 2, "b": 2})
+    model = str(trained_run.model)
+    for args, words in ((["predict", model, str(FASHION_TEST), "--out", str(tmp_path / "folder.csv")], "is a folder"),
+                        (["predict", model, str(FASHION_TEST), "--out", str(tmp_path / "file" / "p.csv")], "is a file"),
+                        (["predict", model, str(rows), "--out", str(rows)], "also an input"),
+                        (["fit", str(data), "--out", str(tmp_path / "file")], "is a file"),
+                        (["fit", str(data), "--out", str(data / "run")], "inside the input folder"),
+                        (["evaluate", model, str(data), "--out", str(tmp_path / "file")], "is a file")):
+        res = CliRunner().invoke(app, args)
+        assert isinstance(res.exception, ItfitsError) and words in str(res.exception), (args, res.exception)
+    assert rows.read_text() == "species\nAdelie\n" and not (data / "run").exists()
 
 
 def test_predictions_are_written_atomically(tmp_path):

@@ -60,7 +60,7 @@ def test_fit_writes_the_run_folder(run):
     assert (run / "lr_find.png").read_bytes().startswith(b"\x89PNG")
     assert not [p.name for p in run.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"], "temp files left"
     history = pl.read_csv(run / "history.csv")
-    assert history.columns == ["epoch", "train_loss", "valid_loss", "accuracy", "seconds", "images", "images_per_s"]
+    assert history.columns == ["epoch", "train_loss", "valid_loss", "accuracy", "seconds", "rows", "rows_per_s"]
     assert history.height == 3
     assert history["train_loss"][-1] < history["train_loss"][0]
     stdout = (run / "stdout.txt").read_text()
@@ -227,6 +227,106 @@ def test_input_columns_named_like_outputs_are_kept_with_a_suffix(bundle, new_row
     assert set(df["label"].drop_nulls()) <= set(CLASSES) | {"unknown"}
 
 
+def test_columns_of_types_the_model_cannot_read_are_errors_naming_them(bundle, tmp_path):
+    """Parquet keeps types: a list, or a date where the model reads a year, is an error naming the column and its
+    type, never a silent cast (a date as days since 1970) or a traceback. A float column where the model reads
+    whole numbers is read where its values are whole (2007.0), as is the text '2007.0' in a CSV."""
+    rows = penguins().head(6)
+    rows.with_columns(island=pl.concat_list("island")).write_parquet(tmp_path / "list.parquet")
+    with pytest.raises(ItfitsError, match=r"column 'island' .* type List\(String\)"):
+        predict_table(bundle, tmp_path / "list.parquet")
+    rows.with_columns(sex=pl.date(2020, 1, 1)).write_parquet(tmp_path / "date.parquet")
+    assert predict_table(bundle, tmp_path / "date.parquet")["error"].null_count() == 6, "a date reads as text"
+    rows.with_columns(bill_length_mm=pl.date(2020, 1, 1)).write_parquet(tmp_path / "date_number.parquet")
+    with pytest.raises(ItfitsError, match="column 'bill_length_mm' .* type Date; the model reads it as a finite number"):
+        predict_table(bundle, tmp_path / "date_number.parquet")
+    from pipelines.tabular import parse_columns
+    years = pl.DataFrame({"f": [2007.0, 2008.5, None], "t": ["2007.0", "2008.5", " 2009 "]})
+    parsed, errors, _ = parse_columns(years, {"f": pl.Int64, "t": pl.Int64}, source="t")
+    assert parsed["f"].to_list() == [2007, None, None] and parsed["t"].to_list() == [2007, None, 2009]
+    assert errors[1] == "f: '2008.5' is not a whole number; t: '2008.5' is not a whole number"
+
+
+def test_integers_wider_than_64_bits_train_as_categories(tmp_path):
+    from pipelines.tabular import prepare_table
+    big = pl.lit(2 ** 70, dtype=pl.Int128) + pl.int_range(pl.len()).cast(pl.Int128) % 3
+    penguins().with_columns(tag=big).write_parquet(tmp_path / "t.parquet")
+    d = prepare_table(tmp_path / "t.parquet", target="species")
+    assert d.prep.dtypes["tag"] == "String" and d.prep.vocab["tag"][1:] == [str(2 ** 70 + i) for i in range(3)]
+
+
+def test_infinite_values_are_row_errors_at_fit_and_predict(bundle, tmp_path):
+    """inf cannot be normalised: at fit such rows are skipped with a reason (an infinite target too), at predict
+    they are error rows; no NaN reaches the statistics or the confidences."""
+    from pipelines.tabular import prepare_table
+    row = pl.int_range(pl.len())
+    df = penguins().with_columns(bill_length_mm=pl.when(row == 3).then(float("inf")).otherwise("bill_length_mm"),
+                                 flipper_length_mm=pl.when(row == 7).then(float("-inf")).otherwise("flipper_length_mm")
+                                 .cast(pl.Float64))
+    df.write_csv(tmp_path / "inf.csv")
+    d = prepare_table(tmp_path / "inf.csv", target="species")
+    skipped = dict(d.skipped.iter_rows())
+    assert skipped[3] == "bill_length_mm: 'inf' is not a finite number" and "flipper_length_mm: '-inf'" in skipped[7]
+    assert all(np.isfinite(v) for v in [*d.prep.mean.values(), *d.prep.std.values()]) and np.isfinite(d.x_cont).all()
+    d = prepare_table(tmp_path / "inf.csv", target="flipper_length_mm")
+    assert dict(d.skipped.iter_rows())[7] == "target 'flipper_length_mm' is not a finite number"
+    out = predict_table(bundle, tmp_path / "inf.csv")
+    assert out["error"][3] == "bill_length_mm: 'inf' is not a finite number" and out["confidence"][3] is None
+    assert out.filter(pl.col("error").is_null())["confidence"].is_nan().sum() == 0
+
+
+def test_a_nan_score_flags_the_row_unknown():
+    from pipelines.unknown import Calibration
+    logits = np.array([[2.0, 0.0], [np.nan, 0.0]], np.float32)
+    _, scores, unknown = Calibration(temperature=1.0, score="max_softmax", threshold=0.5).apply(logits, None)
+    assert np.isnan(scores[1]) and unknown.tolist() == [False, True]
+
+
+def test_bad_headers_are_clear_errors(tmp_path):
+    from pipelines.tabular import prepare_table
+    (tmp_path / "dup.csv").write_text("species,island,island\nAdelie,Dream,Biscoe\n")
+    with pytest.raises(ItfitsError, match="island appear more than once"):
+        prepare_table(tmp_path / "dup.csv", target="species")
+    (tmp_path / "semi.csv").write_text(PENGUINS.read_text().replace(",", ";"))
+    with pytest.raises(ItfitsError, match="separated by ';'"):
+        prepare_table(tmp_path / "semi.csv", target="species")
+    penguins().with_columns(__itfits_row=1).write_csv(tmp_path / "own.csv")
+    with pytest.raises(ItfitsError, match="rename __itfits_row"):
+        prepare_table(tmp_path / "own.csv", target="species")
+
+
+def test_regression_needs_two_training_rows(tmp_path):
+    from pipelines.tabular import prepare_table
+    penguins().head(3).write_csv(tmp_path / "three.csv")
+    with pytest.raises(ItfitsError, match="at least 2"):
+        prepare_table(tmp_path / "three.csv", target="bill_length_mm", valid_pct=0.5)
+
+
+def test_a_table_of_no_rows_predicts_to_a_table_of_the_columns(bundle, tmp_path):
+    from pipelines.predict import PredictConfig, predict, write_predictions
+    penguins().head(0).write_csv(tmp_path / "empty.csv")
+    for out in (tmp_path / "p.csv", tmp_path / "p.parquet"):
+        counts = write_predictions(predict(bundle, [str(tmp_path / "empty.csv")], PredictConfig()), out)
+        df = pl.read_csv(out) if out.suffix == ".csv" else pl.read_parquet(out)
+        assert counts["files"] == 0 and df.height == 0 and df.columns == penguins().columns + OUTPUTS
+
+
+def test_unknown_table_is_checked_before_training(tmp_path):
+    from pipelines.training import FitConfig, fit
+    for target, unknown, error in (("bill_length_mm", PENGUINS, "--unknown is for classification"),
+                                   ("species", tmp_path / "none.csv", "none.csv does not exist")):
+        with pytest.raises(ItfitsError, match=error):
+            fit(FitConfig(data=str(PENGUINS), target=target, out=str(tmp_path / "run"), unknown=str(unknown)), **QUIET)
+        assert not (tmp_path / "run" / "lr_find.csv").exists(), "the error came after lr_find"
+
+
+def test_a_training_that_diverges_saves_no_model(tmp_path):
+    from pipelines.training import FitConfig, fit
+    with pytest.raises(ItfitsError, match="diverged.*lower --lr"):
+        fit(FitConfig(data=str(PENGUINS), target="species", out=str(tmp_path / "run"), epochs=1, lr=1e8), **QUIET)
+    assert not (tmp_path / "run" / "model").exists()
+
+
 # ---- columns, missing values, errors at training time ----------------------------------------------------------------
 
 def test_columns_are_inferred_like_fastai_and_overridable(tmp_path):
@@ -265,13 +365,24 @@ def test_missing_targets_and_unreadable_values_skip_rows_with_reasons(tmp_path):
     d = prepare_table(tmp_path / "t.csv", target="sex", cont=["bill_depth_mm"])
     skipped = dict(d.skipped.iter_rows())
     assert len(skipped) == 11 + 1 and d.n_rows == 344 and len(d.y) == 344 - 12
-    assert skipped[5] == "bill_depth_mm: 'deep' is not a number"
+    assert skipped[5] == "bill_depth_mm: 'deep' is not a finite number"
     assert skipped[3] == "missing target 'sex'"
     assert 5 not in d.rows.tolist() and 3 not in d.rows.tolist()
     assert "bill_depth_mm" in d.prep.na, "NA in training rows gives the column a missing-value flag"
     df.with_columns(bill_depth_mm=pl.lit("deep")).write_csv(tmp_path / "bad.csv")
     with pytest.raises(ItfitsError, match="column 'bill_depth_mm'"):
         prepare_table(tmp_path / "bad.csv", target="sex", cont=["bill_depth_mm"])
+
+
+def test_numbers_with_a_stray_word_are_pointed_out_and_quoted_empty_fields_are_missing(tmp_path):
+    from pipelines.tabular import prepare_table
+    text = PENGUINS.read_text().splitlines()
+    text[1] = text[1].replace(",3750,", ",heavy,")  # body_mass_g of the first row
+    text[2] = text[2].replace(",female,", ',"",')
+    (tmp_path / "t.csv").write_text("\n".join(text) + "\n")
+    d = prepare_table(tmp_path / "t.csv", target="species")
+    assert "body_mass_g" in d.prep.cat and any("'heavy'" in n and "--cont body_mass_g" in n for n in d.notes), d.notes
+    assert d.prep.vocab["sex"] == ["#na#", "female", "male"], "a quoted empty field is missing, not a category"
 
 
 def test_split_is_seeded_and_stratified():
