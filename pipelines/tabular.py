@@ -91,11 +91,13 @@ def parse_columns(df: pl.DataFrame, dtypes: dict[str, object], *, source, traini
         if s.dtype == pl.String and dtype != pl.String:  # NA words are missing values (Parquet text, say), not bad
             s = s.set(s.str.strip_chars().is_in(NULL_VALUES), None)
         out = _parse(s, dtype)
-        bad = s.is_not_null() & out.is_null()
-        if dtype == pl.Float64:
+        bad = None if out is s else s.is_not_null() & out.is_null()  # None: of its type already, nothing bad
+        if dtype == pl.Float64 and out.is_infinite().any():
             infinite = out.is_infinite()
-            out, bad = out.set(infinite, None), bad | infinite
+            out, bad = out.set(infinite, None), infinite if bad is None else bad | infinite
         parsed[name] = out
+        if bad is None:
+            continue
         n_bad = int(bad.sum())
         if n_bad and n_bad == s.len() - s.null_count():
             examples = ", ".join(repr(v) for v in s.filter(bad).cast(pl.String).unique(maintain_order=True).head(3))
