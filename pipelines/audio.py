@@ -299,8 +299,9 @@ def audio_to_images(in_dir: str | Path, out_dir: str | Path, cfg: MelConfig, *, 
 # ---- prediction: clips -> model outputs, windows averaged --------------------------------------------------
 
 class AudioFiles:
-    """Map-style dataset: (path, error) -> (window tensors (W, 3, size, size), error); an unreadable file
-    gives no windows and its error, never a crash. All windows of a clip are used."""
+    """Map-style dataset: (path, error) -> (window images (W, 3, size, size) uint8, error); an unreadable file
+    gives no windows and its error, never a crash. All windows of a clip are used: as bytes, an hour of audio in
+    5 s windows at 224 px holds about 110 MB (as float tensors it held 4x that)."""
 
     def __init__(self, items: list[tuple[str, str | None]], prep, cfg: MelConfig):
         self.items, self.prep, self.cfg = items, prep, cfg
@@ -314,47 +315,57 @@ class AudioFiles:
         if error is None:
             try:
                 images = render_windows(path, self.cfg)
-                return torch.stack([self.prep.to_tensor(window_pil(img)) for img in images]), ""
+                return torch.from_numpy(np.stack([self.prep.array(window_pil(img)) for img in images])), ""
             except AudioError as e:
                 error = str(e)
-        return torch.zeros(0, 3, self.prep.size, self.prep.size), error
+        return torch.zeros(0, 3, self.prep.size, self.prep.size, dtype=torch.uint8), error
 
 
-def _as_lists(batch):
-    return [x for x, _ in batch], [e for _, e in batch]
+def _clip_outputs(model, prep, clips: list, batch_size: int):
+    """(logits, features) per clip of `clips` (each a (W, 3, size, size) uint8 tensor of its windows): the
+    windows go through the model `batch_size` at a time; a clip's probabilities are the mean of its windows',
+    returned as logits log(mean p), its features the mean of theirs. A clip without windows gets zeros."""
+    import torch
+    from .backbones import forward_features
+    device = next(model.parameters()).device
+    counts = torch.tensor([len(c) for c in clips])
+    x = torch.cat(clips)  # (windows of every clip, 3, size, size)
+    outs = [forward_features(model, prep.normalize(x[i:i + batch_size].to(device)))  # an empty batch too:
+            for i in range(0, max(1, len(x)), batch_size)]  # the outputs' widths
+    logits = torch.cat([lo.float().cpu() for lo, _ in outs])
+    feats = torch.cat([fe.float().cpu() for _, fe in outs])
+    clip = torch.repeat_interleave(torch.arange(len(clips)), counts)  # window -> its clip
+    div = counts.clamp(min=1).unsqueeze(1)
+    probs = torch.softmax(logits, dim=1)
+    c_probs = torch.zeros(len(clips), probs.shape[1]).index_add_(0, clip, probs) / div
+    c_logits = torch.log(c_probs.clamp(min=1e-12))  # a clip without windows: equal (meaningless) logits
+    c_feats = torch.zeros(len(clips), feats.shape[1]).index_add_(0, clip, feats) / div
+    return c_logits.numpy(), c_feats.numpy()
 
 
 def audio_batches(model, prep, cfg: MelConfig, items: list[tuple[str, str | None]], *, batch_size: int = 64,
                   num_workers: int | None = None) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[str]]]:
-    """(paths, logits, features, errors) per batch of clips, one row per clip, like predict.image_batches.
+    """(paths, logits, features, errors) per group of clips, one row per clip, like predict.image_batches.
 
-    A clip's probabilities are the mean of its windows' probabilities, returned as logits log(mean p) (so the
-    softmax gives that mean back); its features are the mean of theirs. The calibration (temperature, unknown
-    score, threshold) is fitted on these same per-clip outputs at fit time, so the threshold keeps its meaning. Windows go through the model `batch_size` at a time, rendered in `num_workers`
-    DataLoader processes. Rows with an error have meaningless (zero) outputs."""
+    The calibration (temperature, unknown score, threshold) is fitted on these same per-clip outputs at fit time
+    (`_clip_outputs`), so the threshold keeps its meaning. Clips are rendered one per item in `num_workers`
+    DataLoader processes and grouped until their windows fill a batch of `batch_size` (or `batch_size` clips):
+    memory holds one group's windows, however long the clips. Rows with an error have meaningless outputs."""
     import torch
-    from .backbones import forward_features
     from .images import default_workers
 
     workers = default_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(AudioFiles(items, prep, cfg), batch_size=batch_size, collate_fn=_as_lists,
-                                         num_workers=min(workers, -(-len(items) // batch_size)))
+    loader = torch.utils.data.DataLoader(AudioFiles(items, prep, cfg), batch_size=None,
+                                         num_workers=min(workers, len(items)))
     model.eval()
-    device = next(model.parameters()).device
-    start = 0
+    clips, errors, windows, start = [], [], 0, 0
     with torch.inference_mode():
-        for clips, errors in loader:
-            counts = torch.tensor([len(c) for c in clips])
-            x = torch.cat(clips)  # (windows of every clip in the batch, 3, size, size)
-            outs = [forward_features(model, prep.normalize(x[i:i + batch_size].to(device)))  # an empty batch too:
-                    for i in range(0, max(1, len(x)), batch_size)]  # the outputs' widths
-            logits = torch.cat([lo.float().cpu() for lo, _ in outs])
-            feats = torch.cat([fe.float().cpu() for _, fe in outs])
-            clip = torch.repeat_interleave(torch.arange(len(clips)), counts)  # window -> its clip
-            div = counts.clamp(min=1).unsqueeze(1)  # a clip without windows (an error) keeps zeros
-            probs = torch.softmax(logits, dim=1)
-            c_probs = torch.zeros(len(clips), probs.shape[1]).index_add_(0, clip, probs) / div
-            c_logits = torch.log(c_probs.clamp(min=1e-12))  # a clip without windows: equal (meaningless) logits
-            c_feats = torch.zeros(len(clips), feats.shape[1]).index_add_(0, clip, feats) / div
-            yield [p for p, _ in items[start:start + len(clips)]], c_logits.numpy(), c_feats.numpy(), list(errors)
-            start += len(clips)
+        for i, (x, error) in enumerate(loader):
+            clips.append(x)
+            errors.append(error)
+            windows += len(x)
+            if windows >= batch_size or len(clips) >= batch_size or i == len(items) - 1:
+                logits, feats = _clip_outputs(model, prep, clips, batch_size)
+                yield [p for p, _ in items[start:start + len(clips)]], logits, feats, errors
+                start += len(clips)
+                clips, errors, windows = [], [], 0

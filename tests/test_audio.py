@@ -360,6 +360,28 @@ def test_predict_averages_a_clips_windows_as_training_saw_them(audio_run, tmp_pa
     np.testing.assert_allclose(feats[0], w_feats.mean(0), atol=1e-4 * np.abs(w_feats).max())
 
 
+def test_predict_groups_clips_by_their_windows(audio_run, tmp_path):
+    """Clips are grouped until their windows fill a batch, so memory holds a batch's windows, not batch_size
+    clips of any length; grouping does not change a clip's outputs, and an unreadable clip keeps its row."""
+    from pipelines.audio import audio_batches
+    from pipelines.bundle import load_bundle
+    from pipelines.images import ImagePreprocessing
+
+    bundle = load_bundle(audio_run.model)
+    prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
+    sf.write(tmp_path / "one.wav", tone(1.0, freq=220), 22050)
+    sf.write(tmp_path / "three.wav", np.concatenate([tone(1.0, freq=f) for f in (110, 880, 3000)]), 22050)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
+    items = [(str(tmp_path / n), None) for n in ("one.wav", "three.wav", "broken.wav")]
+    small = list(audio_batches(bundle.model, prep, bundle.mel, items, num_workers=0, batch_size=2))
+    whole = list(audio_batches(bundle.model, prep, bundle.mel, items, num_workers=0, batch_size=64))
+    assert [b[0] for b in small] == [[items[0][0], items[1][0]], [items[2][0]]] and len(whole) == 1
+    assert [e for b in small for e in b[3]] == whole[0][3] and whole[0][3][:2] == ["", ""] and whole[0][3][2]
+    logits, feats = np.concatenate([b[1] for b in small]), np.concatenate([b[2] for b in small])
+    np.testing.assert_allclose(np.exp(logits[:2]), np.exp(whole[0][1][:2]), atol=1e-4)
+    np.testing.assert_allclose(feats[:2], whole[0][2][:2], atol=1e-4 * np.abs(feats).max())
+
+
 def test_evaluate_an_audio_bundle(audio_run, tmp_path):
     from pipelines.evaluate import evaluate
     m = evaluate(audio_run.model, AUDIO, out=tmp_path, unknown=AUDIO_UNKNOWN, num_workers=0)
