@@ -26,8 +26,10 @@ def load_image(path: str, *, gray: bool = False) -> Image.Image:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             arr = np.asarray(im, dtype=np.float64)
-            scale = 257.0 if arr.max() > 255 else 1.0  # 16-bit -> 8-bit
-            im = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), "L")
+            # 16-bit -> 8-bit by the file's depth, not its content: a dark 16-bit image stays dark. Float images
+            # (mode F) hold no depth: 0..255 as they are, larger ranges as 16-bit
+            scale = 257.0 if im.mode != "F" or arr.max() > 255 else 1.0
+            im = Image.fromarray(np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8), "L")
         if im.mode == "P":
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode in ("L", "RGB") and "transparency" in im.info):

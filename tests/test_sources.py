@@ -190,9 +190,12 @@ def test_gray_with_alpha_is_white_where_transparent(tmp_path):
     assert (arr[:, :10] == 50).all() and (arr[:, 10:] == 255).all()
 
 
-def test_16_bit_grayscale_is_scaled_not_clipped(odd_images):
+def test_16_bit_grayscale_is_scaled_not_clipped(odd_images, tmp_path):
     arr = _rgb(odd_images["gray16"])[..., 0].astype(int)
     assert arr.min() == 0 and arr.max() == 255, "the full 16-bit range maps onto 0..255"
+    dark = tmp_path / "dark16.png"
+    Image.fromarray(np.full((30, 40), 200, np.uint16)).save(dark)  # 200 of 65535: nearly black
+    assert _rgb(dark).max() == 1, "a dark 16-bit image is scaled by its depth, not shown as 8-bit values"
     assert len(np.unique(arr)) > 200, "a ramp stays a ramp, not a few clipped values"
     assert (np.diff(arr.ravel()) >= 0).all()
 
