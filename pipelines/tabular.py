@@ -41,8 +41,9 @@ def _describe(dtype) -> str:
 def _readable(source, dtype) -> bool:
     """Whether a column of type `source` can hold values of the type `dtype` a model reads: text, numbers and
     booleans can (bad values become row errors); dates can as text only; lists, structs and binary never."""
-    plain = source in (pl.String, pl.Boolean, pl.Null) or source.is_numeric() or isinstance(source, (pl.Categorical, pl.Enum))
-    return plain or (dtype == pl.String and source.is_temporal())
+    if source in (pl.String, pl.Boolean, pl.Null) or source.is_numeric():
+        return True
+    return isinstance(source, (pl.Categorical, pl.Enum)) or (dtype == pl.String and source.is_temporal())
 
 
 def _from_text(value: str, dtype: str):
@@ -389,9 +390,9 @@ def _stray_words(prep: TabularPreprocessing) -> list[str]:
     CSV column text, and so categorical, with every number a category of its own."""
     notes = []
     for c in prep.cat:
-        values = pl.Series(prep.vocab[c][1:], dtype=pl.String) if prep.dtypes[c] == "String" else None
-        if values is None or values.len() < 10:
+        if prep.dtypes[c] != "String" or len(prep.vocab[c]) <= 10:
             continue
+        values = pl.Series(prep.vocab[c][1:], dtype=pl.String)
         words = values.filter(values.str.strip_chars().cast(pl.Float64, strict=False).is_null())
         if 0 < words.len() <= values.len() // 10:
             notes.append(f"column '{c}' is read as categories because of {words.len()} value(s) that are not numbers "
