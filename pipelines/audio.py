@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from .errors import ItfitsError
+from .sources import os_path, text_path
 
 RENDER_VERSION = 1  # part of the cache key: bump when the rendering below changes its output
 MAX_TRAIN_WINDOWS = 8  # windows of one clip used for training: the first 8 x duration seconds
@@ -96,7 +97,7 @@ def load_audio(path: str | Path, cfg: MelConfig, *, max_seconds: float | None = 
     """Mono float32 samples at cfg.sample_rate (stereo averaged, any rate resampled), at most `max_seconds`.
     Raises AudioError with the reason when the file cannot be used."""
     import librosa
-    p = Path(path)
+    p = Path(os_path(str(path)))
     if not p.is_file():
         raise AudioError("file not found")
     if p.stat().st_size == 0:
@@ -180,7 +181,7 @@ def cache_dir() -> Path:
 
 def _file_digest(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(os_path(path), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -243,7 +244,7 @@ def render_folder(items: pl.DataFrame, cfg: MelConfig, *, cache: Path | None = N
     for path, label, split, error in items.select("path", "label", "split", "error").iter_rows():
         pngs, error, rendered = results.get(path, ([], error, False))
         rows += [(png, label, split, None, path, i, not rendered) for i, png in enumerate(pngs)] or [
-            (path, label, split, error, path, None, False)]
+            (path, label, split, error and text_path(error), path, None, False)]
     schema = {"path": pl.String, "label": pl.String, "split": pl.String, "error": pl.String, "source": pl.String,
               "window": pl.Int64, "cached": pl.Boolean}
     return pl.DataFrame(rows, schema=schema, orient="row")
@@ -274,7 +275,9 @@ def audio_to_images(in_dir: str | Path, out_dir: str | Path, cfg: MelConfig, *, 
     files = [p for p, error in expand_inputs([str(in_dir)], AUDIO_EXTS) if error is None]
     if not files:
         raise ItfitsError(f"no files with extensions {', '.join(sorted(AUDIO_EXTS))} under {in_dir}")
-    items = pl.DataFrame({"path": files, "label": [str(Path(p).parent.relative_to(in_dir)) for p in files],
+    labels = [text_path(str(Path(p).parent.relative_to(in_dir))) for p in files]
+    files, in_dir = [text_path(p) for p in files], Path(text_path(str(in_dir)))  # names that are not UTF-8: \xNN
+    items = pl.DataFrame({"path": files, "label": labels,
                           "split": None, "error": None}, schema_overrides={"split": pl.String, "error": pl.String})
     windows = render_folder(items, cfg, cache=cache, workers=workers, max_windows=max_windows)
     ok = windows.filter(pl.col("error").is_null())

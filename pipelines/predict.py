@@ -21,7 +21,7 @@ from .errors import ItfitsError
 from .images import ImagePreprocessing, load_image, loader_workers
 from .io import atomic_path
 from .precision import Precision, resolve_precision
-from .sources import expand_inputs, read_checked
+from .sources import expand_inputs, read_checked, text_path
 
 
 @dataclass
@@ -134,7 +134,7 @@ def prediction_frame(probs: np.ndarray, scores: np.ndarray, unknown: np.ndarray,
     order = np.argsort(-probs, axis=1)[:, :k]
     top_p = np.take_along_axis(probs, order, axis=1).astype(np.float64)
     names = np.asarray(classes, dtype=object)[order]
-    errors = pl.Series("error", [e or None for e in errors], dtype=pl.String)
+    errors = pl.Series("error", [text_path(e) if e else None for e in errors], dtype=pl.String)
     unknown = np.asarray(unknown, dtype=bool)
     cols = {"label": pl.Series(np.where(unknown, "unknown", names[:, 0]), dtype=pl.String), "confidence": top_p[:, 0],
             "unknown": unknown, "error": errors, "score": np.asarray(scores, dtype=np.float64)}
@@ -161,7 +161,8 @@ def regression_frame(values: np.ndarray, errors) -> pl.DataFrame:
 def prediction_rows(paths, probs: np.ndarray, scores: np.ndarray, unknown: np.ndarray, errors, classes, *, topk: int):
     """Rows of the predictions table (DESIGN.md), one dict per file: path, then `prediction_frame`'s columns."""
     frame = prediction_frame(probs, scores, unknown, errors, classes, topk=topk)
-    yield from frame.insert_column(0, pl.Series("path", list(paths), dtype=pl.String)).iter_rows(named=True)
+    paths = pl.Series("path", [text_path(p) for p in paths], dtype=pl.String)  # file names that are not UTF-8 too
+    yield from frame.insert_column(0, paths).iter_rows(named=True)
 
 
 def table_predictions(bundle: Bundle, inputs: list[str], config: PredictConfig, *,

@@ -1,11 +1,12 @@
 """Folder / CSV / Parquet -> items table (path, label, split, error), and checks of the files in it.
 
-The items table is a polars DataFrame with one row per file: `path` (absolute, str), `label` (str),
+The items table is a polars DataFrame with one row per file: `path` (absolute, str; see `text_path`), `label` (str),
 `split` ("train" or "valid") and `error` (null, or why the file cannot be used).
 """
 from __future__ import annotations
 
 import glob as globlib
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -110,13 +111,30 @@ def _missing_words(df: pl.DataFrame, *, keep_text=()) -> pl.DataFrame:
     return df.with_columns(fixed) if fixed else df
 
 
+def text_path(path: str) -> str:
+    """`path` as valid UTF-8 text, for tables, CSV and JSON: a file name's bytes that are not UTF-8 (which Python
+    holds as lone surrogates, PEP 383; polars refuses them) written as \\xNN, e.g. caf\\xe9.png. `os_path` undoes it."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")  # what text_path writes for a byte that is not UTF-8
+
+
+def os_path(path: str) -> str:
+    """The file a `text_path` names: `path` itself when it holds no \\xNN or exists as it is written, else with
+    each \\xNN back as the byte it stands for. Used where files are opened; costs a lookup only for such names."""
+    if "\\x" not in path or os.path.lexists(path):
+        return path
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m[1], 16)), path)
+
+
 def _files_under(folder: Path, exts: set[str]) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
 
 
 def _class_folder(folder: Path, exts: set[str], split: str | None) -> pl.DataFrame:
-    rows = [(str(f.resolve()), d.name, split) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")
-            for f in _files_under(d, exts)]
+    classes = [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    rows = [(text_path(str(f.resolve())), text_path(d.name), split) for d in classes for f in _files_under(d, exts)]
     return pl.DataFrame(rows, schema={"path": pl.String, "label": pl.String, "split": pl.String}, orient="row")
 
 
@@ -131,7 +149,8 @@ def _from_table(path: Path) -> pl.DataFrame:
         if "is_valid" in df.columns else pl.lit(None, pl.String))
     base = str(path.resolve().parent)
     return df.select(
-        pl.col("path").cast(pl.String).map_elements(lambda p: str((Path(base) / p).resolve()), return_dtype=pl.String),
+        pl.col("path").cast(pl.String).map_elements(lambda p: text_path(str((Path(base) / p).resolve())),
+                                                    return_dtype=pl.String),
         pl.col("label").cast(pl.String), split.alias("split"))
 
 
@@ -211,7 +230,7 @@ def open_image(path):
     warns below twice that. Checked here, not by turning PIL's warning into an error: that changes the process's
     warning filters, which is not thread-safe (check_files reads in threads)."""
     from PIL import Image
-    im = Image.open(path)
+    im = Image.open(os_path(path) if isinstance(path, str) else path)
     pixels = im.width * im.height
     if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
         im.close()
@@ -232,7 +251,7 @@ def read_checked(path: str, read: Callable[[str], object]) -> tuple[object | Non
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning: where filters raise it
         return None, f"decompression bomb: {e}"
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-        p = Path(path)
+        p = Path(os_path(str(path)))
         if not p.is_file():
             return None, "file not found"
         if p.stat().st_size == 0:
@@ -254,7 +273,7 @@ def check_files(items: pl.DataFrame, check: Callable[[str], str | None] = check_
     """The items table with `error` filled for every file that `check` rejects (threads: decoding is I/O + C)."""
     with ThreadPoolExecutor(workers) as ex:
         errors = list(ex.map(check, items["path"].to_list()))
-    return items.with_columns(error=pl.Series(errors, dtype=pl.String))
+    return items.with_columns(error=pl.Series([e and text_path(e) for e in errors], dtype=pl.String))
 
 
 def require_classes(items: pl.DataFrame) -> list[str]:

@@ -190,6 +190,21 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(trained_run,
     assert rows.read_text() == "species\nAdelie\n" and not (data / "run").exists()
 
 
+def test_predict_file_names_that_are_not_utf8(trained_run, tmp_path):
+    """Such names (lone surrogates in Python, refused by polars) are predicted, written with \\xNN for the bytes."""
+    inputs = os.fsencode(tmp_path / "inputs")
+    os.mkdir(inputs)
+    shutil.copy(sorted((FASHION_TEST / "bag").glob("*.png"))[0], os.path.join(inputs, b"caf\xe9.png"))
+    with open(os.path.join(inputs, b"bad\xff.png"), "wb") as f:
+        f.write(b"not an image")
+    out = tmp_path / "preds.csv"
+    proc = run_cli("predict", trained_run.model, tmp_path / "inputs", "--out", out, "--workers", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {Path(p).name: (top1, e) for p, top1, e in pl.read_csv(out).select("path", "top1", "error").iter_rows()}
+    assert rows["caf\\xe9.png"][0] in trained_run.summary["resolved"]["classes"] and rows["caf\\xe9.png"][1] is None
+    assert rows["bad\\xff.png"] == (None, "not an image")
+
+
 def test_predictions_are_written_atomically(tmp_path):
     """A failure halfway through leaves the previous output untouched and no temporary file behind."""
     from pipelines.predict import write_predictions

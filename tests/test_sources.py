@@ -1,6 +1,7 @@
 """DATA layouts -> items table, the seeded stratified split, file checks, odd image modes, class requirements."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -142,6 +143,25 @@ def test_missing_path_in_a_table_is_skipped(tmp_path):
     bad = items.filter(pl.col("error").is_not_null())
     assert bad["path"].to_list() == [str(tmp_path / "images" / "a" / "gone.png")]
     assert "not found" in bad["error"][0]
+
+
+def test_file_names_that_are_not_utf8_are_used_and_written_readably(tmp_path):
+    """A name's bytes that are not UTF-8 (Python holds them as lone surrogates, which polars refuses) appear as
+    \\xNN in the table, and the file is still read from that path; a broken one gets its reason."""
+    data = _tiny_class_folder(tmp_path / "data", {"a": 2, "b": 2})
+    root = os.fsencode(data)
+    os.mkdir(os.path.join(root, b"caf\xe9"))  # a class folder too
+    for name in (b"caf\xe9/x\xff.png", b"caf\xe9/y.png", b"a/caf\xe9.png"):
+        Image.new("L", (8, 8), 99).save(os.path.join(root, name))
+    with open(os.path.join(root, b"b/bad\xe9.png"), "wb") as f:
+        f.write(b"not an image")
+    items = check_files(read_source(data))
+    rows = {Path(p).relative_to(data).as_posix(): (label, error)
+            for p, label, error in items.select("path", "label", "error").iter_rows()}
+    assert rows["caf\\xe9/x\\xff.png"] == ("caf\\xe9", None) and rows["a/caf\\xe9.png"] == ("a", None)
+    assert rows["b/bad\\xe9.png"][1] == "not an image"
+    assert require_classes(items) == ["a", "b", "caf\\xe9"]
+    assert load_image(str(data / "caf\\xe9" / "x\\xff.png")).size == (8, 8)  # what training and evaluation read
 
 
 def test_decompression_bomb_by_pixel_limit(tmp_path, monkeypatch):
