@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -12,7 +13,7 @@ from torch import nn
 
 from .errors import ItfitsError
 from .io import atomic_dir
-from .unknown import Calibration, UnknownStats
+from .unknown import SCORES, Calibration, UnknownStats
 
 FORMAT_VERSION = 1
 WEIGHTS, META = "model.safetensors", "itfits.json"
@@ -96,18 +97,83 @@ def save_bundle(model: nn.Module, meta: dict, calibration: Calibration | None, o
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
+def invalid_bundle(path: Path, reason: str) -> ItfitsError:
+    return ItfitsError(f"{path} is not a valid itfits bundle: {reason}; pass RUN/model of a finished itfits fit")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def meta_problem(meta) -> str | None:
+    """What makes a parsed itfits.json unusable (a missing key, a wrong type or value), or None. Checked once when
+    the bundle is read, so the code that uses the bundle can trust it."""
+    if not isinstance(meta, dict):
+        return f"{META} holds a JSON {type(meta).__name__}, not an object"
+    modality = meta.get("modality", "image")
+    if modality not in ("image", "audio", "tabular"):
+        return f"modality {modality!r} is not image, audio or tabular"
+    own = ["model", "task"] if modality == "tabular" else ["backbone"]
+    missing = [k for k in ["classes", "preprocessing", "calibration", *own] if k not in meta]
+    if missing:
+        return f"{META} has no {', '.join(missing)}"
+    classes, prep, calib = meta["classes"], meta["preprocessing"], meta["calibration"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or (
+            modality != "tabular" and len(classes) < 2):
+        return "classes must be a list of 2 or more class names"
+    if not isinstance(prep, dict) or not isinstance(meta.get("training", {}), dict):
+        return "preprocessing and training must be JSON objects"
+    if calib is None:
+        if not (modality == "tabular" and meta["task"] == "regression"):
+            return "calibration is missing (only a regression model has none)"
+    elif not isinstance(calib, dict) or not {"temperature", "score", "threshold"} <= set(calib) <= {
+            "temperature", "score", "threshold", "keep"}:
+        return "calibration must hold temperature, score and threshold"
+    elif not (_number(calib["temperature"]) and 0 < calib["temperature"] < math.inf and _number(calib["threshold"])):
+        return f"calibration temperature must be positive and threshold a number, got {calib}"
+    elif calib["score"] not in SCORES:
+        return f"calibration score {calib['score']!r} is not one of {', '.join(SCORES)}"
+    if modality == "tabular":
+        if meta["task"] not in ("classification", "regression") or not isinstance(meta["model"], dict):
+            return "task must be classification or regression, and model a JSON object"
+        return None  # the tabular schema is checked as it is rebuilt (load_bundle)
+    if not isinstance(meta["backbone"], str):
+        return "backbone must be a backbone name"
+    size = prep.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        return f"preprocessing.size must be a positive whole number of pixels, got {size!r}"
+    for key in ("mean", "std"):
+        if not (isinstance(prep.get(key), list) and len(prep[key]) == 3 and all(map(_number, prep[key]))):
+            return f"preprocessing.{key} must be 3 numbers, got {prep.get(key)!r}"
+    if not all(prep["std"]) or not isinstance(prep.get("resize"), str):
+        return "preprocessing.std must not be 0, and preprocessing.resize must be a resize method"
+    if modality == "audio":
+        from .audio import MelConfig
+        try:
+            MelConfig.from_json(prep.get("mel"))
+        except (ItfitsError, TypeError, ValueError) as e:
+            return f"preprocessing.mel is not a mel configuration ({e})"
+    return None
+
+
 def read_meta(path: Path) -> dict:
+    """The checked itfits.json of the bundle at `path` (a bundle folder, or a run folder holding one)."""
     path = Path(path)
     if (path / "model").is_dir() and not (path / META).exists():  # a run folder: use its bundle
         path = path / "model"
     if not (path / META).is_file() or not (path / WEIGHTS).is_file():
         raise ItfitsError(f"{path} is not a model bundle (needs {META} and {WEIGHTS}); pass RUN/model from itfits fit")
     try:
-        meta = json.loads((path / META).read_text())
+        meta = json.loads((path / META).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise invalid_bundle(path, f"{META} is not UTF-8 text ({e})") from e
     except json.JSONDecodeError as e:
-        raise ItfitsError(f"{path / META} is not valid JSON: {e}") from e
-    if meta.get("format_version") != FORMAT_VERSION:
+        raise invalid_bundle(path, f"{META} is not valid JSON ({e})") from e
+    if isinstance(meta, dict) and meta.get("format_version") != FORMAT_VERSION:
         raise ItfitsError(f"{path} has bundle format {meta.get('format_version')}; this itfits reads {FORMAT_VERSION}")
+    problem = meta_problem(meta)
+    if problem:
+        raise invalid_bundle(path, problem)
     meta["_path"] = str(path)
     return meta
 
@@ -123,15 +189,22 @@ def _rebuild_model(meta: dict) -> nn.Module:
 
 def load_bundle(path: Path | str) -> Bundle:
     """Rebuild the model from itfits.json (backbone registry or tabular spec) and load its safetensors weights."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     meta = read_meta(Path(path))
     path = Path(meta.pop("_path"))
-    model = _rebuild_model(meta)
+    try:
+        model = _rebuild_model(meta)
+    except (KeyError, TypeError, ValueError) as e:  # a tabular model spec with keys missing or of the wrong type
+        raise invalid_bundle(path, f"its model description in {META} is incomplete ({type(e).__name__}: {e})") from e
     try:
         tensors = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as e:  # truncated, or not a safetensors file at all
+        raise invalid_bundle(path, f"{WEIGHTS} cannot be read ({e})") from e
+    try:
         stats = UnknownStats.from_tensors(tensors) if "unknown.bank" in tensors else None
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("unknown.")}, strict=True)
-    except (RuntimeError, OSError) as e:  # torch lists every mismatch on its own line: keep the first
+    except (RuntimeError, KeyError) as e:  # torch lists every mismatch on its own line: keep the first
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
         raise ItfitsError(f"the weights in {path / WEIGHTS} do not fit the model in {META}: {first}") from e
     calibration = Calibration(**meta["calibration"], stats=stats) if meta["calibration"] is not None else None

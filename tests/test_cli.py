@@ -123,6 +123,48 @@ def test_predict_bundle_that_does_not_fit_its_json(trained_run, tmp_path):
     assert_one_line_error(run_cli("predict", bundle, FASHION_TEST, "--out", tmp_path / "p.csv"), "JSON")
 
 
+def _damage(bundle: Path, how: str) -> None:
+    import json
+    meta = json.loads((bundle / "itfits.json").read_text())
+    if how == "truncated weights":
+        (bundle / "model.safetensors").write_bytes((bundle / "model.safetensors").read_bytes()[:1000])
+    elif how == "random weights":
+        (bundle / "model.safetensors").write_bytes(os.urandom(5000))
+    elif how == "json not utf-8":
+        (bundle / "itfits.json").write_bytes(b'{"classes": "\xff"}')
+    elif how == "json list":
+        (bundle / "itfits.json").write_text("[1, 2]")
+    else:  # a key missing or with a bad value
+        key, _, value = how.partition("=")
+        keys = key.split(".")
+        parent = meta if len(keys) == 1 else meta[keys[0]]
+        if value:
+            parent[keys[-1]] = json.loads(value)
+        else:
+            del parent[keys[-1]]
+        (bundle / "itfits.json").write_text(json.dumps(meta))
+
+
+DAMAGES = ["truncated weights", "random weights", "json not utf-8", "json list", "classes", "preprocessing",
+           "calibration", "backbone", "preprocessing.size=0", "preprocessing.size=-3", "preprocessing.mean=[0.5]",
+           "calibration.score=\"nope\"", "calibration.temperature=0", "training=[]"]
+
+
+def test_damaged_bundles_are_a_clear_error(trained_run, tmp_path):
+    """Every damage is found when the bundle is read (one check), not as a library error later."""
+    from pipelines.bundle import load_bundle
+    from pipelines.errors import ItfitsError
+    for i, how in enumerate(DAMAGES):
+        bundle = tmp_path / f"model{i}"
+        shutil.copytree(trained_run.model, bundle)
+        _damage(bundle, how)
+        with pytest.raises(ItfitsError, match="is not a valid itfits bundle"):
+            load_bundle(bundle)
+    assert_one_line_error(run_cli("predict", tmp_path / "model0", FASHION_TEST, "--out", tmp_path / "p.csv"),
+                          "not a valid itfits bundle", "model.safetensors")
+    assert not (tmp_path / "p.csv").exists()
+
+
 # ---- predict: error rows, summary, atomic output -----------------------------------------------------------
 
 def test_predict_unreadable_inputs_are_error_rows(trained_run, tmp_path):
