@@ -1,6 +1,7 @@
 """The `itfits` command line: thin typer wrappers over pipelines/. User errors print one line and exit 1."""
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -87,6 +88,11 @@ def _mel_config(args: dict):
     return MelConfig(**given) if given else None
 
 
+def _check_workers(workers: Optional[int]) -> None:
+    if workers is not None and workers < 0:
+        raise ItfitsError(f"--workers must be 0 (no worker processes) or more, got {workers}")
+
+
 def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, freeze_epochs: int, lr: Optional[float],
                 bs: Optional[int], size: Optional[int], valid_pct: float, seed: int, threshold: str,
                 workers: Optional[int], keep: float = 0.95, score: Optional[str] = None, unknown: Optional[Path] = None,
@@ -98,22 +104,38 @@ def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, fre
     check_precision(precision)
     if ema_decay is not None and not 0 < ema_decay < 1:
         raise ItfitsError(f"--ema-decay must be between 0 and 1, got {ema_decay}")
-    for name, value in [("--epochs", epochs), ("--bs", bs), ("--size", size), ("--accum", accum)]:
-        if value is not None and value < 1:
-            raise ItfitsError(f"{name} must be at least 1, got {value}")
+    for name, value, least in [("--epochs", epochs, 1), ("--freeze-epochs", freeze_epochs, 0), ("--accum", accum, 1)]:
+        if value < least:
+            raise ItfitsError(f"{name} must be at least {least}, got {value}")
+    if bs is not None and bs < 2:
+        raise ItfitsError(f"--bs must be at least 2, got {bs}: BatchNorm layers normalise each training batch by its "
+                          "own statistics, which takes two or more items")
+    if size is not None:
+        from pipelines.backbones import check_size
+        check_size(arch, size)
+    _check_workers(workers)
     if not 0 < valid_pct < 1:
         raise ItfitsError(f"--valid-pct must be between 0 and 1, got {valid_pct}")
-    if lr is not None and lr <= 0:
-        raise ItfitsError(f"--lr must be positive, got {lr}")
+    if not 0 < keep <= 1:
+        raise ItfitsError(f"--keep must be in (0, 1], got {keep}")
+    if lr is not None and not 0 < lr < math.inf:
+        raise ItfitsError(f"--lr must be a positive number, got {lr}")
     if threshold != "auto":
         try:
             threshold = float(threshold)
         except ValueError:
             raise ItfitsError(f"--threshold takes auto or a number, got {threshold!r}") from None
+        if not math.isfinite(threshold):
+            raise ItfitsError(f"--threshold must be auto or a finite number, got {threshold}")
     if score is not None and score not in SCORES:
         raise ItfitsError(f"'{score}' is not an unknown score;{did_you_mean(score, SCORES)} choices: {', '.join(SCORES)}")
-    if unknown is not None and target is None and not unknown.is_dir():
-        raise ItfitsError(f"--unknown {unknown} is not a folder")
+    if unknown is not None and target is None:
+        from pipelines.sources import AUDIO_EXTS, IMAGE_EXTS, has_files
+        if not unknown.is_dir():
+            raise ItfitsError(f"--unknown {unknown} is not a folder")
+        if not has_files(unknown, IMAGE_EXTS | AUDIO_EXTS):
+            raise ItfitsError(f"--unknown {unknown} holds no image or audio files "
+                              f"({', '.join(sorted(IMAGE_EXTS | AUDIO_EXTS))})")
     if unknown is not None and target is not None and unknown.suffix.lower() not in (".csv", ".parquet"):
         raise ItfitsError(f"with --target, --unknown takes a .csv/.parquet table of rows of none of the classes, got {unknown}")
     if target is None and (cat or cont or ignore or layers):
@@ -132,6 +154,7 @@ def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int]):
     from pipelines.errors import ItfitsWarning
     from pipelines.training import resume_config
     from click.core import ParameterSource
+    _check_workers(workers)
     given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "workers")
              and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
     if given:
@@ -243,6 +266,9 @@ def predict(
         raise ItfitsError(f"--out must end in .csv or .parquet, got {out}")
     if topk < 1 or batch_size < 1:
         raise ItfitsError("--topk and --batch-size must be at least 1")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ItfitsError(f"--threshold must be a finite number on the score's scale, got {threshold}")
+    _check_workers(workers)
     check_output(out, folder=False, inputs=inputs)
     bundle = load_bundle(model)
     from pipelines.precision import check_precision
@@ -265,6 +291,7 @@ def evaluate(
     from pipelines.evaluate import evaluate as run_evaluate
     if unknown is not None and not unknown.is_dir():
         raise ItfitsError(f"--unknown {unknown} is not a folder")
+    _check_workers(workers)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers)
     rule, plain = m["unknown_rule"], m["plain_rule"]

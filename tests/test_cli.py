@@ -76,6 +76,67 @@ def test_bad_numbers(tmp_path, args, word):
     assert_one_line_error(run_cli("fit", FASHION, "--out", tmp_path / "run", *args), word)
 
 
+BAD_OPTIONS = [  # (command line after the command's arguments, words of the error); each fails before any work
+    (["--workers", "-1"], "--workers"), (["--bs", "1"], "BatchNorm"), (["--size", "1"], "--size must be at least 32"),
+    (["--size", "16"], "--size"), (["--arch", "vit_small_patch16_224", "--size", "40"], "multiples of 16"),
+    (["--freeze-epochs", "-1"], "--freeze-epochs"), (["--threshold", "nan"], "finite"),
+    (["--threshold", "inf"], "finite"), (["--keep", "0"], "--keep"), (["--keep", "1.5"], "--keep"),
+    (["--lr", "inf"], "--lr")]
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """fit and lr-find fail at once if the options get through to the work."""
+    import pipelines.training
+
+    def reached(*a, **k):
+        raise AssertionError("the bad option reached training")
+    monkeypatch.setattr(pipelines.training, "fit", reached)
+    monkeypatch.setattr(pipelines.training, "run_lr_find", reached)
+
+
+@pytest.mark.parametrize("args,words", BAD_OPTIONS)
+def test_bad_fit_options_fail_up_front(tmp_path, no_training, args, words):
+    """Called in-process (quick): the CLI prints any ItfitsError as one line, as test_bad_numbers shows."""
+    from app.cli import app
+    from pipelines.errors import ItfitsError
+    with pytest.raises(ItfitsError, match=words):
+        app(["fit", str(FASHION), "--out", str(tmp_path / "run"), *args], standalone_mode=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args", [["lr-find", str(FASHION)], ["fit", "--resume", "run"],
+                                  ["predict", "model", "x.png", "--out", "p.csv"], ["evaluate", "model", str(FASHION)]])
+def test_negative_workers_fail_up_front(tmp_path, no_training, args):
+    from app.cli import app
+    from pipelines.errors import ItfitsError
+    with pytest.raises(ItfitsError, match="--workers must be 0"):
+        app([*args, "--workers", "-1"], standalone_mode=False)
+
+
+def test_predict_threshold_must_be_finite(tmp_path):
+    from app.cli import app
+    from pipelines.errors import ItfitsError
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(ItfitsError, match="finite"):
+            app(["predict", "model", "x.png", "--out", str(tmp_path / "p.csv"), "--threshold", value],
+                standalone_mode=False)
+
+
+def test_fit_unknown_without_usable_files_fails_before_training(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    assert_one_line_error(run_cli("fit", FASHION, "--out", tmp_path / "run", "--unknown", empty), "no image or audio")
+    assert not (tmp_path / "run").exists()
+    sounds = tmp_path / "sounds"  # files, but not of DATA's kind: found as DATA is read, before any training
+    sounds.mkdir()
+    (sounds / "clip.wav").write_bytes(b"RIFF")
+    proc = run_cli("fit", FASHION, "--out", tmp_path / "run", "--unknown", sounds, "--lr", "1e-3", "--workers", "0")
+    assert_one_line_error(proc, "no image files")
+    assert not (tmp_path / "run" / "model").exists()
+
+
 def test_hub_weights_offline_from_the_cli(tmp_path):
     """The hub is made to fail as it does offline (never the network): one line naming the ways out."""
     site = tmp_path / "site"
