@@ -295,14 +295,15 @@ def evaluate(
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers)
     rule, plain = m["unknown_rule"], m["plain_rule"]
-    typer.echo(f"accuracy {m['accuracy']:.3f} on {m['n_known']} files; ECE {m['ece']['uncalibrated']:.3f} -> "
-               f"{m['ece']['calibrated']:.3f} calibrated")
+    typer.echo(f"accuracy {m['accuracy']:.3f} on {m['n_known']} files ({m['n_skipped']} unreadable skipped); ECE "
+               f"{m['ece']['uncalibrated']:.3f} -> {m['ece']['calibrated']:.3f} calibrated")
     typer.echo(f"{rule['score']} >= {rule['threshold']:.4g}: accepts {rule['correct_accepted']:.1%} of correct known items"
                + (f", {rule['unknown_accepted']:.1%} of unknowns" if "unknown_accepted" in rule else "")
                + f" (plain 0.95 rule: {plain['correct_accepted']:.1%}"
                + (f", {plain['unknown_accepted']:.1%})" if "unknown_accepted" in plain else ")"))
     if "scores" in m:
-        typer.echo("AUROC known vs unknown: " + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in m["scores"].items()))
+        typer.echo(f"AUROC known vs {m['n_unknown']} unknown files ({m['n_unknown_skipped']} unreadable skipped): "
+                   + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in m["scores"].items()))
     typer.echo(f"written to {out}/ (metrics.json, reliability.png, risk_coverage.png)")
 
 

@@ -11,7 +11,7 @@ from .errors import ItfitsError
 from .images import ImagePreprocessing
 from .io import write_json
 from .predict import file_outputs
-from .sources import check_files, expand_inputs, read_source
+from .sources import check_files, expand_inputs, read_source, text_path
 from .unknown import auroc, compute_scores, expected_calibration_error, fpr_at_tpr, nll, softmax
 
 PLAIN_RULE = 0.95  # what most fastai users write by hand: max softmax < 0.95 -> unknown
@@ -33,6 +33,22 @@ def accepted_at_rate(known: np.ndarray, unknown: np.ndarray, rate: float) -> flo
     return float((known > cut).mean()) if len(known) else 0.0
 
 
+def unknown_outputs(bundle, prep: ImagePreprocessing, unknown: str | Path, *, num_workers: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(logits, features) of the readable files under `unknown`, and how many could not be read. Run before the
+    known files, so a folder with nothing usable fails at once."""
+    kind = "audio" if bundle.mel else "image"
+    paths = [p for p, err in expand_inputs([str(unknown)], bundle.input_exts) if err is None]
+    if not paths:
+        raise ItfitsError(f"--unknown {unknown}: no {kind} files found")
+    logits, feats, errors = file_outputs(bundle.model, prep, paths, mel=bundle.mel, num_workers=num_workers)
+    good = np.array([not e for e in errors])
+    if not good.any():
+        raise ItfitsError(f"--unknown {unknown}: none of its {len(paths)} {kind} files could be read; the first, "
+                          f"{text_path(paths[0])}: {errors[0]}")
+    return logits[good], feats[good], int((~good).sum())
+
+
 def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: str | Path | None = None,
              num_workers: int | None = None) -> dict:
     """Metrics of a bundle on labelled DATA (every file, whatever its split) and optional unknown examples."""
@@ -46,6 +62,7 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     items = read_source(data, exts=bundle.input_exts)
     if mel is None:  # audio files are checked by rendering them: file_outputs gives their errors
         items = check_files(items)
+    n_files = items.height
     items = items.filter(pl.col("error").is_null())
     foreign = sorted(set(items["label"]) - set(classes))
     if foreign:
@@ -54,6 +71,7 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     if items.height == 0:
         raise ItfitsError(f"no usable files in {data}")
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
+    u_outputs = unknown_outputs(bundle, prep, unknown, num_workers=num_workers) if unknown is not None else None
     logits, feats, errors = file_outputs(bundle.model, prep, items["path"].to_list(), mel=mel, num_workers=num_workers)
     good = np.array([not e for e in errors])
     if not good.any():
@@ -68,6 +86,7 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     plain_accepted = softmax(logits).max(1) >= PLAIN_RULE
     metrics = {
         "n_known": int(len(targets)),
+        "n_skipped": n_files - int(len(targets)),  # files of DATA that could not be read
         "accuracy": float(correct.mean()),
         "per_class": per_class(targets, preds, classes),
         "nll": {"uncalibrated": nll(logits, targets), "calibrated": nll(logits, targets, calib.temperature)},
@@ -80,19 +99,15 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
                        "accuracy_on_accepted": float(correct[plain_accepted].mean()) if plain_accepted.any() else None,
                        "correct_accepted": float(plain_accepted[correct].mean()) if correct.any() else None},
     }
-    if unknown is not None:
-        u_paths = [p for p, err in expand_inputs([str(unknown)], bundle.input_exts) if err is None]
-        if not u_paths:
-            raise ItfitsError(f"--unknown {unknown}: no {'audio' if mel else 'image'} files found")
-        u_logits, u_feats, u_errors = file_outputs(bundle.model, prep, u_paths, mel=mel, num_workers=num_workers)
-        good = np.array([not e for e in u_errors])
-        u_scores = compute_scores(u_logits[good], u_feats[good], temperature=calib.temperature, stats=calib.stats,
+    if u_outputs is not None:
+        u_logits, u_feats, n_unreadable = u_outputs
+        u_scores = compute_scores(u_logits, u_feats, temperature=calib.temperature, stats=calib.stats,
                                   names=calib.stats.scores)
-        metrics["n_unknown"] = int(good.sum())
+        metrics["n_unknown"], metrics["n_unknown_skipped"] = len(u_logits), n_unreadable
         metrics["scores"] = {n: {"auroc": auroc(scores[n], u_scores[n]), "fpr95": fpr_at_tpr(scores[n], u_scores[n])}
                              for n in calib.stats.scores}
         metrics["unknown_rule"]["unknown_accepted"] = float((u_scores[calib.score] >= calib.threshold).mean())
-        plain_rate = float((softmax(u_logits[good]).max(1) >= PLAIN_RULE).mean())
+        plain_rate = float((softmax(u_logits).max(1) >= PLAIN_RULE).mean())
         metrics["plain_rule"]["unknown_accepted"] = plain_rate
         for n in calib.stats.scores:  # the fair comparison: accept no more unknowns than the plain rule does
             metrics["scores"][n]["correct_accepted_at_plain_unknown_rate"] = accepted_at_rate(

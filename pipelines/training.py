@@ -4,6 +4,7 @@ fastai's TabularModel)."""
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from fastai.torch_core import find_bs
 from .audio import MelConfig
 from .checkpoints import CHECKPOINT, CONFIG, Checkpoint, load_checkpoint, restore
 from .distributed import is_main
-from .errors import ItfitsError
+from .errors import ItfitsError, ItfitsWarning
 from .images import ImagePreprocessing
 from .io import write_json, write_table
 from .unknown import DEFAULT_SCORE, TABLE_DEFAULT_SCORE, UnknownStats, calibrate
@@ -289,7 +290,7 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
     `precision`: the training's (a precision.Precision), so image outputs match the Learner's validation.
     Returns (Calibration, report, validation outputs {logits, features, targets, paths})."""
     from .predict import file_outputs
-    from .sources import AUDIO_EXTS, IMAGE_EXTS, expand_inputs
+    from .sources import AUDIO_EXTS, IMAGE_EXTS, expand_inputs, text_path
 
     from .backbones import get_spec
     fast = {"precision": precision, "channels_last": get_spec(config.arch).channels_last}
@@ -312,6 +313,11 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
             raise ItfitsError(f"--unknown {config.unknown}: no {'audio' if mel else 'image'} files found")
         u_logits, u_feats, u_errors = outputs(u_paths)
         good = np.array([not e for e in u_errors])
+        if not good.all():  # left out, as unreadable files of DATA are
+            first = int(np.argmin(good))
+            warnings.warn(f"--unknown {config.unknown}: {(~good).sum()} of its {len(u_paths)} files could not be "
+                          f"read and were left out (the first, {text_path(u_paths[first])}: {u_errors[first]})",
+                          ItfitsWarning)
         unknown = (u_logits[good], u_feats[good])
     calibration, report = _calibrate(config, len(classes), valid=(v_logits, v_feats, v_targets),
                                      train=(t_feats, np.array([index[c] for c in train["label"]])), unknown=unknown,

@@ -329,6 +329,36 @@ def test_predictions_are_written_atomically(tmp_path):
     assert pl.read_csv(out).height == 1 and [p.name for p in tmp_path.iterdir()] == ["preds.csv"]
 
 
+# ---- evaluate ----------------------------------------------------------------------------------------------------
+
+def test_evaluate_counts_unreadable_files_and_needs_a_readable_unknown(trained_run, tmp_path):
+    import json
+    data = tmp_path / "data"
+    for label in ("bag", "trouser"):
+        (data / label).mkdir(parents=True)
+        for f in sorted((FASHION_TEST / label).glob("*.png"))[:3]:
+            shutil.copy(f, data / label / f.name)
+    not_utf8 = os.path.join(os.fsencode(data / "bag"), b"caf\xe9.png")  # counted as any other file
+    shutil.copy(sorted((FASHION_TEST / "bag").glob("*.png"))[3], not_utf8)
+    (data / "trouser" / "zero.png").write_bytes(b"")
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "a.png").write_text("not an image")
+    (unknown / "b.jpg").write_bytes(b"")
+    out = tmp_path / "eval"
+    proc = run_cli("evaluate", trained_run.model, data, "--unknown", unknown, "--out", out, "--workers", "0")
+    assert_one_line_error(proc, "--unknown", "none of its 2 image files could be read")
+    assert not out.exists()
+
+    shutil.copy(sorted((FASHION_TEST / "sneaker").glob("*.png"))[0], unknown / "c.png")
+    proc = run_cli("evaluate", trained_run.model, data, "--unknown", unknown, "--out", out, "--workers", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["n_known"], m["n_skipped"], m["n_unknown"], m["n_unknown_skipped"]) == (7, 1, 1, 2)
+    assert "on 7 files (1 unreadable skipped)" in proc.stdout
+    assert "1 unknown files (2 unreadable skipped)" in proc.stdout
+
+
 # ---- listing ---------------------------------------------------------------------------------------------------
 
 def test_backbones_lists_every_backbone_and_the_default():
