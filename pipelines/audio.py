@@ -13,6 +13,7 @@ import json
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -102,10 +103,12 @@ def load_audio(path: str | Path, cfg: MelConfig, *, max_seconds: float | None = 
         raise AudioError("file not found")
     if p.stat().st_size == 0:
         raise AudioError("empty file (0 bytes)")
-    with warnings.catch_warnings():
+    # soundfile hands libsndfile the name as strict UTF-8: a name that is not UTF-8 goes as an open file instead
+    utf8 = text_path(str(p)) == str(p)
+    with warnings.catch_warnings(), (nullcontext(p) if utf8 else open(p, "rb")) as source:
         warnings.simplefilter("ignore")  # "PySoundFile failed. Trying audioread instead." and its FutureWarning
         try:
-            y, _ = librosa.load(p, sr=cfg.sample_rate, mono=True, duration=max_seconds)
+            y, _ = librosa.load(source, sr=cfg.sample_rate, mono=True, duration=max_seconds)
         except Exception as e:  # libsndfile, audioread and librosa raise many types; the reason goes in the table
             raise AudioError(f"cannot decode as audio: {_decode_reason(e)}") from e
     if y.size == 0:

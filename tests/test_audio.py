@@ -167,6 +167,17 @@ def test_broken_clips_raise_audio_errors_with_reasons(broken_clips):
         load_audio("no/such/file.wav", MelConfig())
 
 
+def test_file_names_that_are_not_utf8_decode(tmp_path):
+    """libsndfile is handed such a name as strict UTF-8; the items table holds it as \\xNN (sources.text_path)."""
+    import os
+    from pipelines.sources import text_path
+    raw = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"cl\xe9ip.flac"))  # Python's surrogate-escaped name
+    shutil.copy(sorted(AUDIO.rglob("*.flac"))[0], raw)
+    assert text_path(raw).endswith("cl\\xe9ip.flac")
+    for path in (raw, text_path(raw)):
+        assert len(load_audio(path, MEL)) > 0
+
+
 # ---- the cache and the split -------------------------------------------------------------------------------
 
 def _items(paths: list[Path], label="x", split="train") -> pl.DataFrame:
