@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob as globlib
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
@@ -15,7 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 import polars as pl
 
-from .errors import ItfitsError
+from .errors import ItfitsError, ItfitsWarning
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}  # what libsndfile >= 1.1 decodes (soundfile)
@@ -138,8 +139,13 @@ def has_files(folder: Path, exts: set[str]) -> bool:
 
 
 def _class_folder(folder: Path, exts: set[str], split: str | None) -> pl.DataFrame:
-    classes = [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-    rows = [(text_path(str(f.resolve())), text_path(d.name), split) for d in classes for f in _files_under(d, exts)]
+    classes = {d: _files_under(d, exts) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    empty = [text_path(d.name) for d, files in classes.items() if not files]
+    if empty and len(empty) < len(classes):  # with no files at all, the caller's error says what is wrong
+        warnings.warn(f"{text_path(str(folder))}: no files with the extensions {' '.join(sorted(exts))} in "
+                      f"{', '.join(empty)}, so {'they are' if len(empty) > 1 else 'it is'} not a class here",
+                      ItfitsWarning)
+    rows = [(text_path(str(f.resolve())), text_path(d.name), split) for d, files in classes.items() for f in files]
     return pl.DataFrame(rows, schema={"path": pl.String, "label": pl.String, "split": pl.String}, orient="row")
 
 

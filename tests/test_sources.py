@@ -46,6 +46,16 @@ def test_train_valid_folders_keep_their_split(tmp_path):
     assert all(f"/{s}/" in p for p, s in items.select("path", "split").iter_rows())
 
 
+def test_an_empty_class_folder_is_pointed_out(tmp_path):
+    from pipelines.errors import ItfitsWarning
+    _tiny_class_folder(tmp_path, {"cat": 2, "dog": 2})
+    (tmp_path / "bird").mkdir()
+    (tmp_path / "bird" / "notes.txt").write_text("no images here")
+    with pytest.warns(ItfitsWarning, match="in bird, so it is not a class"):
+        items = read_source(tmp_path)
+    assert sorted(items["label"].unique()) == ["cat", "dog"]
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_table_paths_are_relative_to_the_table(tmp_path, fmt):
     images = _tiny_class_folder(tmp_path / "images", {"a": 3, "b": 4})
