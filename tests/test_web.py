@@ -151,14 +151,14 @@ def test_safe_names():
     assert safe_name(1, "é" * 300 + ".png").endswith(".png") and len(safe_name(1, "a" * 300)) <= 105
 
 
-def test_other_modalities_are_refused_until_added(trained_run, tmp_path):
+def test_other_modalities_are_refused(trained_run, tmp_path):
     from app.web import create_app
     from pipelines.errors import ItfitsError
     bundle = tmp_path / "model"
     shutil.copytree(trained_run.model, bundle)
     meta = json.loads((bundle / "itfits.json").read_text())
     (bundle / "itfits.json").write_text(json.dumps({**meta, "modality": "smell"}))
-    with pytest.raises(ItfitsError, match="does not take 'smell' models"):
+    with pytest.raises(ItfitsError, match="modality 'smell' is not image, audio or tabular"):
         create_app(bundle)
 
 

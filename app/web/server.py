@@ -89,10 +89,7 @@ def create_app(target: Path | str, *, max_files: int = 100, max_file_mb: float =
     if max_files < 1 or max_file_mb <= 0 or topk < 1:
         raise ItfitsError("--max-files and --topk must be at least 1 and --max-file-mb positive")
     bundle = load_bundle(target)
-    kind = bundle.meta.get("modality")
-    if kind not in MODALITIES:
-        raise ItfitsError(f"itfits serve does not take '{kind}' models yet; it takes: {', '.join(MODALITIES)}")
-    modality = MODALITIES[kind]
+    modality = MODALITIES[bundle.meta.get("modality", "image")]  # load_bundle refuses other modalities
     site = Site(bundle=bundle, modality=modality, limits=UploadLimits(modality.exts, max_files, max_file_mb),
                 config=PredictConfig(batch_size=32, num_workers=0, topk=topk),  # no worker processes per request
                 report=find_report(Path(target), bundle), lock=threading.Lock())
