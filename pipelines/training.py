@@ -395,10 +395,10 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
         raise ItfitsError(f"{run} has finished all {total} epochs; nothing to resume. Its bundle is {run / 'model'}")
     if main:
         run.mkdir(parents=True, exist_ok=True)
-        if state is None:
-            write_run_config(config, run)
     set_seed(config.seed)  # the DataLoaders draw their shuffling seed from python's random when they are made
     data = prepare_data(config, run, log)
+    if main and state is None:  # after the data checks: a run that failed on its data is no run to resume
+        write_run_config(config, run)
     items, classes, prep, bs, dls = data.files, data.classes, data.prep, data.bs, data.dls
     n_skipped = items["error"].is_not_null().sum()
     world = world_size()

@@ -49,6 +49,7 @@ def test_data_with_one_class(tmp_path):
     proc = run_cli("fit", data, "--out", tmp_path / "run", "--lr", "1e-3", "--size", "32", "--workers", "0")
     assert_one_line_error(proc, "2 classes")
     assert not (tmp_path / "run" / "model").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists(), "a run that failed on its data is no run to resume"
 
 
 def test_class_with_one_file(tmp_path):
