@@ -78,6 +78,7 @@ def _bars_on_terminal_only() -> None:
     if not sys.stdout.isatty():
         from fastprogress import fastprogress
         fastprogress.NO_BAR = True
+        fastprogress.ConsoleProgressBar.fill = ""  # its encoding probe prints the fill character for every bar
 
 
 def _mel_config(args: dict):
