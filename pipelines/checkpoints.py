@@ -103,7 +103,13 @@ def read_run_config(run: Path) -> dict:
     if not path.is_file():
         raise ItfitsError(f"{run} is not a run folder that can be resumed ({path} is missing); pass the --out folder "
                           f"of an interrupted itfits fit")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ItfitsError(f"{path} is damaged ({e}); the run cannot be resumed, start it again with itfits fit") from e
+    if not isinstance(config, dict) or "data" not in config:
+        raise ItfitsError(f"{path} holds no run settings; the run cannot be resumed, start it again with itfits fit")
+    return config
 
 
 def restore(learn, state: dict, *, phase_start: bool = False) -> None:

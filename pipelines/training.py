@@ -361,16 +361,19 @@ class TrainedImages:
 
 
 def write_run_config(config: FitConfig, run: Path) -> None:
-    """RUN/checkpoints/config.json: the settings `--resume RUN` continues with."""
-    write_json({**asdict(config), "resume": False}, run / "checkpoints" / CONFIG)
+    """RUN/checkpoints/config.json: the settings `--resume RUN` continues with, DATA and --unknown as absolute
+    paths (a resume may start in another folder)."""
+    absolute = {k: str(Path(v).resolve()) for k in ("data", "unknown") if (v := getattr(config, k))}
+    write_json({**asdict(config), **absolute, "resume": False}, run / "checkpoints" / CONFIG)
 
 
 def resume_config(run: Path | str) -> FitConfig:
-    """The FitConfig of the run in folder `run`, set to resume it."""
+    """The FitConfig of the run in folder `run`, set to resume it there (wherever the run was first written: a
+    moved or copied run folder resumes where it is)."""
     from .checkpoints import read_run_config
     stored = read_run_config(Path(run))
     known = {f.name for f in fields(FitConfig)}
-    config = FitConfig(**{**{k: v for k, v in stored.items() if k in known}, "resume": True})
+    config = FitConfig(**{**{k: v for k, v in stored.items() if k in known}, "out": str(run), "resume": True})
     if isinstance(config.mel, dict):  # stored as JSON
         config.mel = MelConfig.from_json(config.mel)
     return config

@@ -109,6 +109,23 @@ def test_resume_errors_name_the_way_out(resumed, tmp_path):
     assert proc.returncode == 1 and "--resume" in proc.stderr
 
 
+def test_a_moved_run_resumes_where_it_is_with_its_data_from_anywhere(tmp_path, monkeypatch):
+    """config.json keeps DATA as an absolute path, and a run resumes in the folder given: a moved or copied run
+    folder never writes into the old one. A damaged config.json is a one-line error."""
+    from pipelines.errors import ItfitsError
+    from pipelines.training import FitConfig, resume_config, write_run_config
+    monkeypatch.chdir(REPO)  # data/fashion is relative to it
+    write_run_config(FitConfig(data="data/fashion", out=str(tmp_path / "a")), tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    config = resume_config(tmp_path / "b")
+    assert config.out == str(tmp_path / "b") and config.data == str(FASHION) and config.resume
+    for damage in ("{", "[1, 2]", "\udcff"):
+        (tmp_path / "b" / "checkpoints" / "config.json").write_bytes(damage.encode("utf-8", "surrogateescape"))
+        with pytest.raises(ItfitsError, match="config.json"):
+            resume_config(tmp_path / "b")
+
+
 def test_resume_at_a_phase_boundary_starts_the_next_phase_as_fine_tune_does(tmp_path):
     """A checkpoint that ended the head-only phase: the resumed run starts the unfrozen phase with a cleared
     optimizer state and a fresh EMA, as fastai's fine_tune does, and ends with the uninterrupted run's weights."""

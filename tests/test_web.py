@@ -172,6 +172,9 @@ def test_serve_errors_are_one_line(tmp_path):
         s.listen()
         with pytest.raises(ItfitsError, match="choose another --port"):
             check_port("127.0.0.1", s.getsockname()[1])
+    for port in (99999, -1):  # the socket calls would listen on 99999 % 65536, or blame the host for -1
+        with pytest.raises(ItfitsError, match="--port must be between 1 and 65535"):
+            check_port("127.0.0.1", port)
 
 
 # ---- in a browser: `itfits serve` in a subprocess, driven by headless Chromium ------------------------------

@@ -216,6 +216,8 @@ def _row(row: dict, preview: str | None, topk: int):
 
 def check_port(host: str, port: int) -> None:
     """An ItfitsError naming the way out when HOST:PORT cannot be listened on."""
+    if not 1 <= port <= 65535:  # the socket calls would take 99999 as 34463, or blame the host for -1
+        raise ItfitsError(f"--port must be between 1 and 65535, got {port}")
     try:
         family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
