@@ -178,7 +178,14 @@ def table_predictions(bundle: Bundle, inputs: list[str], config: PredictConfig, 
     table, parsed, errors = prep.read_rows(Path(inputs[0]))
     outputs = {"label", "prediction", "confidence", "unknown", "error", "score"} | {
         f"top{j}{s}" for j in range(1, len(prep.classes) + 1) for s in ("", "_prob")}
-    table = table.rename({c: f"{c}_input" for c in table.columns if c in outputs})
+    taken, renamed = set(table.columns) | outputs, {}
+    for c in [c for c in table.columns if c in outputs]:  # <name>_input, or _input2, ... where that is taken
+        new, i = f"{c}_input", 2
+        while new in taken:
+            new, i = f"{c}_input{i}", i + 1
+        renamed[c] = new
+        taken.add(new)
+    table = table.rename(renamed)
     for start in range(0, max(table.height, 1), chunk):  # a table of no rows: the columns, with no rows
         logits, feats = tabular_outputs(bundle.model, *prep.encode(parsed.slice(start, chunk)))
         errs = errors.slice(start, chunk).to_list()
@@ -249,6 +256,10 @@ def write_predictions(rows: Iterator[dict | pl.DataFrame], out: Path, *, chunk: 
             counts["unknown"] += int(df["unknown"].fill_null(False).sum())
             counts["errors"] += int(df["error"].is_not_null().sum())
             if out.suffix.lower() == ".csv":
+                nested = [f"{c} ({t})" for c, t in df.schema.items() if t.is_nested() or t in (pl.Binary, pl.Object)]
+                if nested:
+                    raise ItfitsError(f"the input has columns a CSV cannot hold: {', '.join(nested)}; write "
+                                      f"--out {out.with_suffix('.parquet').name}, or drop them from the input")
                 df.write_csv(fh, include_header=not frames)
             frames.append(df if out.suffix.lower() == ".parquet" else df.clear())
             buf.clear()

@@ -225,6 +225,19 @@ def test_input_columns_named_like_outputs_are_kept_with_a_suffix(bundle, new_row
     df = predict_table(bundle, tmp_path / "rows.csv")
     assert "label_input" in df.columns and df["label_input"].to_list() == ["extra"] * 8
     assert set(df["label"].drop_nulls()) <= set(CLASSES) | {"unknown"}
+    pl.read_csv(new_rows).with_columns(label=pl.lit("a"), label_input=pl.lit("b")).write_csv(tmp_path / "both.csv")
+    df = predict_table(bundle, tmp_path / "both.csv")
+    assert df["label_input"].to_list() == ["b"] * 8 and df["label_input2"].to_list() == ["a"] * 8
+
+
+def test_columns_a_csv_cannot_hold_are_an_error_before_anything_is_written(bundle, new_rows, tmp_path):
+    from pipelines.predict import PredictConfig, predict, write_predictions
+    pl.read_csv(new_rows).with_columns(tags=pl.concat_list("island")).write_parquet(tmp_path / "rows.parquet")
+    with pytest.raises(ItfitsError, match=r"tags \(List\(String\)\).*--out p.parquet"):
+        write_predictions(predict(bundle, [str(tmp_path / "rows.parquet")], PredictConfig()), tmp_path / "p.csv")
+    assert list(tmp_path.iterdir()) == [tmp_path / "rows.parquet"]
+    write_predictions(predict(bundle, [str(tmp_path / "rows.parquet")], PredictConfig()), tmp_path / "p.parquet")
+    assert pl.read_parquet(tmp_path / "p.parquet")["tags"].to_list()[0] == ["Torgersen"]
 
 
 def test_columns_of_types_the_model_cannot_read_are_errors_naming_them(bundle, tmp_path):
