@@ -188,12 +188,17 @@ def table_predictions(bundle: Bundle, inputs: list[str], config: PredictConfig, 
     table = table.rename(renamed)
     for start in range(0, max(table.height, 1), chunk):  # a table of no rows: the columns, with no rows
         logits, feats = tabular_outputs(bundle.model, *prep.encode(parsed.slice(start, chunk)))
-        errs = errors.slice(start, chunk).to_list()
         if prep.task == "regression":
-            out = regression_frame(prep.decode_target(logits[:, 0]), errs)
+            values = prep.decode_target(logits[:, 0])
+            finite = np.isfinite(values)
         else:
-            probs, scores, unknown = bundle.calibration.apply(logits, feats, threshold=config.threshold)
-            out = prediction_frame(probs, scores, unknown, errs, bundle.classes, topk=config.topk)
+            probs, values, unknown = bundle.calibration.apply(logits, feats, threshold=config.threshold)
+            finite = np.isfinite(probs).all(1) & np.isfinite(values)
+        # values far beyond the training data's can overflow the model: an error, not a NaN or a confident label
+        errs = [e or (None if ok else "the model's outputs are not finite numbers: values far outside the training "
+                      "data's range") for e, ok in zip(errors.slice(start, chunk).to_list(), finite)]
+        out = (regression_frame(values, errs) if prep.task == "regression" else
+               prediction_frame(probs, values, unknown, errs, bundle.classes, topk=config.topk))
         yield table.slice(start, chunk).hstack(out)
 
 

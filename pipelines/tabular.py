@@ -26,6 +26,7 @@ MAX_CARD = 20  # integer columns (and targets) with more distinct values are con
 BOOL_WORDS = {"true": True, "false": False, "t": True, "f": False, "yes": True, "no": False, "y": True, "n": False,
               "1": True, "0": False}
 DEFAULT_LAYERS = (200, 100)  # fastai's tabular_learner default
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # larger numbers are infinite to the model: bad values, as inf is
 _ROW, _TRAIN = "__itfits_row", "__itfits_train"
 _DTYPES = {str(t): t for t in (pl.String, pl.Boolean, pl.Float64, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8,
                                pl.UInt16, pl.UInt32, pl.UInt64)}
@@ -93,8 +94,8 @@ def parse_columns(df: pl.DataFrame, dtypes: dict[str, object], *, source, traini
             s = s.set(s.str.strip_chars().is_in(NULL_VALUES), None)
         out = _parse(s, dtype)
         bad = None if out is s else s.is_not_null() & out.is_null()  # None: of its type already, nothing bad
-        if dtype == pl.Float64 and out.is_infinite().any():
-            infinite = out.is_infinite()
+        if dtype == pl.Float64 and (out.abs() > FLOAT32_MAX).any():  # inf, or inf once the model's float32
+            infinite = (out.abs() > FLOAT32_MAX).fill_null(False)
             out, bad = out.set(infinite, None), infinite if bad is None else bad | infinite
         parsed[name] = out
         if bad is None:
@@ -415,8 +416,9 @@ def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), 
     df = read_table(path, [target, *used], categorical=True).with_row_index(_ROW)
     n_rows = df.height
     t = df[target]
-    infinite = t.is_infinite() if t.dtype.is_float() else pl.repeat(False, df.height, eager=True)
-    no_value = t.is_null() | (t.is_nan() if t.dtype.is_float() else False) | infinite
+    floats = t.dtype.is_float()
+    infinite = (t.abs() > FLOAT32_MAX).fill_null(False) if floats else pl.repeat(False, df.height, eager=True)
+    no_value = t.is_null() | (t.is_nan() if floats else False) | infinite
     why = f"missing target '{target}'"
     if infinite.any():
         why = pl.select(pl.when(infinite).then(pl.lit(f"target '{target}' is not a finite number"))
@@ -443,6 +445,8 @@ def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), 
     if n_train < 2:  # BatchNorm needs 2 rows a batch; the last partial batch is dropped
         raise ItfitsError(f"{df.height} usable rows leave {n_train} for training after {int(valid.sum())} for "
                           "validation; training needs at least 2 (more rows, or a lower --valid-pct)")
+    if task == "regression" and y.filter(pl.Series(~valid)).n_unique() < 2:
+        raise ItfitsError(f"the target '{target}' has one value in every training row: there is nothing to learn")
     prep = TabularPreprocessing.fit(df, ~valid, target=target, task=task, classes=classes, cat=cats,
                                     cont=conts, ignore=ignore, dtypes=dtypes)
     notes = [f"column '{c}' has {len(prep.vocab[c]) - 1} distinct values in {n_train} training rows: if it is an "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -286,6 +287,24 @@ def test_infinite_values_are_row_errors_at_fit_and_predict(bundle, tmp_path):
     out = predict_table(bundle, tmp_path / "inf.csv")
     assert out["error"][3] == "bill_length_mm: 'inf' is not a finite number" and out["confidence"][3] is None
     assert out.filter(pl.col("error").is_null())["confidence"].is_nan().sum() == 0
+    df.with_columns(body_mass_g=pl.when(row == 2).then(1e300).otherwise("body_mass_g")).write_csv(tmp_path / "big.csv")
+    d = prepare_table(tmp_path / "big.csv", target="species")  # finite, but infinite as the model's float32
+    assert re.fullmatch(r"body_mass_g: '1e\+?300' is not a finite number", dict(d.skipped.iter_rows())[2])
+    assert all(np.isfinite(v) for v in d.prep.std.values())
+
+
+def test_rows_the_model_gives_no_finite_outputs_for_are_errors(bundle, tmp_path):
+    """Values within float32 but far outside the training data can overflow the model's layers: such rows are
+    errors, not NaN confidences or confident labels. Here a weight of the last layer is made NaN."""
+    import copy
+    import dataclasses
+    model = copy.deepcopy(bundle.model)
+    with torch.no_grad():
+        model.layers[-1][0].weight[0, 0] = float("nan")
+    penguins().head(5).write_csv(tmp_path / "rows.csv")
+    out = predict_table(dataclasses.replace(bundle, model=model), tmp_path / "rows.csv")
+    assert out["error"].to_list() == ["the model's outputs are not finite numbers: values far outside the training "
+                                      "data's range"] * 5 and out["label"].null_count() == 5
 
 
 def test_a_nan_score_flags_the_row_unknown():
@@ -308,11 +327,14 @@ def test_bad_headers_are_clear_errors(tmp_path):
         prepare_table(tmp_path / "own.csv", target="species")
 
 
-def test_regression_needs_two_training_rows(tmp_path):
+def test_regression_needs_two_training_rows_and_two_values(tmp_path):
     from pipelines.tabular import prepare_table
     penguins().head(3).write_csv(tmp_path / "three.csv")
     with pytest.raises(ItfitsError, match="at least 2"):
         prepare_table(tmp_path / "three.csv", target="bill_length_mm", valid_pct=0.5)
+    penguins().with_columns(bill_length_mm=pl.lit(40.0)).write_csv(tmp_path / "constant.csv")
+    with pytest.raises(ItfitsError, match="one value in every training row"):
+        prepare_table(tmp_path / "constant.csv", target="bill_length_mm")
 
 
 def test_a_table_of_no_rows_predicts_to_a_table_of_the_columns(bundle, tmp_path):
