@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 
 from .errors import ItfitsError
-from .sources import os_path, text_path
+from .sources import not_found, os_path, text_path
 
 RENDER_VERSION = 1  # part of the cache key: bump when the rendering below changes its output
 MAX_TRAIN_WINDOWS = 8  # windows of one clip used for training: the first 8 x duration seconds
@@ -100,7 +100,7 @@ def load_audio(path: str | Path, cfg: MelConfig, *, max_seconds: float | None = 
     import librosa
     p = Path(os_path(str(path)))
     if not p.is_file():
-        raise AudioError("file not found")
+        raise AudioError(not_found(p))
     if p.stat().st_size == 0:
         raise AudioError("empty file (0 bytes)")
     # soundfile hands libsndfile the name as strict UTF-8: a name that is not UTF-8 goes as an open file instead
@@ -199,7 +199,7 @@ def render_cached(path: str, cfg: MelConfig, folder: Path, max_windows: int | No
     try:
         digest = _file_digest(path)
     except OSError as e:
-        return [], "file not found" if isinstance(e, FileNotFoundError) else f"cannot read: {e}", False
+        return [], not_found(Path(os_path(path))) if isinstance(e, FileNotFoundError) else f"cannot read: {e}", False
     done = folder / digest[:2] / f"{digest}.w{max_windows or 'all'}"
     pngs = sorted(done.glob("*.png"), key=lambda p: int(p.stem)) if done.is_dir() else []
     if pngs:

@@ -130,7 +130,15 @@ def os_path(path: str) -> str:
 
 
 def _files_under(folder: Path, exts: set[str]) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
+    """Files with `exts` at any depth, and links to nothing with them: reading one gives its error (not_found), so
+    a broken link is a skipped file or an error row, not a file dropped without a word."""
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or (p.is_symlink() and not p.exists()))
+                  and p.suffix.lower() in exts and not p.name.startswith("."))
+
+
+def not_found(path: Path) -> str:
+    """Why a path that should be a file is not one: a broken link (to where) or no such file."""
+    return f"broken link to {os.readlink(path)}" if path.is_symlink() and not path.exists() else "file not found"
 
 
 def has_files(folder: Path, exts: set[str]) -> bool:
@@ -145,7 +153,8 @@ def _class_folder(folder: Path, exts: set[str], split: str | None) -> pl.DataFra
         warnings.warn(f"{text_path(str(folder))}: no files with the extensions {' '.join(sorted(exts))} in "
                       f"{', '.join(empty)}, so {'they are' if len(empty) > 1 else 'it is'} not a class here",
                       ItfitsWarning)
-    rows = [(text_path(str(f.resolve())), text_path(d.name), split) for d, files in classes.items() for f in files]
+    rows = [(text_path(str(f.resolve() if f.exists() else f.absolute())), text_path(d.name), split)  # a broken link
+            for d, files in classes.items() for f in files]  # is listed as itself
     return pl.DataFrame(rows, schema={"path": pl.String, "label": pl.String, "split": pl.String}, orient="row")
 
 
@@ -264,7 +273,7 @@ def read_checked(path: str, read: Callable[[str], object]) -> tuple[object | Non
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         p = Path(os_path(str(path)))
         if not p.is_file():
-            return None, "file not found"
+            return None, not_found(p)
         if p.stat().st_size == 0:
             return None, "empty file (0 bytes)"
         return None, "not an image" if isinstance(e, Image.UnidentifiedImageError) else f"cannot decode: {e}"
@@ -318,5 +327,5 @@ def expand_inputs(inputs: Iterable[str], exts: set[str] = IMAGE_EXTS) -> list[tu
             matches = sorted(globlib.glob(item, recursive=True))
             out += [(m, None) for m in matches if Path(m).is_file()] or [(item, "no files match this pattern")]
         else:
-            out.append((item, "file not found"))
+            out.append((item, not_found(p)))
     return out

@@ -46,6 +46,18 @@ def test_train_valid_folders_keep_their_split(tmp_path):
     assert all(f"/{s}/" in p for p, s in items.select("path", "split").iter_rows())
 
 
+def test_a_broken_link_is_a_skipped_file_and_an_error_row(tmp_path):
+    from pipelines.sources import expand_inputs
+    _tiny_class_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+    (tmp_path / "data" / "dog" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    items = check_files(read_source(tmp_path / "data"))
+    bad = items.filter(pl.col("error").is_not_null())
+    assert bad["path"].to_list() == [str(tmp_path / "data" / "dog" / "gone.png")]
+    assert bad["error"][0] == f"broken link to {tmp_path / 'nowhere.png'}"
+    found = dict(expand_inputs([str(tmp_path / "data" / "dog")]))
+    assert len(found) == 3 and found[str(tmp_path / "data" / "dog" / "gone.png")] is None  # its error when read
+
+
 def test_an_empty_class_folder_is_pointed_out(tmp_path):
     from pipelines.errors import ItfitsWarning
     _tiny_class_folder(tmp_path, {"cat": 2, "dog": 2})
