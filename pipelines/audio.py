@@ -148,6 +148,9 @@ def mel_image(segment: np.ndarray, cfg: MelConfig) -> np.ndarray:
     hop, half = cfg.hop_length, cfg.n_fft // 2
     frames = 1 + cfg.window_samples // hop
     segment = segment[:cfg.window_samples]
+    loudest = float(np.abs(segment).max()) if len(segment) else 0.0
+    if loudest > 1e6:  # a float file can hold any scale: the image is relative to the peak, but such samples'
+        segment = segment / loudest  # powers overflow float32 (the clip was rendered black, as silence)
     n = min(frames, -(-(len(segment) + half) // hop))  # frame t covers [t * hop - half, t * hop + half)
     padded = np.zeros((n - 1) * hop + cfg.n_fft, np.float32)
     padded[half:half + len(segment)] = segment[:len(padded) - half]

@@ -125,6 +125,10 @@ def test_silent_and_quiet_windows_do_not_divide_by_zero():
         quiet = mel_image(tone(1.0) * 1e-4, cfg)
     assert not silent.any() and not tiny.any()
     assert quiet.max() == 255, "loudness is relative to each window's peak"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loud = mel_image(tone(1.0) * np.float32(1e30), cfg)  # a float WAV can hold it; its power overflows float32
+    assert np.abs(loud.astype(int) - mel_image(tone(1.0), cfg)).max() <= 1, "a loud clip is rendered, not black"
 
 
 def test_odd_clips_become_mono_windows_at_the_configured_rate(odd_clips):
