@@ -30,6 +30,8 @@ NULL_VALUES = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-n
 
 def _check_table(path: Path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise ItfitsError(f"{path} is a folder; a table is a .csv or .parquet file")
     if not path.is_file():
         raise ItfitsError(f"{path} does not exist or is not a file; a table is a .csv or .parquet file")
     if path.suffix.lower() not in TABLE_EXTS:
@@ -86,6 +88,9 @@ def read_table(path: Path | str, columns: list[str] | None = None, *, strings=()
         except pl.exceptions.ComputeError:  # a value past the first INFER_ROWS rows does not fit the inferred type
             df = scan(None).collect()
     except Exception as e:
+        if "more fields than defined" in str(e):  # polars' advice names one of its own options
+            raise ItfitsError(f"cannot read table {path}: a row has more fields than the header (a comma in a field "
+                              "that is not quoted?)") from e
         raise ItfitsError(f"cannot read table {path}: {e}") from e
     return df if parquet else _missing_words(df, keep_text=strings)
 

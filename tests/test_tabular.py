@@ -325,6 +325,11 @@ def test_bad_headers_are_clear_errors(tmp_path):
     penguins().with_columns(__itfits_row=1).write_csv(tmp_path / "own.csv")
     with pytest.raises(ItfitsError, match="rename __itfits_row"):
         prepare_table(tmp_path / "own.csv", target="species")
+    (tmp_path / "ragged.csv").write_text("species,island\nAdelie,Dream\nGentoo,Biscoe,Dream\n")
+    with pytest.raises(ItfitsError, match="a row has more fields than the header"):
+        prepare_table(tmp_path / "ragged.csv", target="species")
+    with pytest.raises(ItfitsError, match="is a folder; a table is a .csv or .parquet file"):
+        prepare_table(tmp_path, target="species")
 
 
 def test_regression_needs_two_training_rows_and_two_values(tmp_path):
