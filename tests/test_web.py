@@ -175,6 +175,8 @@ def test_serve_errors_are_one_line(tmp_path):
     for port in (99999, -1):  # the socket calls would listen on 99999 % 65536, or blame the host for -1
         with pytest.raises(ItfitsError, match="--port must be between 1 and 65535"):
             check_port("127.0.0.1", port)
+    with pytest.raises(ItfitsError, match="--host 192.0.2.1 is not an address of this machine"):  # TEST-NET-1
+        check_port("192.0.2.1", 8000)
 
 
 # ---- in a browser: `itfits serve` in a subprocess, driven by headless Chromium ------------------------------

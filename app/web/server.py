@@ -9,6 +9,7 @@ folder, with no limit per file, before the handler runs; the upload route needs 
 from __future__ import annotations
 
 import base64
+import errno
 import socket
 import tempfile
 import threading
@@ -227,6 +228,8 @@ def check_port(host: str, port: int) -> None:
         try:
             s.bind(address)
         except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:  # the host is no address of this machine, whatever the port
+                raise ItfitsError(f"--host {host} is not an address of this machine ({e.strerror})") from e
             raise ItfitsError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
 
 
