@@ -26,9 +26,12 @@ def load_image(path: str, *, gray: bool = False) -> Image.Image:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             arr = np.asarray(im, dtype=np.float64)
-            # 16-bit -> 8-bit by the file's depth, not its content: a dark 16-bit image stays dark. Float images
-            # (mode F) hold no depth: 0..255 as they are, larger ranges as 16-bit
+            # 16-bit -> 8-bit by the file's depth, not its content: a dark 16-bit image stays dark. Mode I holds
+            # 16-bit PGMs and 32-bit TIFFs alike: values past 65535 can only be 32-bit. Float images (mode F) hold
+            # no depth: 0..255 as they are, larger ranges as 16-bit
             scale = 257.0 if im.mode != "F" or arr.max() > 255 else 1.0
+            if im.mode == "I" and arr.max() > 65535:
+                scale = (2 ** 31 - 1) / 255
             im = Image.fromarray(np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8), "L")
         if im.mode == "P":
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")

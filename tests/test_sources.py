@@ -238,6 +238,10 @@ def test_16_bit_grayscale_is_scaled_not_clipped(odd_images, tmp_path):
     dark = tmp_path / "dark16.png"
     Image.fromarray(np.full((30, 40), 200, np.uint16)).save(dark)  # 200 of 65535: nearly black
     assert _rgb(dark).max() == 1, "a dark 16-bit image is scaled by its depth, not shown as 8-bit values"
+    wide = tmp_path / "int32.tif"
+    Image.fromarray(np.linspace(0, 2 ** 31 - 1, 30 * 40).reshape(30, 40).astype(np.int32)).save(wide)
+    arr = _rgb(wide)[..., 0].astype(int)
+    assert arr.min() == 0 and arr.max() == 255 and 100 < arr.mean() < 155, "32-bit integers span 0..255 too"
     assert len(np.unique(arr)) > 200, "a ramp stays a ramp, not a few clipped values"
     assert (np.diff(arr.ravel()) >= 0).all()
 
