@@ -10,8 +10,8 @@ from .bundle import load_bundle
 from .errors import ItfitsError
 from .images import ImagePreprocessing
 from .io import write_json
-from .predict import file_outputs
-from .sources import check_files, expand_inputs, read_source, text_path
+from .predict import file_outputs, unknown_outputs
+from .sources import check_files, read_source
 from .unknown import auroc, compute_scores, expected_calibration_error, fpr_at_tpr, nll, softmax
 
 PLAIN_RULE = 0.95  # what most fastai users write by hand: max softmax < 0.95 -> unknown
@@ -31,22 +31,6 @@ def accepted_at_rate(known: np.ndarray, unknown: np.ndarray, rate: float) -> flo
     k = int(np.floor(rate * len(unknown) + 1e-9))
     cut = np.sort(unknown)[::-1][k] if k < len(unknown) else -np.inf  # accept strictly above the (k+1)-th highest
     return float((known > cut).mean()) if len(known) else 0.0
-
-
-def unknown_outputs(bundle, prep: ImagePreprocessing, unknown: str | Path, *, num_workers: int | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(logits, features) of the readable files under `unknown`, and how many could not be read. Run before the
-    known files, so a folder with nothing usable fails at once."""
-    kind = "audio" if bundle.mel else "image"
-    paths = [p for p, err in expand_inputs([str(unknown)], bundle.input_exts) if err is None]
-    if not paths:
-        raise ItfitsError(f"--unknown {unknown}: no {kind} files found")
-    logits, feats, errors = file_outputs(bundle.model, prep, paths, mel=bundle.mel, num_workers=num_workers)
-    good = np.array([not e for e in errors])
-    if not good.any():
-        raise ItfitsError(f"--unknown {unknown}: none of its {len(paths)} {kind} files could be read; the first, "
-                          f"{text_path(paths[0])}: {errors[0]}")
-    return logits[good], feats[good], int((~good).sum())
 
 
 def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: str | Path | None = None,
@@ -71,7 +55,13 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     if items.height == 0:
         raise ItfitsError(f"no usable files in {data}")
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
-    u_outputs = unknown_outputs(bundle, prep, unknown, num_workers=num_workers) if unknown is not None else None
+    if unknown is not None:  # before the known files, so a folder with nothing usable fails at once
+        u_logits, u_feats, unreadable = unknown_outputs(bundle.model, prep, unknown, bundle.input_exts, mel=mel,
+                                                        num_workers=num_workers)
+        if not len(u_logits):
+            path, error = unreadable[0]
+            raise ItfitsError(f"--unknown {unknown}: none of its {len(unreadable)} {'audio' if mel else 'image'} "
+                              f"files could be read; the first, {path}: {error}")
     logits, feats, errors = file_outputs(bundle.model, prep, items["path"].to_list(), mel=mel, num_workers=num_workers)
     good = np.array([not e for e in errors])
     if not good.any():
@@ -99,11 +89,10 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
                        "accuracy_on_accepted": float(correct[plain_accepted].mean()) if plain_accepted.any() else None,
                        "correct_accepted": float(plain_accepted[correct].mean()) if correct.any() else None},
     }
-    if u_outputs is not None:
-        u_logits, u_feats, n_unreadable = u_outputs
+    if unknown is not None:
         u_scores = compute_scores(u_logits, u_feats, temperature=calib.temperature, stats=calib.stats,
                                   names=calib.stats.scores)
-        metrics["n_unknown"], metrics["n_unknown_skipped"] = len(u_logits), n_unreadable
+        metrics["n_unknown"], metrics["n_unknown_skipped"] = len(u_logits), len(unreadable)
         metrics["scores"] = {n: {"auroc": auroc(scores[n], u_scores[n]), "fpr95": fpr_at_tpr(scores[n], u_scores[n])}
                              for n in calib.stats.scores}
         metrics["unknown_rule"]["unknown_accepted"] = float((u_scores[calib.score] >= calib.threshold).mean())

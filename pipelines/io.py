@@ -57,16 +57,17 @@ def check_output(path: Path | str, *, folder: bool, inputs=()) -> None:
     a folder where a file goes (or the reverse), a path under a file, a folder without write permission, one of
     `inputs`. `folder`: the output is a folder (a run), else a file."""
     path = Path(path)
-    what = "folder" if folder else "file"
-    if path.exists() and path.is_dir() != folder:
+    exists, what = path.exists(), "folder" if folder else "file"
+    if exists and path.is_dir() != folder:
         raise ItfitsError(f"--out {path} is a {'file' if folder else 'folder'}; give a {what} path")
     parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # the first that exists
     if not parent.is_dir():
         raise ItfitsError(f"--out {path}: {parent} is a file, so nothing can be written under it")
-    if not os.access(parent if not path.exists() else path, os.W_OK):
-        raise ItfitsError(f"--out {path}: no permission to write in {parent if not path.exists() else path}")
+    written = path if exists else parent
+    if not os.access(written, os.W_OK):
+        raise ItfitsError(f"--out {path}: no permission to write in {written}")
     for given in map(Path, inputs):
-        if path.exists() and given.exists() and os.path.samefile(path, given):
+        if exists and given.exists() and os.path.samefile(path, given):
             raise ItfitsError(f"--out {path} is also an input; writing it would replace the input")
         if folder and given.is_dir() and path.resolve().is_relative_to(given.resolve()):
             raise ItfitsError(f"--out {path} is inside the input folder {given}: its plots would be read as "

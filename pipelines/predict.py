@@ -126,6 +126,18 @@ def file_outputs(model, prep: ImagePreprocessing, paths: list[str], *, mel=None,
             [e for b in batches for e in b[3]])
 
 
+def unknown_outputs(model, prep: ImagePreprocessing, folder: str | Path, exts: set[str], *, mel=None, **kwargs
+                    ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """(logits, features) of the readable files of `exts` under `folder` (examples of none of the classes, for fit
+    and evaluate), and (path, error) of the unreadable ones. An ItfitsError when it holds no such file."""
+    paths = [p for p, err in expand_inputs([str(folder)], exts) if err is None]
+    if not paths:
+        raise ItfitsError(f"--unknown {folder}: no {'audio' if mel else 'image'} files found")
+    logits, feats, errors = file_outputs(model, prep, paths, mel=mel, **kwargs)
+    good = np.array([not e for e in errors])
+    return logits[good], feats[good], [(text_path(p), e) for p, e in zip(paths, errors) if e]
+
+
 def prediction_frame(probs: np.ndarray, scores: np.ndarray, unknown: np.ndarray, errors, classes, *,
                      topk: int) -> pl.DataFrame:
     """The predictions table's columns (DESIGN.md) after the inputs': label, calibrated confidence, unknown, error,

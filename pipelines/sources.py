@@ -147,7 +147,8 @@ def not_found(path: Path) -> str:
 
 
 def has_files(folder: Path, exts: set[str]) -> bool:
-    """Whether `folder` holds a file with one of `exts` at any depth (as `_files_under` lists); stops at the first."""
+    """Whether `folder` holds a file with one of `exts` at any depth; stops at the first. Unlike `_files_under`,
+    a broken link does not count: there is nothing in it to use."""
     return any(p.suffix.lower() in exts and not p.name.startswith(".") and p.is_file() for p in Path(folder).rglob("*"))
 
 

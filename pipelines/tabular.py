@@ -39,6 +39,11 @@ def _describe(dtype) -> str:
             if dtype == pl.String else "a whole number")
 
 
+def _too_large(s: pl.Series) -> pl.Series:
+    """Per value of a float column: inf, or a number that is inf once the model's float32 (a bad value)."""
+    return (s.abs() > FLOAT32_MAX).fill_null(False)
+
+
 def _readable(source, dtype) -> bool:
     """Whether a column of type `source` can hold values of the type `dtype` a model reads: text, numbers and
     booleans can (bad values become row errors); dates can as text only; lists, structs and binary never."""
@@ -94,8 +99,8 @@ def parse_columns(df: pl.DataFrame, dtypes: dict[str, object], *, source, traini
             s = s.set(s.str.strip_chars().is_in(NULL_VALUES), None)
         out = _parse(s, dtype)
         bad = None if out is s else s.is_not_null() & out.is_null()  # None: of its type already, nothing bad
-        if dtype == pl.Float64 and (out.abs() > FLOAT32_MAX).any():  # inf, or inf once the model's float32
-            infinite = (out.abs() > FLOAT32_MAX).fill_null(False)
+        infinite = _too_large(out) if dtype == pl.Float64 else None
+        if infinite is not None and infinite.any():
             out, bad = out.set(infinite, None), infinite if bad is None else bad | infinite
         parsed[name] = out
         if bad is None:
@@ -417,7 +422,7 @@ def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), 
     n_rows = df.height
     t = df[target]
     floats = t.dtype.is_float()
-    infinite = (t.abs() > FLOAT32_MAX).fill_null(False) if floats else pl.repeat(False, df.height, eager=True)
+    infinite = _too_large(t) if floats else pl.repeat(False, df.height, eager=True)
     no_value = t.is_null() | (t.is_nan() if floats else False) | infinite
     why = f"missing target '{target}'"
     if infinite.any():

@@ -289,8 +289,8 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
     audio clips and each clip's outputs are the mean over its windows, exactly as prediction computes them.
     `precision`: the training's (a precision.Precision), so image outputs match the Learner's validation.
     Returns (Calibration, report, validation outputs {logits, features, targets, paths})."""
-    from .predict import file_outputs
-    from .sources import AUDIO_EXTS, IMAGE_EXTS, expand_inputs, text_path
+    from .predict import file_outputs, unknown_outputs
+    from .sources import AUDIO_EXTS, IMAGE_EXTS
 
     from .backbones import get_spec
     fast = {"precision": precision, "channels_last": get_spec(config.arch).channels_last}
@@ -308,17 +308,13 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
     v_targets = np.array([index[c] for c in valid["label"]])
     unknown = None
     if config.unknown:
-        u_paths = [p for p, err in expand_inputs([config.unknown], AUDIO_EXTS if mel else IMAGE_EXTS) if err is None]
-        if not u_paths:
-            raise ItfitsError(f"--unknown {config.unknown}: no {'audio' if mel else 'image'} files found")
-        u_logits, u_feats, u_errors = outputs(u_paths)
-        good = np.array([not e for e in u_errors])
-        if not good.all():  # left out, as unreadable files of DATA are
-            first = int(np.argmin(good))
-            warnings.warn(f"--unknown {config.unknown}: {(~good).sum()} of its {len(u_paths)} files could not be "
-                          f"read and were left out (the first, {text_path(u_paths[first])}: {u_errors[first]})",
-                          ItfitsWarning)
-        unknown = (u_logits[good], u_feats[good])
+        u_logits, u_feats, unreadable = unknown_outputs(model, prep, config.unknown, AUDIO_EXTS if mel else IMAGE_EXTS,
+                                                        mel=mel, num_workers=config.num_workers, **fast)
+        if unreadable:  # left out, as unreadable files of DATA are
+            path, error = unreadable[0]
+            warnings.warn(f"--unknown {config.unknown}: {len(unreadable)} of its {len(unreadable) + len(u_logits)} "
+                          f"files could not be read and were left out (the first, {path}: {error})", ItfitsWarning)
+        unknown = (u_logits, u_feats)
     calibration, report = _calibrate(config, len(classes), valid=(v_logits, v_feats, v_targets),
                                      train=(t_feats, np.array([index[c] for c in train["label"]])), unknown=unknown,
                                      head_dim=model[1][-1].in_features, default_score=DEFAULT_SCORE)
