@@ -86,6 +86,9 @@ def load_checkpoint(run: Path) -> dict:
     """The last checkpoint of run folder `run` (see save_checkpoint)."""
     path = Path(run) / "checkpoints" / CHECKPOINT
     if not path.is_file():
+        if _tabular_run(Path(run)):
+            raise ItfitsError(f"{run} is a tabular run, and tabular training keeps no checkpoints (it takes seconds "
+                              f"to minutes): run the same itfits fit again")
         raise ItfitsError(f"{run} has no checkpoint to resume ({path} is missing): it stopped before its first "
                           f"epoch ended, or is not a run folder. Start it again without --resume")
     try:
@@ -101,6 +104,9 @@ def read_run_config(run: Path) -> dict:
     """The FitConfig (as a dict) that the run in folder `run` started with."""
     path = Path(run) / "checkpoints" / CONFIG
     if not path.is_file():
+        if _tabular_run(Path(run)):
+            raise ItfitsError(f"{run} is a tabular run, and tabular training keeps no checkpoints (it takes seconds "
+                              f"to minutes): run the same itfits fit again")
         raise ItfitsError(f"{run} is not a run folder that can be resumed ({path} is missing); pass the --out folder "
                           f"of an interrupted itfits fit")
     try:
@@ -110,6 +116,14 @@ def read_run_config(run: Path) -> dict:
     if not isinstance(config, dict) or "data" not in config:
         raise ItfitsError(f"{path} holds no run settings; the run cannot be resumed, start it again with itfits fit")
     return config
+
+
+def _tabular_run(run: Path) -> bool:
+    """Whether `run` holds a finished tabular run (its run.json names a --target)."""
+    try:
+        return bool(json.loads((run / "run.json").read_bytes())["config"].get("target"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def restore(learn, state: dict, *, phase_start: bool = False) -> None:

@@ -68,6 +68,13 @@ def test_fit_writes_the_run_folder(run):
     assert "lr_find suggestions" in stdout and "categorical: island, sex" in stdout and "344 rows" in stdout
 
 
+def test_resume_of_a_tabular_run_says_tables_keep_no_checkpoints(run):
+    from pipelines.errors import ItfitsError
+    from pipelines.training import resume_config
+    with pytest.raises(ItfitsError, match="is a tabular run, and tabular training keeps no checkpoints"):
+        resume_config(run)
+
+
 def test_run_json_records_every_setting_and_the_result(run):
     from pipelines.training import FitConfig
     summary = json.loads((run / "run.json").read_text())
