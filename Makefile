@@ -35,5 +35,13 @@ browser:
 test: install browser
 	$(BIN)/python -m pytest -q -ra
 
+# Every benchmark with the command bench/BENCHMARKS.md gives for it (about an hour on 2 cores); each prints its table.
+bench: install
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	OMP_NUM_THREADS=1 $(BIN)/python bench/unknown_scores.py --seeds 0,1
+	OMP_NUM_THREADS=1 $(BIN)/python bench/audio_render.py
+	$(BIN)/python bench/tabular_ingest.py --repeats 5
+	$(BIN)/python bench/train_speed.py
+
 clean:
 	rm -rf runs .pytest_cache
