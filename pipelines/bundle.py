@@ -13,7 +13,7 @@ from torch import nn
 
 from .errors import ItfitsError
 from .io import atomic_dir
-from .unknown import SCORES, Calibration, UnknownStats
+from .unknown import LOGIT_SCORES, SCORES, Calibration, UnknownStats
 
 FORMAT_VERSION = 1
 WEIGHTS, META = "model.safetensors", "itfits.json"
@@ -208,4 +208,7 @@ def load_bundle(path: Path | str) -> Bundle:
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
         raise ItfitsError(f"the weights in {path / WEIGHTS} do not fit the model in {META}: {first}") from e
     calibration = Calibration(**meta["calibration"], stats=stats) if meta["calibration"] is not None else None
+    if calibration is not None and calibration.stats is None and calibration.score not in LOGIT_SCORES:
+        raise invalid_bundle(path, f"its unknown score '{calibration.score}' needs the training statistics that "
+                                   f"{WEIGHTS} lacks")
     return Bundle(path=path, meta=meta, model=model.eval(), calibration=calibration)

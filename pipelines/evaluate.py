@@ -71,7 +71,7 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     probs = softmax(logits, calib.temperature)
     preds = probs.argmax(1)
     correct = preds == targets
-    scores = compute_scores(logits, feats, temperature=calib.temperature, stats=calib.stats, names=calib.stats.scores)
+    scores = compute_scores(logits, feats, temperature=calib.temperature, stats=calib.stats, names=calib.scores)
     accepted = scores[calib.score] >= calib.threshold
     plain_accepted = softmax(logits).max(1) >= PLAIN_RULE
     metrics = {
@@ -91,14 +91,14 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     }
     if unknown is not None:
         u_scores = compute_scores(u_logits, u_feats, temperature=calib.temperature, stats=calib.stats,
-                                  names=calib.stats.scores)
+                                  names=calib.scores)
         metrics["n_unknown"], metrics["n_unknown_skipped"] = len(u_logits), len(unreadable)
         metrics["scores"] = {n: {"auroc": auroc(scores[n], u_scores[n]), "fpr95": fpr_at_tpr(scores[n], u_scores[n])}
-                             for n in calib.stats.scores}
+                             for n in calib.scores}
         metrics["unknown_rule"]["unknown_accepted"] = float((u_scores[calib.score] >= calib.threshold).mean())
         plain_rate = float((softmax(u_logits).max(1) >= PLAIN_RULE).mean())
         metrics["plain_rule"]["unknown_accepted"] = plain_rate
-        for n in calib.stats.scores:  # the fair comparison: accept no more unknowns than the plain rule does
+        for n in calib.scores:  # the fair comparison: accept no more unknowns than the plain rule does
             metrics["scores"][n]["correct_accepted_at_plain_unknown_rate"] = accepted_at_rate(
                 scores[n][correct], u_scores[n], plain_rate)
     out = Path(out)

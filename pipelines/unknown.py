@@ -16,6 +16,7 @@ import torch
 from .errors import ItfitsError
 
 SCORES = ("max_softmax", "max_logit", "energy", "knn", "mahalanobis", "combined")
+LOGIT_SCORES = SCORES[:3]  # the scores that need no training statistics
 # best AUROC, and the most correct items kept at the plain 0.95 rule's unknown acceptance, on held-out classes in
 # bench/unknown_scores.py (see bench/BENCHMARKS.md)
 DEFAULT_SCORE = "combined"
@@ -210,6 +211,11 @@ class Calibration:
 
     def json(self) -> dict:
         return {"temperature": self.temperature, "score": self.score, "threshold": self.threshold, "keep": self.keep}
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """The scores this calibration can compute (a bundle saved without unknown statistics: the logit ones)."""
+        return self.stats.scores if self.stats is not None else LOGIT_SCORES
 
     def apply(self, logits: np.ndarray, features: np.ndarray | None, *, threshold: float | None = None):
         """(calibrated probabilities, score, unknown flag) per row."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import BROKEN, CLASSES, FASHION, FASHION_TEST
+from helpers import BROKEN, CLASSES, FASHION, FASHION_TEST, REPO
 
 BASE_COLUMNS = ["path", "label", "confidence", "unknown", "error", "score"]
 
@@ -274,11 +274,30 @@ def test_bundle_weights_equal_the_trained_model(small_learner, tmp_path):
     from pipelines.bundle import image_bundle_meta, load_bundle, save_bundle
     from pipelines.unknown import Calibration
     learn, classes, prep = small_learner
-    save_bundle(learn.model, image_bundle_meta("efficientnet_lite0", classes, prep, training={}), Calibration(),
-                tmp_path / "model")
+    meta = image_bundle_meta("efficientnet_lite0", classes, prep, training={})
+    save_bundle(learn.model, meta, Calibration(score="max_softmax", threshold=0.5), tmp_path / "model")
     saved = load_file(str(tmp_path / "model" / "model.safetensors"))
     trained = learn.model.state_dict()
     assert set(saved) == set(trained)
     assert all(torch.equal(saved[k], trained[k].cpu()) for k in trained)
     loaded = load_bundle(tmp_path / "model").model.state_dict()
     assert all(torch.equal(loaded[k], trained[k].cpu()) for k in trained)
+
+
+def test_bundles_without_unknown_statistics_evaluate_on_logit_scores(small_learner, tmp_path):
+    """The Python API saves a bundle without unknown statistics; evaluate reports the scores that need none, and
+    a calibration whose score needs them is an invalid bundle, not an AttributeError at prediction."""
+    from pipelines.bundle import image_bundle_meta, load_bundle, save_bundle
+    from pipelines.errors import ItfitsError
+    from pipelines.evaluate import evaluate
+    from pipelines.unknown import LOGIT_SCORES, Calibration
+    learn, classes, prep = small_learner
+    meta = image_bundle_meta("efficientnet_lite0", classes, prep, training={})
+    save_bundle(learn.model, meta, Calibration(score="energy", threshold=0.0), tmp_path / "model")
+    metrics = evaluate(tmp_path / "model", FASHION_TEST, unknown=REPO / "data" / "fashion_unknown",
+                       out=tmp_path / "evaluate", num_workers=0)
+    assert set(metrics["scores"]) == set(LOGIT_SCORES) and metrics["unknown_rule"]["score"] == "energy"
+    assert all(0 <= s["auroc"] <= 1 for s in metrics["scores"].values())
+    save_bundle(learn.model, meta, Calibration(score="knn"), tmp_path / "knn")
+    with pytest.raises(ItfitsError, match="is not a valid itfits bundle: its unknown score 'knn' needs the training"):
+        load_bundle(tmp_path / "knn")
