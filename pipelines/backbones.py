@@ -255,7 +255,10 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
         parent, _, attr = bn_name.rpartition(".")
         setattr(folded.get_submodule(parent), attr, _folded_remainder(bn))
     want, got = model.eval()(example), folded(example)
-    return folded if torch.allclose(want, got, rtol=1e-4, atol=1e-4 * float(want.abs().max())) else model
+    # CUDA convolutions run in TF32 by default (10-bit mantissa): the two differ by more than fp32 rounding there;
+    # a wrong fold differs by the size of the outputs themselves
+    tol = 1e-2 if example.is_cuda else 1e-4
+    return folded if torch.allclose(want, got, rtol=tol, atol=tol * float(want.abs().max())) else model
 
 
 def last_stage(body: nn.Module) -> nn.Module:

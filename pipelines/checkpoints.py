@@ -54,7 +54,7 @@ def set_rng_state(learn, state: dict) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])  # saved: one per GPU then visible
     dl_rng = getattr(learn.dls.loaders[0], "rng", None)
     if "train_dl" in state and isinstance(dl_rng, random.Random):
         dl_rng.setstate(_tuples(state["train_dl"]))

@@ -267,8 +267,11 @@ class FusedAdam(Optimizer):
                     state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["sqr_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                elif not torch.is_tensor(state["step"]):  # a checkpoint written by fastai's Adam
-                    state["step"] = torch.tensor(float(state["step"]), device=p.device)
+                elif state["grad_avg"].device != p.device or not torch.is_tensor(state["step"]):
+                    # a checkpoint: loaded to the CPU before fastai moves the model to the GPU; written by fastai's
+                    # Adam, a number for `step`. The fused kernel wants every state on its parameter's device.
+                    state["grad_avg"], state["sqr_avg"] = state["grad_avg"].to(p.device), state["sqr_avg"].to(p.device)
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
                 for values, value in zip(by_wd[state.get("do_wd", True)],
                                          (p, p.grad, state["grad_avg"], state["sqr_avg"], state["step"])):
                     values.append(value)

@@ -60,7 +60,7 @@ def resolve_precision(requested: str, *, arch: str, size: int, train: bool = Tru
     if requested == "fp32":
         return Precision("fp32", requested, dev, "asked for")
     if dev == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
+        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)  # T4, V100: emulated, slow; fp16 there
         if requested == "auto":
             return Precision("bf16" if bf16_ok else "fp16", requested, dev,
                              "the GPU supports bf16" if bf16_ok else "the GPU lacks bf16: fp16 with loss scaling")

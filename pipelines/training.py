@@ -250,7 +250,8 @@ def prepare_tabular(config: FitConfig, run: Path):
     write_table(data.skipped, run / "skipped.csv")
     bs = config.bs or choose_batch_size(int((~data.valid).sum()), largest=1024)
     set_seed(config.seed)
-    dls = tabular_dataloaders(data, bs=bs)
+    from fastai.torch_core import default_device
+    dls = tabular_dataloaders(data, bs=bs, device=default_device())  # fastai's default; None kept it on the CPU
     learn = tabular_learner(dls, TabularModelSpec.for_data(data.prep, config.layers), path=run,
                             regression=data.prep.task == "regression", target_std=data.prep.target_std)
     return data, bs, learn

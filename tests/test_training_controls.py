@@ -138,6 +138,20 @@ def test_tiny_batchnorm_batches_warn():
         accumulation(accum=2, bs=16, model=create_backbone("resnet18", num_classes=2, weights="none"))
 
 
+
+def test_optimizer_state_from_a_checkpoint_follows_its_parameters_device():
+    """--resume loads the optimizer state to the CPU before fastai moves the model to the GPU; the fused kernel
+    wants both on one device. `meta` stands in for the GPU this machine lacks; fastai's Adam wrote `step` as a number."""
+    from pipelines.learners import FusedAdam
+    p = torch.nn.Parameter(torch.randn(4, 3, device="meta"))
+    opt = FusedAdam([p], lr=1e-3)
+    opt.state[p] = {"grad_avg": torch.zeros(4, 3), "sqr_avg": torch.zeros(4, 3), "step": 3}
+    p.grad = torch.randn(4, 3, device="meta")
+    opt.step()
+    state = opt.state[p]
+    assert {state[k].device.type for k in ("grad_avg", "sqr_avg", "step")} == {"meta"}
+    assert state["step"].dtype == torch.float32
+
 # ---- EMA ----------------------------------------------------------------------------------------------------
 
 def test_fastxtend_modules_we_use_import():
