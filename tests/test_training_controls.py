@@ -53,6 +53,15 @@ def test_precision_names_and_fallbacks():
         cpu("fp61")
 
 
+def test_auto_on_a_gpu_with_only_emulated_bf16_is_fp16(monkeypatch):
+    """T4 and V100 'support' bf16 by emulation (torch's default check says yes): slow, so auto takes fp16 there."""
+    from pipelines.precision import resolve_precision
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto", arch="resnet18", size=64, device="cuda").name == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and newer
+    assert resolve_precision("auto", arch="resnet18", size=64, device="cuda").name == "bf16"
+
+
 def test_auto_probe_is_cached_and_leaves_the_seeded_rng_alone():
     from pipelines.precision import cpu_step_times
     before = torch.get_rng_state()
