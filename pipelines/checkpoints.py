@@ -86,9 +86,6 @@ def load_checkpoint(run: Path) -> dict:
     """The last checkpoint of run folder `run` (see save_checkpoint)."""
     path = Path(run) / "checkpoints" / CHECKPOINT
     if not path.is_file():
-        if _tabular_run(Path(run)):
-            raise ItfitsError(f"{run} is a tabular run, and tabular training keeps no checkpoints (it takes seconds "
-                              f"to minutes): run the same itfits fit again")
         raise ItfitsError(f"{run} has no checkpoint to resume ({path} is missing): it stopped before its first "
                           f"epoch ended, or is not a run folder. Start it again without --resume")
     try:
