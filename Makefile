@@ -35,7 +35,7 @@ browser:
 test: install browser
 	$(BIN)/python -m pytest -q -ra
 
-# Every benchmark with the command bench/BENCHMARKS.md gives for it (about an hour on 2 cores); each prints its table.
+# Every benchmark with the command bench/BENCHMARKS.md gives for it (12 minutes on 2 cores); each prints its table.
 bench: install
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	OMP_NUM_THREADS=1 $(BIN)/python bench/unknown_scores.py --seeds 0,1
