@@ -154,10 +154,10 @@ def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int]):
     """The stored settings of the run in RUN; flags given beside --resume are ignored, with a warning."""
     from pipelines.errors import ItfitsWarning
     from pipelines.training import resume_config
-    from click.core import ParameterSource
     _check_workers(workers)
+    # by name: typer 0.29 runs its own copy of click (typer._click), whose ParameterSource never equals click.core's
     given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "workers")
-             and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+             and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"]
     if given:
         warnings.warn(f"--resume continues with the run's own settings ({run / 'checkpoints' / 'config.json'}); "
                       f"ignored: {', '.join(given)}", ItfitsWarning)

@@ -161,3 +161,12 @@ def test_resume_at_a_phase_boundary_starts_the_next_phase_as_fine_tune_does(tmp_
     assert history["phase"].to_list() == ["frozen", "unfrozen"]
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+def test_flags_beside_resume_are_ignored_with_a_warning(tmp_path):
+    """The warning comes before the run folder is read, so a folder that cannot be resumed shows it too."""
+    proc = run_cli("fit", "--resume", tmp_path / "nowhere", "--epochs", "9", "--size", "64", "--workers", "0")
+    assert proc.returncode == 1 and "can be resumed" in proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:") and "ignored:" in line]
+    assert len(warning) == 1 and "--epochs" in warning[0] and "--size" in warning[0], proc.stderr
+    assert "--workers" not in warning[0], "--workers may be changed on resume"
