@@ -110,8 +110,12 @@ def _tolerant(suggest):
 def find_lr(learn, out_dir: Path | None = None, *, num_it: int = 100) -> tuple[float, dict[str, float]]:
     """(chosen lr, all suggestions); writes lr_find.png and lr_find.csv into out_dir when given."""
     from fastai.callback.schedule import minimum, slide, steep, valley
+    tmp_dir = Path(learn.path) / learn.model_dir  # fastai's lr_find keeps the weights there meanwhile
+    made_tmp_dir = not tmp_dir.exists()
     res = learn.lr_find(suggest_funcs=tuple(map(_tolerant, (minimum, steep, valley, slide))), show_plot=False,
                         num_it=num_it)
+    if made_tmp_dir and tmp_dir.is_dir() and not any(tmp_dir.iterdir()):
+        tmp_dir.rmdir()  # it removes the weights, not the folder it made for them
     suggestions = {name: float(v) for name, v in zip(LR_SUGGESTIONS, res) if np.isfinite(v)}
     if CHOSEN_SUGGESTION not in suggestions:
         raise ItfitsError(f"lr_find recorded {len(learn.recorder.losses)} losses, too few to suggest a learning rate "
@@ -258,16 +262,20 @@ def prepare_tabular(config: FitConfig, run: Path):
 
 
 def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
-    """`itfits lr-find`: lr_find.png / lr_find.csv in config.out, and the suggestions."""
+    """`itfits lr-find`: lr_find.png / lr_find.csv in config.out, and the suggestions: those `fit` finds with the
+    same settings (seeded in the same places, in the precision fit resolves)."""
     from fastai.torch_core import set_seed
     from .learners import image_learner
+    from .precision import resolve_precision
     run = Path(config.out)
     if config.target is not None:
         learn = prepare_tabular(config, run)[2]
     else:
+        set_seed(config.seed)  # as train_images: the DataLoaders draw their shuffling seed when they are made
         data = prepare_data(config, run)
+        precision = resolve_precision(config.precision, arch=config.arch, size=data.prep.size)
         set_seed(config.seed)
-        learn = image_learner(data.dls, config.arch, weights=config.weights, path=run)
+        learn = image_learner(data.dls, config.arch, weights=config.weights, path=run, precision=precision)
     return find_lr(learn, run, num_it=config.lr_find_iters)
 
 

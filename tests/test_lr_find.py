@@ -65,3 +65,17 @@ def test_short_lr_find_drops_the_suggestions_it_cannot_make(tmp_path):
     suggestions = summary["resolved"]["lr_suggestions"]
     assert "slide" not in suggestions and CHOSEN_SUGGESTION in suggestions
     assert summary["resolved"]["lr"] == suggestions[CHOSEN_SUGGESTION] > 0
+
+
+def test_lr_find_is_seeded_as_fit_and_leaves_no_empty_folder(tmp_path):
+    """`itfits lr-find` seeds before making its DataLoaders (their shuffling seed is drawn then) and runs in the
+    precision fit resolves, as fit does before its lr_find: the same settings give the same suggestions every
+    time. fastai's lr_find keeps the weights in checkpoints/ meanwhile; no empty folder is left behind."""
+    from dataclasses import replace
+
+    from pipelines.training import FitConfig, run_lr_find
+    config = FitConfig(data=str(FASHION), out=str(tmp_path / "a"), size=32, bs=8, num_workers=0, lr_find_iters=15,
+                       precision="fp32")
+    first = run_lr_find(config)
+    assert run_lr_find(replace(config, out=str(tmp_path / "b"))) == first
+    assert not (tmp_path / "a" / "checkpoints").exists()
