@@ -180,10 +180,13 @@ def _from_table(path: Path) -> pl.DataFrame:
         pl.col("label").cast(pl.String), split.alias("split"))
 
 
-def read_source(data: str | Path, *, exts: set[str] = IMAGE_EXTS, valid_pct: float = 0.2, seed: int = 42) -> pl.DataFrame:
+def read_source(data: str | Path, *, exts: set[str] = IMAGE_EXTS, valid_pct: float = 0.2, seed: int = 42,
+                check: Callable[[str], str | None] | None = None) -> pl.DataFrame:
     """Items table from a class-per-folder tree, a folder with train/ and valid/, or a path,label table.
 
-    Without a given split, a seeded stratified split puts `valid_pct` of each class in "valid".
+    Without a given split, a seeded stratified split puts `valid_pct` of each class in "valid". With `check`
+    (e.g. check_image), `error` is filled first (see check_files) and the split is made among the usable files,
+    so that every class with 2 or more of them is in both splits (an unusable file gets "train").
     """
     data = Path(data)
     if not data.exists():
@@ -202,10 +205,16 @@ def read_source(data: str | Path, *, exts: set[str] = IMAGE_EXTS, valid_pct: flo
     bad_split = items.filter(pl.col("split").is_not_null() & ~pl.col("split").is_in(["train", "valid"]))
     if bad_split.height:
         raise ItfitsError(f"split values must be train or valid, got {bad_split['split'][0]!r}")
+    items = items.with_columns(error=pl.lit(None, pl.String))
+    if check is not None:  # before the split: an unusable file takes no class's place in valid
+        items = check_files(items, check)
     if items["split"].null_count():
-        items = items.with_columns(split=pl.lit(None, pl.String)).with_columns(
-            split=pl.Series(stratified_split(items["label"].to_list(), valid_pct=valid_pct, seed=seed)))
-    return items.with_columns(error=pl.lit(None, pl.String))
+        usable = items["error"].is_null().to_numpy()
+        split = np.full(items.height, "train", dtype=object)
+        split[usable] = stratified_split(items.filter(pl.Series(usable))["label"].to_list(), valid_pct=valid_pct,
+                                         seed=seed)
+        items = items.with_columns(split=pl.Series(split.tolist(), dtype=pl.String))
+    return items
 
 
 def detect_modality(data: str | Path) -> str:

@@ -212,7 +212,7 @@ def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
     """Read, check (audio: render) and split config.data; skipped files listed in run/skipped.csv."""
     from .backbones import get_spec
     from .images import choose_batch_size, image_dataloaders
-    from .sources import AUDIO_EXTS, IMAGE_EXTS, check_files, detect_modality, has_files, read_source, require_classes
+    from .sources import AUDIO_EXTS, IMAGE_EXTS, check_image, detect_modality, has_files, read_source, require_classes
 
     spec = get_spec(config.arch)  # fail on a wrong name before reading any file
     mel = None
@@ -227,7 +227,7 @@ def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
     elif config.mel is not None:
         raise ItfitsError(f"mel options (--n-mels, --duration, ...) are for audio, and {config.data} holds images")
     else:
-        files = items = check_files(read_source(config.data, valid_pct=config.valid_pct, seed=config.seed))
+        files = items = read_source(config.data, valid_pct=config.valid_pct, seed=config.seed, check=check_image)
     if config.unknown and not has_files(Path(config.unknown), AUDIO_EXTS if mel else IMAGE_EXTS):  # before training
         raise ItfitsError(f"--unknown {config.unknown} holds no {'audio' if mel else 'image'} files; it takes examples "
                           f"of the same kind as DATA, {config.data}")

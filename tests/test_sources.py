@@ -269,6 +269,20 @@ def test_class_with_one_usable_file_is_an_error(tmp_path):
         require_classes(check_files(read_source(data)))
 
 
+
+def test_a_broken_file_takes_no_place_in_the_validation_split(tmp_path):
+    """A class of 3 files gets 1 validation file; when that one cannot be read, the 2 usable ones are split
+    instead, so the class is still in both splits (README: every class with 2 or more files is in both)."""
+    from pipelines.training import FitConfig, prepare_data
+    data = _tiny_class_folder(tmp_path / "data", {"a": 3, "b": 3})
+    in_valid = read_source(data).filter((pl.col("label") == "a") & (pl.col("split") == "valid"))["path"][0]
+    Path(in_valid).write_bytes(b"not an image")
+    files = prepare_data(FitConfig(data=str(data), out=str(tmp_path / "run"), size=32, num_workers=0),
+                         tmp_path / "run", log=lambda *a: None).files
+    assert files.filter(pl.col("path") == in_valid)["error"][0] == "not an image"
+    usable = files.filter(pl.col("error").is_null())
+    assert usable.group_by("label", "split").len().height == 4, usable  # a and b, each in train and valid
+
 @pytest.mark.parametrize("counts", [{"a": 5}, {"a": 5, "b": 1}])
 def test_fit_fails_before_any_training(tmp_path, monkeypatch, counts):
     import pipelines.learners
