@@ -256,9 +256,9 @@ def predict(
     out: Path = typer.Option(..., "--out", help="Predictions table: .csv or .parquet."),
     topk: int = typer.Option(3, help="How many top classes to list per file."),
     threshold: Optional[float] = typer.Option(None, help="Override the bundle's unknown threshold (on its score's scale)."),
-    batch_size: int = typer.Option(64),
+    batch_size: int = typer.Option(64, help="Files per batch through the model."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
-    precision: str = typer.Option("auto", help="auto (bf16/fp16 on a GPU, bf16 on a CPU where it is faster) or fp32."),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (images; audio and tables run fp32). auto: the precision the model was trained in where this machine runs it faster, else fp32."),
 ):
     """Predict INPUTS with a trained bundle; rows the model should not trust are labelled unknown."""
     from pipelines.bundle import load_bundle

@@ -30,7 +30,7 @@ class PredictConfig:
     num_workers: int | None = None  # None: images.loader_workers (0 on small CPU-only machines, else up to 4)
     topk: int = 3
     threshold: float | None = None  # None: the bundle's threshold (chosen on validation data at fit time)
-    precision: str = "auto"  # auto: bf16/fp16 on a GPU, bf16 on a CPU where it is faster; fp32: exact outputs
+    precision: str = "auto"  # auto: the training's precision where faster, else fp32 (fast_path); fp32: exact outputs
 
 
 class ImageFiles(torch.utils.data.Dataset):

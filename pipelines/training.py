@@ -35,7 +35,7 @@ class FitConfig:
     weights: str = "auto"  # auto | hub | none | path to .safetensors/.pth
     epochs: int = 5  # unfrozen epochs of fine_tune
     freeze_epochs: int = 1  # head-only epochs first
-    lr: float | None = None  # None: run lr_find and use its valley suggestion
+    lr: float | None = None  # None: run lr_find and use its CHOSEN_SUGGESTION (minimum)
     bs: int | None = None  # None: chosen from the data size
     size: int | None = None  # None: the backbone's pretrained input size
     valid_pct: float = 0.2  # share of each class held out when the data has no split
