@@ -269,7 +269,6 @@ def test_class_with_one_usable_file_is_an_error(tmp_path):
         require_classes(check_files(read_source(data)))
 
 
-
 def test_a_broken_file_takes_no_place_in_the_validation_split(tmp_path):
     """A class of 3 files gets 1 validation file; when that one cannot be read, the 2 usable ones are split
     instead, so the class is still in both splits (README: every class with 2 or more files is in both)."""
@@ -282,6 +281,7 @@ def test_a_broken_file_takes_no_place_in_the_validation_split(tmp_path):
     assert files.filter(pl.col("path") == in_valid)["error"][0] == "not an image"
     usable = files.filter(pl.col("error").is_null())
     assert usable.group_by("label", "split").len().height == 4, usable  # a and b, each in train and valid
+
 
 @pytest.mark.parametrize("counts", [{"a": 5}, {"a": 5, "b": 1}])
 def test_fit_fails_before_any_training(tmp_path, monkeypatch, counts):
