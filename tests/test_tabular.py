@@ -544,3 +544,19 @@ def test_web_page_predicts_uploaded_tables(run, tmp_path):
     for label in expected["top1"]:
         assert label in page.text
     assert "lacks column(s) the model was trained on: island" in page.text
+
+
+def test_cli_rejects_image_training_flags_with_target(tmp_path):
+    """--ema, --accum, --precision, ... do nothing to fastai's tabular model: an error, not a run.json that says
+    `ema: true` of a training without one."""
+    from typer.testing import CliRunner
+    from app.cli import app
+    for flags, named in [(["--ema"], "--ema"), (["--accum", "2", "--precision", "bf16"], "--precision, --accum"),
+                         (["--arch", "resnet18", "--size", "64"], "--arch, --size"), (["--compile"], "--compile"),
+                         (["--freeze-epochs", "0"], "--freeze-epochs"), (["--duration", "1"], "--duration")]:
+        res = CliRunner().invoke(app, ["fit", str(PENGUINS), "--target", "species", *flags])
+        assert isinstance(res.exception, ItfitsError) and named in str(res.exception), (flags, res.output)
+    from pipelines.training import FitConfig, fit
+    with pytest.raises(ItfitsError, match="--ema"):  # the Python API too
+        fit(FitConfig(data=str(PENGUINS), target="species", ema=True, out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
