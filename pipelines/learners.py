@@ -16,7 +16,7 @@ from fastai.torch_core import to_float
 from torch.optim.adamw import adamw
 
 from .backbones import create_backbone, get_spec
-from .errors import ItfitsWarning
+from .errors import ItfitsError, ItfitsWarning
 from .precision import Precision
 
 EMA_SHARE = 0.1  # the auto EMA decay averages over about the last 10% of a fit's optimizer steps
@@ -81,6 +81,17 @@ def accumulation(*, accum: int, bs: int, model) -> list[Callback]:
                       f"{bs}, however large --accum makes the effective batch; use --bs {TINY_BN_BATCH} or more with "
                       f"fewer --accum steps, or a LayerNorm backbone (convnext_*, vit_*)", ItfitsWarning, stacklevel=2)
     return [GradientAccumulation(n_acc=accum * bs)] if accum > 1 else []
+
+
+def check_accumulation(*, accum: int, batches: int, bs: int, phase_epochs: list[int]) -> None:
+    """An ItfitsError where a fine_tune phase of `phase_epochs` epochs of `batches` (micro-)batches of `bs` would
+    never reach `accum` batches: fastai's GradientAccumulation steps only once `accum` batches are in, so that
+    phase would train nothing (and the run end with a model at chance, calibrated to temperature 20)."""
+    shortest = min((e for e in phase_epochs if e > 0), default=0)
+    if accum > 1 and shortest and shortest * batches < accum:
+        raise ItfitsError(f"--accum {accum}: a phase of {shortest} epoch{'s' * (shortest > 1)} has only "
+                          f"{shortest * batches} batches of {bs}, so the optimizer would never step; use --accum "
+                          f"{max(1, shortest * batches)} or less, a smaller --bs, or more epochs")
 
 
 def ema_decay_for(steps: float) -> float:

@@ -391,7 +391,7 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
     from fastai.callback.progress import ProgressCallback
     from fastai.torch_core import set_seed
     from .distributed import DataParallel, broadcast_object, world_size
-    from .learners import effective_batch, find_ema, image_learner
+    from .learners import check_accumulation, effective_batch, find_ema, image_learner
     from .precision import resolve_precision
 
     t0 = time.perf_counter()
@@ -405,6 +405,8 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
         run.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)  # the DataLoaders draw their shuffling seed from python's random when they are made
     data = prepare_data(config, run, log)
+    check_accumulation(accum=config.accum, batches=len(data.dls.train), bs=data.dls.train.bs,
+                       phase_epochs=[config.freeze_epochs, config.epochs])
     if main and state is None:  # after the data checks: a run that failed on its data is no run to resume
         write_run_config(config, run)
     items, classes, prep, bs, dls = data.files, data.classes, data.prep, data.bs, data.dls

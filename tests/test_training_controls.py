@@ -258,3 +258,19 @@ def test_predict_precision_auto_and_bf16_agree_with_fp32(trained_run):
     assert all(r["error"] is None and 0 <= r["top1_prob"] <= 1 for r in rows["bf16"])
     if meta_precision == "fp32":  # auto predicts in the precision the bundle was trained and calibrated in
         assert [r["top1_prob"] for r in rows["auto"]] == [r["top1_prob"] for r in rows["fp32"]]
+
+
+def test_accumulation_longer_than_a_phase_is_an_error_before_training(tmp_path):
+    """192 training images in batches of 64 are 3 batches an epoch: --accum 8 would never step the optimizer in a
+    1-epoch phase, and the run end at chance with exit 0. An error instead, naming the way out."""
+    from pipelines.errors import ItfitsError
+    from pipelines.learners import check_accumulation
+    from pipelines.training import FitConfig, fit
+    check_accumulation(accum=3, batches=3, bs=64, phase_epochs=[1, 1])
+    check_accumulation(accum=8, batches=3, bs=64, phase_epochs=[0, 3])  # 9 batches: one step
+    with pytest.raises(ItfitsError, match="--accum 3 or less"):
+        check_accumulation(accum=8, batches=3, bs=64, phase_epochs=[1, 5])
+    with pytest.raises(ItfitsError, match="never step"):
+        fit(FitConfig(data=str(FASHION), out=str(tmp_path / "run"), bs=64, accum=8, epochs=1, freeze_epochs=1,
+                      size=32, lr=3e-3, num_workers=0, precision="fp32"), log=lambda *a: None)
+    assert not (tmp_path / "run" / "model").exists()
