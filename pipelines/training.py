@@ -181,7 +181,11 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
         learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=max(0, done - first), cbs=cbs, **dict(phase.kwargs))
         first += phase.epochs
     ema = find_ema(learn)
-    if ema is not None and getattr(learn, "model_ema", None) is not None:
+    if resume is not None:  # every epoch was done (killed before the bundle was written): the checkpoint's weights
+        from fastai.torch_core import get_model
+        get_model(learn.model).load_state_dict(resume["ema"]["model"] if ema is not None and resume.get("ema")
+                                               else resume["model"])
+    elif ema is not None and getattr(learn, "model_ema", None) is not None:
         learn.model.load_state_dict(learn.model_ema.state_dict())  # calibration and the bundle use the EMA weights
     uncompile(learn.model)
     return _check_finite(pl.DataFrame(history.rows), lr)
@@ -399,7 +403,7 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
     main = is_main()
     state = load_checkpoint(run) if config.resume else None
     total = config.freeze_epochs + config.epochs
-    if state is not None and state["epoch"] >= total:
+    if state is not None and state["epoch"] >= total and (run / "model").is_dir():
         raise ItfitsError(f"{run} has finished all {total} epochs; nothing to resume. Its bundle is {run / 'model'}")
     if main:
         run.mkdir(parents=True, exist_ok=True)
@@ -432,7 +436,8 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
     lr, suggestions = config.lr, None
     if state is not None:
         lr, suggestions = state["lr"], state.get("lr_suggestions")
-        log(f"resuming {run} after epoch {state['epoch']} of {total}")
+        log(f"resuming {run} after epoch {state['epoch']} of {total}" if state["epoch"] < total else
+            f"{run} trained all {total} epochs but stopped before its bundle was written: finishing it")
     elif lr is None:
         # with --accum, lr_find's iterations are micro-batches: N x as many make its usual number of steps, so
         # the suggestion is an lr for the effective batch

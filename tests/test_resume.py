@@ -170,3 +170,23 @@ def test_flags_beside_resume_are_ignored_with_a_warning(tmp_path):
     warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:") and "ignored:" in line]
     assert len(warning) == 1 and "--epochs" in warning[0] and "--size" in warning[0], proc.stderr
     assert "--workers" not in warning[0], "--workers may be changed on resume"
+
+
+def test_a_run_killed_after_its_last_epoch_is_finished_by_resume(tmp_path):
+    """Killed after the last checkpoint but before the bundle was written (calibration of a large data set takes
+    minutes): --resume writes the bundle from the checkpoint's (EMA) weights instead of refusing, pointing at a
+    bundle that does not exist."""
+    import shutil
+    from pipelines.training import FitConfig, fit, resume_config
+    run, quiet = tmp_path / "run", (lambda *a, **k: None)
+    fit(FitConfig(data=str(FASHION), out=str(run), epochs=1, freeze_epochs=0, size=32, lr=3e-3, bs=16,
+                  num_workers=0, precision="fp32", seed=3, ema=True), log=quiet)
+    whole = load_file(str(run / "model" / "model.safetensors"))
+    shutil.rmtree(run / "model")
+    (run / "run.json").unlink()
+    lines = []
+    summary = fit(resume_config(run), log=lines.append)
+    assert any("finishing it" in line for line in lines) and summary["resolved"]["resumed_after_epoch"] == 1
+    finished = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.equal(whole[k], finished[k]) for k in whole if not k.startswith("unknown."))
+    assert pl.read_csv(run / "history.csv").height == 1
