@@ -1,7 +1,7 @@
 """Checkpoints at each epoch end (RUN/checkpoints/last.pt) and what `itfits fit --resume RUN` needs to go on.
 
 A checkpoint holds the model, the optimizer state, the epoch (over both fine_tune phases), the history so far,
-the EMA state, the RNG states (torch, CUDA, numpy, python, the training DataLoader's shuffle) and what the run
+the EMA state, the gradients --accum summed but has not stepped on, the RNG states (torch, CUDA, numpy, python, the training DataLoader's shuffle) and what the run
 resolved (lr, precision). These are our own internal files, so torch.save; they hold only tensors and plain
 Python values and are loaded with weights_only=True, never unpickling objects. The bundle stays safetensors.
 RUN/checkpoints/config.json is the FitConfig the run started with.
@@ -77,9 +77,26 @@ def save_checkpoint(path: Path, learn, *, epoch: int, history: list[dict], meta:
              # fastai's train_loss is a moving average over the fit: a resumed fit goes on with it, not afresh
              "smooth_loss": {"val": float(learn.recorder.smooth_loss.val),
                              "count": int(learn.recorder.smooth_loss.count)},
-             "rng": _plain(rng_state(learn))}
+             "rng": _plain(rng_state(learn)),
+             # gradient accumulation carries micro-batches over an epoch's end: their summed gradients and count
+             **_accumulated(learn)}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def _accumulation_cb(learn):
+    from fastai.callback.training import GradientAccumulation
+    return next((cb for cb in learn.cbs if isinstance(cb, GradientAccumulation)), None)
+
+
+def _accumulated(learn) -> dict:
+    """{"accum": {count, grads}} where a GradientAccumulation holds micro-batches not yet stepped on, else {}."""
+    from fastai.torch_core import get_model
+    acc = _accumulation_cb(learn)
+    if acc is None or not getattr(acc, "count", 0):
+        return {}
+    grads = {n: p.grad.detach().clone() for n, p in get_model(learn.model).named_parameters() if p.grad is not None}
+    return {"accum": {"count": int(acc.count), "grads": grads}}
 
 
 def load_checkpoint(run: Path) -> dict:
@@ -137,6 +154,10 @@ def restore(learn, state: dict, *, phase_start: bool = False) -> None:
     learn.opt.load_state_dict({"state": state["opt"]["state"], "hypers": L(state["opt"]["hypers"])})
     if phase_start:
         learn.opt.clear_state()
+    elif state.get("accum"):  # micro-batches accumulated before the kill: their gradients (the count: Checkpoint)
+        params = dict(get_model(learn.model).named_parameters())
+        for n, g in state["accum"]["grads"].items():
+            params[n].grad = g.to(params[n].device)
     ema = find_ema(learn)
     if ema is not None and state.get("ema") is not None and not phase_start:
         ema.pending = state["ema"]  # applied by the EMA callback once it has built its EMA model in before_fit
@@ -149,14 +170,19 @@ class Checkpoint(Callback):
     average to go on with (a fit resumed in its middle)."""
     order = Recorder.order + 2  # after Recorder and History have logged the epoch
 
-    def __init__(self, path: Path, *, first_epoch: int, history, meta: dict, smooth_loss: dict | None = None):
+    def __init__(self, path: Path, *, first_epoch: int, history, meta: dict, smooth_loss: dict | None = None,
+                 accum_count: int = 0):
         self.path, self.first_epoch, self.history, self.meta = Path(path), first_epoch, history, meta
         self.smooth_loss = smooth_loss  # of the checkpoint a fit resumes from, in its middle
+        self.accum_count = accum_count  # samples GradientAccumulation had summed when that checkpoint was written
 
-    def before_fit(self):  # after Recorder's, which starts the moving average afresh
+    def before_fit(self):  # after Recorder's, which starts the moving average afresh, and GradientAccumulation's
         if self.smooth_loss is not None:
             self.recorder.smooth_loss.val = torch.tensor(self.smooth_loss["val"])
             self.recorder.smooth_loss.count = self.smooth_loss["count"]
+        acc = _accumulation_cb(self.learn)
+        if acc is not None and self.accum_count:
+            acc.count = self.accum_count
 
     def before_epoch(self):
         self.skipped = False

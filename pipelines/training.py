@@ -167,16 +167,20 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
             first += phase.epochs
             continue
         learn.freeze() if phase.name == "frozen" else learn.unfreeze()
-        smooth_loss = None
+        # gradients of micro-batches --accum summed at the previous phase's end (fastai's GradientAccumulation skips
+        # zero_grad until it steps) belong to other weights and another set of trained parameters: not this phase's
+        learn.model.zero_grad(set_to_none=True)
+        smooth_loss, accum_count = None, 0
         if resume is not None:
             # at a phase's start fastai's freeze/unfreeze clears the optimizer state, and the EMA starts afresh
             restore(learn, resume, phase_start=done == first)
-            smooth_loss = resume.get("smooth_loss") if done > first else None
+            if done > first:
+                smooth_loss, accum_count = resume.get("smooth_loss"), (resume.get("accum") or {}).get("count", 0)
             resume = None
         cbs = [history]
         if checkpoints is not None:
             cbs.append(Checkpoint(Path(checkpoints) / CHECKPOINT, first_epoch=first, history=history,
-                                  meta=checkpoint_meta or {}, smooth_loss=smooth_loss))
+                                  meta=checkpoint_meta or {}, smooth_loss=smooth_loss, accum_count=accum_count))
         # start_epoch: fastai's SkipToEpoch skips the epochs done; pct_train, and so the one-cycle, starts there
         learn.fit_one_cycle(phase.epochs, phase.lr, start_epoch=max(0, done - first), cbs=cbs, **dict(phase.kwargs))
         first += phase.epochs

@@ -190,3 +190,61 @@ def test_a_run_killed_after_its_last_epoch_is_finished_by_resume(tmp_path):
     finished = load_file(str(run / "model" / "model.safetensors"))
     assert all(torch.equal(whole[k], finished[k]) for k in whole if not k.startswith("unknown."))
     assert pl.read_csv(run / "history.csv").height == 1
+
+
+def test_resume_with_accumulation_left_over_at_epoch_and_phase_ends(tmp_path):
+    """12 batches an epoch and --accum 5: 2 micro-batches are summed when an epoch ends. Their gradients go on into
+    the next epoch of the phase, so a checkpoint holds them (a resumed run steps where the uninterrupted one does),
+    and are dropped at the next phase's start (computed on other weights, with the body frozen), with or without a
+    kill there."""
+    from fastai.callback.core import Callback
+    from fastai.torch_core import set_seed
+    from pipelines.backbones import get_spec
+    from pipelines.checkpoints import load_checkpoint
+    from pipelines.images import ImagePreprocessing, image_dataloaders
+    from pipelines.learners import image_learner
+    from pipelines.precision import resolve_precision
+    from pipelines.sources import check_files, read_source, require_classes
+    from pipelines.training import train
+
+    items = check_files(read_source(FASHION, seed=2))
+    classes, spec = require_classes(items), get_spec("efficientnet_lite0")
+    prep = ImagePreprocessing(size=32, mean=spec.mean, std=spec.std)
+
+    class Killed(Exception):
+        pass
+
+    class KillAfter(Callback):  # a SIGKILL right after the checkpoint of epoch `n` (counted over both phases)
+        order = 60
+
+        def __init__(self, n):
+            self.n, self.seen = n, 0
+
+        def after_epoch(self):
+            self.seen += 1
+            if self.seen == self.n:
+                raise Killed("SIGKILL")
+
+    def learner(run):
+        set_seed(2)
+        dls = image_dataloaders(items, classes=classes, prep=prep, bs=16, num_workers=0)
+        assert len(dls.train) == 12
+        return image_learner(dls, "efficientnet_lite0", path=run, accum=5,
+                             precision=resolve_precision("fp32", arch="efficientnet_lite0", size=32))
+
+    kw = dict(epochs=2, lr=3e-3, freeze_epochs=1)
+    whole = learner(tmp_path / "whole")
+    train(whole, checkpoints=tmp_path / "whole" / "checkpoints", **kw)
+    for kill_after in (1, 2):  # at the phase boundary; in the middle of the unfrozen phase
+        run = tmp_path / f"cut{kill_after}"
+        cut = learner(run)
+        cut.add_cb(KillAfter(kill_after))
+        with pytest.raises(Killed):
+            train(cut, checkpoints=run / "checkpoints", **kw)
+        state = load_checkpoint(run)
+        assert state["epoch"] == kill_after and state["accum"]["count"] == 2 * 16
+        resumed = learner(run)
+        train(resumed, checkpoints=run / "checkpoints", resume=state, **kw)
+        a, b = whole.model.state_dict(), resumed.model.state_dict()
+        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        assert worst < 1e-5, f"killed after epoch {kill_after}: resumed weights differ by up to {worst}"
