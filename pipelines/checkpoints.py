@@ -1,10 +1,10 @@
 """Checkpoints at each epoch end (RUN/checkpoints/last.pt) and what `itfits fit --resume RUN` needs to go on.
 
-A checkpoint holds the model, the optimizer state, the epoch (over both fine_tune phases), the history so far,
-the EMA state, the gradients --accum summed but has not stepped on, the RNG states (torch, CUDA, numpy, python, the training DataLoader's shuffle) and what the run
-resolved (lr, precision). These are our own internal files, so torch.save; they hold only tensors and plain
-Python values and are loaded with weights_only=True, never unpickling objects. The bundle stays safetensors.
-RUN/checkpoints/config.json is the FitConfig the run started with.
+A checkpoint holds the model, the optimizer state, the epoch (over both fine_tune phases), the history so far, the
+EMA state, the gradients --accum summed but has not stepped on, the RNG states (torch, CUDA, numpy, python, the
+training DataLoader's shuffle) and what the run resolved (lr, precision). These are our own internal files, so
+torch.save; they hold only tensors and plain Python values and are loaded with weights_only=True, never unpickling
+objects. The bundle stays safetensors. RUN/checkpoints/config.json is the FitConfig the run started with.
 """
 from __future__ import annotations
 
