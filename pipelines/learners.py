@@ -271,7 +271,9 @@ class FusedAdam(Optimizer):
         for params, hyper in zip(self.param_lists, self.hypers):
             by_wd = {True: ([], [], [], [], []), False: ([], [], [], [], [])}  # do_wd -> params, grads, states
             for p in params:
-                if p.grad is None:
+                # frozen: never stepped, though lr_find leaves zero gradients on it (fastai zeroes them, keeps
+                # them) that weight decay and momentum would otherwise act on through the head-only epochs
+                if p.grad is None or not p.requires_grad:
                     continue
                 state = self.state[p]
                 if "step" not in state:

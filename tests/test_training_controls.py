@@ -161,6 +161,17 @@ def test_optimizer_state_from_a_checkpoint_follows_its_parameters_device():
     assert {state[k].device.type for k in ("grad_avg", "sqr_avg", "step")} == {"meta"}
     assert state["step"].dtype == torch.float32
 
+
+def test_frozen_parameters_with_zero_gradients_are_not_stepped():
+    """After lr_find every parameter holds a zero gradient (fastai zeroes, keeps it); the head-only phase must
+    leave the frozen body exactly as it was, not decay it."""
+    from pipelines.learners import FusedAdam
+    frozen, head = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    frozen.grad, head.grad = torch.zeros(3), torch.ones(3)
+    frozen.requires_grad_(False)
+    FusedAdam([frozen, head], lr=0.1).step()
+    assert torch.equal(frozen.detach(), torch.ones(3)) and not torch.equal(head.detach(), torch.ones(3))
+
 # ---- EMA ----------------------------------------------------------------------------------------------------
 
 def test_fastxtend_modules_we_use_import():
