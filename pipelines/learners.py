@@ -77,9 +77,10 @@ def accumulation(*, accum: int, bs: int, model) -> list[Callback]:
     The loss is scaled so the step equals one on a batch of accum * bs: the lr is the lr of that batch."""
     from fastai.callback.training import GradientAccumulation
     if bs < TINY_BN_BATCH and has_batchnorm(model):
-        warnings.warn(f"batches of {bs} with a BatchNorm backbone: its statistics come from each (micro-)batch of "
-                      f"{bs}, however large --accum makes the effective batch; use --bs {TINY_BN_BATCH} or more with "
-                      f"fewer --accum steps, or a LayerNorm backbone (convnext_*, vit_*)", ItfitsWarning, stacklevel=2)
+        way_out = (f"however large --accum makes the effective batch; use --bs {TINY_BN_BATCH} or more with fewer "
+                   "--accum steps" if accum > 1 else f"use --bs {TINY_BN_BATCH} or more")
+        warnings.warn(f"batches of {bs} with a BatchNorm backbone: its statistics come from each batch of {bs}, "
+                      f"{way_out}, or a LayerNorm backbone (convnext_*, vit_*)", ItfitsWarning, stacklevel=2)
     return [GradientAccumulation(n_acc=accum * bs)] if accum > 1 else []
 
 

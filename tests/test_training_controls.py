@@ -138,9 +138,12 @@ def test_tiny_batchnorm_batches_warn():
     from pipelines.backbones import create_backbone
     from pipelines.errors import ItfitsWarning
     from pipelines.learners import accumulation
-    with pytest.warns(ItfitsWarning, match="BatchNorm"):
+    with pytest.warns(ItfitsWarning, match="BatchNorm.*fewer --accum steps"):
         cbs = accumulation(accum=8, bs=4, model=create_backbone("resnet18", num_classes=2, weights="none"))
     assert cbs[0].n_acc == 32
+    with pytest.warns(ItfitsWarning, match="BatchNorm") as caught:  # no --accum: no advice about it
+        accumulation(accum=1, bs=4, model=create_backbone("resnet18", num_classes=2, weights="none"))
+    assert "--accum" not in str(caught[0].message) and "--bs 8 or more" in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         accumulation(accum=8, bs=4, model=torch.nn.Sequential(torch.nn.Linear(3, 2)))  # no BatchNorm: no warning
