@@ -1,6 +1,7 @@
 """Writing files so that a crash never leaves a half-written output: write beside it, then rename."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -66,7 +67,10 @@ def check_output(path: Path | str, *, folder: bool, inputs=()) -> None:
     written = path if exists else parent
     if not os.access(written, os.W_OK):
         raise ItfitsError(f"--out {path}: no permission to write in {written}")
-    for given in map(Path, inputs):
+    # a pattern among the inputs (predict "data/*.csv") counts as the files it matches, as expand_inputs reads it
+    given_paths = [m for g in map(str, inputs)
+                   for m in (glob.glob(g, recursive=True) if glob.has_magic(g) and not os.path.exists(g) else [g])]
+    for given in map(Path, given_paths):
         if exists and given.exists() and os.path.samefile(path, given):
             raise ItfitsError(f"--out {path} is also an input; writing it would replace the input")
         if folder and given.is_dir() and path.resolve().is_relative_to(given.resolve()):

@@ -286,6 +286,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(trained_run,
     for args, words in ((["predict", model, str(FASHION_TEST), "--out", str(tmp_path / "folder.csv")], "is a folder"),
                         (["predict", model, str(FASHION_TEST), "--out", str(tmp_path / "file" / "p.csv")], "is a file"),
                         (["predict", model, str(rows), "--out", str(rows)], "also an input"),
+                        (["predict", model, str(tmp_path / "*.csv"), "--out", str(rows)], "also an input"),
                         (["fit", str(data), "--out", str(tmp_path / "file")], "is a file"),
                         (["fit", str(data), "--out", str(data / "run")], "inside the input folder"),
                         (["evaluate", model, str(data), "--out", str(tmp_path / "file")], "is a file")):
