@@ -413,7 +413,8 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
         run.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)  # the DataLoaders draw their shuffling seed from python's random when they are made
     data = prepare_data(config, run, log)
-    check_accumulation(accum=config.accum, batches=len(data.dls.train), bs=data.dls.train.bs,
+    # data-parallel: each process steps on its shard, about 1/world of the batches
+    check_accumulation(accum=config.accum, batches=len(data.dls.train) // world_size(), bs=data.dls.train.bs,
                        phase_epochs=[config.freeze_epochs, config.epochs])
     if main and state is None:  # after the data checks: a run that failed on its data is no run to resume
         write_run_config(config, run)
