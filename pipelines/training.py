@@ -250,13 +250,30 @@ def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
     return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, mel=mel)
 
 
+IMAGE_ONLY = ("arch", "weights", "size", "freeze_epochs", "precision", "accum", "ema", "ema_decay", "compile", "mel")
+
+
+def check_table_config(config: FitConfig) -> None:
+    """An ItfitsError naming the image/audio settings given for a table: fastai's tabular model has no backbone,
+    image size, fine_tune phases or training controls, and ignoring them would leave run.json saying, e.g.,
+    `ema: true` of a training without one."""
+    defaults = {f.name: f.default for f in fields(FitConfig)}
+    given = [("--duration, --n-mels, ... (audio)" if n == "mel" else "--" + n.replace("_", "-"))
+             for n in IMAGE_ONLY if getattr(config, n) != defaults[n]]
+    if given:
+        raise ItfitsError(f"{', '.join(given)}: for images and audio only; a table (--target {config.target}) "
+                          "trains fastai's tabular model, which would ignore them. Leave them out")
+
+
 def prepare_tabular(config: FitConfig, run: Path):
-    """(TabularData, bs, learner) for a tabular run; skipped rows listed in run/skipped.csv."""
+    """(TabularData, bs, learner) for a tabular run (fit and lr-find); skipped rows listed in run/skipped.csv, the
+    first file written into `run`: a table that fails its checks leaves no run folder."""
     from fastai.torch_core import set_seed
     from .images import choose_batch_size
     from .learners import tabular_learner
     from .tabular import TabularModelSpec, prepare_table, tabular_dataloaders
 
+    check_table_config(config)
     data = prepare_table(config.data, target=config.target, cat=config.cat or (), cont=config.cont or (),
                          ignore=config.ignore or (), valid_pct=config.valid_pct, seed=config.seed)
     write_table(data.skipped, run / "skipped.csv")
@@ -562,21 +579,6 @@ def _regression_results(pred: np.ndarray, truth: np.ndarray) -> dict:
             "valid_r2": float(1 - (err ** 2).sum() / max(((truth - truth.mean()) ** 2).sum(), 1e-12))}
 
 
-IMAGE_ONLY = ("arch", "weights", "size", "freeze_epochs", "precision", "accum", "ema", "ema_decay", "compile", "mel")
-
-
-def check_table_config(config: FitConfig) -> None:
-    """An ItfitsError naming the image/audio settings given for a table: fastai's tabular model has no backbone,
-    image size, fine_tune phases or training controls, and ignoring them would leave run.json saying, e.g.,
-    `ema: true` of a training without one."""
-    defaults = {f.name: f.default for f in fields(FitConfig)}
-    given = [("--duration, --n-mels, ... (audio)" if n == "mel" else "--" + n.replace("_", "-"))
-             for n in IMAGE_ONLY if getattr(config, n) != defaults[n]]
-    if given:
-        raise ItfitsError(f"{', '.join(given)}: for images and audio only; a table (--target {config.target}) "
-                          "trains fastai's tabular model, which would ignore them. Leave them out")
-
-
 def fit_table(config: FitConfig, log=print) -> dict:
     """`itfits fit TABLE --target COLUMN`: fastai's TabularModel trained with fit_one_cycle; writes the run folder
     as `fit` does for images. Returns the run summary (run.json)."""
@@ -585,10 +587,8 @@ def fit_table(config: FitConfig, log=print) -> dict:
     from .sources import read_table
     from .tabular import TabularModelSpec, tabular_outputs
 
-    check_table_config(config)
     t0 = time.perf_counter()
     run = Path(config.out)
-    run.mkdir(parents=True, exist_ok=True)
     data, bs, learn = prepare_tabular(config, run)
     prep, n_skipped = data.prep, data.skipped.height
     unknown = unknown_rows(config, prep)

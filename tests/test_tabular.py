@@ -556,7 +556,9 @@ def test_cli_rejects_image_training_flags_with_target(tmp_path):
                          (["--freeze-epochs", "0"], "--freeze-epochs"), (["--duration", "1"], "--duration")]:
         res = CliRunner().invoke(app, ["fit", str(PENGUINS), "--target", "species", *flags])
         assert isinstance(res.exception, ItfitsError) and named in str(res.exception), (flags, res.output)
-    from pipelines.training import FitConfig, fit
+    from pipelines.training import FitConfig, fit, run_lr_find
     with pytest.raises(ItfitsError, match="--ema"):  # the Python API too
         fit(FitConfig(data=str(PENGUINS), target="species", ema=True, out=str(tmp_path / "run")))
+    with pytest.raises(ItfitsError, match="--arch"):  # and lr-find, which shares fit's preparation
+        run_lr_find(FitConfig(data=str(PENGUINS), target="species", arch="resnet18", out=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
