@@ -18,6 +18,8 @@ itfits, model only and bare model run with pipelines.runtime.reuse_freed_memory,
 the plain fastai variants as fastai comes.
 Prediction (images/s over --predict-images files; interpreter start-up excluded for all three):
   itfits predict  pipelines.predict.predict + write_predictions on the bundle that round's fit wrote
+  itfits predict, no reference  the same bundle without its pretrained reference body (combined score): what
+                  the default unknown score costs
   bare model      forward passes on tensors made beforehand, batches of 64, the model as predict runs it (its
                   precision, memory format, BatchNorms folded: predict.fast_path)
   fastai predict  learn.predict(file) per file, the loop fastai's docs show
@@ -130,12 +132,12 @@ def worker_fastai(a) -> dict:
     return {"images_per_s": timer.images / timer.seconds}
 
 
-def worker_predict(a) -> dict:
+def worker_predict(a, bundle=None) -> dict:
     """itfits' prediction pipeline in process: files -> rows -> CSV."""
     from pipelines.bundle import load_bundle
     from pipelines.predict import fast_path, predict, write_predictions
     from pipelines.images import ImagePreprocessing
-    bundle = load_bundle(a.bundle)
+    bundle = bundle or load_bundle(a.bundle)
     chosen = fast_path(bundle, ImagePreprocessing.from_json(bundle.meta["preprocessing"]))["precision"].name
     out = Path(a.tmp) / "predictions.csv"
     # warm-up as the bare loop's: one full batch (the first batches of a shape build its kernels and map memory)
@@ -143,6 +145,19 @@ def worker_predict(a) -> dict:
     t = time.perf_counter()
     counts = write_predictions(predict(bundle, [a.inputs]), out)
     return {"images_per_s": counts["files"] / (time.perf_counter() - t), "precision": chosen}
+
+
+def worker_predict_no_reference(a) -> dict:
+    """worker_predict on the same bundle as itfits wrote them before the pretrained reference body: its model
+    alone, the combined score (what the default unknown score costs at prediction)."""
+    from dataclasses import replace
+    import numpy as np
+    from pipelines.bundle import load_bundle
+    bundle = load_bundle(a.bundle)
+    none = np.zeros((0, 0), np.float32)
+    stats = replace(bundle.calibration.stats, ref_means=none, ref_precision=none)
+    calibration = replace(bundle.calibration, score="combined", threshold=0.0, stats=stats)
+    return worker_predict(a, replace(bundle, calibration=calibration, scoring_model=bundle.model))
 
 
 def worker_bare_inference(a) -> dict:
@@ -189,6 +204,7 @@ def worker_fastai_predict(a) -> dict:
 
 
 WORKERS = {"model_only": worker_model_only, "fastai_fp32": worker_fastai, "itfits_predict": worker_predict,
+           "itfits_predict_no_reference": worker_predict_no_reference,
            "bare_inference": worker_bare_inference, "fastai_predict": worker_fastai_predict}
 
 
@@ -277,7 +293,7 @@ def main():
         tmp = Path(tmp)
         inputs = _inputs(tmp, a.predict_images)
         train_names = ["itfits_fit", "model_only", "fastai_fp32"]
-        predict_names = ["itfits_predict", "bare_inference", "fastai_predict"]
+        predict_names = ["itfits_predict", "itfits_predict_no_reference", "bare_inference", "fastai_predict"]
         for r in range(a.rounds):
             run = tmp / f"run{r}"
             order = train_names[r % 3:] + train_names[: r % 3]
@@ -285,7 +301,7 @@ def main():
                 res = _run_fit(a, run) if name == "itfits_fit" else _run_worker(name, a)
                 results.setdefault(name, []).append(res)
                 print(f"round {r + 1} {name}: {res['images_per_s']:.1f} images/s", flush=True)
-            order = predict_names[r % 3:] + predict_names[: r % 3]
+            order = predict_names[r % 4:] + predict_names[: r % 4]
             for name in order:
                 res = _run_worker(name, a, bundle=run / "model", inputs=inputs, tmp=tmp)
                 results.setdefault(name, []).append(res)
@@ -298,7 +314,9 @@ def main():
             ("model-only training loop", "model_only", "itfits_fit", 0.85),
             ("plain fastai fp32 recipe", "fastai_fp32", "itfits_fit", 1.8),
             ("itfits predict", "itfits_predict", None, None),
-            ("bare model inference", "bare_inference", "itfits_predict", 0.85),
+            ("itfits predict without the reference body (combined score, bundles before it)",
+             "itfits_predict_no_reference", "itfits_predict", None),
+            ("bare model inference (with the reference body)", "bare_inference", "itfits_predict", 0.85),
             ("fastai learn.predict loop", "fastai_predict", "itfits_predict", 10)]
     for label, key, ours, target in rows:
         ratio = f"itfits {med[ours] / med[key]:.2f}x" if ours else ""

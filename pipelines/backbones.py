@@ -271,15 +271,58 @@ def last_stage(body: nn.Module) -> nn.Module:
     raise ItfitsError(f"no last stage found in {type(body).__name__}: register it in backbones.last_stage")
 
 
-def forward_features(model: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _pooled(x: torch.Tensor) -> torch.Tensor:
+    return x.mean((2, 3)) if x.ndim == 4 else x.mean(1)  # (B, C, H, W) or ViT tokens (B, N, C) -> (B, C)
+
+
+class _Reached(Exception):
+    """Stops a forward pass once the input of the last stage is seen: the rest is not needed."""
+
+
+def stage_features(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, C) the input of `body`'s last stage, averaged over positions; the last stage itself is not run."""
+    seen = []
+
+    def reached(module, args):
+        seen.append(args[0])
+        raise _Reached
+
+    hook = last_stage(body).register_forward_pre_hook(reached)
+    try:
+        body(x)
+    except _Reached:
+        pass
+    finally:
+        hook.remove()
+    return _pooled(seen[0])
+
+
+class WithReference(nn.Module):
+    """A fine-tuned `model` (body, head) beside `reference`, the pretrained body it started from, frozen: the
+    unknown scores on the reference's features see what fine-tuning on a few classes forgets (bench/BENCHMARKS.md,
+    "Unknown-detection suite"). Its forward gives forward_features' two outputs side by side (for fold_batchnorm's
+    check)."""
+
+    def __init__(self, model: nn.Sequential, reference: nn.Module):
+        super().__init__()
+        self.model, self.reference = model, reference.eval().requires_grad_(False)
+
+    def forward(self, x):
+        return torch.cat(forward_features(self, x), 1)
+
+
+def forward_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, features) for the unknown scores: features are [the input of the head's last Linear | the input of
-    the body's last stage, averaged over positions]. The second part is more generic than the head's: unknowns
-    that the fine-tuned head maps close to a class often stand out there (bench/BENCHMARKS.md)."""
+    the body's last stage, averaged over positions | (WithReference) the same stage input of the pretrained
+    reference body]. The second part is more generic than the head's: unknowns that the fine-tuned head maps close
+    to a class often stand out there, and more so in the reference, which fine-tuning did not change."""
+    if isinstance(model, WithReference):
+        logits, features = forward_features(model.model, x)
+        return logits, torch.cat([features, stage_features(model.reference, x).to(features.dtype)], 1)
     seen = []
     hook = last_stage(model[0]).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:
         head = model[1][:-1](model[0](x))
     finally:
         hook.remove()
-    stage = seen[0].mean((2, 3)) if seen[0].ndim == 4 else seen[0].mean(1)  # (B, C, H, W) or ViT tokens (B, N, C)
-    return model[1][-1](head), torch.cat([head, stage.to(head.dtype)], 1)
+    return model[1][-1](head), torch.cat([head, _pooled(seen[0]).to(head.dtype)], 1)

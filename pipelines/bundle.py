@@ -13,10 +13,11 @@ from torch import nn
 
 from .errors import ItfitsError
 from .io import atomic_dir
-from .unknown import LOGIT_SCORES, SCORES, Calibration, UnknownStats
+from .unknown import SCORES, Calibration, UnknownStats
 
 FORMAT_VERSION = 1
 WEIGHTS, META = "model.safetensors", "itfits.json"
+REFERENCE = "reference"  # the pretrained body's key prefix in WEIGHTS, and its description's key in META
 
 
 def library_versions() -> dict[str, str]:
@@ -64,6 +65,13 @@ class Bundle:
     meta: dict
     model: nn.Module  # in eval mode
     calibration: Calibration | None  # None for regression: no classes, no unknown flags
+    # what prediction runs: `model`, or backbones.WithReference of it and the pretrained body it was fine-tuned
+    # from (image and audio bundles since the pretrained_mahalanobis score)
+    scoring_model: nn.Module | None = None
+
+    def __post_init__(self):
+        if self.scoring_model is None:
+            object.__setattr__(self, "scoring_model", self.model)
 
     @property
     def classes(self) -> list[str]:
@@ -84,11 +92,17 @@ class Bundle:
         return AUDIO_EXTS if self.mel else IMAGE_EXTS
 
 
-def save_bundle(model: nn.Module, meta: dict, calibration: Calibration | None, out_dir: Path) -> None:
+def save_bundle(model: nn.Module, meta: dict, calibration: Calibration | None, out_dir: Path, *,
+                reference: nn.Module | None = None) -> None:
     """Write the bundle folder atomically: a crash leaves the previous bundle (or none), never half of one.
-    The unknown scores' feature statistics go into the safetensors file beside the weights."""
+    The unknown scores' feature statistics go into the safetensors file beside the weights, and so does the
+    `reference` body (the pretrained body of an image model, for the pretrained_mahalanobis score: `reference.*`)."""
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if reference is not None:
+        state.update({f"{REFERENCE}.{k}": v.detach().cpu().contiguous() for k, v in reference.state_dict().items()})
+        meta = {**meta, REFERENCE: {"body": meta["backbone"], "weights": "pretrained, not fine-tuned",
+                                    "features": "input of the last stage, averaged over positions"}}
     if calibration is not None and calibration.stats is not None:
         state.update(calibration.stats.tensors())
     meta = {**meta, "calibration": calibration.json() if calibration is not None else None}
@@ -201,14 +215,23 @@ def load_bundle(path: Path | str) -> Bundle:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:  # truncated, or not a safetensors file at all
         raise invalid_bundle(path, f"{WEIGHTS} cannot be read ({e})") from e
+    own = {k: v for k, v in tensors.items() if not k.startswith(("unknown.", f"{REFERENCE}."))}
+    ref = {k[len(REFERENCE) + 1:]: v for k, v in tensors.items() if k.startswith(f"{REFERENCE}.")}
+    scoring = None
     try:
         stats = UnknownStats.from_tensors(tensors) if "unknown.bank" in tensors else None
-        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("unknown.")}, strict=True)
+        model.load_state_dict(own, strict=True)
+        if ref:
+            from .backbones import WithReference, create_body, get_spec
+            body = create_body(get_spec(meta["backbone"]), weights="none")[0]
+            body.load_state_dict(ref, strict=True)
+            scoring = WithReference(model, body).eval()
     except (RuntimeError, KeyError) as e:  # torch lists every mismatch on its own line: keep the first
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
         raise ItfitsError(f"the weights in {path / WEIGHTS} do not fit the model in {META}: {first}") from e
+    if stats is not None and stats.ref_dim and scoring is None:
+        raise invalid_bundle(path, f"it has statistics of a reference body but {WEIGHTS} holds no reference weights")
     calibration = Calibration(**meta["calibration"], stats=stats) if meta["calibration"] is not None else None
-    if calibration is not None and calibration.stats is None and calibration.score not in LOGIT_SCORES:
-        raise invalid_bundle(path, f"its unknown score '{calibration.score}' needs the training statistics that "
-                                   f"{WEIGHTS} lacks")
-    return Bundle(path=path, meta=meta, model=model.eval(), calibration=calibration)
+    if calibration is not None and calibration.score not in calibration.scores:
+        raise invalid_bundle(path, f"its unknown score '{calibration.score}' needs statistics that {WEIGHTS} lacks")
+    return Bundle(path=path, meta=meta, model=model.eval(), calibration=calibration, scoring_model=scoring)

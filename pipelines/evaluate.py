@@ -56,13 +56,13 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
         raise ItfitsError(f"no usable files in {data}")
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
     if unknown is not None:  # before the known files, so a folder with nothing usable fails at once
-        u_logits, u_feats, unreadable = unknown_outputs(bundle.model, prep, unknown, bundle.input_exts, mel=mel,
+        u_logits, u_feats, unreadable = unknown_outputs(bundle.scoring_model, prep, unknown, bundle.input_exts, mel=mel,
                                                         num_workers=num_workers)
         if not len(u_logits):
             path, error = unreadable[0]
             raise ItfitsError(f"--unknown {unknown}: none of its {len(unreadable)} {'audio' if mel else 'image'} "
                               f"files could be read; the first, {path}: {error}")
-    logits, feats, errors = file_outputs(bundle.model, prep, items["path"].to_list(), mel=mel, num_workers=num_workers)
+    logits, feats, errors = file_outputs(bundle.scoring_model, prep, items["path"].to_list(), mel=mel, num_workers=num_workers)
     good = np.array([not e for e in errors])
     if not good.any():
         raise ItfitsError(f"none of the files in {data} could be read; the first: {errors[0]}")

@@ -224,19 +224,19 @@ def fast_path(bundle: Bundle, prep: ImagePreprocessing, precision: str = "auto")
     and on low-contrast images that cancellation moved logits of an fp32-trained model by half their range.
     The bundle's model moves to the GPU where there is one; the model returned has its BatchNorms folded into its
     convolutions (backbones.fold_batchnorm: the same outputs, faster)."""
-    arch = bundle.meta["backbone"]
+    arch, model = bundle.meta["backbone"], bundle.scoring_model
     if torch.cuda.is_available():
-        bundle.model.cuda()
-    device = next(bundle.model.parameters()).device
-    if bundle.model not in _FOLDED:  # once per model: `itfits serve` predicts with the same bundle per request
+        model.cuda()
+    device = next(model.parameters()).device
+    if model not in _FOLDED:  # once per model: `itfits serve` predicts with the same bundle per request
         example = torch.randn(2, 3, prep.size, prep.size, generator=torch.Generator().manual_seed(0)).to(device)
-        _FOLDED[bundle.model] = fold_batchnorm(bundle.model, example)
+        _FOLDED[model] = fold_batchnorm(model, example)
     trained = bundle.meta.get("training", {}).get("precision", "fp32")
     if precision == "auto" and trained == "fp32":
         chosen = Precision("fp32", "auto", device.type, "the model was trained and calibrated in fp32")
     else:
         chosen = resolve_precision(precision, arch=arch, size=prep.size, train=False, device=device)
-    return {"model": _FOLDED[bundle.model], "precision": chosen,
+    return {"model": _FOLDED[model], "precision": chosen,
             "channels_last": get_spec(arch).channels_last}
 
 
@@ -250,7 +250,7 @@ def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictCo
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
     items = expand_inputs(inputs, bundle.input_exts)
     # audio: the model as calibrated, fp32
-    fast = fast_path(bundle, prep, config.precision) if bundle.mel is None else {"model": bundle.model}
+    fast = fast_path(bundle, prep, config.precision) if bundle.mel is None else {"model": bundle.scoring_model}
     for paths, logits, features, errors in file_batches(prep=prep, items=items, mel=bundle.mel,
                                                         batch_size=config.batch_size, num_workers=config.num_workers,
                                                         **fast):

@@ -352,6 +352,7 @@ def _calibration_part(run: Path, calib: dict, *, risk: bool) -> list:
                        "valid NLL before → after": _before_after(calib.get("valid_nll")),
                        "unknown score": calib.get("score"), "chosen by": calib.get("score_chosen_by"),
                        "threshold": calib.get("threshold"), "keep": calib.get("keep"),
+                       "threshold chosen on": calib.get("threshold_chosen_on"),
                        "correct valid items accepted": calib.get("valid_correct_accepted"),
                        **({"unknown examples accepted": calib["unknown_examples_accepted"]}
                           if "unknown_examples_accepted" in calib else {})}),

@@ -15,12 +15,13 @@ from fastai.learner import Recorder
 from fastai.torch_core import find_bs
 
 from .audio import MelConfig
+from .backbones import WithReference, create_body, get_spec
 from .checkpoints import CHECKPOINT, CONFIG, Checkpoint, load_checkpoint, restore
 from .distributed import is_main
 from .errors import ItfitsError, ItfitsWarning
 from .images import ImagePreprocessing
 from .io import write_json, write_table
-from .unknown import DEFAULT_SCORE, TABLE_DEFAULT_SCORE, UnknownStats, calibrate
+from .unknown import DEFAULT_SCORE, TABLE_DEFAULT_SCORE, UnknownStats, calibrate, crossfit_reference_scores
 
 LR_SUGGESTIONS = ("minimum", "steep", "valley", "slide")
 CHOSEN_SUGGESTION = "minimum"  # lr at the loss minimum / 10 (fastai's lr_min): valley (4e-4) trained
@@ -305,15 +306,18 @@ def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
 
 
 def _calibrate(config: FitConfig, n_classes: int, *, valid: tuple, train: tuple, unknown: tuple | None,
-               head_dim: int, default_score: str):
+               head_dim: int, default_score: str, ref_dim: int = 0):
     """calibrate() on (logits, features, targets) of the validation set, (features, targets) of training items
     and optional (logits, features) of unknown examples, with the config's score, threshold and keep.
-    `head_dim`: how many feature columns are the head's (see unknown.py)."""
-    stats = UnknownStats.fit(train[0], train[1], n_classes, head_dim=head_dim, seed=config.seed)
+    `head_dim`, `ref_dim`: how many feature columns are the head's and the reference body's (see unknown.py)."""
+    stats = UnknownStats.fit(train[0], train[1], n_classes, head_dim=head_dim, ref_dim=ref_dim, seed=config.seed)
+    known = {"pretrained_mahalanobis": crossfit_reference_scores(train[0][:, -ref_dim:], train[1], n_classes,
+                                                                 seed=config.seed)} if ref_dim else None
     u_logits, u_feats = unknown if unknown is not None else (None, None)
     threshold = None if config.threshold == "auto" else float(config.threshold)
     return calibrate(valid[0], valid[2], valid[1], stats, keep=config.keep, score=config.score, threshold=threshold,
-                     unknown_logits=u_logits, unknown_features=u_feats, default_score=default_score)
+                     unknown_logits=u_logits, unknown_features=u_feats, default_score=default_score,
+                     known_scores=known)
 
 
 def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, config: FitConfig, *, mel: MelConfig | None = None,
@@ -322,11 +326,11 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
     `max_train`) training items, score choice from config.unknown examples when given. With `mel`, items are
     audio clips and each clip's outputs are the mean over its windows, exactly as prediction computes them.
     `precision`: the training's (a precision.Precision), so image outputs match the Learner's validation.
+    `model`: the fine-tuned model, or backbones.WithReference of it and its pretrained body.
     Returns (Calibration, report, validation outputs {logits, features, targets, paths})."""
     from .predict import file_outputs, unknown_outputs
     from .sources import AUDIO_EXTS, IMAGE_EXTS
 
-    from .backbones import get_spec
     fast = {"precision": precision, "channels_last": get_spec(config.arch).channels_last}
 
     def outputs(paths):
@@ -340,6 +344,10 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
     v_logits, v_feats, _ = outputs(valid["path"].to_list())
     _, t_feats, _ = outputs(train["path"].to_list())
     v_targets = np.array([index[c] for c in valid["label"]])
+    core = model.model if isinstance(model, WithReference) else model
+    head_dim = core[1][-1].in_features
+    # the reference is the same architecture: its last-stage input is as wide as the model's own
+    ref_dim = (v_feats.shape[1] - head_dim) // 2 if isinstance(model, WithReference) else 0
     unknown = None
     if config.unknown:
         u_logits, u_feats, unreadable = unknown_outputs(model, prep, config.unknown, AUDIO_EXTS if mel else IMAGE_EXTS,
@@ -351,7 +359,7 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
         unknown = (u_logits, u_feats)
     calibration, report = _calibrate(config, len(classes), valid=(v_logits, v_feats, v_targets),
                                      train=(t_feats, np.array([index[c] for c in train["label"]])), unknown=unknown,
-                                     head_dim=model[1][-1].in_features, default_score=DEFAULT_SCORE)
+                                     head_dim=head_dim, ref_dim=ref_dim, default_score=DEFAULT_SCORE)
     return calibration, report, {"logits": v_logits, "features": v_feats, "targets": v_targets,
                                  "paths": valid["path"].to_list()}
 
@@ -495,8 +503,11 @@ def finish_images(trained: TrainedImages, config: FitConfig, *, log=print) -> di
     from .reports import Validation, confusion_matrix, write_confusion_matrix, write_report
 
     run, learn, classes, history = Path(config.out), trained.learn, trained.classes, trained.history
-    calibration, calib_report, valid = calibrate_images(learn.model, trained.items, classes, trained.prep, config,
-                                                        mel=trained.mel, precision=trained.precision)
+    # the pretrained body training started from, unchanged: the default unknown score works on its features
+    reference = create_body(get_spec(config.arch), weights=config.weights)[0].to(next(learn.model.parameters()).device)
+    calibration, calib_report, valid = calibrate_images(WithReference(learn.model, reference), trained.items, classes,
+                                                        trained.prep, config, mel=trained.mel,
+                                                        precision=trained.precision)
     preds = valid["logits"].argmax(1)
     write_confusion_matrix(confusion_matrix(valid["targets"], preds, classes), classes, run)
     accuracy = float((preds == valid["targets"]).mean())
@@ -511,7 +522,7 @@ def finish_images(trained: TrainedImages, config: FitConfig, *, log=print) -> di
     }
     meta = image_bundle_meta(config.arch, classes, trained.prep,
                              training={**summary["results"], "precision": trained.precision.name}, mel=trained.mel)
-    save_bundle(learn.model, meta, calibration, run / "model")
+    save_bundle(learn.model, meta, calibration, run / "model", reference=reference)
     write_json(summary, run / "run.json")
     probs, scores, _ = calibration.apply(valid["logits"], valid["features"])
     images = valid["paths"]

@@ -15,11 +15,12 @@ import torch
 
 from .errors import ItfitsError
 
-SCORES = ("max_softmax", "max_logit", "energy", "knn", "mahalanobis", "combined")
+SCORES = ("max_softmax", "max_logit", "energy", "knn", "mahalanobis", "combined", "pretrained_mahalanobis")
+REFERENCE_SCORES = ("pretrained_mahalanobis",)  # the scores on the pretrained reference body's features
 LOGIT_SCORES = SCORES[:3]  # the scores that need no training statistics
 # best AUROC, and the most correct items kept at the plain 0.95 rule's unknown acceptance, on held-out classes in
 # bench/unknown_scores.py (see bench/BENCHMARKS.md)
-DEFAULT_SCORE = "combined"
+DEFAULT_SCORE = "pretrained_mahalanobis"
 # tables: Mahalanobis on the MLP's features caught each held-out penguin species best (AUROC 0.93-1.0, combined
 # 0.79-0.94: max softmax, one of its parts, is near chance there; README "Tabular")
 TABLE_DEFAULT_SCORE = "mahalanobis"
@@ -73,32 +74,47 @@ class UnknownStats:
     precision: np.ndarray  # (D, D) inverse of the shared within-class covariance
     stage_bank: np.ndarray  # (N, M) L2-normalised stage features of the same items, for the combined score
     combine: np.ndarray  # (K, 2) mean and std on validation items of each part of the combined score
+    # Mahalanobis++ on the reference body's features (R of them; 0: a model without reference, or older bundle)
+    ref_means: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (C, R), L2-normalised
+    ref_precision: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (R, R)
 
     @classmethod
-    def fit(cls, features: np.ndarray, targets: np.ndarray, n_classes: int, *, head_dim: int,
+    def fit(cls, features: np.ndarray, targets: np.ndarray, n_classes: int, *, head_dim: int, ref_dim: int = 0,
             seed: int = 0) -> "UnknownStats":
-        """From training features; `head_dim`: how many of the feature columns are the head's (the rest: stage)."""
-        stage = features[:, head_dim:].astype(np.float32)
+        """From training features [head (head_dim) | stage | reference (ref_dim)]."""
+        stage = features[:, head_dim:features.shape[1] - ref_dim].astype(np.float32)
         feats = features[:, :head_dim].astype(np.float64)
         rng = np.random.default_rng(seed)
         keep = rng.permutation(len(feats))[:KNN_BANK_MAX]
-        means = np.stack([feats[targets == c].mean(0) if (targets == c).any() else np.zeros(feats.shape[1])
-                          for c in range(n_classes)])
+        means = _class_means(feats, targets, n_classes)
         centred = feats - means[targets]
         cov = centred.T @ centred / max(1, len(feats) - 1)
         cov += np.eye(cov.shape[0]) * (1e-3 * np.trace(cov) / cov.shape[0] + 1e-8)  # shrinkage: D can exceed N
+        ref_means, ref_precision = (mahalanobis_pp_fit(features[:, -ref_dim:], targets, n_classes) if ref_dim else
+                                    (np.zeros((0, 0), np.float32),) * 2)
         return cls(bank=_l2(feats[keep]).astype(np.float16), means=means.astype(np.float32),
                    precision=np.linalg.inv(cov).astype(np.float32), stage_bank=_l2(stage[keep]).astype(np.float16),
-                   combine=np.zeros((0, 2), np.float32))
+                   combine=np.zeros((0, 2), np.float32), ref_means=ref_means, ref_precision=ref_precision)
 
     @property
     def scores(self) -> tuple[str, ...]:
-        """The scores these statistics serve (bundles from before the combined score lack it)."""
-        return SCORES if len(self.combine) else tuple(n for n in SCORES if n != "combined")
+        """The scores these statistics serve (older bundles lack the combined score's and the reference's)."""
+        lacking = {"combined"} if not len(self.combine) else set()
+        lacking |= set(REFERENCE_SCORES) if not self.ref_dim else set()
+        return tuple(n for n in SCORES if n not in lacking)
 
     @property
     def head_dim(self) -> int:
         return self.bank.shape[1]
+
+    @property
+    def ref_dim(self) -> int:
+        return self.ref_means.shape[1]
+
+    @property
+    def n_features(self) -> int:
+        """Feature columns a model with these statistics gives: head, stage and reference parts."""
+        return self.head_dim + self.stage_bank.shape[1] + self.ref_dim
 
     def combined_parts(self, logits: np.ndarray, features: np.ndarray, temperature: float) -> np.ndarray:
         """(N, K) the parts of the combined score, unstandardised: kNN on head features, kNN on stage features
@@ -107,7 +123,7 @@ class UnknownStats:
         doubt); on held-out classes their standardised sum beats each alone (bench/BENCHMARKS.md)."""
         parts = [_knn(features[:, :self.head_dim], self.bank)]
         if self.stage_bank.shape[1]:
-            parts.append(_knn(features[:, self.head_dim:], self.stage_bank))
+            parts.append(_knn(features[:, self.head_dim:self.head_dim + self.stage_bank.shape[1]], self.stage_bank))
         parts.append(np.log(np.clip(softmax(logits, temperature).max(1), 1e-30, None)))
         return np.stack(parts, 1)
 
@@ -119,7 +135,8 @@ class UnknownStats:
         return replace(self, combine=np.stack([parts.mean(0), np.clip(std, 1e-6, None)], 1).astype(np.float32))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"unknown.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.__dict__.items()}
+        arrays = self.__dict__ if self.ref_dim else {k: v for k, v in self.__dict__.items() if not k.startswith("ref_")}
+        return {f"unknown.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "UnknownStats":
@@ -128,7 +145,52 @@ class UnknownStats:
         fields["stage_bank"] = tensors["unknown.stage_bank"].numpy() if "unknown.stage_bank" in tensors else \
             np.zeros((len(fields["bank"]), 0), np.float16)
         fields["combine"] = tensors["unknown.combine"].numpy() if "unknown.combine" in tensors else np.zeros((0, 2))
+        for k in ("ref_means", "ref_precision"):  # bundles from before the reference body lack them
+            if f"unknown.{k}" in tensors:
+                fields[k] = tensors[f"unknown.{k}"].numpy()
         return cls(**fields)
+
+
+def _class_means(x: np.ndarray, targets: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.stack([x[targets == c].mean(0) if (targets == c).any() else np.zeros(x.shape[1])
+                     for c in range(n_classes)])
+
+
+REF_SHRINK = 0.1  # share of the scaled identity in the shared covariance: R (192-1280) is often above N
+
+
+def mahalanobis_pp_fit(x: np.ndarray, targets: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mahalanobis++ (Mueller & Hein 2025): class means and the precision of the shared within-class covariance of
+    L2-normalised features, shrunk toward a multiple of the identity."""
+    x = _l2(x.astype(np.float64))
+    means = _class_means(x, targets, n_classes)
+    centred = x - means[targets]
+    cov = centred.T @ centred / max(1, len(x) - 1)
+    cov = (1 - REF_SHRINK) * cov + REF_SHRINK * np.trace(cov) / len(cov) * np.eye(len(cov))
+    return means.astype(np.float32), np.linalg.inv(cov).astype(np.float32)
+
+
+def mahalanobis_pp(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Minus the smallest Mahalanobis distance of the L2-normalised rows of `x` to a class mean."""
+    x = _l2(x.astype(np.float32))
+    with torch.autocast("cpu", enabled=False):  # in torch, not numpy: see _knn
+        xt, mt, pt = torch.from_numpy(x), torch.from_numpy(means), torch.from_numpy(precision)
+        xp = xt @ pt  # (N, R)
+        d = (xp * xt).sum(1, keepdim=True) - 2 * xp @ mt.T + ((mt @ pt) * mt).sum(1)[None]  # (N, C)
+    return -d.min(1).values.numpy()
+
+
+def crossfit_reference_scores(ref_features: np.ndarray, targets: np.ndarray, n_classes: int, *,
+                              folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Out-of-fold pretrained_mahalanobis scores of known items: each fold scored by statistics of the others.
+    The reference body never trained on these items, so they are fair stand-ins for new known inputs: the
+    threshold is chosen from all the training items, not the few that validation holds."""
+    fold = np.random.default_rng(seed).permutation(len(targets)) % folds
+    out = np.empty(len(targets), np.float32)
+    for f in range(folds):
+        means, precision = mahalanobis_pp_fit(ref_features[fold != f], targets[fold != f], n_classes)
+        out[fold == f] = mahalanobis_pp(ref_features[fold == f], means, precision)
+    return out
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -150,6 +212,9 @@ def _knn(features: np.ndarray, bank: np.ndarray) -> np.ndarray:
 def compute_scores(logits: np.ndarray, features: np.ndarray | None, *, temperature: float,
                    stats: UnknownStats | None, names=SCORES) -> dict[str, np.ndarray]:
     """Each named score per row; higher = more likely a known class."""
+    if stats is not None and features is not None and features.shape[1] != stats.n_features:
+        # e.g. a bundle's bare model (no reference body) run where its scoring_model belongs
+        raise ValueError(f"features have {features.shape[1]} columns; these statistics need {stats.n_features}")
     out = {}
     for name in names:
         if name == "max_softmax":
@@ -165,6 +230,13 @@ def compute_scores(logits: np.ndarray, features: np.ndarray | None, *, temperatu
         elif name == "mahalanobis":  # minus the smallest class-conditional Mahalanobis distance (Lee et al. 2018)
             d = features[:, None, :stats.head_dim].astype(np.float32) - stats.means[None]
             out[name] = -np.einsum("ncd,de,nce->nc", d, stats.precision, d).min(1)
+        elif name == "pretrained_mahalanobis":
+            if stats is None or not stats.ref_dim:
+                raise ItfitsError("this model has no pretrained reference body for the pretrained_mahalanobis score "
+                                  "(a table model, or one made by an older itfits); use --score combined, "
+                                  "mahalanobis or max_softmax")
+            out[name] = mahalanobis_pp(features[:, features.shape[1] - stats.ref_dim:], stats.ref_means,
+                                       stats.ref_precision)
         elif name == "combined":  # the sum of the standardised parts
             if not len(stats.combine):
                 raise ItfitsError("this model has no statistics for the combined score (made by an older itfits); "
@@ -226,9 +298,13 @@ class Calibration:
 
 def calibrate(valid_logits: np.ndarray, valid_targets: np.ndarray, valid_features: np.ndarray, stats: UnknownStats, *,
               keep: float = 0.95, score: str | None = None, threshold: float | None = None, unknown_logits: np.ndarray | None = None,
-              unknown_features: np.ndarray | None = None, default_score: str = DEFAULT_SCORE) -> tuple[Calibration, dict]:
+              unknown_features: np.ndarray | None = None, default_score: str = DEFAULT_SCORE,
+              known_scores: dict[str, np.ndarray] | None = None) -> tuple[Calibration, dict]:
     """Fit the temperature, choose the score (given, else best AUROC on unknown examples, else the default)
-    and the threshold (given, else the one accepting `keep` of the correct validation items). Returns the calibration and a report of the figures behind it."""
+    and the threshold (given, else the one accepting `keep` of the known items: for a score in `known_scores`
+    (out-of-fold scores of the training items, crossfit_reference_scores) those and the validation items, for the
+    others the correctly classified validation items). Returns the calibration and a report of the figures
+    behind it."""
     if not 0 < keep <= 1:
         raise ItfitsError(f"--keep must be in (0, 1], got {keep}")
     if score is not None and score not in SCORES:
@@ -241,19 +317,28 @@ def calibrate(valid_logits: np.ndarray, valid_targets: np.ndarray, valid_feature
               "valid_nll": {"before": nll(valid_logits, valid_targets), "after": nll(valid_logits, valid_targets, t)},
               "valid_ece": {"before": expected_calibration_error(softmax(valid_logits), valid_targets),
                             "after": expected_calibration_error(softmax(valid_logits, t), valid_targets)}}
-    valid_scores = compute_scores(valid_logits, valid_features, temperature=t, stats=stats)
+    if score is not None and score not in stats.scores:
+        compute_scores(valid_logits, valid_features, temperature=t, stats=stats, names=[score])  # its error
+    valid_scores = compute_scores(valid_logits, valid_features, temperature=t, stats=stats, names=stats.scores)
     if unknown_logits is not None and len(unknown_logits):
-        unk = compute_scores(unknown_logits, unknown_features, temperature=t, stats=stats)
+        unk = compute_scores(unknown_logits, unknown_features, temperature=t, stats=stats, names=stats.scores)
         report["unknown_examples"] = {name: {"auroc": auroc(valid_scores[name], unk[name]),
-                                             "fpr95": fpr_at_tpr(valid_scores[name], unk[name])} for name in SCORES}
+                                             "fpr95": fpr_at_tpr(valid_scores[name], unk[name])}
+                                      for name in stats.scores}
         if score is None:
-            score = max(SCORES, key=lambda n: report["unknown_examples"][n]["auroc"])
+            score = max(stats.scores, key=lambda n: report["unknown_examples"][n]["auroc"])
             report["score_chosen_by"] = "best AUROC on the --unknown examples"
     if score is None:
         score, report["score_chosen_by"] = default_score, "default"
     report.setdefault("score_chosen_by", "--score")
-    if threshold is None:
+    known_scores = known_scores or {}
+    if threshold is None and score in known_scores:  # many more items than validation's 12-48 on small data
+        pool = np.concatenate([known_scores[score], valid_scores[score]])
+        threshold = threshold_for_share(pool, keep)
+        report["threshold_chosen_on"] = f"{len(pool)} known items (training items cross-fitted, and validation)"
+    elif threshold is None:
         threshold = choose_threshold(valid_scores[score], correct, keep)
+        report["threshold_chosen_on"] = f"{int(correct.sum())} correctly classified validation items"
     accepted = valid_scores[score] >= threshold
     report.update(score=score, threshold=threshold, keep=keep,
                   valid_correct_accepted=float(accepted[correct].mean()) if correct.any() else None)

@@ -104,3 +104,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_glyphs(folder: Path, n: int = 40) -> Path:
+    """`n` letters rendered in the DejaVu fonts that Debian machines carry (fonts-dejavu-core): real images of
+    another domain than the sample photos, for unknowns far from every class."""
+    from PIL import ImageDraw, ImageFont
+    fonts = sorted(Path("/usr/share/fonts/truetype/dejavu").glob("*.ttf"))
+    assert fonts, "fonts-dejavu-core is not installed"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("L", (48, 48), 255)
+        ImageDraw.Draw(img).text((10, 4), "ABCDEFGHJK"[i % 10], font=ImageFont.truetype(str(fonts[i % len(fonts)]), 36),
+                                 fill=0)
+        img.save(folder / f"glyph{i:02d}.png")
+    return folder

@@ -7,13 +7,15 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import FASHION, FASHION_TEST, run_cli
+from helpers import FASHION, FASHION_TEST, run_cli, write_glyphs
 from pipelines.bundle import load_bundle, save_bundle
 from pipelines.images import ImagePreprocessing
 from pipelines.predict import file_outputs
 from pipelines.errors import ItfitsError
-from pipelines.unknown import (SCORES, Calibration, UnknownStats, auroc, calibrate, choose_threshold, compute_scores,
-                               fit_temperature, fpr_at_tpr, nll, softmax)
+from pipelines.evaluate import evaluate
+from pipelines.predict import PredictConfig, predict
+from pipelines.unknown import (DEFAULT_SCORE, SCORES, Calibration, UnknownStats, auroc, calibrate, choose_threshold,
+                               compute_scores, crossfit_reference_scores, fit_temperature, fpr_at_tpr, nll, softmax)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def test_outputs(trained_run):
     bundle = load_bundle(trained_run.model)
     paths = sorted(p for p in FASHION_TEST.rglob("*.png"))
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
-    logits, feats, errors = file_outputs(bundle.model, prep, [str(p) for p in paths], num_workers=0)
+    logits, feats, errors = file_outputs(bundle.scoring_model, prep, [str(p) for p in paths], num_workers=0)
     assert not any(errors)
     targets = np.array([bundle.classes.index(p.parent.name) for p in paths])
     return bundle, logits, feats, targets
@@ -122,8 +124,9 @@ def test_combined_score_parts_are_standardised_on_validation(test_outputs):
     bundle, logits, feats, targets = test_outputs
     stats = bundle.calibration.stats
     head_dim = bundle.model[1][-1].in_features
-    assert stats.head_dim == head_dim and feats.shape[1] == head_dim + stats.stage_bank.shape[1]
-    assert stats.stage_bank.shape[1] == 192  # efficientnet_lite0: channels into its last stage of blocks
+    assert stats.head_dim == head_dim and feats.shape[1] == head_dim + stats.stage_bank.shape[1] + stats.ref_dim
+    # efficientnet_lite0: channels into its last stage of blocks, in the fine-tuned body and the reference
+    assert stats.stage_bank.shape[1] == stats.ref_dim == 192
     cal, _ = calibrate(logits, targets, feats, stats)
     parts = (cal.stats.combined_parts(logits, feats, cal.temperature) - cal.stats.combine[:, 0]) / cal.stats.combine[:, 1]
     assert parts.shape == (len(logits), 3)
@@ -144,3 +147,58 @@ def test_bundle_without_combined_statistics_still_predicts(trained_run):
     assert set(compute_scores(logits, feats, temperature=1.0, stats=old, names=old.scores)) == set(old.scores)
     with pytest.raises(ItfitsError, match="combined"):
         compute_scores(logits, feats, temperature=1.0, stats=old, names=["combined"])
+
+
+def test_default_score_rejects_far_unknowns(trained_run, tmp_path):
+    """Letters drawn in a font are none of the photographed classes. The default score, Mahalanobis++ on the
+    pretrained reference body's features, tells them apart where the fine-tuned model's scores only partly do."""
+    assert trained_run.summary["calibration"]["score"] == DEFAULT_SCORE == "pretrained_mahalanobis"
+    m = evaluate(trained_run.model, FASHION_TEST, unknown=write_glyphs(tmp_path / "glyphs"), out=tmp_path / "eval",
+                 num_workers=0)
+    # measured on a model like trained_run's: pretrained_mahalanobis 0.997, combined (the default before) 0.926,
+    # max softmax 0.727; at the default threshold no glyph was accepted
+    assert m["scores"]["pretrained_mahalanobis"]["auroc"] > 0.95, m["scores"]
+    assert m["scores"]["pretrained_mahalanobis"]["auroc"] > m["scores"]["max_softmax"]["auroc"]
+    assert m["unknown_rule"]["unknown_accepted"] <= 0.2 and m["unknown_rule"]["correct_accepted"] >= 0.9
+
+
+def test_threshold_is_chosen_on_cross_fitted_training_items(trained_run, test_outputs):
+    """Small data leaves few validation items: the default score's threshold comes from every training item,
+    each scored by statistics fitted without it (the reference body never trained on any of them)."""
+    cal = trained_run.summary["calibration"]
+    n_known = trained_run.summary["resolved"]["n_train"] + trained_run.summary["resolved"]["n_valid"]
+    assert cal["threshold_chosen_on"].startswith(f"{n_known} known items"), cal["threshold_chosen_on"]
+    bundle, logits, feats, targets = test_outputs
+    ref = feats[:, -bundle.calibration.stats.ref_dim:]
+    out_of_fold = crossfit_reference_scores(ref, targets, len(bundle.classes), folds=4)
+    stats = UnknownStats.fit(feats, targets, len(bundle.classes), head_dim=bundle.calibration.stats.head_dim,
+                             ref_dim=ref.shape[1])
+    in_sample = compute_scores(logits, feats, temperature=1.0, stats=stats, names=["pretrained_mahalanobis"])
+    # scored by statistics that saw them, items look more typical than they are: that is what cross-fitting avoids
+    assert np.median(out_of_fold) < np.median(in_sample["pretrained_mahalanobis"])
+
+
+def test_bundle_from_before_the_reference_body_still_predicts(trained_run, tmp_path):
+    """A bundle as itfits wrote them before the reference body (no reference weights, no reference statistics,
+    the combined score) loads, predicts and evaluates; asking it for the new score is a clear error."""
+    from safetensors.torch import load_file, save_file
+    old = tmp_path / "old"
+    old.mkdir()
+    tensors = {k: v for k, v in load_file(str(trained_run.model / "model.safetensors")).items()
+               if not k.startswith(("reference.", "unknown.ref_"))}
+    save_file(tensors, str(old / "model.safetensors"), metadata={"format": "pt"})
+    meta = json.loads((trained_run.model / "itfits.json").read_text())
+    meta.pop("reference")
+    meta["calibration"].update(score="combined", threshold=-3.0)
+    (old / "itfits.json").write_text(json.dumps(meta))
+    bundle = load_bundle(old)
+    assert bundle.scoring_model is bundle.model and "pretrained_mahalanobis" not in bundle.calibration.scores
+    rows = list(predict(bundle, [str(FASHION_TEST)], PredictConfig(num_workers=0)))
+    assert len(rows) == len(list(FASHION_TEST.rglob("*.png"))) and all(r["error"] is None for r in rows)
+    assert {r["top1"] for r in rows} <= set(bundle.classes)
+    m = evaluate(old, FASHION_TEST, unknown=FASHION / "trouser", out=tmp_path / "eval", num_workers=0)
+    assert m["unknown_rule"]["score"] == "combined" and "pretrained_mahalanobis" not in m["scores"]
+    logits, feats, _ = file_outputs(bundle.scoring_model, ImagePreprocessing.from_json(meta["preprocessing"]),
+                                    [str(next(FASHION_TEST.rglob("*.png")))], num_workers=0)
+    with pytest.raises(ItfitsError, match="no pretrained reference body"):
+        compute_scores(logits, feats, temperature=1.0, stats=bundle.calibration.stats, names=["pretrained_mahalanobis"])
