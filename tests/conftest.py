@@ -81,3 +81,12 @@ def table_run(tmp_path_factory) -> Path:
     fit(FitConfig(data=str(REPO / "data" / "penguins.csv"), target="species", ignore=["year"], epochs=1, lr=1e-2,
                   out=str(out)), log=lambda *a: None)
     return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz suite's count of cases (README records it)."""
+    import sys
+    fuzz = sys.modules.get("test_fuzz")
+    if fuzz is not None and fuzz.COUNT["cases"]:
+        terminalreporter.write_line(f"fuzz: {fuzz.COUNT['cases']} generated bad inputs ran through fit, predict and "
+                                    f"serve (seed {fuzz.SEED})")
