@@ -54,7 +54,7 @@ def test_fit_of_320_classes_keeps_its_bundle_under_a_memory_bound(tmp_path):
     limit = int(2.5 * 2**30)
     proc = subprocess.run([sys.executable, "-m", "app.cli", "fit", tmp_path / "data", "--out", tmp_path / "run",
                            "--epochs", "1", "--freeze-epochs", "0", "--size", "32", "--lr", "1e-3", "--bs", "32",
-                           "--workers", "0"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                           "--precision", "fp32", "--workers", "0"], cwd=REPO, capture_output=True, text=True, timeout=900,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (limit, limit)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
