@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Optional
 import typer
 
 from pipelines.errors import ItfitsError, did_you_mean
-from pipelines.io import check_output
+from pipelines.io import check_output, claim_run_folder, remove_failed_run, sweep_temps
 from pipelines.runtime import reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
 
@@ -114,6 +116,9 @@ def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, fre
     if size is not None:
         from pipelines.backbones import check_size
         check_size(arch, size)
+    if target is None:  # a weights file that is not there fails now, not after the file checks and the probe
+        from pipelines.backbones import check_weights
+        check_weights(weights)
     _check_workers(workers)
     if not 0 < valid_pct < 1:
         raise ItfitsError(f"--valid-pct must be between 0 and 1, got {valid_pct}")
@@ -134,6 +139,10 @@ def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, fre
         from pipelines.sources import AUDIO_EXTS, IMAGE_EXTS, has_files
         if not unknown.is_dir():
             raise ItfitsError(f"--unknown {unknown} is not a folder")
+        known, other = data.resolve(), unknown.resolve()
+        if known == other or other.is_relative_to(known) or known.is_relative_to(other):
+            raise ItfitsError(f"--unknown {unknown} overlaps DATA {data}: it takes examples of none of the classes, so "
+                              "that the unknown score is chosen on what the model never learnt; give a folder apart")
         if not has_files(unknown, IMAGE_EXTS | AUDIO_EXTS):
             raise ItfitsError(f"--unknown {unknown} holds no image or audio files "
                               f"({', '.join(sorted(IMAGE_EXTS | AUDIO_EXTS))})")
@@ -200,20 +209,32 @@ def fit(
     ema_decay: Optional[float] = typer.Option(None, help="EMA decay after warm-up (implies --ema); default: from the run length."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (inductor); falls back to eager with a warning."),
     resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this folder from its last checkpoint, with its own settings."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="When --out holds a run already: move it aside (renamed, kept) and start afresh."),
 ):
     """Fine-tune a pretrained backbone on DATA (images, or audio rendered to mel spectrograms; with --target, train
     fastai's tabular model on a table); writes OUT/model, plots, history, report.html and run.json."""
     from pipelines.training import fit as run_fit
     _bars_on_terminal_only()
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate, rank 0 alone owns the run folder
     if resume is not None:
-        run_fit(_resume_config(ctx, resume, workers))
+        config = _resume_config(ctx, resume, workers)
+        if main:
+            sweep_temps(resume, inside=True)  # what a killed run left half-written
+        run_fit(config)
         return
     if data is None:
         raise ItfitsError("fit needs DATA (a folder or a table), or --resume RUN to continue a run")
     mel = _mel_config(locals())
-    run_fit(_fit_config(data, out, arch, weights, epochs, freeze_epochs, lr, bs, size, valid_pct, seed, threshold,
-                        workers, keep, score, unknown, mel, target=target, cat=cat, cont=cont, ignore=ignore,
-                        layers=layers, precision=precision, accum=accum, ema=ema, ema_decay=ema_decay, compile=compile))
+    config = _fit_config(data, out, arch, weights, epochs, freeze_epochs, lr, bs, size, valid_pct, seed, threshold,
+                         workers, keep, score, unknown, mel, target=target, cat=cat, cont=cont, ignore=ignore,
+                         layers=layers, precision=precision, accum=accum, ema=ema, ema_decay=ema_decay, compile=compile)
+    created = main and claim_run_folder(out, overwrite=overwrite, log=typer.echo)
+    try:
+        run_fit(config)
+    except Exception:
+        if created:  # a run that failed leaves no folder behind, unless a checkpoint lets --resume go on
+            remove_failed_run(out)
+        raise
 
 
 @app.command("lr-find")
@@ -271,6 +292,7 @@ def predict(
         raise ItfitsError(f"--threshold must be a finite number on the score's scale, got {threshold}")
     _check_workers(workers)
     check_output(out, folder=False, inputs=inputs)
+    sweep_temps(out)  # what a killed predict left beside --out
     bundle = load_bundle(model)
     from pipelines.precision import check_precision
     config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold,
@@ -370,7 +392,14 @@ def _format_warning(message, category, filename, lineno, line=None):
 _python_format_warning = warnings.formatwarning
 
 
+def _stop(signum, frame):
+    """SIGTERM, SIGHUP: unwind as Ctrl-C does, so that every temporary file is removed (atomic writes)."""
+    raise SystemExit(128 + signum)
+
+
 def main():
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
     reuse_freed_memory()
     warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # timm internals, not ours
     warnings.filterwarnings("ignore", message=r"You are shadowing an attribute \(count\)")  # fastai's own accum

@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 
 from .errors import ItfitsError
-from .sources import not_found, os_path, text_path
+from .sources import not_a_file, not_found, os_path, text_path
 
 RENDER_VERSION = 1  # part of the cache key: bump when the rendering below changes its output
 MAX_TRAIN_WINDOWS = 8  # windows of one clip used for training: the first 8 x duration seconds
@@ -54,13 +54,15 @@ class MelConfig:
         def need(ok: bool, option: str, value, what: str):
             if not ok:
                 raise ItfitsError(f"{option} must be {what}, got {value}")
-        need(self.sample_rate >= 1000, "--sample-rate", self.sample_rate, "at least 1000 Hz")
-        need(self.n_fft >= 16, "--n-fft", self.n_fft, "at least 16 samples")
-        need(self.hop_length >= 1, "--hop-length", self.hop_length, "at least 1 sample")
-        need(self.n_mels >= 8, "--n-mels", self.n_mels, "at least 8")
+        # upper bounds too: a bundle's itfits.json sets these, and 1e9 Hz or 1e6 mel bands would only exhaust memory
+        need(1000 <= self.sample_rate <= 384_000, "--sample-rate", self.sample_rate, "in [1000, 384000] Hz")
+        need(16 <= self.n_fft <= 65_536, "--n-fft", self.n_fft, "in [16, 65536] samples")
+        need(1 <= self.hop_length <= self.n_fft, "--hop-length", self.hop_length, f"in [1, n_fft = {self.n_fft}] samples")
+        need(8 <= self.n_mels <= 1024, "--n-mels", self.n_mels, "in [8, 1024]")
+        need(self.duration <= 600, "--duration", self.duration, "at most 600 s")
         need(self.duration * self.sample_rate >= self.n_fft, "--duration", self.duration,
              f"at least n_fft / sample_rate = {self.n_fft / self.sample_rate:.3g} s")
-        need(self.top_db > 0, "--top-db", self.top_db, "positive")
+        need(0 < self.top_db <= 400, "--top-db", self.top_db, "in (0, 400] dB")
         nyquist = self.sample_rate / 2
         need(self.fmax is None or 0 < self.fmax <= nyquist, "--fmax", self.fmax, f"in (0, sample_rate / 2 = {nyquist:g}]")
         need(0 <= self.fmin < (self.fmax or nyquist), "--fmin", self.fmin, f"in [0, fmax = {self.fmax or nyquist:g})")
@@ -99,8 +101,9 @@ def load_audio(path: str | Path, cfg: MelConfig, *, max_seconds: float | None = 
     Raises AudioError with the reason when the file cannot be used."""
     import librosa
     p = Path(os_path(str(path)))
-    if not p.is_file():
-        raise AudioError(not_found(p))
+    special = not_a_file(p)
+    if special:
+        raise AudioError(special)
     if p.stat().st_size == 0:
         raise AudioError("empty file (0 bytes)")
     # soundfile hands libsndfile the name as strict UTF-8: a name that is not UTF-8 goes as an open file instead
@@ -110,7 +113,10 @@ def load_audio(path: str | Path, cfg: MelConfig, *, max_seconds: float | None = 
         try:
             y, _ = librosa.load(source, sr=cfg.sample_rate, mono=True, duration=max_seconds)
         except Exception as e:  # libsndfile, audioread and librosa raise many types; the reason goes in the table
-            raise AudioError(f"cannot decode as audio: {_decode_reason(e)}") from e
+            reason = _decode_reason(e)
+            if "possibly a pipe" in reason:  # libsndfile's words for a format it does not know; the file is regular
+                reason = "not a format libsndfile or audioread can decode (unknown or damaged)"
+            raise AudioError(f"cannot decode as audio: {reason}") from e
     if y.size == 0:
         raise AudioError("no audio samples in the file")
     return y
@@ -199,6 +205,9 @@ def render_cached(path: str, cfg: MelConfig, folder: Path, max_windows: int | No
     complete: an interrupted render leaves nothing that a later one would use."""
     from PIL import Image
     from .io import atomic_dir
+    special = not_a_file(os_path(path))  # before the digest reads it: a FIFO would block forever
+    if special:
+        return [], special, False
     try:
         digest = _file_digest(path)
     except OSError as e:
@@ -276,6 +285,9 @@ def audio_to_images(in_dir: str | Path, out_dir: str | Path, cfg: MelConfig, *, 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise ItfitsError(f"{in_dir} is not a folder")
+    if out_dir.resolve().is_relative_to(in_dir.resolve()):  # the next fit IN_DIR would find images beside the audio
+        raise ItfitsError(f"OUT_DIR {out_dir} is inside IN_DIR {in_dir}: IN_DIR would then hold images and audio, "
+                          "which fit refuses; put OUT_DIR outside it")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ItfitsError(f"{out_dir} exists and is not an empty folder; pass a new OUT_DIR (nothing is overwritten)")
     files = [p for p, error in expand_inputs([str(in_dir)], AUDIO_EXTS) if error is None]

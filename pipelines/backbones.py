@@ -23,6 +23,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The smallest image size trained on: ConvNeXt's stem (4x) and three 2x downsamplings fail below 32 px, and every
 # conv net here ends 32x smaller than its input, so below 32 px the last feature map is 1 x 1 anyway.
 MIN_SIZE = 32
+MAX_SIZE = 2048  # pixels; a batch of 64 at 2048 px is 4 GB of input before the model: larger is a mistake
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ def get_spec(name: str) -> BackboneSpec:
 def check_size(name: str, size: int) -> None:
     """An ItfitsError unless backbone `name` can take images of `size` pixels (MIN_SIZE, and its size_step)."""
     spec = get_spec(name)
-    if size < MIN_SIZE:
-        raise ItfitsError(f"--size must be at least {MIN_SIZE} pixels, got {size}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ItfitsError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}")
     if size % spec.size_step:
         step = spec.size_step
         near = sorted({max(MIN_SIZE, size // step * step), -(-size // step) * step})
@@ -130,17 +131,37 @@ def _hub_state_dict(spec: BackboneSpec) -> dict[str, torch.Tensor]:
             f"or train from scratch with --weights none") from e
 
 
+WEIGHT_KEYWORDS = ("auto", "offline", "hub", "none")
+WEIGHT_FILE_EXTS = (".safetensors", ".pth", ".pt")
+
+
+def check_weights(weights: str) -> None:
+    """An ItfitsError, before any work, when `weights` is neither a keyword nor a readable weights file."""
+    if weights in WEIGHT_KEYWORDS:
+        return
+    from .sources import not_a_file
+    path = Path(weights)
+    if path.suffix.lower() not in WEIGHT_FILE_EXTS:
+        raise ItfitsError(f"--weights {weights}: takes {', '.join(WEIGHT_KEYWORDS)} or a weights file ending in "
+                          f"{' or '.join(WEIGHT_FILE_EXTS)}")
+    problem = not_a_file(path)
+    if problem:
+        raise ItfitsError(f"--weights {weights}: {problem}; give a .safetensors or .pth state dict of the backbone")
+
+
 def _file_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ItfitsError(f"weights file {path} does not exist; --weights takes auto, hub, none or a file")
+    check_weights(str(path))
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
             sd = load_file(str(path))
         else:  # weights_only: a .pth is never unpickled into arbitrary objects
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ItfitsError(f"cannot read weights file {path}: {e}") from e
+        # not torch's own message: it advises weights_only=False, which would run whatever code the file holds
+        kind = "safetensors" if path.suffix.lower() == ".safetensors" else "tensors-only PyTorch (torch.save of a state dict)"
+        raise ItfitsError(f"cannot read weights file {path}: it is not a {kind} file ({type(e).__name__}); itfits "
+                          "never loads a .pth that needs code to unpickle") from e
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

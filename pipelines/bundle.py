@@ -143,28 +143,69 @@ def meta_problem(meta) -> str | None:
     elif not isinstance(calib, dict) or not {"temperature", "score", "threshold"} <= set(calib) <= {
             "temperature", "score", "threshold", "keep"}:
         return "calibration must hold temperature, score and threshold"
-    elif not (_number(calib["temperature"]) and 0 < calib["temperature"] < math.inf and _number(calib["threshold"])):
-        return f"calibration temperature must be positive and threshold a number, got {calib}"
-    elif calib["score"] not in SCORES:
-        return f"calibration score {calib['score']!r} is not one of {', '.join(SCORES)}"
+    elif calibration_problem(calib):
+        return calibration_problem(calib)
     if modality == "tabular":
         if meta["task"] not in ("classification", "regression") or not isinstance(meta["model"], dict):
             return "task must be classification or regression, and model a JSON object"
         return None  # the tabular schema is checked as it is rebuilt (load_bundle)
-    if not isinstance(meta["backbone"], str):
-        return "backbone must be a backbone name"
-    size = prep.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        return f"preprocessing.size must be a positive whole number of pixels, got {size!r}"
-    for key in ("mean", "std"):
-        if not (isinstance(prep.get(key), list) and len(prep[key]) == 3 and all(map(_number, prep[key]))):
-            return f"preprocessing.{key} must be 3 numbers, got {prep.get(key)!r}"
-    if not all(prep["std"]) or not isinstance(prep.get("resize"), str):
-        return "preprocessing.std must not be 0, and preprocessing.resize must be a resize method"
-    if modality == "audio":
+    return image_problem(meta)
+
+
+# ---- bounds of every number and enum of an image/audio bundle: a tampered itfits.json fails here, in one line
+# naming the key and what it may hold, not later as a 240 GB allocation or a silent other behaviour
+
+RESIZE_METHODS = ("squish", "crop", "pad")  # fastai's ResizeMethod
+PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_CLASSES = 100_000
+MAX_TEMPERATURE = 1000.0
+
+
+def _out_of_range(key: str, value, lo: float, hi: float, *, whole: bool = False) -> str | None:
+    """Why `value` at `key` is not a number in [lo, hi] (a whole number when `whole`), or None."""
+    ok = _number(value) and lo <= value <= hi and (not whole or isinstance(value, int))
+    return None if ok else f"{key} must be a {'whole number' if whole else 'number'} in [{lo:g}, {hi:g}], got {value!r}"
+
+
+def _one_of(key: str, value, choices) -> str | None:
+    return None if value in choices else f"{key} must be one of {', '.join(choices)}, got {value!r}"
+
+
+def calibration_problem(calib: dict) -> str | None:
+    """What is wrong with a bundle's calibration object (temperature, score, threshold, keep), or None."""
+    return (_out_of_range("calibration.temperature", calib["temperature"], 1e-6, MAX_TEMPERATURE)
+            or (None if _number(calib["threshold"]) else f"calibration.threshold must be a number, got "
+                                                            f"{calib['threshold']!r}")
+            or _one_of("calibration.score", calib["score"], SCORES)
+            or ("keep" in calib and _out_of_range("calibration.keep", calib["keep"], 1e-6, 1)) or None)
+
+
+def image_problem(meta: dict) -> str | None:
+    """What is wrong with an image or audio bundle's backbone, classes and preprocessing, or None."""
+    from .backbones import BACKBONES, MAX_SIZE, MIN_SIZE
+    prep, classes = meta["preprocessing"], meta["classes"]
+    if len(classes) > MAX_CLASSES or len(set(classes)) != len(classes):
+        return f"classes must be up to {MAX_CLASSES} different names, got {len(classes)} ({len(set(classes))} different)"
+    problem = (_one_of("backbone", meta["backbone"], list(BACKBONES))
+               or _out_of_range("preprocessing.size", prep.get("size"), MIN_SIZE, MAX_SIZE, whole=True)
+               or _one_of("preprocessing.resize", prep.get("resize"), RESIZE_METHODS)
+               or _one_of("training.precision", meta.get("training", {}).get("precision", "fp32"), PRECISIONS))
+    if problem:
+        return problem
+    for key, lo in (("mean", 0.0), ("std", 1e-3)):
+        values = prep.get(key)
+        if not (isinstance(values, list) and len(values) == 3):
+            return f"preprocessing.{key} must be 3 numbers, got {values!r}"
+        problem = next(filter(None, (_out_of_range(f"preprocessing.{key}", v, lo, 1.0) for v in values)), None)
+        if problem:
+            return problem
+    if meta.get("modality") == "audio":
         from .audio import MelConfig
+        mel = prep.get("mel")
+        if not isinstance(mel, dict):
+            return f"preprocessing.mel must be a JSON object of mel parameters, got {mel!r}"
         try:
-            MelConfig.from_json(prep.get("mel"))
+            MelConfig.from_json(mel)  # checks every parameter's range
         except (ItfitsError, TypeError, ValueError) as e:
             return f"preprocessing.mel is not a mel configuration ({e})"
     return None

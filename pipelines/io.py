@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def atomic_dir(path: Path):
     """Yields a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the output is an ordinary folder
     try:
         yield tmp
@@ -68,14 +69,74 @@ def check_output(path: Path | str, *, folder: bool, inputs=()) -> None:
     if not os.access(written, os.W_OK):
         raise ItfitsError(f"--out {path}: no permission to write in {written}")
     # a pattern among the inputs (predict "data/*.csv") counts as the files it matches, as expand_inputs reads it
+    from .sources import glob_files
     given_paths = [m for g in map(str, inputs)
-                   for m in (glob.glob(g, recursive=True) if glob.has_magic(g) and not os.path.exists(g) else [g])]
+                   for m in (glob_files(g) if glob.has_magic(g) and not os.path.exists(g) else [g])]
     for given in map(Path, given_paths):
         if exists and given.exists() and os.path.samefile(path, given):
             raise ItfitsError(f"--out {path} is also an input; writing it would replace the input")
         if folder and given.is_dir() and path.resolve().is_relative_to(given.resolve()):
             raise ItfitsError(f"--out {path} is inside the input folder {given}: its plots would be read as "
                               "data by the next run; put the run folder elsewhere")
+
+
+def sweep_temps(path: Path | str, *, inside: bool = False) -> int:
+    """Remove what atomic_path/atomic_dir left of `path` when a process was killed (SIGKILL: no cleanup runs): the
+    `.NAME.*.tmp` files and folders beside it, and with `inside` (a run folder) every `.*.tmp` below it. Called
+    when a command starts on that output. Returns how many were removed."""
+    path = Path(path)
+    found = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    if inside and path.is_dir():
+        found += list(path.rglob(".*.tmp"))
+    for stale in found:
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
+    return len(found)
+
+
+def claim_run_folder(run: Path | str, *, overwrite: bool, log=print) -> bool:
+    """Make sure a new run does not mix its files with an old one's: a folder that holds anything is refused with
+    the ways out, or with `overwrite` renamed aside (atomic: the old run is whole, under its new name). Returns
+    whether the run folder is new, so that a run that fails may remove it."""
+    run = Path(run)
+    if not run.exists():
+        return True
+    if not run.is_dir() or not any(run.iterdir()):
+        return False  # an empty folder the user made; a file was refused by check_output
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = next(c for i in range(1000) if not (c := run.with_name(f"{run.name}.old-{stamp}" + (f"-{i}" if i else ""))).exists())
+    if not overwrite:
+        what = "a finished run" if (run / "model").is_dir() else "files of another run or other files"
+        raise ItfitsError(f"--out {run} holds {what}; nothing was changed. Continue an interrupted run with itfits fit "
+                          f"--resume {run}, give a new --out, or add --overwrite to move the old one aside (to "
+                          f"{aside.name}) and start afresh")
+    os.rename(run, aside)
+    log(f"moved the old run in {run} aside to {aside}")
+    return True
+
+
+def remove_failed_run(run: Path | str) -> None:
+    """Remove the folder of a run that failed, unless it holds a checkpoint (`--resume` goes on from it)."""
+    run = Path(run)
+    if run.is_dir() and not (run / "checkpoints" / "last.pt").exists():
+        shutil.rmtree(run, ignore_errors=True)
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as a formula (OWASP CSV injection)
+
+
+def escape_formulas(df: pl.DataFrame) -> pl.DataFrame:
+    """Text cells that start like a spreadsheet formula get a leading ' (OWASP's advice), so a file named
+    =HYPERLINK(...).png opens as text; for CSV written for people. Number columns are left alone: -3.2 is a number."""
+    danger = "^[" + "".join(FORMULA_STARTS).replace("-", "\\-") + "]"
+    text = [c for c, t in df.schema.items() if t == pl.String or isinstance(t, pl.Categorical)]
+    return df.with_columns(pl.when(pl.col(c).cast(pl.String).str.contains(danger))
+                           .then(pl.lit("'") + pl.col(c).cast(pl.String)).otherwise(pl.col(c).cast(pl.String)).alias(c)
+                           for c in text)
+
+
+def csv_unwritable(df: pl.DataFrame) -> list[str]:
+    """'name (type)' of each column a CSV cannot hold: lists, structs, arrays, binary, objects."""
+    return [f"{c} ({t})" for c, t in df.schema.items() if t.is_nested() or t in (pl.Binary, pl.Object)]
 
 
 def write_json(obj, path: Path) -> None:

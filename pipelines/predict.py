@@ -19,7 +19,7 @@ from .backbones import fold_batchnorm, forward_features, get_spec
 from .bundle import Bundle
 from .errors import ItfitsError
 from .images import ImagePreprocessing, load_image, loader_workers
-from .io import atomic_path
+from .io import atomic_path, csv_unwritable, escape_formulas
 from .precision import Precision, resolve_precision
 from .sources import expand_inputs, read_checked, text_path
 
@@ -273,11 +273,11 @@ def write_predictions(rows: Iterator[dict | pl.DataFrame], out: Path, *, chunk: 
             counts["unknown"] += int(df["unknown"].fill_null(False).sum())
             counts["errors"] += int(df["error"].is_not_null().sum())
             if out.suffix.lower() == ".csv":
-                nested = [f"{c} ({t})" for c, t in df.schema.items() if t.is_nested() or t in (pl.Binary, pl.Object)]
+                nested = csv_unwritable(df)
                 if nested:
                     raise ItfitsError(f"the input has columns a CSV cannot hold: {', '.join(nested)}; write "
                                       f"--out {out.with_suffix('.parquet').name}, or drop them from the input")
-                df.write_csv(fh, include_header=not frames)
+                escape_formulas(df).write_csv(fh, include_header=not frames)
             frames.append(df if out.suffix.lower() == ".parquet" else df.clear())
             buf.clear()
         for row in rows:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import base64
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from .errors import ItfitsWarning
 from .io import atomic_path, write_table
 
 
@@ -20,9 +22,11 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    _pyplot().close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_lr_find(lrs, losses, suggestions: dict[str, float], chosen: str, path: Path) -> None:
@@ -46,23 +50,56 @@ def confusion_matrix(targets: np.ndarray, preds: np.ndarray, classes: list[str])
     return cm
 
 
+CM_TEXT_MAX = 30  # classes up to which each cell of the confusion matrix plot shows its count
+CM_PLOT_MAX = 100  # classes up to which the whole matrix is drawn; past it, the most-confused block of this many
+CM_MAX_INCHES = 16.0  # the figure's side: 0.6 in per class grows to 300 in (and GBs of pixels) for 500 classes
+
+
+def most_confused(cm: np.ndarray, k: int) -> np.ndarray:
+    """Indices (ascending) of the k classes with the most mistakes, as actual or as predicted class."""
+    off = cm - np.diag(np.diag(cm))
+    return np.sort(np.argsort(-(off.sum(0) + off.sum(1)), kind="stable")[:k])
+
+
 def write_confusion_matrix(cm: np.ndarray, classes: list[str], out_dir: Path) -> None:
-    """confusion_matrix.csv (actual x predicted counts) and confusion_matrix.png."""
+    """confusion_matrix.csv (actual x predicted counts, every class) and confusion_matrix.png: a figure of capped
+    size; counts in the cells up to CM_TEXT_MAX classes; past CM_PLOT_MAX classes only the most-confused block."""
     table = pl.DataFrame({"actual": classes, **{c: cm[:, j] for j, c in enumerate(classes)}})
-    with atomic_path(out_dir / "confusion_matrix.csv") as tmp:
-        table.write_csv(tmp)
+    write_table(table, out_dir / "confusion_matrix.csv")
+    title = "confusion matrix (valid)"
+    if len(classes) > CM_PLOT_MAX:
+        keep = most_confused(cm, CM_PLOT_MAX)
+        cm, classes = cm[np.ix_(keep, keep)], [classes[i] for i in keep]
+        title = f"the {CM_PLOT_MAX} most-confused classes of {len(table)} (valid; all in confusion_matrix.csv)"
     plt = _pyplot()
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * n, 1.2 + 0.6 * n))
+    side = min(CM_MAX_INCHES, 1.5 + 0.6 * n)
+    fig, ax = plt.subplots(figsize=(side, side - 0.3))
     ax.imshow(cm, cmap="Blues")
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="actual", title="confusion matrix (valid)")
-    ax.set_xticklabels(classes, rotation=45, ha="right")
-    ax.set_yticklabels(classes)
+    if n <= CM_TEXT_MAX:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+    font = min(10.0, max(4.0, 600 / n))  # labels shrink with the class count, down to what stays readable
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="actual", title=title)
+    ax.set_xticklabels(classes, rotation=45 if n <= CM_TEXT_MAX else 90, ha="right" if n <= CM_TEXT_MAX else "center",
+                       fontsize=font)
+    ax.set_yticklabels(classes, fontsize=font)
     fig.tight_layout()
     _save(fig, out_dir / "confusion_matrix.png")
+
+
+def guarded(notes: list[str], what: str, write, *args, **kwargs):
+    """write(*args, **kwargs), or None with a note (in `notes`, and a warning on stderr) when it fails: a plot or
+    table after training (out of memory, a matplotlib error) never costs a run its bundle or its exit status."""
+    try:
+        return write(*args, **kwargs)
+    except Exception as e:  # MemoryError included
+        note = f"{what} was skipped: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        notes.append(note)
+        warnings.warn(note, ItfitsWarning)
+        return None
 
 
 def plot_reliability(probs: np.ndarray, targets: np.ndarray, path: Path, bins: int = 10) -> None:
@@ -251,20 +288,23 @@ def _figure(path: Path, alt: str):
     return Img(src=png_data_uri(path.read_bytes()), alt=alt, cls="plot")
 
 
-def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validation) -> Path:
+def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validation, *,
+                 notes: list[str] | None = None) -> Path:
     """RUN/report.html: settings, lr_find, loss curves, skipped files, and for a classifier the confusion matrix,
     per-class precision/recall, top losses, calibration and unknown figures; for a regression predicted against
     actual and the rows with the largest errors. Writes losses.png, top_losses.csv and (classifier) reliability.png,
     risk_coverage.png, per_class.csv or (regression) predicted_vs_actual.png beside it. Every image is embedded, so
     the one file can be mailed. Draws only on what training computed (history, validation outputs): it runs no
-    model. Returns the path."""
+    model. Each plot and table is `guarded`: one that fails is left out, with a note in the page and on stderr;
+    `notes` (more such notes) are shown too. Returns the path."""
     from fastcore.xml import H1, H2, H3, Body, Div, Head, Html, Meta, P, Style, Title, to_xml
 
     run = Path(run)
+    notes = list(notes or [])
     config, resolved, results = summary["config"], summary["resolved"], summary.get("results", {})
-    plot_losses(history, run / "losses.png")
+    guarded(notes, "losses.png", plot_losses, history, run / "losses.png")
     top = top_losses(valid, resolved["classes"])
-    write_table(top.drop("index"), run / "top_losses.csv")
+    guarded(notes, "top_losses.csv", write_table, top.drop("index"), run / "top_losses.csv")
     used = {k: v for k, v in resolved.items() if k not in ("classes", "lr_suggestions")}
     lr_part = ([_figure(run / "lr_find.png", "lr_find plot"),
                 _kv_table({f"suggestion: {k}": v for k, v in resolved["lr_suggestions"].items()})]
@@ -282,14 +322,16 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
                                 Div(H3("As used"), _kv_table(used)), cls="grid"),
             H2("Learning rate finder"), *lr_part,
             H2("Loss and metrics"), _figure(run / "losses.png", "loss and metric curves"),
-            *(_regression_part(run, config.get("target", ""), valid, top) if valid.regression else
-              _classification_part(run, summary, valid, top))]
+            *(_regression_part(run, config.get("target", ""), valid, top, notes) if valid.regression else
+              _classification_part(run, summary, valid, top, notes))]
     skipped = run / "skipped.csv"
     if skipped.is_file():
         table = pl.read_csv(skipped, infer_schema_length=0)
         if table.height:
             body += [H2(f"Skipped files ({table.height})"), _frame_table(table.head(200)),
                      P("(first 200; all in skipped.csv)", cls="muted") if table.height > 200 else ""]
+    if notes:
+        body[1:1] = [P(note, cls="wrong") for note in notes]  # at the top: a reader must see what is missing
     page = Html(Head(Meta(charset="utf-8"), Title(f"itfits report: {run.name}"), Style(_CSS)), Body(*body))
     out = run / "report.html"
     with atomic_path(out) as tmp:
@@ -297,29 +339,33 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
     return out
 
 
-def _classification_part(run: Path, summary: dict, valid: Validation, top: pl.DataFrame) -> list:
-    """Confusion matrix, per-class table (per_class.csv), top losses, calibration and unknown figures."""
+def _classification_part(run: Path, summary: dict, valid: Validation, top: pl.DataFrame, notes: list[str]) -> list:
+    """Confusion matrix (confusion_matrix.png/.csv), per-class table (per_class.csv), top losses, calibration and
+    unknown figures."""
     from fastcore.xml import H2
     from .evaluate import per_class
     classes, calib = summary["resolved"]["classes"], summary.get("calibration") or {}
     probs = valid.probs if valid.probs is not None else _softmax(valid.logits)
     preds = probs.argmax(1)
-    plot_reliability(probs, valid.targets, run / "reliability.png")
+    guarded(notes, "confusion_matrix.png", write_confusion_matrix, confusion_matrix(valid.targets, preds, classes),
+            classes, run)
+    guarded(notes, "reliability.png", plot_reliability, probs, valid.targets, run / "reliability.png")
     if valid.scores is not None:
-        plot_risk_coverage(valid.scores, preds == valid.targets, run / "risk_coverage.png",
-                           threshold=calib.get("threshold"))
+        guarded(notes, "risk_coverage.png", plot_risk_coverage, valid.scores, preds == valid.targets,
+                run / "risk_coverage.png", threshold=calib.get("threshold"))
     pc_table = pl.DataFrame([{"class": c, **m} for c, m in per_class(valid.targets, preds, classes).items()])
-    write_table(pc_table, run / "per_class.csv")
+    guarded(notes, "per_class.csv", write_table, pc_table, run / "per_class.csv")
     return [H2("Confusion matrix (validation)"), _figure(run / "confusion_matrix.png", "confusion matrix"),
             H2("Per class (validation)"), _frame_table(pc_table),
             H2(f"Top {top.height} losses (validation)"), _top_losses_part(top, valid),
             H2("Calibration and unknowns"), *_calibration_part(run, calib, risk=valid.scores is not None)]
 
 
-def _regression_part(run: Path, target: str, valid: Validation, top: pl.DataFrame) -> list:
+def _regression_part(run: Path, target: str, valid: Validation, top: pl.DataFrame, notes: list[str]) -> list:
     """Predicted against actual (predicted_vs_actual.png) and the rows with the largest errors."""
     from fastcore.xml import H2
-    plot_predicted_vs_actual(valid.targets, valid.predictions, run / "predicted_vs_actual.png", target=target)
+    guarded(notes, "predicted_vs_actual.png", plot_predicted_vs_actual, valid.targets, valid.predictions,
+            run / "predicted_vs_actual.png", target=target)
     return [H2("Predicted against actual (validation)"),
             _figure(run / "predicted_vs_actual.png", "predicted against actual"),
             H2(f"The {top.height} largest errors (validation)"), _top_losses_part(top, valid)]

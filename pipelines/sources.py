@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob as globlib
 import os
 import re
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -92,7 +93,29 @@ def read_table(path: Path | str, columns: list[str] | None = None, *, strings=()
             raise ItfitsError(f"cannot read table {path}: a row has more fields than the header (a comma in a field "
                               "that is not quoted?)") from e
         raise ItfitsError(f"cannot read table {path}: {e}") from e
+    if not parquet:
+        _refuse_short_rows(path, df)
     return df if parquet else _missing_words(df, keep_text=strings)
+
+
+def _refuse_short_rows(path: Path, df: pl.DataFrame) -> None:
+    """An ItfitsError for a CSV record with fewer fields than the header, as for one with more: polars pads it
+    with missing values without a word (a lost comma shifts every later field). Such a record leaves the last
+    column missing, so Python's csv module (slow) looks for one only when the last column has missing values."""
+    import csv
+    names = pl.scan_csv(path, n_rows=0, infer_schema=False).collect_schema().names()
+    last = names[-1]
+    missing = (df[last].null_count() if last in df.columns else
+               pl.scan_csv(path, infer_schema=False).select(pl.col(last).null_count()).collect().item())
+    if not missing:
+        return
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        for row in reader:
+            if row and len(row) < len(names):
+                raise ItfitsError(f"cannot read table {path}: line {reader.line_num} has {len(row)} fields where "
+                                  f"the header has {len(names)} (a lost comma?); fix or remove that row")
 
 
 def _missing_words(df: pl.DataFrame, *, keep_text=()) -> pl.DataFrame:
@@ -135,15 +158,56 @@ def os_path(path: str) -> str:
 
 
 def _files_under(folder: Path, exts: set[str]) -> list[Path]:
-    """Files with `exts` at any depth, and links to nothing with them: reading one gives its error (not_found), so
-    a broken link is a skipped file or an error row, not a file dropped without a word."""
-    return sorted(p for p in folder.rglob("*") if (p.is_file() or (p.is_symlink() and not p.exists()))
-                  and p.suffix.lower() in exts and not p.name.startswith("."))
+    """Files with `exts` at any depth, and links to nothing and other non-folders (FIFOs, sockets) with them:
+    reading one gives its error (not_a_file), so such a path is a skipped file or an error row, not one dropped
+    without a word. Links to folders are not followed (pathlib's rglob), so a link loop ends."""
+    return sorted(p for p in folder.rglob("*") if not p.is_dir() and p.suffix.lower() in exts
+                  and not p.name.startswith("."))
 
 
 def not_found(path: Path) -> str:
     """Why a path that should be a file is not one: a broken link (to where) or no such file."""
     return f"broken link to {os.readlink(path)}" if path.is_symlink() and not path.exists() else "file not found"
+
+
+def not_a_file(path: Path | str) -> str | None:
+    """Why `path` cannot be read as a file, found without reading it (one stat), or None: missing, a broken link,
+    or not a regular file: reading a FIFO waits forever for a writer, a device may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return not_found(Path(path))
+    except OSError as e:
+        return f"cannot read: {e.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket"
+            if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special")
+    return f"{kind}, not a regular file; not read"
+
+
+def glob_files(pattern: str) -> list[str]:
+    """What a shell-style `pattern` matches (`**`: any depth), sorted, as glob.glob would give it but without
+    following links to folders (glob.glob follows them: a link to a parent folder repeats every file about 40
+    levels deep). Hidden files and folders match only a part of the pattern that starts with a dot."""
+    parts = Path(pattern).parts
+    first = next((i for i, part in enumerate(parts) if globlib.has_magic(part)), len(parts))
+    if first == len(parts):
+        return [pattern] if os.path.lexists(pattern) else []
+    base, rest = Path(*parts[:first]) if first else Path("."), list(parts[first:])
+    if rest[-1] == "**":  # glob.glob's "dir/**" matches the files below too; pathlib's only the folders
+        rest.append("*")
+    matches = []
+    for m in base.glob("/".join(rest)):
+        names = m.parts[len(base.parts):]
+        if "**" in rest:  # the folders ** crossed were not named in the pattern
+            hidden = any(n.startswith(".") for n in names[:-1]) or (names[-1].startswith(".")
+                                                                   and not rest[-1].startswith("."))
+        else:
+            hidden = any(n.startswith(".") and not r.startswith(".") for n, r in zip(names, rest))
+        if not hidden:
+            matches.append(str(m))
+    return sorted(matches)
 
 
 def has_files(folder: Path, exts: set[str]) -> bool:
@@ -174,10 +238,15 @@ def _from_table(path: Path) -> pl.DataFrame:
         pl.when(pl.col("is_valid").cast(pl.Boolean)).then(pl.lit("valid")).otherwise(pl.lit("train"))
         if "is_valid" in df.columns else pl.lit(None, pl.String))
     base = str(path.resolve().parent)
+    # an empty cell is a row to skip with its reason, not a file None or a class named None
+    given, label = pl.col("path").cast(pl.String).str.strip_chars(), pl.col("label").cast(pl.String).str.strip_chars()
+    row = (pl.int_range(pl.len()) + 2).cast(pl.String)  # the line in the file, counting the header as line 1
+    error = (pl.when((given == "") | given.is_null()).then(pl.lit("empty path cell (line ") + row + ")")
+             .when((label == "") | label.is_null()).then(pl.lit("empty label cell (line ") + row + ")"))
     return df.select(
-        pl.col("path").cast(pl.String).map_elements(lambda p: text_path(str((Path(base) / p).resolve())),
-                                                    return_dtype=pl.String),
-        pl.col("label").cast(pl.String), split.alias("split"))
+        pl.when(given != "").then(given).map_elements(lambda p: text_path(str((Path(base) / p).resolve())),
+                                                      return_dtype=pl.String).alias("path"),
+        pl.when(label != "").then(label).alias("label"), split.alias("split"), error.alias("error"))
 
 
 def read_source(data: str | Path, *, exts: set[str] = IMAGE_EXTS, valid_pct: float = 0.2, seed: int = 42,
@@ -205,7 +274,8 @@ def read_source(data: str | Path, *, exts: set[str] = IMAGE_EXTS, valid_pct: flo
     bad_split = items.filter(pl.col("split").is_not_null() & ~pl.col("split").is_in(["train", "valid"]))
     if bad_split.height:
         raise ItfitsError(f"split values must be train or valid, got {bad_split['split'][0]!r}")
-    items = items.with_columns(error=pl.lit(None, pl.String))
+    if "error" not in items.columns:
+        items = items.with_columns(error=pl.lit(None, pl.String))
     if check is not None:  # before the split: an unusable file takes no class's place in valid
         items = check_files(items, check)
     if items["split"].null_count():
@@ -277,10 +347,13 @@ def open_image(path):
 def read_checked(path: str, read: Callable[[str], object]) -> tuple[object | None, str | None]:
     """(read(path), None), or (None, the reason the file cannot be used): missing, empty, a decompression bomb,
     not an image, truncated. `read` opens the file with `open_image`. Prediction reads each file once this way
-    instead of checking, then decoding; whether the file exists and has bytes is asked only when reading fails
-    (two system calls fewer per good file). `path` goes to `read` as it is: PIL opens a str about 8 us sooner
+    instead of checking, then decoding; one stat first refuses what is not a regular file (a FIFO, a device),
+    whether the file is empty is asked only when reading fails. `path` goes to `read` as it is: PIL opens a str about 8 us sooner
     than a Path, a tenth of decoding a small PNG."""
     from PIL import Image
+    special = not_a_file(os_path(str(path)))  # before any read: open() on a FIFO would wait forever
+    if special:
+        return None, special
     try:
         return read(path), None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning: where filters raise it
@@ -305,10 +378,14 @@ def check_image(path: str) -> str | None:
 
 
 def check_files(items: pl.DataFrame, check: Callable[[str], str | None] = check_image, *, workers: int = 8) -> pl.DataFrame:
-    """The items table with `error` filled for every file that `check` rejects (threads: decoding is I/O + C)."""
+    """The items table with `error` filled for every file that `check` rejects (threads: decoding is I/O + C);
+    rows that have an error already keep it, unchecked."""
+    todo = items["error"].is_null() if "error" in items.columns else pl.repeat(True, items.height, eager=True)
     with ThreadPoolExecutor(workers) as ex:
-        errors = list(ex.map(check, items["path"].to_list()))
-    return items.with_columns(error=pl.Series([e and text_path(e) for e in errors], dtype=pl.String))
+        found = iter(list(ex.map(check, items.filter(todo)["path"].to_list())))
+    given = items["error"].to_list() if "error" in items.columns else [None] * items.height
+    errors = [(e := next(found)) and text_path(e) if ok else old for ok, old in zip(todo.to_list(), given)]
+    return items.with_columns(error=pl.Series(errors, dtype=pl.String))
 
 
 def require_classes(items: pl.DataFrame) -> list[str]:
@@ -339,8 +416,8 @@ def expand_inputs(inputs: Iterable[str], exts: set[str] = IMAGE_EXTS) -> list[tu
         elif p.exists():
             out.append((str(p), None))
         elif globlib.has_magic(item):
-            matches = sorted(globlib.glob(item, recursive=True))
-            out += [(m, None) for m in matches if Path(m).is_file()] or [(item, "no files match this pattern")]
+            matches = glob_files(item)
+            out += [(m, None) for m in matches if not Path(m).is_dir()] or [(item, "no files match this pattern")]
         else:
             out.append((item, not_found(p)))
     return out

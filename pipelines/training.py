@@ -500,7 +500,7 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
 def finish_images(trained: TrainedImages, config: FitConfig, *, log=print) -> dict:
     """Calibration, confusion matrix, the bundle and run.json of a trained run (rank 0's work). Returns run.json."""
     from .bundle import image_bundle_meta, save_bundle
-    from .reports import Validation, confusion_matrix, write_confusion_matrix, write_report
+    from .reports import Validation, guarded, write_report
 
     run, learn, classes, history = Path(config.out), trained.learn, trained.classes, trained.history
     # the pretrained body training started from, unchanged: the default unknown score works on its features
@@ -509,7 +509,6 @@ def finish_images(trained: TrainedImages, config: FitConfig, *, log=print) -> di
                                                         trained.prep, config, mel=trained.mel,
                                                         precision=trained.precision)
     preds = valid["logits"].argmax(1)
-    write_confusion_matrix(confusion_matrix(valid["targets"], preds, classes), classes, run)
     accuracy = float((preds == valid["targets"]).mean())
     log(_calibration_line(calibration, calib_report))
 
@@ -529,10 +528,11 @@ def finish_images(trained: TrainedImages, config: FitConfig, *, log=print) -> di
     if trained.mel:  # a clip's picture: its first window's spectrogram, rendered for training (in the cache)
         first_window = dict(trained.items.select("path", "image").iter_rows())
         images = [first_window[p] for p in valid["paths"]]
-    report = write_report(run, summary, history, Validation(
+    # the bundle and run.json are written: nothing after this may fail the run (reports.guarded)
+    report = guarded([], "report.html", write_report, run, summary, history, Validation(
         logits=valid["logits"], targets=valid["targets"], names=valid["paths"], probs=probs, scores=scores,
         images=images))
-    log(f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}; report: {report}")
+    log(f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}; report: {report or 'not written'}")
     return summary
 
 
@@ -594,7 +594,7 @@ def fit_table(config: FitConfig, log=print) -> dict:
     """`itfits fit TABLE --target COLUMN`: fastai's TabularModel trained with fit_one_cycle; writes the run folder
     as `fit` does for images. Returns the run summary (run.json)."""
     from .bundle import save_bundle, tabular_bundle_meta
-    from .reports import Validation, confusion_matrix, write_confusion_matrix, write_report
+    from .reports import Validation, guarded, write_report
     from .sources import read_table
     from .tabular import TabularModelSpec, tabular_outputs
 
@@ -622,7 +622,6 @@ def fit_table(config: FitConfig, log=print) -> dict:
     if classify:
         calibration, calib_report, v_logits, v_feats = calibrate_table(learn.model, data, config, unknown=unknown)
         v_y, preds = data.y[data.valid], v_logits.argmax(1)
-        write_confusion_matrix(confusion_matrix(v_y, preds, prep.classes), prep.classes, run)
         results = {"valid_accuracy": float((preds == v_y).mean())}
         log(_calibration_line(calibration, calib_report))
         probs, scores, _ = calibration.apply(v_logits, v_feats)
@@ -646,7 +645,8 @@ def fit_table(config: FitConfig, log=print) -> dict:
     }
     save_bundle(learn.model, tabular_bundle_meta(prep, spec, training=results), calibration, run / "model")
     write_json(summary, run / "run.json")
-    report = write_report(run, summary, history, Validation(names=[f"row {r}" for r in v_rows], rows=rows, **outputs))
+    report = guarded([], "report.html", write_report, run, summary, history,
+                     Validation(names=[f"row {r}" for r in v_rows], rows=rows, **outputs))
     log(", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in results.items() if k.startswith("valid_"))
-        + f"; model bundle in {run / 'model'}; report: {report}")
+        + f"; model bundle in {run / 'model'}; report: {report or 'not written'}")
     return summary

@@ -70,3 +70,23 @@ def trained_run(tmp_path_factory) -> TrainedRun:
     proc = run_cli("fit", data, "--out", run, *FIT_ARGS)
     assert proc.returncode == 0, f"itfits fit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return TrainedRun(run=run, data=data, broken=broken, odd=odd, stdout=proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def table_run(tmp_path_factory) -> Path:
+    """A tabular run folder: fastai's tabular model on data/penguins.csv (species), one quick epoch, in-process."""
+    from helpers import REPO
+    from pipelines.training import FitConfig, fit
+    out = tmp_path_factory.mktemp("table") / "run"
+    fit(FitConfig(data=str(REPO / "data" / "penguins.csv"), target="species", ignore=["year"], epochs=1, lr=1e-2,
+                  out=str(out)), log=lambda *a: None)
+    return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz suite's count of cases (README records it)."""
+    import sys
+    fuzz = sys.modules.get("test_fuzz")
+    if fuzz is not None and fuzz.COUNT["cases"]:
+        terminalreporter.write_line(f"fuzz: {fuzz.COUNT['cases']} generated bad inputs ran through fit, predict and "
+                                    f"serve (seed {fuzz.SEED})")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import struct
+from dataclasses import dataclass
 import subprocess
 import sys
 import zlib
@@ -119,3 +120,36 @@ def write_glyphs(folder: Path, n: int = 40) -> Path:
                                  fill=0)
         img.save(folder / f"glyph{i:02d}.png")
     return folder
+
+
+@dataclass(frozen=True)
+class Ran:
+    code: int  # exit status
+    out: str
+    err: str
+
+
+def itfits_here(capsys, *args) -> Ran:
+    """`itfits ARGS` in this process through app.cli.main, as the console script runs it, without the seconds a
+    fresh interpreter takes. An exception main does not turn into one `error:` line propagates: a traceback fails."""
+    import signal
+    from unittest import mock
+    from app.cli import main
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    capsys.readouterr()
+    try:
+        with mock.patch.object(sys, "argv", ["itfits", *map(str, args)]):
+            main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    out, err = capsys.readouterr()
+    return Ran(code, out, err)
+
+
+def leftovers(*folders: Path) -> list[Path]:
+    """Temporary files of atomic writes (.NAME.*.tmp) anywhere under `folders`."""
+    return [p for f in folders if Path(f).exists() for p in Path(f).rglob(".*.tmp")]

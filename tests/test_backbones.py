@@ -198,7 +198,7 @@ def test_wrong_architecture_file_is_a_clear_error(tmp_path, other):
 
 
 def test_bad_weights_files_are_clear_errors(tmp_path):
-    with pytest.raises(ItfitsError, match="does not exist"):
+    with pytest.raises(ItfitsError, match="file not found"):
         create_backbone("resnet18", num_classes=2, weights=str(tmp_path / "missing.pth"))
     text = tmp_path / "notes.safetensors"
     text.write_text("not a tensor file")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import logging
 import socket
 import tempfile
 import threading
@@ -22,12 +23,13 @@ from fastcore.xml import (H1, A, Body, Button, Form, Head, Html, Img, Input, Lab
                           Script, Span, Style, Table, Td, Th, Title, Tr, Ul, to_xml)
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.errors import ItfitsError
+from pipelines.io import csv_unwritable, escape_formulas
 from pipelines.predict import PredictConfig, predict
 from pipelines.reports import thumbnail_uri
 from pipelines.sources import AUDIO_EXTS, IMAGE_EXTS
@@ -35,6 +37,7 @@ from pipelines.sources import AUDIO_EXTS, IMAGE_EXTS
 from .uploads import Upload, UploadLimits, UploadRefused, receive_files
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOG = logging.getLogger("itfits.serve")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ def _table_rows(bundle: Bundle, paths: list[str], config: PredictConfig) -> Iter
     for path in paths:
         try:
             table = pl.concat(predict(bundle, [path], config))
+            nested = csv_unwritable(table)
+            if nested:  # the results download is a CSV
+                raise ItfitsError(f"the table has columns a CSV cannot hold: {', '.join(nested)}; drop them and "
+                                  "upload it again")
         except ItfitsError as e:
             yield {"path": path, "label": None, "confidence": None, "unknown": None, "error": str(e), "score": None}
             continue
@@ -106,6 +113,9 @@ def create_app(target: Path | str, *, max_files: int = 100, max_file_mb: float =
                 uploads = await receive_files(request, Path(folder), site.limits)
             except UploadRefused as e:
                 return _page(site, problems=[str(e)], status_code=e.status)
+            except ClientDisconnect:  # the browser went away mid-upload: nothing to answer, nothing kept
+                LOG.warning("a client disconnected during an upload; its files were discarded")
+                return Response(status_code=400)
             if not uploads:
                 return _page(site, problems=[f"no files came with the upload: choose or drop {modality.what} first"])
             rows, previews = await run_in_threadpool(_predict_uploads, site, uploads)
@@ -189,7 +199,7 @@ def _page(site: Site, *, uploads: list[Upload] | None = None, rows: list[dict] |
 def _results(rows: list[dict], previews: list[str | None], topk: int) -> list:
     n_unknown = sum(bool(r.get("unknown")) for r in rows)
     n_error = sum(bool(r.get("error")) for r in rows)
-    csv = pl.DataFrame(rows, infer_schema_length=None).write_csv()
+    csv = escape_formulas(pl.DataFrame(rows, infer_schema_length=None)).write_csv()
     href = "data:text/csv;charset=utf-8;base64," + base64.b64encode(csv.encode("utf-8")).decode("ascii")
     head = Tr(*[Th(h) for h in ("", "file", "prediction", "confidence", f"top {topk}", "score")])
     return [P(f"{len(rows)} files: {len(rows) - n_unknown - n_error} predicted, {n_unknown} unknown, "
