@@ -95,6 +95,31 @@ class History(Callback):
                           "images_per_s": round(self.images / max(self.train_seconds, 1e-9), 2)})
 
 
+def best_epoch(losses: list) -> int | None:
+    """Index of the first lowest finite loss, or None when none is finite."""
+    finite = [(v, i) for i, v in enumerate(losses) if v is not None and np.isfinite(v)]
+    return min(finite)[1] if finite else None
+
+
+class KeepBest(Callback):
+    """Puts back the weights of the epoch with the lowest validation loss when the fit ends (fastai's
+    SaveModelCallback on valid_loss, in memory: a tabular model is small). Once a small table is learnt, further
+    epochs overfit it: the validation loss rises while the training loss falls."""
+    order = Recorder.order + 1  # after Recorder has this epoch's valid loss
+
+    def before_fit(self):
+        self.losses, self.state = [], None
+
+    def after_epoch(self):
+        self.losses.append(float(self.recorder.values[-1][self.recorder.metric_names[1:].index("valid_loss")]))
+        if best_epoch(self.losses) == len(self.losses) - 1:
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def after_fit(self):
+        if self.state is not None:
+            self.model.load_state_dict(self.state)
+
+
 def _tolerant(suggest):
     """A fastai lr suggestion function that gives NaN where the recorded curve is too short for it (slide needs
     more than 15 points; lr_find stops early when the loss diverges) instead of failing."""
@@ -151,14 +176,15 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
     With `checkpoints` (a folder), each epoch ends by writing checkpoints/last.pt; with `resume` (such a checkpoint,
     see checkpoints.load_checkpoint) training continues after its epoch, in its phase, at its one-cycle position.
     With an EMA callback on the Learner, the model ends with the EMA weights. fine_tune=False (a table: no
-    pretrained body): one fit_one_cycle of `epochs`, no checkpoints."""
+    pretrained body): one fit_one_cycle of `epochs`, no checkpoints, ending with the weights of the epoch of lowest
+    validation loss (`KeepBest`)."""
     import fastai.callback.schedule  # noqa: F401  fastai @patches fine_tune/fit_one_cycle onto Learner here
     from .learners import find_ema, uncompile
     if not fine_tune:
         history = History()
-        learn.fit_one_cycle(epochs, lr, cbs=[history])
-        return _check_finite(pl.DataFrame(history.rows).drop("phase")
-                             .rename({"images": "rows", "images_per_s": "rows_per_s"}), lr)
+        learn.fit_one_cycle(epochs, lr, cbs=[history, KeepBest()])
+        table = pl.DataFrame(history.rows).drop("phase").rename({"images": "rows", "images_per_s": "rows_per_s"})
+        return _check_finite(table, lr, row=best_epoch(table["valid_loss"].to_list()))
     history = History(resume["history"] if resume else None)
     done = resume["epoch"] if resume else 0  # epochs finished over both phases
     first = 0  # this phase's first epoch, counted over both phases
@@ -195,10 +221,10 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
     return _check_finite(pl.DataFrame(history.rows), lr)
 
 
-def _check_finite(history: pl.DataFrame, lr: float) -> pl.DataFrame:
-    """The history of a training whose last losses are numbers; a diverged one (inf, NaN) is an ItfitsError, so
-    no run saves a model that predicts NaN."""
-    last = {k: history[k][-1] for k in ("train_loss", "valid_loss") if k in history.columns}
+def _check_finite(history: pl.DataFrame, lr: float, *, row: int | None = -1) -> pl.DataFrame:
+    """The history of a training whose losses at `row` (the epoch whose weights are kept; default the last) are
+    numbers; a diverged one (inf, NaN) is an ItfitsError, so no run saves a model that predicts NaN."""
+    last = {k: history[k][-1 if row is None else row] for k in ("train_loss", "valid_loss") if k in history.columns}
     if not all(v is not None and np.isfinite(v) for v in last.values()):
         raise ItfitsError(f"training diverged ({', '.join(f'{k} {v}' for k, v in last.items())} after epoch "
                           f"{history.height}); no model saved. Train with a lower --lr than {lr:.2e}")
@@ -604,6 +630,10 @@ def fit_table(config: FitConfig, log=print) -> dict:
     lr, suggestions = _choose_lr(learn, config, run, log)
     history = train(learn, epochs=config.epochs, lr=lr, fine_tune=False)
     write_table(history, run / "history.csv")
+    kept = best_epoch(history["valid_loss"].to_list())  # the epoch whose weights train() kept
+    if kept != history.height - 1:
+        log(f"kept the weights of epoch {kept} (validation loss {history['valid_loss'][kept]:.4f}, the lowest; "
+            f"{history['valid_loss'][-1]:.4f} after the last)")
 
     v_rows = data.rows[data.valid]
     rows = read_table(Path(config.data))[v_rows.tolist()]  # the validation rows as the file has them
@@ -622,12 +652,13 @@ def fit_table(config: FitConfig, log=print) -> dict:
         v_true = rows[prep.target].cast(pl.Float64).to_numpy()  # exact: data.y holds it normalised, in float32
         results = _regression_results(v_pred, v_true)
         outputs = dict(predictions=v_pred, targets=v_true)
-    results.update(valid_loss=float(history["valid_loss"][-1]), seconds=round(time.perf_counter() - t0, 1))
+    results.update(valid_loss=float(history["valid_loss"][kept]), seconds=round(time.perf_counter() - t0, 1))
     spec = TabularModelSpec.for_data(prep, config.layers)
     summary = {
         "config": asdict(config),
         "resolved": {"lr": lr, "lr_suggestions": suggestions, "bs": bs, "task": prep.task, "classes": prep.classes,
-                     "cat": prep.cat, "cont": prep.cont, "na_flags": prep.na, "layers": list(spec.layers),
+                     "cat": prep.cat, "cont": prep.cont, "na_flags": prep.na, "dates": prep.dates,
+                     "ignore": prep.ignore, "kept_epoch": kept, "layers": list(spec.layers),
                      "emb_szs": spec.json()["emb_szs"], "n_rows": data.n_rows, "n_train": len(learn.dls.train_ds),
                      "n_valid": len(learn.dls.valid_ds), "n_skipped": n_skipped},
         "results": results,
