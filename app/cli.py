@@ -66,8 +66,9 @@ HOP_LENGTH = typer.Option(None, "--hop-length", help="Audio: samples between fra
 N_MELS = typer.Option(None, "--n-mels", help="Audio: mel bands, the image height (default: 128).", rich_help_panel="Audio")
 FMIN = typer.Option(None, "--fmin", help="Audio: lowest frequency in Hz (default: 0).", rich_help_panel="Audio")
 FMAX = typer.Option(None, "--fmax", help="Audio: highest frequency in Hz (default: sample rate / 2).", rich_help_panel="Audio")
-DURATION = typer.Option(None, "--duration", help="Audio: seconds per window; shorter clips padded, longer ones cut (default: 5.0).",
-                        rich_help_panel="Audio")
+DURATION = typer.Option(None, "--duration", metavar="auto|SECONDS", rich_help_panel="Audio",
+                        help="Audio: seconds per window; shorter clips padded, longer ones cut. auto (default): the median "
+                             "clip length, rounded up to 0.25 s, within 0.5..10 s; printed and stored in the bundle.")
 TOP_DB = typer.Option(None, "--top-db", help="Audio: dB range below each window's peak shown (default: 80).", rich_help_panel="Audio")
 
 
@@ -86,6 +87,11 @@ def _mel_config(args: dict):
     from dataclasses import fields
     from pipelines.audio import MelConfig
     given = {f.name: args[f.name] for f in fields(MelConfig) if args.get(f.name) is not None}
+    if given.get("duration") is not None:
+        try:  # auto is MelConfig's None: chosen from the clips
+            given["duration"] = None if given["duration"].strip().lower() == "auto" else float(given["duration"])
+        except ValueError:
+            raise ItfitsError(f"--duration must be auto or a number of seconds, got {given['duration']!r}") from None
     return MelConfig(**given) if given else None
 
 
@@ -188,7 +194,7 @@ def fit(
     workers: Optional[int] = WORKERS,
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
-    duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
+    duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
     target: Optional[str] = TARGET,
     cat: Optional[list[str]] = CAT,
     cont: Optional[list[str]] = CONT,
@@ -229,7 +235,7 @@ def lr_find(
     workers: Optional[int] = WORKERS,
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
-    duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
+    duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
     target: Optional[str] = TARGET,
     cat: Optional[list[str]] = CAT,
     cont: Optional[list[str]] = CONT,
@@ -316,7 +322,7 @@ def audio_to_images(
     max_windows: int = typer.Option(8, help="Windows rendered per clip: the first MAX_WINDOWS x duration seconds."),
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
-    duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
+    duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
 ):
     """Render a folder of audio to mel-spectrogram PNGs, as fit does (cached), without training."""
     from pipelines.audio import MelConfig, audio_to_images as run_audio_to_images
@@ -324,7 +330,7 @@ def audio_to_images(
     if max_windows < 1 or (workers is not None and workers < 1):
         raise ItfitsError("--max-windows and --workers must be at least 1")
     mel = _mel_config(locals()) or MelConfig()
-    windows = run_audio_to_images(in_dir, out_dir, mel, workers=workers, max_windows=max_windows)
+    windows = run_audio_to_images(in_dir, out_dir, mel, workers=workers, max_windows=max_windows, log=typer.echo)
     ok = windows.filter(windows["error"].is_null())
     n_skipped = windows["source"].n_unique() - ok["source"].n_unique()
     typer.echo(f"{ok['source'].n_unique()} clips -> {ok.height} images in {out_dir}; {n_skipped} skipped"

@@ -52,7 +52,8 @@ class FitConfig:
     ema_decay: float | None = None  # None: chosen from the steps of each fit (averages about the last 10%)
     compile: bool = False  # torch.compile the model; falls back to eager with a warning
     resume: bool = False  # continue the run in `out` from its last checkpoint (RUN/checkpoints)
-    mel: MelConfig | None = None  # audio DATA: how clips become spectrograms; None: MelConfig() defaults
+    mel: MelConfig | None = None  # audio DATA: how clips become spectrograms; None: MelConfig() defaults (duration:
+    # None, "auto", chosen from the clips' lengths; what was chosen is in run.json's resolved.mel and the bundle)
     target: str | None = None  # tabular: the column to predict; None: DATA holds images
     cat: list[str] | None = None  # tabular: columns to treat as categorical; None: inferred
     cont: list[str] | None = None  # tabular: columns to treat as continuous; None: inferred
@@ -251,9 +252,11 @@ def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
     spec = get_spec(config.arch)  # fail on a wrong name before reading any file
     mel = None
     if detect_modality(config.data) == "audio":  # clips -> window images, each window in its clip's split
-        from .audio import render_folder, source_files
-        mel = config.mel or MelConfig()
+        from .audio import auto_duration, render_folder, source_files
         files = read_source(config.data, exts=AUDIO_EXTS, valid_pct=config.valid_pct, seed=config.seed)
+        mel, line = auto_duration(config.mel or MelConfig(), files.filter(pl.col("error").is_null())["path"].to_list())
+        if line:
+            log(line)
         items = render_folder(files, mel, workers=None if config.num_workers is None else max(1, config.num_workers))
         files = source_files(items)
         log(f"{files['error'].is_null().sum()} clips -> {items['error'].is_null().sum()} mel-spectrogram windows "
