@@ -255,6 +255,10 @@ def lr_find(
     typer.echo(f"plot: {out / 'lr_find.png'}  table: {out / 'lr_find.csv'}")
 
 
+TTA_HELP = ("Images: test-time augmentation, each image's outputs averaged with its mirror image's (twice the model's "
+            "work; off by default until the benchmark suite shows it pays).")
+
+
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="Model bundle folder (RUN/model) or a run folder."),
@@ -265,6 +269,7 @@ def predict(
     batch_size: int = typer.Option(64, help="Files per batch through the model."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (images; audio and tables run fp32). auto: the precision the model was trained in where this machine runs it faster, else fp32."),
+    tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
     """Predict INPUTS with a trained bundle; rows the model should not trust are labelled unknown."""
     from pipelines.bundle import load_bundle
@@ -280,7 +285,7 @@ def predict(
     bundle = load_bundle(model)
     from pipelines.precision import check_precision
     config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold,
-                           precision=check_precision(precision))
+                           precision=check_precision(precision), tta=tta)
     counts = write_predictions(run_predict(bundle, inputs, config), out)
     noun = "rows" if bundle.meta.get("modality") == "tabular" else "files"
     typer.echo(f"{counts['files']} {noun}, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}")
@@ -293,6 +298,7 @@ def evaluate(
     unknown: Optional[Path] = typer.Option(None, help="Folder of examples of none of the classes."),
     out: Path = typer.Option(Path("runs/evaluate"), "--out", help="Folder for metrics.json and plots."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
     """Accuracy, calibration and unknown detection of a bundle on labelled data: metrics.json + plots."""
     from pipelines.evaluate import evaluate as run_evaluate
@@ -300,7 +306,7 @@ def evaluate(
         raise ItfitsError(f"--unknown {unknown} is not a folder")
     _check_workers(workers)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
-    m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers)
+    m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
     rule, plain = m["unknown_rule"], m["plain_rule"]
     typer.echo(f"accuracy {m['accuracy']:.3f} on {m['n_known']} files ({m['n_skipped']} unreadable skipped); ECE "
                f"{m['ece']['uncalibrated']:.3f} -> {m['ece']['calibrated']:.3f} calibrated")
