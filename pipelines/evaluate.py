@@ -34,8 +34,9 @@ def accepted_at_rate(known: np.ndarray, unknown: np.ndarray, rate: float) -> flo
 
 
 def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: str | Path | None = None,
-             num_workers: int | None = None) -> dict:
-    """Metrics of a bundle on labelled DATA (every file, whatever its split) and optional unknown examples."""
+             num_workers: int | None = None, tta: bool = False) -> dict:
+    """Metrics of a bundle on labelled DATA (every file, whatever its split) and optional unknown examples; `tta`:
+    each image's outputs averaged with its mirror image's (predict.image_batches)."""
     from .reports import plot_reliability, plot_risk_coverage
 
     bundle = load_bundle(model)
@@ -57,12 +58,13 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
     if unknown is not None:  # before the known files, so a folder with nothing usable fails at once
         u_logits, u_feats, unreadable = unknown_outputs(bundle.scoring_model, prep, unknown, bundle.input_exts, mel=mel,
-                                                        num_workers=num_workers)
+                                                        num_workers=num_workers, tta=tta)
         if not len(u_logits):
             path, error = unreadable[0]
             raise ItfitsError(f"--unknown {unknown}: none of its {len(unreadable)} {'audio' if mel else 'image'} "
                               f"files could be read; the first, {path}: {error}")
-    logits, feats, errors = file_outputs(bundle.scoring_model, prep, items["path"].to_list(), mel=mel, num_workers=num_workers)
+    logits, feats, errors = file_outputs(bundle.scoring_model, prep, items["path"].to_list(), mel=mel, num_workers=num_workers,
+                                         tta=tta)
     good = np.array([not e for e in errors])
     if not good.any():
         raise ItfitsError(f"none of the files in {data} could be read; the first: {errors[0]}")
@@ -75,6 +77,7 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     accepted = scores[calib.score] >= calib.threshold
     plain_accepted = softmax(logits).max(1) >= PLAIN_RULE
     metrics = {
+        "tta": tta,
         "n_known": int(len(targets)),
         "n_skipped": n_files - int(len(targets)),  # files of DATA that could not be read
         "accuracy": float(correct.mean()),

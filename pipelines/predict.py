@@ -31,6 +31,11 @@ class PredictConfig:
     topk: int = 3
     threshold: float | None = None  # None: the bundle's threshold (chosen on validation data at fit time)
     precision: str = "auto"  # auto: the training's precision where faster, else fp32 (fast_path); fp32: exact outputs
+    tta: bool = False  # images: average each image's outputs with its mirror image's (test-time augmentation)
+
+
+TTA_IMAGES_ONLY = ("--tta is for image models: a spectrogram has a time direction, so it has no mirror image (audio "
+                   "already averages a clip's windows), and a table row has no views; leave --tta out")
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -64,10 +69,13 @@ def _stack(batch: list[tuple[np.ndarray, str]]) -> tuple[torch.Tensor, list[str]
 
 
 def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *, batch_size: int = 64,
-                  num_workers: int | None = None, precision: Precision | None = None, channels_last: bool = False
-                  ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[str]]]:
+                  num_workers: int | None = None, precision: Precision | None = None, channels_last: bool = False,
+                  tta: bool = False) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[str]]]:
     """(paths, logits, features, errors) per batch, logits and features float32 whatever the `precision` (None:
     fp32); rows with an error have meaningless logits. `channels_last` for conv nets: faster on CPUs and GPUs.
+    `tta` (fastai's test-time augmentation, with the one view that is no guess: the left-right flip that training's
+    aug_transforms shows the model): logits and features are the means over the image and its mirror image, so the
+    temperature, scores and threshold calibrated on single views apply as they are. It doubles the model's work.
 
     Without DataLoader workers (images.loader_workers: small CPU-only machines) files are decoded here: one after
     another while that costs little next to the model (small files: threads would only fight over the GIL and
@@ -94,7 +102,11 @@ def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | 
                 else:
                     x, errors = next(loader)
                 decoded = time.perf_counter()
-                logits, features = forward_features(model, prep.normalize(x.to(device), memory_format))
+                x = prep.normalize(x.to(device), memory_format)
+                logits, features = forward_features(model, x)
+                if tta:  # (B, 3, H, W): flip W
+                    flipped = forward_features(model, x.flip(3))
+                    logits, features = (logits + flipped[0]) / 2, (features + flipped[1]) / 2
                 logits, features = logits.float().cpu().numpy(), features.float().cpu().numpy()
                 if loader is None and pool is None and decoded - began > (time.perf_counter() - decoded) / 2:
                     pool = ThreadPoolExecutor(os.cpu_count() or 1)
@@ -106,11 +118,13 @@ def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | 
 
 def file_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *, mel=None,
                  batch_size: int = 64, num_workers: int | None = None, precision: Precision | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, tta: bool = False):
     """image_batches, or audio.audio_batches (fp32) when `mel` (a MelConfig) is given: one row per input file."""
     if mel is None:
         return image_batches(model, prep, items, batch_size=batch_size, num_workers=num_workers, precision=precision,
-                             channels_last=channels_last)
+                             channels_last=channels_last, tta=tta)
+    if tta:
+        raise ItfitsError(TTA_IMAGES_ONLY)
     from .audio import audio_batches
     return audio_batches(model, prep, mel, items, batch_size=batch_size, num_workers=num_workers)
 
@@ -245,6 +259,8 @@ def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictCo
     each clip with its own mel parameters and reports one row per clip; a tabular bundle yields DataFrame chunks
     of the input table with its predictions (`table_predictions`)."""
     if bundle.meta.get("modality") == "tabular":
+        if config.tta:
+            raise ItfitsError(TTA_IMAGES_ONLY)
         yield from table_predictions(bundle, inputs, config)
         return
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
@@ -253,7 +269,7 @@ def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictCo
     fast = fast_path(bundle, prep, config.precision) if bundle.mel is None else {"model": bundle.scoring_model}
     for paths, logits, features, errors in file_batches(prep=prep, items=items, mel=bundle.mel,
                                                         batch_size=config.batch_size, num_workers=config.num_workers,
-                                                        **fast):
+                                                        tta=config.tta, **fast):
         probs, scores, unknown = bundle.calibration.apply(logits, features, threshold=config.threshold)
         yield from prediction_rows(paths, probs, scores, unknown, errors, bundle.classes, topk=config.topk)
 

@@ -114,9 +114,120 @@ def parse_columns(df: pl.DataFrame, dtypes: dict[str, object], *, source, traini
             partly_bad.append(name)
             value = s.cast(pl.String)
             messages.append(pl.when(bad).then(pl.lit(f"{name}: '") + value + pl.lit(f"' is not {_describe(dtype)}")))
-    errors = (pl.select(pl.concat_str(messages, separator="; ", ignore_nulls=True).replace("", None)).to_series()
-              if messages else pl.repeat(None, df.height, dtype=pl.String, eager=True))
-    return pl.DataFrame(parsed, height=df.height), errors.alias("error"), partly_bad
+    return pl.DataFrame(parsed, height=df.height), _join_errors(messages, df.height), partly_bad
+
+
+# ---- dates -> fastai's date parts --------------------------------------------------------------------------------
+
+# Text formats a date column is recognised in, tried in order on the column's values; the one found is stored in the
+# bundle, so prediction reads the same day out of "01/02/2020" as training did.
+DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%d/%m/%Y", "%m/%d/%Y", "%d.%m.%Y")
+DATETIME_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M",
+                    "%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
+# fastai's add_datepart (time=True adds the TIME_PARTS), named <column>_<part>: no clash with the table's own columns
+DATE_PARTS = ("Year", "Month", "Week", "Day", "Dayofweek", "Dayofyear", "Is_month_end", "Is_month_start",
+              "Is_quarter_end", "Is_quarter_start", "Is_year_end", "Is_year_start")
+TIME_PARTS = ("Hour", "Minute", "Second")
+
+
+def _parts(spec: dict) -> tuple[str, ...]:
+    return DATE_PARTS + (TIME_PARTS if spec["time"] else ()) + ("Elapsed",)
+
+
+def date_columns(name: str, spec: dict) -> list[str]:
+    """The model columns a date column becomes; `spec` as in TabularPreprocessing.dates."""
+    return [f"{name}_{p}" for p in _parts(spec)]
+
+
+def _text_date_format(s: pl.Series) -> str | None:
+    """The first of DATE_FORMATS / DATETIME_FORMATS that reads every distinct value of text column `s`, or None."""
+    values = s.drop_nulls().cast(pl.String).str.strip_chars().unique()
+    if values.len() == 0:
+        return None
+    for fmt in DATE_FORMATS + DATETIME_FORMATS:
+        # a sample first: a text column that is no date (an id of a million values) fails in microseconds
+        if all(_read_dates(v, fmt).null_count() == 0 for v in (values.head(64), values)):
+            return fmt
+    return None
+
+
+def _read_dates(text: pl.Series, fmt: str) -> pl.Series:
+    """Text as dates (a date format) or datetimes; null where a value does not read as `fmt`."""
+    return (text.str.to_date(fmt, strict=False) if fmt in DATE_FORMATS else
+            text.str.to_datetime(fmt, strict=False, time_unit="us"))
+
+
+def detect_dates(df: pl.DataFrame, *, skip=()) -> dict[str, dict]:
+    """{column: {"format": text format or None (a Date/Datetime column), "time": whether it has a time of day}}
+    for the Date and Datetime columns of `df` and the text columns whose every value reads as one date format."""
+    found = {}
+    for name, dtype in df.schema.items():
+        if name in skip:
+            continue
+        if dtype in (pl.Date, pl.Datetime) or isinstance(dtype, pl.Datetime):
+            found[name] = {"format": None, "time": dtype != pl.Date}
+        elif dtype == pl.String or isinstance(dtype, pl.Categorical):
+            fmt = _text_date_format(df[name])
+            if fmt is not None:
+                found[name] = {"format": fmt, "time": fmt in DATETIME_FORMATS}
+    return found
+
+
+def _as_dates(s: pl.Series, spec: dict, source) -> pl.Series:
+    """Column `s` as Date (or Datetime, spec["time"]), values that do not read as the stored format null. A date
+    column of a Parquet-trained model that comes as text reads in the first format that fits it."""
+    if s.dtype == pl.Null:
+        s = s.cast(pl.String)
+    if s.dtype == pl.String or isinstance(s.dtype, pl.Categorical):
+        text = s.cast(pl.String).str.strip_chars()
+        text = text.set(text.is_in(NULL_VALUES), None)
+        fmt = spec["format"] or _text_date_format(text) or DATE_FORMATS[0]
+        s = _read_dates(text, fmt)
+    elif not (s.dtype == pl.Date or isinstance(s.dtype, pl.Datetime)):
+        raise ItfitsError(f"column '{s.name}' in {source} has type {s.dtype}; the model reads it as dates "
+                          f"({spec['format'] or 'a Date or Datetime column'}): fix the column")
+    if isinstance(s.dtype, pl.Datetime) and s.dtype.time_zone is not None:
+        s = s.dt.replace_time_zone(None)  # the wall-clock time in its own zone, as pandas' .dt gives it
+    return s.cast(pl.Datetime("us") if spec["time"] else pl.Date)
+
+
+def expand_dates(df: pl.DataFrame, dates: dict[str, dict], *, source) -> tuple[pl.DataFrame, pl.Series]:
+    """(`df` with each date column replaced by its fastai date parts (`date_columns`), per-row error or null).
+    A missing date gives missing parts; a value that is not a date of the column's format is a row error naming it."""
+    parts, messages = [], []
+    for name, spec in dates.items():
+        d = _as_dates(df[name], spec, source)
+        bad = df[name].is_not_null() & d.is_null()
+        n_bad = int(bad.sum())
+        if n_bad and n_bad == d.len() - df[name].null_count():
+            raise ItfitsError(f"column '{name}' in {source} has no value that reads as a date "
+                              f"({spec['format'] or 'a date'}), as the model needs. Fix the column")
+        if n_bad:
+            messages.append(pl.when(bad).then(pl.lit(f"{name}: '") + df[name].cast(pl.String)
+                                              + pl.lit(f"' is not a date ({spec['format']})")))
+        t = pl.col(name)
+        day, month = t.dt.day(), t.dt.month()
+        month_end = day == t.dt.days_in_month()
+        exprs = {"Year": t.dt.year(), "Month": month, "Week": t.dt.week(), "Day": day,
+                 "Dayofweek": t.dt.weekday() - 1,  # pandas: Monday is 0
+                 "Dayofyear": t.dt.ordinal_day(), "Is_month_end": month_end, "Is_month_start": day == 1,
+                 "Is_quarter_end": month_end & (month % 3 == 0), "Is_quarter_start": (day == 1) & (month % 3 == 1),
+                 "Is_year_end": (month == 12) & (day == 31), "Is_year_start": (month == 1) & (day == 1),
+                 "Hour": t.dt.hour(), "Minute": t.dt.minute(), "Second": t.dt.second(),
+                 "Elapsed": t.dt.epoch("s").cast(pl.Float64)}  # seconds since 1970, a float as in fastai
+        parts += pl.DataFrame(d.alias(name)).select(exprs[p].alias(f"{name}_{p}") for p in _parts(spec)).get_columns()
+    # a column named like a part (a predicted table's extra column; training refuses such a clash) gives way to it
+    out = df.drop([*dates, *(c.name for c in parts)], strict=False).hstack(parts)
+    return out, _join_errors(messages, out.height)
+
+
+def _join_errors(messages: list, height: int) -> pl.Series:
+    """One error per row from per-column `pl.when(bad).then(message)` expressions or error Series, joined with
+    "; ": null where none applies."""
+    if not messages:
+        return pl.repeat(None, height, dtype=pl.String, eager=True).alias("error")
+    return pl.select(pl.concat_str(messages, separator="; ", ignore_nulls=True).replace("", None)).to_series() \
+        .alias("error")
 
 
 # ---- which column is what -------------------------------------------------------------------------------------
@@ -213,10 +324,21 @@ class TabularPreprocessing:
     std: dict[str, float]
     target_mean: float = 0.0  # regression: the model predicts (y - target_mean) / target_std
     target_std: float = 1.0
+    # date column of the table -> {"format": its text format, None for a Date/Datetime column; "time": bool}; each is
+    # read as dates and replaced by its date parts (`date_columns`), which are model inputs in `cat`/`cont`.
+    # Bundles before dates were expanded have none.
+    dates: dict[str, dict] = field(default_factory=dict)
 
     @property
     def inputs(self) -> list[str]:
+        """The model's input columns (date parts included)."""
         return self.cat + self.cont
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns a table to predict must have: the inputs, with each date column in place of its parts."""
+        parts = {p for name, spec in self.dates.items() for p in date_columns(name, spec)}
+        return [*self.dates, *(c for c in self.inputs if c not in parts)]
 
     @property
     def cat_sizes(self) -> list[int]:
@@ -232,7 +354,8 @@ class TabularPreprocessing:
 
     @classmethod
     def fit(cls, df: pl.DataFrame, train: np.ndarray, *, target: str, task: str, classes: list[str], cat: list[str],
-            cont: list[str], ignore: list[str], dtypes: dict[str, str]) -> "TabularPreprocessing":
+            cont: list[str], ignore: list[str], dtypes: dict[str, str], dates: dict[str, dict] | None = None
+            ) -> "TabularPreprocessing":
         """Statistics from the `train` rows (a bool mask) of `df` (columns parsed by `parse_columns`)."""
         rows = pl.Series(_TRAIN, train)  # polars filters with it several times faster than numpy does
         vocab = {c: _text_vocab(df[c].filter(rows)) for c in cat if dtypes[c] == "String"}
@@ -260,7 +383,7 @@ class TabularPreprocessing:
         return cls(target=target, task=task, classes=list(classes), cat=list(cat), cont=list(cont),
                    ignore=list(ignore), dtypes=dtypes, vocab={c: [NA] + (vocab[c] if c in vocab else row[c]) for c in cat},
                    na=na, fill=fill, mean=mean, std=std, target_mean=float(row.get(_TRAIN + "y_mean") or 0.0),
-                   target_std=float(row.get(_TRAIN + "y_std") or 1.0))
+                   target_std=float(row.get(_TRAIN + "y_std") or 1.0), dates=dict(dates or {}))
 
     @property
     def parse_dtypes(self) -> dict[str, object]:
@@ -310,14 +433,16 @@ class TabularPreprocessing:
         """(the table to show in the output, the model's columns parsed, per-row error or null) for prediction.
         Extra columns are kept; a missing model column is an ItfitsError naming it."""
         names = table_columns(path)
-        missing = [c for c in self.inputs if c not in names]
+        missing = [c for c in self.columns if c not in names]
         if missing:
             hint = did_you_mean(missing[0], names)
             raise ItfitsError(f"{path} lacks column(s) the model was trained on: {', '.join(missing)}."
                               f"{hint} It has: {', '.join(names)}")
-        table = read_table(path, strings=self.inputs)  # CSV: model columns as text, parsed here with row errors
-        parsed, errors, partly_bad = parse_columns(table, self.parse_dtypes, source=path)
-        clean = [c for c in self.inputs if c not in partly_bad]  # shown typed; partly bad ones as read
+        table = read_table(path, strings=self.columns)  # CSV: model columns as text, parsed here with row errors
+        expanded, date_errors = expand_dates(table, self.dates, source=path)
+        parsed, errors, partly_bad = parse_columns(expanded, self.parse_dtypes, source=path)
+        errors = _join_errors([date_errors, errors], table.height)
+        clean = [c for c in self.inputs if c not in partly_bad and c in names]  # shown typed; partly bad ones as read
         return table.with_columns(parsed.select(clean)), parsed, errors
 
 
@@ -407,6 +532,26 @@ def _stray_words(prep: TabularPreprocessing) -> list[str]:
     return notes
 
 
+def _dates_and_ids(df: pl.DataFrame, used: list[str], *, path, cat, cont):
+    """(`df` with its date columns expanded into date parts, the input columns then (parts in place of the dates,
+    ids left out), the dates found, per-row date errors, the ids left out, notes saying so). Date columns:
+    Date/Datetime, or text that reads as dates (as a category a date has one value per row, which tells nothing
+    about new rows). An id: a text column with a different value in every row; left out unless --cat names it."""
+    dates = detect_dates(df.select(used), skip=[*cat, *cont])
+    clash = sorted(set(p for c, spec in dates.items() for p in date_columns(c, spec)) & set(df.columns))
+    if clash:
+        raise ItfitsError(f"{path}: column(s) {', '.join(clash)} have the names of the date parts itfits derives from "
+                          f"a date column; rename them, or --ignore them")
+    df, errors = expand_dates(df, dates, source=path)
+    notes = [f"column '{c}' read as dates ({spec['format'] or 'Date/Datetime'}): it becomes "
+             f"{len(date_columns(c, spec))} date parts ({c}_Year, {c}_Month, ..., {c}_Elapsed)" for c, spec in dates.items()]
+    used = [p for c in used for p in (date_columns(c, dates[c]) if c in dates else [c])]
+    ids = [c for c in used if c not in cat and (df.schema[c] == pl.String or isinstance(df.schema[c], pl.Categorical))
+           and df.height > 1 and df[c].n_unique() == df.height]
+    notes += [f"column '{c}' has a different value in every row (an id?): left out; --cat {c} uses it" for c in ids]
+    return df, [c for c in used if c not in ids], dates, errors, ids, notes
+
+
 def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), valid_pct: float = 0.2,
                   seed: int = 42) -> TabularData:
     """Read a CSV/Parquet table and preprocess it for training: columns inferred (or as given), rows with a
@@ -431,9 +576,15 @@ def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), 
     df, no_target = _skip(df, no_value, why)
     if df.height == 0:
         raise ItfitsError(f"no row of {path} has a value in the target column '{target}'")
+    df, used, dates, date_errors, ids, notes = _dates_and_ids(df, used, path=path, cat=cat, cont=cont)
+    ignore += ids  # recorded in the schema with --ignore's columns
+    if not used:
+        raise ItfitsError(f"no input columns left in {path} besides the target '{target}', --ignore and the ids "
+                          f"left out ({', '.join(ids)}; --cat names one to use it)")
     cats, conts = infer_columns(df.select(used), cat=cat, cont=cont)
     dtypes = {c: _parse_dtype(df.schema[c], "cat" if c in cats else "cont") for c in used}
     parsed, errors, _ = parse_columns(df, {c: _DTYPES[dtypes[c]] for c in used}, source=path, training=True)
+    errors = _join_errors([date_errors, errors], df.height)
     df = df.with_columns(parsed.get_columns())
     df, unreadable = _skip(df, errors.is_not_null(), errors)
     y = df[target]
@@ -453,8 +604,8 @@ def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), 
     if task == "regression" and y.filter(pl.Series(~valid)).n_unique() < 2:
         raise ItfitsError(f"the target '{target}' has one value in every training row: there is nothing to learn")
     prep = TabularPreprocessing.fit(df, ~valid, target=target, task=task, classes=classes, cat=cats,
-                                    cont=conts, ignore=ignore, dtypes=dtypes)
-    notes = [f"column '{c}' has {len(prep.vocab[c]) - 1} distinct values in {n_train} training rows: if it is an "
+                                    cont=conts, ignore=ignore, dtypes=dtypes, dates=dates)
+    notes += [f"column '{c}' has {len(prep.vocab[c]) - 1} distinct values in {n_train} training rows: if it is an "
              f"id, --ignore {c}" for c in cats if len(prep.vocab[c]) > 100 and len(prep.vocab[c]) > n_train / 2]
     notes += _stray_words(prep)
     x_cat, x_cont = prep.encode(df)

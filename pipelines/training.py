@@ -53,7 +53,8 @@ class FitConfig:
     ema_decay: float | None = None  # None: chosen from the steps of each fit (averages about the last 10%)
     compile: bool = False  # torch.compile the model; falls back to eager with a warning
     resume: bool = False  # continue the run in `out` from its last checkpoint (RUN/checkpoints)
-    mel: MelConfig | None = None  # audio DATA: how clips become spectrograms; None: MelConfig() defaults
+    mel: MelConfig | None = None  # audio DATA: how clips become spectrograms; None: MelConfig() defaults (duration:
+    # None, "auto", chosen from the clips' lengths; what was chosen is in run.json's resolved.mel and the bundle)
     target: str | None = None  # tabular: the column to predict; None: DATA holds images
     cat: list[str] | None = None  # tabular: columns to treat as categorical; None: inferred
     cont: list[str] | None = None  # tabular: columns to treat as continuous; None: inferred
@@ -94,6 +95,31 @@ class History(Callback):
         self.rows.append({"epoch": len(self.rows), "phase": phase, **row,
                           "seconds": round(time.perf_counter() - self.start, 2), "images": self.images,
                           "images_per_s": round(self.images / max(self.train_seconds, 1e-9), 2)})
+
+
+def best_epoch(losses: list) -> int | None:
+    """Index of the first lowest finite loss, or None when none is finite."""
+    finite = [(v, i) for i, v in enumerate(losses) if v is not None and np.isfinite(v)]
+    return min(finite)[1] if finite else None
+
+
+class KeepBest(Callback):
+    """Puts back the weights of the epoch with the lowest validation loss when the fit ends (fastai's
+    SaveModelCallback on valid_loss, in memory: a tabular model is small). Once a small table is learnt, further
+    epochs overfit it: the validation loss rises while the training loss falls."""
+    order = Recorder.order + 1  # after Recorder has this epoch's valid loss
+
+    def before_fit(self):
+        self.losses, self.state = [], None
+
+    def after_epoch(self):
+        self.losses.append(float(self.recorder.values[-1][self.recorder.metric_names[1:].index("valid_loss")]))
+        if best_epoch(self.losses) == len(self.losses) - 1:
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def after_fit(self):
+        if self.state is not None:
+            self.model.load_state_dict(self.state)
 
 
 def _tolerant(suggest):
@@ -152,14 +178,15 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
     With `checkpoints` (a folder), each epoch ends by writing checkpoints/last.pt; with `resume` (such a checkpoint,
     see checkpoints.load_checkpoint) training continues after its epoch, in its phase, at its one-cycle position.
     With an EMA callback on the Learner, the model ends with the EMA weights. fine_tune=False (a table: no
-    pretrained body): one fit_one_cycle of `epochs`, no checkpoints."""
+    pretrained body): one fit_one_cycle of `epochs`, no checkpoints, ending with the weights of the epoch of lowest
+    validation loss (`KeepBest`)."""
     import fastai.callback.schedule  # noqa: F401  fastai @patches fine_tune/fit_one_cycle onto Learner here
     from .learners import find_ema, uncompile
     if not fine_tune:
         history = History()
-        learn.fit_one_cycle(epochs, lr, cbs=[history])
-        return _check_finite(pl.DataFrame(history.rows).drop("phase")
-                             .rename({"images": "rows", "images_per_s": "rows_per_s"}), lr)
+        learn.fit_one_cycle(epochs, lr, cbs=[history, KeepBest()])
+        table = pl.DataFrame(history.rows).drop("phase").rename({"images": "rows", "images_per_s": "rows_per_s"})
+        return _check_finite(table, lr, row=best_epoch(table["valid_loss"].to_list()))
     history = History(resume["history"] if resume else None)
     done = resume["epoch"] if resume else 0  # epochs finished over both phases
     first = 0  # this phase's first epoch, counted over both phases
@@ -196,10 +223,10 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
     return _check_finite(pl.DataFrame(history.rows), lr)
 
 
-def _check_finite(history: pl.DataFrame, lr: float) -> pl.DataFrame:
-    """The history of a training whose last losses are numbers; a diverged one (inf, NaN) is an ItfitsError, so
-    no run saves a model that predicts NaN."""
-    last = {k: history[k][-1] for k in ("train_loss", "valid_loss") if k in history.columns}
+def _check_finite(history: pl.DataFrame, lr: float, *, row: int | None = -1) -> pl.DataFrame:
+    """The history of a training whose losses at `row` (the epoch whose weights are kept; default the last) are
+    numbers; a diverged one (inf, NaN) is an ItfitsError, so no run saves a model that predicts NaN."""
+    last = {k: history[k][-1 if row is None else row] for k in ("train_loss", "valid_loss") if k in history.columns}
     if not all(v is not None and np.isfinite(v) for v in last.values()):
         raise ItfitsError(f"training diverged ({', '.join(f'{k} {v}' for k, v in last.items())} after epoch "
                           f"{history.height}); no model saved. Train with a lower --lr than {lr:.2e}")
@@ -226,9 +253,11 @@ def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
     spec = get_spec(config.arch)  # fail on a wrong name before reading any file
     mel = None
     if detect_modality(config.data) == "audio":  # clips -> window images, each window in its clip's split
-        from .audio import render_folder, source_files
-        mel = config.mel or MelConfig()
+        from .audio import auto_duration, render_folder, source_files
         files = read_source(config.data, exts=AUDIO_EXTS, valid_pct=config.valid_pct, seed=config.seed)
+        mel, line = auto_duration(config.mel or MelConfig(), files.filter(pl.col("error").is_null())["path"].to_list())
+        if line:
+            log(line)
         items = render_folder(files, mel, workers=None if config.num_workers is None else max(1, config.num_workers))
         files = source_files(items)
         log(f"{files['error'].is_null().sum()} clips -> {items['error'].is_null().sum()} mel-spectrogram windows "
@@ -615,6 +644,10 @@ def fit_table(config: FitConfig, log=print) -> dict:
     lr, suggestions = _choose_lr(learn, config, run, log)
     history = train(learn, epochs=config.epochs, lr=lr, fine_tune=False)
     write_table(history, run / "history.csv")
+    kept = best_epoch(history["valid_loss"].to_list())  # the epoch whose weights train() kept
+    if kept != history.height - 1:
+        log(f"kept the weights of epoch {kept} (validation loss {history['valid_loss'][kept]:.4f}, the lowest; "
+            f"{history['valid_loss'][-1]:.4f} after the last)")
 
     v_rows = data.rows[data.valid]
     rows = read_table(Path(config.data))[v_rows.tolist()]  # the validation rows as the file has them
@@ -632,12 +665,13 @@ def fit_table(config: FitConfig, log=print) -> dict:
         v_true = rows[prep.target].cast(pl.Float64).to_numpy()  # exact: data.y holds it normalised, in float32
         results = _regression_results(v_pred, v_true)
         outputs = dict(predictions=v_pred, targets=v_true)
-    results.update(valid_loss=float(history["valid_loss"][-1]), seconds=round(time.perf_counter() - t0, 1))
+    results.update(valid_loss=float(history["valid_loss"][kept]), seconds=round(time.perf_counter() - t0, 1))
     spec = TabularModelSpec.for_data(prep, config.layers)
     summary = {
         "config": asdict(config),
         "resolved": {"lr": lr, "lr_suggestions": suggestions, "bs": bs, "task": prep.task, "classes": prep.classes,
-                     "cat": prep.cat, "cont": prep.cont, "na_flags": prep.na, "layers": list(spec.layers),
+                     "cat": prep.cat, "cont": prep.cont, "na_flags": prep.na, "dates": prep.dates,
+                     "ignore": prep.ignore, "kept_epoch": kept, "layers": list(spec.layers),
                      "emb_szs": spec.json()["emb_szs"], "n_rows": data.n_rows, "n_train": len(learn.dls.train_ds),
                      "n_valid": len(learn.dls.valid_ds), "n_skipped": n_skipped},
         "results": results,

@@ -98,7 +98,7 @@ def librosa_reference(y: np.ndarray, cfg: MelConfig) -> np.ndarray:
     return np.rint((db + cfg.top_db) * 255 / cfg.top_db)[::-1].clip(0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("cfg", [MelConfig(), MelConfig(duration=1, n_mels=64, fmin=50, fmax=8000, hop_length=256, n_fft=1024),
+@pytest.mark.parametrize("cfg", [MelConfig(duration=5.0), MelConfig(duration=1, n_mels=64, fmin=50, fmax=8000, hop_length=256, n_fft=1024),
                                  MelConfig(sample_rate=8000, n_fft=500, hop_length=123, duration=1.3)])
 def test_mel_image_equals_librosa(cfg):
     rng = np.random.default_rng(0)
@@ -440,7 +440,38 @@ def test_mel_options_are_checked():
                            ({"duration": 0.01}, "--duration"), ({"top_db": 0}, "--top-db"), ({"hop_length": 0}, "--hop-length")]:
         with pytest.raises(ItfitsError, match=option):
             MelConfig(**kwargs)
-    assert MelConfig().key() != MelConfig(top_db=60).key() and MelConfig(fmin=0, duration=5).key() == MelConfig().key()
+    five = MelConfig(duration=5.0)
+    assert five.key() != MelConfig(duration=5.0, top_db=60).key() and MelConfig(fmin=0, duration=5).key() == five.key()
+    assert MelConfig(duration=1.0).key() != five.key(), "the cache key holds the window duration"
+    with pytest.raises(ItfitsError, match="'auto'.*--duration SECONDS"):
+        MelConfig().key()
+
+
+def test_duration_auto_fits_the_window_to_the_clips(tmp_path):
+    """--duration auto (the default): short clips get a short window, longer ones a longer window, printed, in
+    run.json's resolved.mel and rendered so; a given --duration is kept."""
+    from pipelines.audio import DURATION_BOUNDS, DURATION_STEP, auto_duration, clip_seconds
+    from pipelines.training import FitConfig, prepare_data
+    short = tmp_path / "short"
+    for label in ("kick", "tabla"):  # the sample clips cut to their first 0.3 s: one-shots
+        for clip in sorted((AUDIO / label).iterdir())[:4]:
+            y, sr = sf.read(clip)
+            (short / label).mkdir(parents=True, exist_ok=True)
+            sf.write(short / label / clip.with_suffix(".wav").name, y[:int(0.3 * sr)], sr)
+    lines = []
+    data = prepare_data(FitConfig(data=str(short), out=str(tmp_path / "run"), num_workers=0), tmp_path / "run", log=lines.append)
+    assert data.mel.duration == DURATION_BOUNDS[0], "0.3 s clips: the shortest window"
+    assert any(f"audio window {DURATION_BOUNDS[0]:g} s (--duration auto" in line for line in lines), lines
+    widths = {Image.open(p).size[0] for p in data.files["image"]}
+    assert widths == {1 + data.mel.window_samples // data.mel.hop_length}
+    clips = [str(p) for p in sorted(AUDIO.rglob("*.flac"))]
+    lengths = [clip_seconds(c) for c in clips]
+    cfg, line = auto_duration(MelConfig(), clips)
+    assert np.median(lengths) <= cfg.duration < np.median(lengths) + DURATION_STEP and cfg.duration > data.mel.duration
+    assert str(cfg.duration) in line or f"{cfg.duration:g}" in line
+    assert auto_duration(MelConfig(duration=2.0), clips) == (MelConfig(duration=2.0), ""), "a given duration is kept"
+    proc = run_cli("audio-to-images", short, tmp_path / "pngs", "--duration", "soon")
+    assert proc.returncode == 1 and "--duration must be auto or a number of seconds" in proc.stderr
 
 
 def test_mel_options_on_images_and_mixed_folders_are_refused(tmp_path):

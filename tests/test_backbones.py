@@ -244,3 +244,90 @@ def test_batchnorm_folding_keeps_the_outputs(name, weights, n_bn):
     torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(feats, want_feats, rtol=1e-4, atol=1e-4)
     assert fold_batchnorm(folded, x[:1]) is folded
+
+
+# ---- any timm model name, and hub weights from a local cache ------------------------------------------------------
+
+def test_timm_names_with_a_pretrained_tag_are_backbones():
+    """--arch takes timm's names as timm users write them (arch.tag): preprocessing from timm's pretrained config,
+    a ViT's patch size as the size step; the registered short names stay what they were."""
+    from timm.models import get_pretrained_cfg
+    spec = get_spec("convnext_tiny.fb_in22k")
+    cfg = get_pretrained_cfg("convnext_tiny.fb_in22k")
+    assert (spec.library, spec.model_name, spec.default_weights) == ("timm", "convnext_tiny.fb_in22k", "hub")
+    assert (spec.mean, spec.std, spec.input_size, spec.classifier) == (cfg.mean, cfg.std, cfg.input_size[-1], "head.fc")
+    vit = get_spec("test_vit.r160_in1k")
+    assert vit.size_step == 16 and not vit.channels_last and vit.input_size == 160
+    with pytest.raises(ItfitsError, match="multiples of 16"):
+        backbones.check_size("test_vit.r160_in1k", 40)
+    model = create_backbone("test_vit.r160_in1k", num_classes=3, weights="none").eval()
+    with torch.inference_mode():
+        logits, feats = backbones.forward_features(model, torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 3) and feats.shape[0] == 2
+    with pytest.raises(ItfitsError, match=r"no pretrained tag 'nope'.*convnext_tiny\.fb_in22k"):
+        get_spec("convnext_tiny.nope")
+    with pytest.raises(ItfitsError, match="did you mean 'convnext_tiny'"):
+        get_spec("convnxt_tiny")
+    assert get_spec("convnext_tiny") is backbones.BACKBONES["convnext_tiny"]
+    assert get_spec("resnet18").library == "torchvision", "a registered short name keeps its source"
+
+
+def _fill_hf_cache(cache, name: str, sd: dict) -> None:
+    """HF_HUB_CACHE as huggingface_hub leaves it after downloading timm/<name>'s model.safetensors."""
+    from safetensors.torch import save_file
+    repo, commit = cache / f"models--timm--{name}", "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(repo / "snapshots" / commit / "model.safetensors"))
+
+
+def test_hub_weights_load_from_a_filled_cache_without_network(tmp_path, monkeypatch):
+    """The hub path as an online user runs it (timm -> huggingface_hub; torchvision -> torch.hub), here against a
+    local cache filled beforehand with files of the names a download leaves (freshly initialised weights): the
+    model gets those weights, and `itfits backbones` marks them offline."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from helpers import REPO, run_cli
+    name = "test_convnext.r160_in1k"
+    sd = _timm_state(name, seed=5)
+    _fill_hf_cache(tmp_path / "hf", name, sd)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "t")}
+    code = ("import sys, torch; from pipelines.backbones import create_backbone; "
+            f"torch.save(create_backbone({name!r}, num_classes=2, weights='auto')[0].state_dict(), sys.argv[1])")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "body.pt")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    body = torch.load(tmp_path / "body.pt", weights_only=True)
+    assert body and all(torch.equal(v, sd[k]) for k, v in body.items()), "the cached weights, not random ones"
+    listed = run_cli("backbones", "test_conv*", env=env).stdout.splitlines()
+    assert [line for line in listed if line.startswith(name + " ")][0].endswith("offline")
+    bare = run_cli("backbones", "test_conv*", env={**env, "HF_HUB_CACHE": str(tmp_path / "empty")}).stdout
+    assert name in bare and "offline" not in bare
+    # torchvision: TORCH_HOME/hub/checkpoints/<the file name of the weights' URL>
+    import torchvision
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    want = _resnet_state(seed=6)
+    (tmp_path / "t" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(want, tmp_path / "t" / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "t"))
+    assert backbones.weights_cached("torchvision", "resnet18")
+    got = create_backbone("resnet18", num_classes=2, weights="auto")[0].features
+    assert torch.equal(got[0].weight, want["conv1.weight"]) and torch.equal(got[4][0].bn1.running_var,
+                                                                             want["layer1.0.bn1.running_var"])
+
+
+def test_a_bundle_of_a_timm_name_rebuilds_it(tmp_path):
+    from pipelines.bundle import image_bundle_meta, load_bundle, save_bundle
+    from pipelines.images import ImagePreprocessing
+    from pipelines.unknown import Calibration
+    name = "test_convnext.r160_in1k"
+    model = create_backbone(name, num_classes=2, weights="none")
+    spec = get_spec(name)
+    meta = image_bundle_meta(name, ["a", "b"], ImagePreprocessing(size=64, mean=spec.mean, std=spec.std), training={})
+    save_bundle(model, meta, Calibration(temperature=1.0, score="max_softmax"), tmp_path / "model")
+    loaded = load_bundle(tmp_path / "model")
+    assert loaded.meta["backbone"] == name
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.model.state_dict().items())

@@ -368,11 +368,13 @@ def test_backbones_lists_every_backbone_and_the_default():
     proc = run_cli("backbones")
     assert proc.returncode == 0
     lines = proc.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines] == list_backbones()
+    assert [line.split()[0] for line in lines[:-1]] == list_backbones()
+    assert "timm models" in lines[-1] and "NAME.TAG" in lines[-1], "timm's models are listed by a pattern"
     default = [line for line in lines if "[default]" in line]
     assert len(default) == 1 and default[0].startswith("efficientnet_lite0") and "offline" in default[0]
     filtered = [line.split()[0] for line in run_cli("backbones", "resnet*").stdout.strip().splitlines()]
-    assert filtered == ["resnet18", "resnet34", "resnet50"]
+    assert filtered[:3] == ["resnet18", "resnet34", "resnet50"], "the registered names first"
+    assert "resnet50.a1_in1k" in filtered and all(n.startswith("resnet") for n in filtered)
 
 
 def test_backbones_pattern_matching_none_is_an_error_with_the_way_out():

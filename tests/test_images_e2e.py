@@ -301,3 +301,44 @@ def test_bundles_without_unknown_statistics_evaluate_on_logit_scores(small_learn
     save_bundle(learn.model, meta, Calibration(score="knn"), tmp_path / "knn")
     with pytest.raises(ItfitsError, match="is not a valid itfits bundle: its unknown score 'knn' needs the training"):
         load_bundle(tmp_path / "knn")
+
+
+def test_tta_averages_each_image_with_its_mirror_and_keeps_the_calibration(trained_run, cli, tmp_path):
+    """--tta: the same rows and columns; each row's outputs are the bundle's calibration applied to the mean of the
+    model's outputs on the image and on its mirror image (computed here on the unfolded model); off by default."""
+    from pipelines.audio import MelConfig
+    from pipelines.backbones import forward_features
+    from pipelines.bundle import load_bundle
+    from pipelines.errors import ItfitsError
+    from pipelines.images import ImagePreprocessing, load_image
+    from pipelines.predict import PredictConfig, file_batches, predict
+    files = [str(p) for p in sorted(FASHION_TEST.rglob("*.png"))[::6]]
+    bundle = load_bundle(trained_run.model)
+    plain = list(predict(bundle, files, PredictConfig(precision="fp32", num_workers=0)))
+    rows = list(predict(bundle, files, PredictConfig(precision="fp32", num_workers=0, tta=True)))
+    assert [r["path"] for r in rows] == [r["path"] for r in plain] and list(rows[0]) == list(plain[0])
+    prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
+    x = prep.normalize(torch.stack([torch.from_numpy(prep.array(load_image(f, gray=True))) for f in files]))
+    with torch.inference_mode():
+        views = [forward_features(bundle.model.eval(), v) for v in (x, x.flip(3))]
+    logits, feats = ((a + b).numpy() / 2 for a, b in zip(*views))
+    probs, scores, unknown = bundle.calibration.apply(logits, feats)
+    np.testing.assert_allclose([r["confidence"] for r in rows], probs.max(1), rtol=1e-3)
+    np.testing.assert_allclose([r["score"] for r in rows], scores, rtol=1e-3, atol=1e-3)
+    assert [r["unknown"] for r in rows] == unknown.tolist()
+    assert not np.allclose([r["confidence"] for r in rows], [r["confidence"] for r in plain]), "the mirror counts"
+    with pytest.raises(ItfitsError, match="--tta is for image models"):
+        file_batches(bundle.model, prep, [], mel=MelConfig(duration=1.0), tta=True)
+    out = tmp_path / "p.csv"
+    proc = cli("predict", trained_run.model, *files, "--out", out, "--workers", "0", "--precision", "fp32", "--tta")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(pl.read_csv(out)["confidence"].to_numpy(), probs.max(1), rtol=1e-3)
+    import shutil
+    from pipelines.evaluate import evaluate
+    for f in files:  # a small labelled folder: evaluate --tta scores the same views
+        (tmp_path / "data" / Path(f).parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, tmp_path / "data" / Path(f).parent.name)
+    m = evaluate(trained_run.model, tmp_path / "data", out=tmp_path / "ev", num_workers=0, tta=True)
+    assert m["tta"] and m["n_known"] == len(files)
+    assert m["accuracy"] == pytest.approx(float((probs.argmax(1) == np.array(
+        [bundle.classes.index(Path(f).parent.name) for f in files])).mean()))

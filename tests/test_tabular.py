@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 from dataclasses import fields
 from pathlib import Path
 
@@ -385,20 +386,21 @@ def test_columns_are_inferred_like_fastai_and_overridable(tmp_path):
     d = prepare_table(PENGUINS, target="species", cat=["flipper_length_mm"], cont=["year"], ignore=["island"])
     assert d.prep.cat == ["flipper_length_mm", "sex"] and "year" in d.prep.cont and "island" not in d.prep.inputs
     assert d.x_cat.shape == (344, 2 + len(d.prep.na)) and d.x_cont.shape == (344, 4)
-    table = penguins().with_columns(id=pl.format("bird-{}", pl.int_range(pl.len())), tagged=pl.col("year") > 2007,
+    table = penguins().with_columns(id=pl.format("pair-{}", pl.int_range(pl.len()) // 2), tagged=pl.col("year") > 2007,
                                     ring=pl.int_range(pl.len()) % 50)
     table.write_parquet(tmp_path / "t.parquet")
     d = prepare_table(tmp_path / "t.parquet", target="species")
     assert "tagged" in d.prep.cat and d.prep.dtypes["tagged"] == "Boolean" and "ring" in d.prep.cont
     assert any("'id'" in n and "--ignore id" in n for n in d.notes), "an id-like column is pointed out"
+    assert "id" in d.prep.cat, "a column with repeated values is kept (one unique per row is left out)"
     with pytest.raises(ItfitsError, match="did you mean 'island'"):
         prepare_table(PENGUINS, target="species", ignore=["islnd"])
     with pytest.raises(ItfitsError, match="both --cat and --cont"):
         prepare_table(PENGUINS, target="species", cat=["year"], cont=["year"])
     with pytest.raises(ItfitsError, match="--target"):
         prepare_table(PENGUINS, target="species", ignore=["species"])
-    table.with_columns(seen=pl.date(2020, 1, 1)).write_parquet(tmp_path / "d.parquet")
-    with pytest.raises(ItfitsError, match="--ignore seen"):
+    table.with_columns(seen=pl.duration(days=pl.int_range(pl.len()))).write_parquet(tmp_path / "d.parquet")
+    with pytest.raises(ItfitsError, match="type Duration.*--ignore seen"):
         prepare_table(tmp_path / "d.parquet", target="species")
 
 
@@ -562,3 +564,116 @@ def test_cli_rejects_image_training_flags_with_target(tmp_path):
     with pytest.raises(ItfitsError, match="--arch"):  # and lr-find, which shares fit's preparation
         run_lr_find(FitConfig(data=str(PENGUINS), target="species", arch="resnet18", out=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
+
+
+# ---- tables as people have them: dates, ids, overfitting ------------------------------------------------------------
+
+def dated_penguins(tmp_path) -> Path:
+    """The penguins with an ISO date (one a day from 2007-12-20: month, quarter and year ends) and a bird id."""
+    df = penguins()
+    start = pl.date(2007, 12, 20)
+    days = pl.date_range(start, start.dt.offset_by(f"{df.height - 1}d"), eager=True)
+    df = df.with_columns(seen=days.dt.strftime("%Y-%m-%d"), bird=pl.format("bird-{}", pl.int_range(pl.len())))
+    df.write_csv(tmp_path / "dated.csv")
+    return tmp_path / "dated.csv"
+
+
+def test_date_parts_are_fastais_add_datepart_for_text_and_parquet_dates(tmp_path):
+    """A CSV column of ISO dates and a Parquet Date column give the same model inputs: fastai's date parts (compared
+    with fastai's own add_datepart), not a category with one value per row; an id column is left out, saying so."""
+    import pandas as pd
+    from fastai.tabular.core import add_datepart
+    from pipelines.tabular import DATE_PARTS, prepare_table
+    csv = dated_penguins(tmp_path)
+    d = prepare_table(csv, target="species")
+    parts = [f"seen_{p}" for p in DATE_PARTS + ("Elapsed",)]
+    assert d.prep.dates == {"seen": {"format": "%Y-%m-%d", "time": False}} and set(parts) <= set(d.prep.inputs)
+    assert "seen" not in d.prep.inputs and "bird" not in d.prep.inputs and "bird" in d.prep.ignore
+    assert any("'bird'" in n and "--cat bird" in n for n in d.notes) and any("'seen' read as dates" in n for n in d.notes)
+    assert d.prep.columns[0] == "seen" and "seen_Year" not in d.prep.columns
+    pl.read_csv(csv).with_columns(pl.col("seen").str.to_date()).write_parquet(tmp_path / "dated.parquet")
+    p = prepare_table(tmp_path / "dated.parquet", target="species")
+    assert p.prep.inputs == d.prep.inputs and p.prep.dates["seen"]["format"] is None
+    np.testing.assert_array_equal(p.x_cat, d.x_cat)
+    np.testing.assert_array_equal(p.x_cont, d.x_cont)
+    from pipelines.tabular import expand_dates
+    ours, _ = expand_dates(pl.read_csv(csv).select("seen"), d.prep.dates, source=csv)
+    # nanoseconds: fastai's Elapsed divides by 10**9 whatever the unit (pandas 2 parses these to microseconds)
+    seen = pd.to_datetime(pl.read_csv(csv)["seen"].to_list()).astype("datetime64[ns]")
+    theirs = add_datepart(pd.DataFrame({"seen": seen}), "seen", prefix="seen_")
+    assert ours.columns == list(theirs.columns) == parts
+    for c in parts:
+        np.testing.assert_array_equal(ours[c].to_numpy().astype(float), theirs[c].to_numpy().astype(float), err_msg=c)
+    assert ours["seen_Is_year_end"].sum() == 1 and ours["seen_Is_quarter_start"].sum() > 1
+    kept = prepare_table(csv, target="species", cat=["bird", "seen"])
+    assert {"bird", "seen"} <= set(kept.prep.cat) and kept.prep.dates == {}, "--cat keeps a column as it is"
+
+
+def test_a_dated_table_fits_and_predicts_its_date_parts_from_csv_and_parquet(tmp_path):
+    """fit records the dates and ids in run.json and the bundle; predict reads the date column of a CSV or of a
+    Parquet file into the same parts (same outputs as the trained model's on its validation rows), and a row whose
+    date does not read is an error row naming the column."""
+    from pipelines.bundle import load_bundle
+    from pipelines.tabular import TabularPreprocessing, prepare_table, tabular_outputs
+    from pipelines.training import FitConfig, fit
+    csv = dated_penguins(tmp_path)
+    lines = []
+    summary = fit(FitConfig(data=str(csv), target="species", out=str(tmp_path / "run"), epochs=2, lr=1e-2),
+                  log=lines.append)
+    assert any("note: column 'bird'" in line for line in lines) and any("'seen' read as dates" in x for x in lines)
+    assert summary["resolved"]["dates"] == {"seen": {"format": "%Y-%m-%d", "time": False}}
+    assert "bird" in summary["resolved"]["ignore"]
+    bundle = load_bundle(tmp_path / "run" / "model")
+    prep = TabularPreprocessing.from_json(bundle.meta["preprocessing"])
+    assert prep.dates == summary["resolved"]["dates"] and "seen_Dayofyear" in prep.inputs
+    data = prepare_table(csv, target="species")
+    logits, _ = tabular_outputs(bundle.model, *data.part(True)[:2])
+    rows = pl.read_csv(csv, null_values="NA")[data.rows[data.valid].tolist()].drop("bird")  # predict needs no id
+    rows.write_csv(tmp_path / "rows.csv")
+    rows.with_columns(pl.col("seen").str.to_date()).write_parquet(tmp_path / "rows.parquet")
+    for name in ("rows.csv", "rows.parquet"):
+        out = predict_table(bundle, tmp_path / name, topk=3)
+        assert out["error"].null_count() == out.height and out.columns[:rows.width] == rows.columns
+        assert out["top1"].to_list() == [CLASSES[i] for i in logits.argmax(1)], name
+    rows.with_columns(seen=pl.when(pl.int_range(pl.len()) == 1).then(pl.lit("2008-02-30")).otherwise("seen")) \
+        .write_csv(tmp_path / "bad.csv")
+    out = predict_table(bundle, tmp_path / "bad.csv")
+    assert out["error"][1] == "seen: '2008-02-30' is not a date (%Y-%m-%d)" and out["error"].null_count() == out.height - 1
+    rows.drop("seen").write_csv(tmp_path / "undated.csv")
+    with pytest.raises(ItfitsError, match="lacks column.*seen"):
+        predict_table(bundle, tmp_path / "undated.csv")
+
+
+def test_tabular_training_keeps_the_epoch_of_lowest_validation_loss(tmp_path):
+    """A category with one value per row (an id, here given with --cat) lets the model memorise the training rows:
+    validation loss falls, then rises. The run keeps the weights of the best epoch and says which."""
+    from pipelines.bundle import load_bundle
+    from pipelines.tabular import prepare_table, tabular_outputs
+    from pipelines.training import FitConfig, fit
+    csv = dated_penguins(tmp_path)
+    config = FitConfig(data=str(csv), target="sex", cat=["bird"], ignore=["seen"], valid_pct=0.5, bs=16, epochs=10,
+                       lr=1e-2, out=str(tmp_path / "run"), seed=0)
+    lines = []
+    summary = fit(config, log=lines.append)
+    losses = pl.read_csv(tmp_path / "run" / "history.csv")["valid_loss"]
+    kept = summary["resolved"]["kept_epoch"]
+    assert kept == losses.arg_min() and kept < losses.len() - 1, f"the set-up should overfit: {losses.to_list()}"
+    assert summary["results"]["valid_loss"] == pytest.approx(losses.min())
+    assert any(f"kept the weights of epoch {kept}" in line for line in lines)
+    data = prepare_table(csv, target="sex", cat=["bird"], ignore=["seen"], valid_pct=0.5, seed=0)
+    x_cat, x_cont, y = data.part(True)
+    logits, _ = tabular_outputs(load_bundle(tmp_path / "run" / "model").model, x_cat, x_cont)
+    loss = torch.nn.functional.cross_entropy(torch.as_tensor(logits), torch.as_tensor(y)).item()
+    assert loss == pytest.approx(losses.min(), rel=1e-4) and loss < losses[-1]
+
+
+def test_bundles_from_before_dates_still_predict(bundle, tmp_path):
+    """An itfits.json without `dates` (bundles written before dates were expanded) loads and predicts."""
+    from pipelines.bundle import load_bundle
+    shutil.copytree(bundle.path, tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "itfits.json").read_text())
+    del meta["preprocessing"]["dates"]
+    (tmp_path / "old" / "itfits.json").write_text(json.dumps(meta))
+    out = predict_table(load_bundle(tmp_path / "old"), PENGUINS)
+    assert out.height == 344 and out["error"].null_count() == 344
+    assert out["top1"].to_list() == predict_table(bundle, PENGUINS)["top1"].to_list()
