@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -62,35 +61,39 @@ def train_and_dump(set_dir: Path, run: Path, *, size: int, seed: int, epochs: in
         out["meta"] = json.loads((run / "suite_run.json").read_text())
         return out
     audio = set_dir.name in suite_sets.AUDIO_SETS
-    t0 = time.perf_counter()
-    summary = fit(FitConfig(data=str(set_dir / "fit"), out=str(run), size=size, seed=seed, epochs=epochs),
-                  log=lambda *a: None)
-    fit_seconds = time.perf_counter() - t0
+    if not (run / "model").is_dir():  # else a run whose outputs were not dumped yet: its bundle is kept
+        fit(FitConfig(data=str(set_dir / "fit"), out=str(run), size=size, seed=seed, epochs=epochs),
+            log=lambda *a: None)
+    summary = json.loads((run / "run.json").read_text())
+    fit_seconds = summary["results"]["seconds"]
     bundle = load_bundle(run / "model")
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
     ref = reference_model(bundle.meta["backbone"])
-    classes, exts = bundle.classes, AUDIO_EXTS if audio else IMAGE_EXTS
+    classes, exts, calib = bundle.classes, AUDIO_EXTS if audio else IMAGE_EXTS, bundle.calibration
     out = {}
     torch.manual_seed(0)
     for split in SPLITS:
         folder = set_dir / "fit" / split if split in ("train", "valid") else set_dir / split
         paths, labels = files(folder, exts)
-        logits, feats, errors = file_outputs(bundle.model, prep, paths, mel=bundle.mel, num_workers=0)
+        # the bundle as itfits predict runs it: [head | stage | its reference's stage, where it has one]
+        logits, feats, errors = file_outputs(bundle.scoring_model, prep, paths, mel=bundle.mel, num_workers=0)
         _, ref_feats, _ = file_outputs(ref, prep, paths, mel=bundle.mel, num_workers=0)
         assert not any(errors), (split, [e for e in errors if e][:3])
-        out[f"{split}_logits"], out[f"{split}_feats"], out[f"{split}_ref"] = logits, feats, ref_feats
+        out[f"{split}_logits"], out[f"{split}_ref"] = logits, ref_feats
+        out[f"{split}_bundle_feats"] = feats
+        out[f"{split}_feats"] = feats[:, :feats.shape[1] - calib.stats.ref_dim]  # the fine-tuned model's own
         out[f"{split}_y"] = np.array([classes.index(c) if c in classes else -1 for c in labels])
-    calib = bundle.calibration
     meta = {"temperature": calib.temperature, "head_dim": calib.stats.head_dim,
             "ref_dim": int(ref[1][1].in_features), "fit_seconds": round(fit_seconds, 1),
             "valid_accuracy": summary["results"]["valid_accuracy"], "bs": summary["resolved"]["bs"],
             "lr": summary["resolved"]["lr"]}
     # the bundle's own scores (its statistics, as itfits predict computes them)
     for split in ("valid", "test", "near", "far"):
-        s = U.compute_scores(out[f"{split}_logits"], out[f"{split}_feats"], temperature=calib.temperature,
+        s = U.compute_scores(out[f"{split}_logits"], out.pop(f"{split}_bundle_feats"), temperature=calib.temperature,
                              stats=calib.stats, names=calib.scores)
-        for name in ("knn", "mahalanobis", "combined"):
-            out[f"{split}_bundle_{name}"] = s[name]
+        for name in ("knn", "mahalanobis", "combined", "pretrained_mahalanobis"):
+            if name in s:
+                out[f"{split}_bundle_{name}"] = s[name]
     np.savez(cache, **out)
     (run / "suite_run.json").write_text(json.dumps(meta))
     out["meta"] = meta
@@ -165,7 +168,7 @@ FEATURE_SCORES = {  # name -> (feature space, scorer class, kwargs)
     "maha++_ref_stage": ("ref_stage", Maha, {}),
 }
 LOGIT_SCORES = ("max_softmax", "max_logit", "energy")
-BUNDLE_SCORES = ("bundle_knn", "bundle_mahalanobis", "bundle_combined")
+BUNDLE_SCORES = ("bundle_knn", "bundle_mahalanobis", "bundle_combined", "bundle_pretrained_mahalanobis")
 SUMS = {  # standardised on the validation items, then added
     "maha++_ref+msp": ("maha++_ref", "max_softmax_log"),
     "knn_ref+msp": ("knn_ref", "max_softmax_log"),
@@ -173,6 +176,8 @@ SUMS = {  # standardised on the validation items, then added
     "maha++_ref+maha++_head": ("maha++_ref", "maha++_head"),
     "maha++_ref+combined": ("maha++_ref", "bundle_combined"),
     "maha++_ref+maha++_head+msp": ("maha++_ref", "maha++_head", "max_softmax_log"),
+    "maha++_ref_stage+msp": ("maha++_ref_stage", "max_softmax_log"),
+    "maha++_ref_stage+combined": ("maha++_ref_stage", "bundle_combined"),
 }
 REF_ONLY = {n for n, (space, _, _) in FEATURE_SCORES.items() if space.startswith("ref")}
 
@@ -185,7 +190,8 @@ def all_scores(d: dict) -> dict[str, dict[str, np.ndarray]]:
         s = U.compute_scores(d[f"{split}_logits"], None, temperature=t, stats=None, names=LOGIT_SCORES)
         s["max_softmax_log"] = np.log(np.clip(s["max_softmax"], 1e-30, None))
         for n in BUNDLE_SCORES:
-            s[n] = d[f"{split}_{n}"]
+            if f"{split}_{n}" in d:  # bundle_pretrained_mahalanobis: runs trained since the reference body
+                s[n] = d[f"{split}_{n}"]
         for n, v in s.items():
             out.setdefault(n, {})[split] = v
     y = d["train_y"]
@@ -283,7 +289,7 @@ def main():
 
 
 def report(runs: dict) -> None:
-    names = list(next(iter(runs.values()))["scores"])
+    names = [n for n in next(iter(runs.values()))["scores"] if all(n in r["scores"] for r in runs.values())]
     for size in sorted({r["size"] for r in runs.values()}):
         per_set = {}  # set -> candidate -> metrics averaged over seeds
         for s in dict.fromkeys(r["set"] for r in runs.values()):
@@ -302,8 +308,8 @@ def report(runs: dict) -> None:
             print(table(sub, names, ["kept_valid", "rejected_near_valid", "rejected_far_valid", "kept_cv",
                                      "rejected_near_cv", "rejected_far_cv"]))
         print(f"\n### per set at {size} px: AUROC near / far\n")
-        pick = ["max_softmax", "bundle_combined", "knn_ref", "maha++_ref", "rmaha_ref", "maha++_ref+msp",
-                "maha++_ref+combined"]
+        pick = ["max_softmax", "bundle_combined", "maha++_ref", "rmaha_ref", "maha++_ref_stage",
+                "maha++_ref_stage+combined"]
         print("| set | test accuracy | " + " | ".join(pick) + " |\n|---|---|" + "---|" * len(pick))
         for s, r in per_set.items():
             acc = np.mean([x["test_accuracy"] for x in runs.values() if x["set"] == s and x["size"] == size])

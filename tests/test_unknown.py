@@ -111,10 +111,11 @@ def test_bundle_round_trip_keeps_calibration(trained_run, tmp_path):
     bundle = load_bundle(trained_run.model)
     cal = bundle.calibration
     changed = Calibration(temperature=1.7, score="mahalanobis", threshold=-12.5, keep=0.9, stats=cal.stats)
-    save_bundle(bundle.model, {k: v for k, v in bundle.meta.items() if k != "calibration"}, changed, tmp_path / "b")
+    save_bundle(bundle.model, {k: v for k, v in bundle.meta.items() if k not in ("calibration", "reference")}, changed,
+                tmp_path / "b", reference=bundle.scoring_model.reference)
     again = load_bundle(tmp_path / "b")
-    assert again.calibration.json() == changed.json()
-    for name in ("bank", "means", "precision", "stage_bank", "combine"):
+    assert again.calibration.json() == changed.json() and again.meta["reference"] == bundle.meta["reference"]
+    for name in ("bank", "means", "precision", "stage_bank", "combine", "ref_means", "ref_precision"):
         assert np.array_equal(getattr(again.calibration.stats, name), getattr(cal.stats, name))
 
 
