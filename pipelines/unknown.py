@@ -166,7 +166,8 @@ def mahalanobis_pp_fit(x: np.ndarray, targets: np.ndarray, n_classes: int) -> tu
     means = _class_means(x, targets, n_classes)
     centred = x - means[targets]
     cov = centred.T @ centred / max(1, len(x) - 1)
-    cov = (1 - REF_SHRINK) * cov + REF_SHRINK * np.trace(cov) / len(cov) * np.eye(len(cov))
+    scale = np.trace(cov) / len(cov) if np.trace(cov) > 0 else 1.0  # 0: one training item per class
+    cov = (1 - REF_SHRINK) * cov + REF_SHRINK * scale * np.eye(len(cov))
     return means.astype(np.float32), np.linalg.inv(cov).astype(np.float32)
 
 
