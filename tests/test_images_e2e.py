@@ -299,7 +299,7 @@ def test_bundles_without_unknown_statistics_evaluate_on_logit_scores(small_learn
     assert set(metrics["scores"]) == set(LOGIT_SCORES) and metrics["unknown_rule"]["score"] == "energy"
     assert all(0 <= s["auroc"] <= 1 for s in metrics["scores"].values())
     save_bundle(learn.model, meta, Calibration(score="knn"), tmp_path / "knn")
-    with pytest.raises(ItfitsError, match="is not a valid itfits bundle: its unknown score 'knn' needs the training"):
+    with pytest.raises(ItfitsError, match="is not a valid itfits bundle: its unknown score 'knn' needs statistics"):
         load_bundle(tmp_path / "knn")
 
 
@@ -320,7 +320,7 @@ def test_tta_averages_each_image_with_its_mirror_and_keeps_the_calibration(train
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
     x = prep.normalize(torch.stack([torch.from_numpy(prep.array(load_image(f, gray=True))) for f in files]))
     with torch.inference_mode():
-        views = [forward_features(bundle.model.eval(), v) for v in (x, x.flip(3))]
+        views = [forward_features(bundle.scoring_model.eval(), v) for v in (x, x.flip(3))]
     logits, feats = ((a + b).numpy() / 2 for a, b in zip(*views))
     probs, scores, unknown = bundle.calibration.apply(logits, feats)
     np.testing.assert_allclose([r["confidence"] for r in rows], probs.max(1), rtol=1e-3)
