@@ -78,7 +78,8 @@ def test_bad_numbers(tmp_path, args, word):
 
 
 BAD_OPTIONS = [  # (command line after the command's arguments, words of the error); each fails before any work
-    (["--workers", "-1"], "--workers"), (["--bs", "1"], "BatchNorm"), (["--size", "1"], "--size must be between 32 and 2048"), (["--size", "4096"], "between 32 and 2048"),
+    (["--workers", "-1"], "--workers"), (["--bs", "1"], "BatchNorm"), (["--size", "1"], "--size must be between 32 and 2048"),
+    (["--size", "4096"], "between 32 and 2048"),
     (["--size", "16"], "--size"), (["--arch", "vit_small_patch16_224", "--size", "40"], "multiples of 16"),
     (["--freeze-epochs", "-1"], "--freeze-epochs"), (["--threshold", "nan"], "finite"),
     (["--threshold", "inf"], "finite"), (["--keep", "0"], "--keep"), (["--keep", "1.5"], "--keep"),
