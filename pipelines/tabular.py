@@ -164,7 +164,7 @@ def detect_dates(df: pl.DataFrame, *, skip=()) -> dict[str, dict]:
     for name, dtype in df.schema.items():
         if name in skip:
             continue
-        if dtype in (pl.Date, pl.Datetime) or isinstance(dtype, pl.Datetime):
+        if dtype == pl.Date or isinstance(dtype, pl.Datetime):
             found[name] = {"format": None, "time": dtype != pl.Date}
         elif dtype == pl.String or isinstance(dtype, pl.Categorical):
             fmt = _text_date_format(df[name])
@@ -173,22 +173,27 @@ def detect_dates(df: pl.DataFrame, *, skip=()) -> dict[str, dict]:
     return found
 
 
-def _as_dates(s: pl.Series, spec: dict, source) -> pl.Series:
-    """Column `s` as Date (or Datetime, spec["time"]), values that do not read as the stored format null. A date
-    column of a Parquet-trained model that comes as text reads in the first format that fits it."""
+def _as_dates(s: pl.Series, spec: dict, source) -> tuple[pl.Series, pl.Series, str]:
+    """(column `s` as Date, or Datetime (spec["time"]); per row whether its value is not a date of the format;
+    the format). A date column of a Parquet-trained model that comes as text reads in the first format that fits."""
     if s.dtype == pl.Null:
         s = s.cast(pl.String)
+    fmt = spec["format"] or "a Date or Datetime column"
     if s.dtype == pl.String or isinstance(s.dtype, pl.Categorical):
         text = s.cast(pl.String).str.strip_chars()
-        text = text.set(text.is_in(NULL_VALUES), None)
+        text = text.set(text.is_in(NULL_VALUES), None)  # NA words are missing dates, not bad ones
         fmt = spec["format"] or _text_date_format(text) or DATE_FORMATS[0]
         s = _read_dates(text, fmt)
-    elif not (s.dtype == pl.Date or isinstance(s.dtype, pl.Datetime)):
+        bad = text.is_not_null() & s.is_null()
+    elif s.dtype == pl.Date or isinstance(s.dtype, pl.Datetime):
+        bad = pl.repeat(False, s.len(), eager=True)
+    else:
         raise ItfitsError(f"column '{s.name}' in {source} has type {s.dtype}; the model reads it as dates "
-                          f"({spec['format'] or 'a Date or Datetime column'}): fix the column")
+                          f"({fmt}): fix the column")
     if isinstance(s.dtype, pl.Datetime) and s.dtype.time_zone is not None:
-        s = s.dt.replace_time_zone(None)  # the wall-clock time in its own zone, as pandas' .dt gives it
-    return s.cast(pl.Datetime("us") if spec["time"] else pl.Date)
+        s = s.dt.replace_time_zone(None)  # a zoned column: its wall-clock time, as pandas' .dt gives; text with an
+        # offset (%#z) was read into UTC
+    return s.cast(pl.Datetime("us") if spec["time"] else pl.Date), bad, fmt
 
 
 def expand_dates(df: pl.DataFrame, dates: dict[str, dict], *, source) -> tuple[pl.DataFrame, pl.Series]:
@@ -196,15 +201,14 @@ def expand_dates(df: pl.DataFrame, dates: dict[str, dict], *, source) -> tuple[p
     A missing date gives missing parts; a value that is not a date of the column's format is a row error naming it."""
     parts, messages = [], []
     for name, spec in dates.items():
-        d = _as_dates(df[name], spec, source)
-        bad = df[name].is_not_null() & d.is_null()
+        d, bad, fmt = _as_dates(df[name], spec, source)
         n_bad = int(bad.sum())
-        if n_bad and n_bad == d.len() - df[name].null_count():
-            raise ItfitsError(f"column '{name}' in {source} has no value that reads as a date "
-                              f"({spec['format'] or 'a date'}), as the model needs. Fix the column")
+        if n_bad and d.null_count() == d.len():  # values given, none of them a date
+            raise ItfitsError(f"column '{name}' in {source} has no value that reads as a date ({fmt}), as the model "
+                              "needs. Fix the column")
         if n_bad:
             messages.append(pl.when(bad).then(pl.lit(f"{name}: '") + df[name].cast(pl.String)
-                                              + pl.lit(f"' is not a date ({spec['format']})")))
+                                              + pl.lit(f"' is not a date ({fmt})")))
         t = pl.col(name)
         day, month = t.dt.day(), t.dt.month()
         month_end = day == t.dt.days_in_month()
