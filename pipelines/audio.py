@@ -103,6 +103,8 @@ def clip_seconds(path: str) -> float | None:
     """A clip's length from its header (libsndfile), or None when that cannot tell (the clip's error comes when it
     is rendered)."""
     import soundfile
+    if not_a_file(os_path(path)):  # a FIFO would block the header read forever
+        return None
     try:
         return float(soundfile.info(os_path(path)).duration)
     except Exception:  # libsndfile raises several types; an unreadable file just has no length here
