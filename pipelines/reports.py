@@ -14,25 +14,23 @@ from .errors import ItfitsWarning
 from .io import atomic_path, write_table
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
+def _figure_axes(ncols: int = 0, *, figsize: tuple[float, float]):
+    """A matplotlib Figure (no pyplot: no global figure list, and the user's backend stays as it is) and its one
+    axes, or a row of `ncols` axes (an array, whatever ncols). Figure.savefig renders PNG with Agg, whatever the
+    backend."""
+    from matplotlib.figure import Figure  # heavy: only when a plot is drawn
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0] if ncols else fig.subplots()
 
 
 def _save(fig, path: Path) -> None:
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    finally:
-        _pyplot().close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 def plot_lr_find(lrs, losses, suggestions: dict[str, float], chosen: str, path: Path) -> None:
     """Loss against learning rate (log scale), each suggestion marked, the chosen one named in the legend."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure_axes(figsize=(6, 4))
     ax.plot(lrs, losses)
     for (name, lr), color in zip(suggestions.items(), ["C1", "C2", "C3", "C4"]):
         y = np.interp(np.log(lr), np.log(lrs), losses)
@@ -71,10 +69,9 @@ def write_confusion_matrix(cm: np.ndarray, classes: list[str], out_dir: Path) ->
         keep = most_confused(cm, CM_PLOT_MAX)
         cm, classes = cm[np.ix_(keep, keep)], [classes[i] for i in keep]
         title = f"the {CM_PLOT_MAX} most-confused classes of {len(table)} (valid; all in confusion_matrix.csv)"
-    plt = _pyplot()
     n = len(classes)
     side = min(CM_MAX_INCHES, 1.5 + 0.6 * n)
-    fig, ax = plt.subplots(figsize=(side, side - 0.3))
+    fig, ax = _figure_axes(figsize=(side, side - 0.3))
     ax.imshow(cm, cmap="Blues")
     if n <= CM_TEXT_MAX:
         for i in range(n):
@@ -109,8 +106,7 @@ def plot_reliability(probs: np.ndarray, targets: np.ndarray, path: Path, bins: i
     idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
     centres = (edges[:-1] + edges[1:]) / 2
     acc = [correct[idx == b].mean() if (idx == b).any() else np.nan for b in range(bins)]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = _figure_axes(figsize=(4.5, 4.5))
     ax.bar(centres, acc, width=1 / bins, edgecolor="black", alpha=0.7, label="accuracy")
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="reliability")
@@ -124,8 +120,7 @@ def plot_risk_coverage(scores: np.ndarray, correct: np.ndarray, path: Path, *, t
     order = np.argsort(-scores)
     n = np.arange(1, len(order) + 1)
     risk = np.cumsum(~correct[order]) / n
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = _figure_axes(figsize=(5, 4))
     ax.plot(n / len(order), risk)
     if threshold is not None:
         cov = float((scores >= threshold).mean())
@@ -136,37 +131,40 @@ def plot_risk_coverage(scores: np.ndarray, correct: np.ndarray, path: Path, *, t
     _save(fig, path)
 
 
+THROUGHPUT = ("seconds", "images", "images_per_s", "rows", "rows_per_s")  # history columns of speed, not quality
+
+
 def plot_losses(history: pl.DataFrame, path: Path) -> None:
-    """Train/valid loss and each metric per epoch; the frozen (head-only) epochs of fine_tune shaded."""
-    plt = _pyplot()
+    """losses_figure as a PNG file."""
+    _save(losses_figure(history), path)
+
+
+def losses_figure(history: pl.DataFrame):
+    """Train/valid loss per epoch, then each validation metric on its own axis (accuracy 0..1 beside a loss of 2
+    would be a flat line); throughput (images/s) left out. The frozen (head-only) epochs of fine_tune shaded."""
     epochs = history["epoch"].to_numpy()
-    metrics = [c for c in history.columns if c not in ("epoch", "phase", "train_loss", "valid_loss", "seconds")]
-    fig, axes = plt.subplots(1, 2 if metrics else 1, figsize=(10 if metrics else 5, 3.8), squeeze=False)
-    loss_ax = axes[0, 0]
+    metrics = [c for c in history.columns if c not in ("epoch", "phase", "train_loss", "valid_loss", *THROUGHPUT)]
+    fig, axes = _figure_axes(1 + len(metrics), figsize=(4.5 * (1 + len(metrics)), 3.8))
     for col in ("train_loss", "valid_loss"):
         if col in history.columns:
-            loss_ax.plot(epochs, history[col].to_numpy(), "o-", label=col.replace("_", " "))
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    if metrics:
-        for col in metrics:
-            axes[0, 1].plot(epochs, history[col].to_numpy(), "o-", label=col)
-        axes[0, 1].set(xlabel="epoch", title="validation metrics")
-    if "phase" in history.columns:
-        frozen = epochs[(history["phase"] == "frozen").to_numpy()]
-        for ax in axes[0]:
-            if len(frozen):
-                ax.axvspan(frozen.min() - 0.5, frozen.max() + 0.5, color="gray", alpha=0.15, label="frozen (head only)")
-    for ax in axes[0]:
+            axes[0].plot(epochs, history[col].to_numpy(), "o-", label=col.replace("_", " "))
+    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
+    for ax, col in zip(axes[1:], metrics):
+        ax.plot(epochs, history[col].to_numpy(), "o-", color="C2", label=col.replace("_", " "))
+        ax.set(xlabel="epoch", ylabel=col.replace("_", " "), title=f"validation {col.replace('_', ' ')}")
+    frozen = epochs[(history["phase"] == "frozen").to_numpy()] if "phase" in history.columns else []
+    for ax in axes:
+        if len(frozen):
+            ax.axvspan(frozen.min() - 0.5, frozen.max() + 0.5, color="gray", alpha=0.15, label="frozen (head only)")
         ax.set_xticks(epochs)
         ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    return fig
 
 
 def plot_predicted_vs_actual(actual: np.ndarray, predicted: np.ndarray, path: Path, *, target: str) -> None:
     """Each validation row's prediction against its true value; a perfect model puts every point on the diagonal."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = _figure_axes(figsize=(4.5, 4.5))
     ax.scatter(actual, predicted, s=12, alpha=0.6)
     lo, hi = min(actual.min(), predicted.min()), max(actual.max(), predicted.max())
     ax.plot([lo, hi], [lo, hi], "--", color="gray", label="predicted = actual")
@@ -265,7 +263,19 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}img.plot{max-width:100
 
 
 def _fmt(v) -> str:
-    return "—" if v is None else format(v, ".4g") if isinstance(v, float) else str(v)
+    """A value as a person reads it: numbers to 4 significant digits, records (dicts) as `key: value` text, lists
+    joined by commas, None as a dash."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return format(v, ".4g")
+    if isinstance(v, dict):
+        return "; ".join(f"{k.replace('_', ' ')}: {_fmt(x)}" for k, x in v.items()) or "—"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(_fmt, v)) or "—"
+    return str(v)
 
 
 def _kv_table(d: dict):
@@ -288,16 +298,24 @@ def _figure(path: Path, alt: str):
     return Img(src=png_data_uri(path.read_bytes()), alt=alt, cls="plot")
 
 
+def _folded(title: str, *content):
+    from fastcore.xml import Details, Summary
+    return Details(Summary(title), *content)
+
+
 def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validation, *,
-                 notes: list[str] | None = None) -> Path:
-    """RUN/report.html: settings, lr_find, loss curves, skipped files, and for a classifier the confusion matrix,
-    per-class precision/recall, top losses, calibration and unknown figures; for a regression predicted against
-    actual and the rows with the largest errors. Writes losses.png, top_losses.csv and (classifier) reliability.png,
-    risk_coverage.png, per_class.csv or (regression) predicted_vs_actual.png beside it. Every image is embedded, so
-    the one file can be mailed. Draws only on what training computed (history, validation outputs): it runs no
-    model. Each plot and table is `guarded`: one that fails is left out, with a note in the page and on stderr;
-    `notes` (more such notes) are shown too. Returns the path."""
-    from fastcore.xml import H1, H2, H3, Body, Div, Head, Html, Meta, P, Style, Title, to_xml
+                 notes: list[str] | None = None, defaults: dict | None = None) -> Path:
+    """RUN/report.html, results first: the summary and what to look at (accuracy, the most confused classes, the
+    worst item, the unknown operating point); then for a classifier the confusion matrix, per-class
+    precision/recall, top losses, calibration and unknown figures, for a regression predicted against actual and the
+    rows with the largest errors; then loss curves, lr_find and skipped files; the settings last: those that differ
+    from `defaults` (FitConfig's, as a dict) shown, the rest and the resolved values folded (<details>). Writes
+    losses.png, top_losses.csv and (classifier) confusion_matrix.png/.csv, reliability.png, risk_coverage.png,
+    per_class.csv or (regression) predicted_vs_actual.png beside it. Every image is embedded, so the one file can be
+    mailed. Draws only on what training computed (history, validation outputs): it runs no model. Each plot and
+    table is `guarded`: one that fails is left out, with a note in the page and on stderr; `notes` (more such
+    notes) are shown too. Returns the path."""
+    from fastcore.xml import H1, H2, Body, Head, Html, Li, Meta, P, Style, Title, Ul, to_xml
 
     run = Path(run)
     notes = list(notes or [])
@@ -305,33 +323,25 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
     guarded(notes, "losses.png", plot_losses, history, run / "losses.png")
     top = top_losses(valid, resolved["classes"])
     guarded(notes, "top_losses.csv", write_table, top.drop("index"), run / "top_losses.csv")
-    used = {k: v for k, v in resolved.items() if k not in ("classes", "lr_suggestions")}
-    lr_part = ([_figure(run / "lr_find.png", "lr_find plot"),
-                _kv_table({f"suggestion: {k}": v for k, v in resolved["lr_suggestions"].items()})]
-               if resolved.get("lr_suggestions") else
-               [P(f"lr_find did not run: the learning rate was given ({resolved.get('lr')}).", cls="muted")])
     model = f"a tabular model of '{config['target']}'" if config.get("target") else config.get("arch", "")
     task = ("regression" if valid.regression else
             f"{len(resolved['classes'])} classes ({', '.join(resolved['classes'])})")
-
+    look, part = (_regression_part(run, config.get("target", ""), valid, top, notes) if valid.regression else
+                  _classification_part(run, summary, valid, top, notes))
+    skipped_part, n_skipped = _skipped_part(run)
+    if n_skipped:
+        look.append(f"{n_skipped} input files were skipped (unreadable or empty): the list is below")
     body = [H1("itfits run report"),
+            *[P(note, cls="wrong") for note in notes],  # at the top: a reader must see what is missing
             P(f"{model} on {config.get('data', '')}: {task}, {resolved.get('n_train')} train / "
               f"{resolved.get('n_valid')} valid items."),
-            _kv_table({k.replace("_", " "): v for k, v in results.items()}),
-            H2("Settings"), Div(Div(H3("As given (FitConfig)"), _kv_table(config)),
-                                Div(H3("As used"), _kv_table(used)), cls="grid"),
-            H2("Learning rate finder"), *lr_part,
+            H2("Summary"), _kv_table({k.replace("_", " "): v for k, v in results.items()}),
+            P("What to look at:"), Ul(*[Li(line) for line in look]),
+            *part,
             H2("Loss and metrics"), _figure(run / "losses.png", "loss and metric curves"),
-            *(_regression_part(run, config.get("target", ""), valid, top, notes) if valid.regression else
-              _classification_part(run, summary, valid, top, notes))]
-    skipped = run / "skipped.csv"
-    if skipped.is_file():
-        table = pl.read_csv(skipped, infer_schema_length=0)
-        if table.height:
-            body += [H2(f"Skipped files ({table.height})"), _frame_table(table.head(200)),
-                     P("(first 200; all in skipped.csv)", cls="muted") if table.height > 200 else ""]
-    if notes:
-        body[1:1] = [P(note, cls="wrong") for note in notes]  # at the top: a reader must see what is missing
+            H2("Learning rate finder"), *_lr_part(run, resolved),
+            *skipped_part,
+            H2("Settings"), *_settings_part(config, resolved, defaults)]
     page = Html(Head(Meta(charset="utf-8"), Title(f"itfits report: {run.name}"), Style(_CSS)), Body(*body))
     out = run / "report.html"
     with atomic_path(out) as tmp:
@@ -339,36 +349,95 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
     return out
 
 
-def _classification_part(run: Path, summary: dict, valid: Validation, top: pl.DataFrame, notes: list[str]) -> list:
-    """Confusion matrix (confusion_matrix.png/.csv), per-class table (per_class.csv), top losses, calibration and
-    unknown figures."""
+def _lr_part(run: Path, resolved: dict) -> list:
+    from fastcore.xml import P
+    if not resolved.get("lr_suggestions"):
+        return [P(f"lr_find did not run: the learning rate was given ({resolved.get('lr')}).", cls="muted")]
+    return [_figure(run / "lr_find.png", "lr_find plot"),
+            _kv_table({f"suggestion: {k}": v for k, v in resolved["lr_suggestions"].items()})]
+
+
+def _skipped_part(run: Path) -> tuple[list, int]:
+    from fastcore.xml import H2, P
+    skipped = run / "skipped.csv"
+    table = pl.read_csv(skipped, infer_schema_length=0) if skipped.is_file() else pl.DataFrame()
+    if not table.height:
+        return [], 0
+    return [H2(f"Skipped files ({table.height})"), _frame_table(table.head(200)),
+            P("(first 200; all in skipped.csv)", cls="muted") if table.height > 200 else ""], table.height
+
+
+def _settings_part(config: dict, resolved: dict, defaults: dict | None) -> list:
+    """The settings given that differ from `defaults`, shown; the ones at their defaults and the values the run
+    resolved (lr, batch size, precision, ...), folded."""
+    from fastcore.xml import H3, P
+    defaults = defaults or {}
+    changed = {k: v for k, v in config.items() if k not in defaults or v != defaults[k]}
+    same = {k: v for k, v in config.items() if k not in changed}
+    used = {k: v for k, v in resolved.items() if k not in ("classes", "lr_suggestions")}
+    return [H3("Changed from the defaults (FitConfig)"),
+            _kv_table(changed) if changed else P("none", cls="muted"),
+            *([_folded(f"At their defaults ({len(same)})", _kv_table(same))] if same else []),
+            _folded(f"As used: what the run resolved ({len(used)})", _kv_table(used))]
+
+
+def _classification_part(run: Path, summary: dict, valid: Validation, top: pl.DataFrame,
+                         notes: list[str]) -> tuple[list[str], list]:
+    """(lines of what to look at, sections): confusion matrix (confusion_matrix.png/.csv), per-class table
+    (per_class.csv), top losses, calibration and unknown figures."""
     from fastcore.xml import H2
     from .evaluate import per_class
     classes, calib = summary["resolved"]["classes"], summary.get("calibration") or {}
     probs = valid.probs if valid.probs is not None else _softmax(valid.logits)
     preds = probs.argmax(1)
-    guarded(notes, "confusion_matrix.png", write_confusion_matrix, confusion_matrix(valid.targets, preds, classes),
-            classes, run)
+    cm = confusion_matrix(valid.targets, preds, classes)
+    guarded(notes, "confusion_matrix.png", write_confusion_matrix, cm, classes, run)
     guarded(notes, "reliability.png", plot_reliability, probs, valid.targets, run / "reliability.png")
     if valid.scores is not None:
         guarded(notes, "risk_coverage.png", plot_risk_coverage, valid.scores, preds == valid.targets,
                 run / "risk_coverage.png", threshold=calib.get("threshold"))
     pc_table = pl.DataFrame([{"class": c, **m} for c, m in per_class(valid.targets, preds, classes).items()])
     guarded(notes, "per_class.csv", write_table, pc_table, run / "per_class.csv")
-    return [H2("Confusion matrix (validation)"), _figure(run / "confusion_matrix.png", "confusion matrix"),
-            H2("Per class (validation)"), _frame_table(pc_table),
-            H2(f"Top {top.height} losses (validation)"), _top_losses_part(top, valid),
-            H2("Calibration and unknowns"), *_calibration_part(run, calib, risk=valid.scores is not None)]
+    look = [f"accuracy {float((preds == valid.targets).mean()):.3f} on {len(preds)} validation items"]
+    off = cm - np.diag(np.diag(cm))
+    if off.any():
+        i, j = np.unravel_index(np.argmax(off), off.shape)
+        look.append(f"most confused: {classes[i]} predicted as {classes[j]} ({off[i, j]} of {cm[i].sum()} "
+                    f"{classes[i]} items); the confusion matrix below")
+    if top.height:
+        worst = top.row(0, named=True)
+        look.append(f"worst item: {Path(worst['name']).name}, a {worst['actual']} predicted {worst['predicted']} "
+                    f"(loss {worst['loss']:.3f}); the top losses below")
+    if calib:
+        look.append(f"unknown operating point: {calib.get('score')} >= {_fmt(calib.get('threshold'))} accepts "
+                    + _share(calib.get("valid_correct_accepted")) + " of the correct validation items"
+                    + (f" and {_share(calib['unknown_examples_accepted'])} of the --unknown examples"
+                       if "unknown_examples_accepted" in calib else ""))
+    return look, [H2("Confusion matrix (validation)"), _figure(run / "confusion_matrix.png", "confusion matrix"),
+                  H2("Per class (validation)"), _frame_table(pc_table),
+                  H2(f"Top {top.height} losses (validation)"), _top_losses_part(top, valid),
+                  H2("Calibration and unknowns"), *_calibration_part(run, calib, risk=valid.scores is not None)]
 
 
-def _regression_part(run: Path, target: str, valid: Validation, top: pl.DataFrame, notes: list[str]) -> list:
-    """Predicted against actual (predicted_vs_actual.png) and the rows with the largest errors."""
+def _share(v) -> str:
+    return f"{v:.1%}" if isinstance(v, (int, float)) else _fmt(v)
+
+
+def _regression_part(run: Path, target: str, valid: Validation, top: pl.DataFrame,
+                     notes: list[str]) -> tuple[list[str], list]:
+    """(lines of what to look at, sections): predicted against actual (predicted_vs_actual.png) and the rows with
+    the largest errors."""
     from fastcore.xml import H2
     guarded(notes, "predicted_vs_actual.png", plot_predicted_vs_actual, valid.targets, valid.predictions,
             run / "predicted_vs_actual.png", target=target)
-    return [H2("Predicted against actual (validation)"),
-            _figure(run / "predicted_vs_actual.png", "predicted against actual"),
-            H2(f"The {top.height} largest errors (validation)"), _top_losses_part(top, valid)]
+    error = valid.predictions - valid.targets
+    look = [f"mean absolute error {_fmt(float(np.abs(error).mean()))} on {len(error)} validation rows"]
+    if top.height:
+        look.append(f"largest error: {top['name'][0]}, {_fmt(top['error'][0])} ({_fmt(top['predicted'][0])} "
+                    f"predicted, {_fmt(top['actual'][0])} actual); the rows below")
+    return look, [H2("Predicted against actual (validation)"),
+                  _figure(run / "predicted_vs_actual.png", "predicted against actual"),
+                  H2(f"The {top.height} largest errors (validation)"), _top_losses_part(top, valid)]
 
 
 def _top_losses_part(top: pl.DataFrame, valid: Validation):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,11 @@ class FitConfig:
     cont: list[str] | None = None  # tabular: columns to treat as continuous; None: inferred
     ignore: list[str] | None = None  # tabular: columns not to use (ids, leaks)
     layers: list[int] | None = None  # tabular: hidden layer sizes; None: [200, 100] as fastai's tabular_learner
+
+
+def config_defaults() -> dict:
+    """FitConfig's defaults by field name (the report shows the settings that differ from them)."""
+    return {f.name: f.default for f in fields(FitConfig) if f.default is not MISSING}
 
 
 class History(Callback):
@@ -560,7 +565,7 @@ def finish_images(trained: TrainedImages, config: FitConfig, *, log=print) -> di
     # the bundle and run.json are written: nothing after this may fail the run (reports.guarded)
     report = guarded([], "report.html", write_report, run, summary, history, Validation(
         logits=valid["logits"], targets=valid["targets"], names=valid["paths"], probs=probs, scores=scores,
-        images=images))
+        images=images), defaults=config_defaults())
     log(f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}; report: {report or 'not written'}")
     return summary
 
@@ -680,7 +685,7 @@ def fit_table(config: FitConfig, log=print) -> dict:
     save_bundle(learn.model, tabular_bundle_meta(prep, spec, training=results), calibration, run / "model")
     write_json(summary, run / "run.json")
     report = guarded([], "report.html", write_report, run, summary, history,
-                     Validation(names=[f"row {r}" for r in v_rows], rows=rows, **outputs))
+                     Validation(names=[f"row {r}" for r in v_rows], rows=rows, **outputs), defaults=config_defaults())
     log(", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in results.items() if k.startswith("valid_"))
         + f"; model bundle in {run / 'model'}; report: {report or 'not written'}")
     return summary

@@ -186,7 +186,7 @@ def test_fifo_given_to_predict_is_an_error_row_not_a_hang(trained_run, tmp_path)
     fifo = tmp_path / "x.png"
     os.mkfifo(fifo)
     proc = run_cli("predict", trained_run.model, fifo, TEST_PNG, "--out", tmp_path / "p.csv", "--workers", "0",
-                   timeout=300)
+                   timeout=300)  # a subprocess: a hang fails the test instead of stopping the suite
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = pl.read_csv(tmp_path / "p.csv")
     assert "FIFO" in rows["error"][0] and rows["error"][1] is None

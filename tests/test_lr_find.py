@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from helpers import FASHION, REPO, run_cli
+from helpers import FASHION, REPO, run_cli, run_here
 from pipelines.training import CHOSEN_SUGGESTION
 
 SUGGESTIONS = ("minimum", "steep", "valley", "slide")
@@ -44,7 +44,7 @@ def test_lr_find_command(tmp_path):
 @pytest.mark.slow  # lr_find, then training and calibration
 def test_fit_without_lr_uses_the_chosen_suggestion(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli("fit", FASHION, "--out", run, "--epochs", "1", "--freeze-epochs", "1", *SMALL)
+    proc = run_here("fit", FASHION, "--out", run, "--epochs", "1", "--freeze-epochs", "1", *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_lr_find_files(run)
     summary = json.loads((run / "run.json").read_text())

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import FASHION, FASHION_TEST, REPO, run_cli
+from helpers import FASHION, FASHION_TEST, REPO, run_cli, run_here
 
 # 2 frozen + 2 unfrozen epochs: the kill after the first epoch lands in the middle of the first phase, so the
 # resumed run continues that phase's one-cycle schedule, then goes into the second. With EMA, whose state (the
@@ -92,7 +92,7 @@ def test_resumed_run_equals_the_uninterrupted_one(resumed, tmp_path):
 def test_resumed_bundle_predicts(resumed, tmp_path):
     run, _, _ = resumed
     out = tmp_path / "p.csv"
-    proc = run_cli("predict", run / "model", FASHION_TEST, "--out", out, "--workers", "0")
+    proc = run_here("predict", run / "model", FASHION_TEST, "--out", out, "--workers", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pl.read_csv(out)
     truth = df["path"].map_elements(lambda p: p.replace("\\", "/").split("/")[-2], return_dtype=pl.String)
@@ -101,11 +101,11 @@ def test_resumed_bundle_predicts(resumed, tmp_path):
 
 def test_resume_errors_name_the_way_out(resumed, tmp_path):
     run, _, _ = resumed
-    proc = run_cli("fit", "--resume", run)
+    proc = run_here("fit", "--resume", run)
     assert proc.returncode == 1 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("fit", "--resume", tmp_path / "nowhere")
+    proc = run_here("fit", "--resume", tmp_path / "nowhere")
     assert proc.returncode == 1 and "can be resumed" in proc.stderr
-    proc = run_cli("fit")
+    proc = run_here("fit")
     assert proc.returncode == 1 and "--resume" in proc.stderr
 
 

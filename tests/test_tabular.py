@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 
-from helpers import REPO, run_cli
+from helpers import REPO, run_here
 from pipelines.errors import ItfitsError
 from pipelines.training import CHOSEN_SUGGESTION
 from pipelines.unknown import TABLE_DEFAULT_SCORE
@@ -35,7 +35,7 @@ def penguins() -> pl.DataFrame:
 def run(tmp_path_factory) -> Path:
     """`itfits fit data/penguins.csv --target species` as a user runs it, lr_find included."""
     out = tmp_path_factory.mktemp("tab") / "run"
-    proc = run_cli("fit", PENGUINS, "--target", "species", "--ignore", "year", "--cont",
+    proc = run_here("fit", PENGUINS, "--target", "species", "--ignore", "year", "--cont",
                    "body_mass_g,flipper_length_mm", "--epochs", "3", "--out", out)
     assert proc.returncode == 0, f"itfits fit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     (out / "stdout.txt").write_text(proc.stdout)

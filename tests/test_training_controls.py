@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import FASHION, run_cli
+from helpers import FASHION, run_here
 
 ARCH = "efficientnet_lite0"
 
@@ -76,9 +76,9 @@ def test_auto_probe_is_cached_and_leaves_the_seeded_rng_alone():
 
 
 def test_cli_rejects_bad_training_flags(tmp_path):
-    proc = run_cli("fit", FASHION, "--out", tmp_path / "r", "--precision", "fp61")
+    proc = run_here("fit", FASHION, "--out", tmp_path / "r", "--precision", "fp61")
     assert proc.returncode == 1 and "did you mean 'fp16'" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("fit", FASHION, "--out", tmp_path / "r", "--accum", "0")
+    proc = run_here("fit", FASHION, "--out", tmp_path / "r", "--accum", "0")
     assert proc.returncode == 1 and "--accum" in proc.stderr
 
 

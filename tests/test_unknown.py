@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import FASHION, FASHION_TEST, run_cli, write_glyphs
+from helpers import FASHION, FASHION_TEST, run_here, write_glyphs
 from pipelines.bundle import load_bundle, save_bundle
 from pipelines.images import ImagePreprocessing
 from pipelines.predict import file_outputs
@@ -78,7 +78,7 @@ def held_out_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("heldout")
     for c in ("bag", "sneaker", "tshirt"):
         shutil.copytree(FASHION / c, root / "data" / c)
-    proc = run_cli("fit", root / "data", "--out", root / "run", "--epochs", "3", "--size", "64", "--lr", "3e-3",
+    proc = run_here("fit", root / "data", "--out", root / "run", "--epochs", "3", "--size", "64", "--lr", "3e-3",
                    "--workers", "0", "--unknown", FASHION_TEST / "trouser")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
@@ -88,7 +88,7 @@ def test_evaluate_detects_held_out_class(held_out_run, tmp_path):
     test = tmp_path / "test"
     for c in ("bag", "sneaker", "tshirt"):
         shutil.copytree(FASHION_TEST / c, test / c)
-    proc = run_cli("evaluate", held_out_run / "run" / "model", test, "--unknown", FASHION / "trouser",
+    proc = run_here("evaluate", held_out_run / "run" / "model", test, "--unknown", FASHION / "trouser",
                    "--out", tmp_path / "eval")
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
