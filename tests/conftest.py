@@ -78,7 +78,7 @@ def trained_run(tmp_path_factory) -> TrainedRun:
 def table_run(tmp_path_factory) -> Path:
     """A tabular run folder: fastai's tabular model on data/penguins.csv (species), one quick epoch, in-process."""
     from helpers import REPO
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     out = tmp_path_factory.mktemp("table") / "run"
     fit(FitConfig(data=str(REPO / "data" / "penguins.csv"), target="species", ignore=["year"], epochs=1, lr=1e-2,
                   out=str(out)), log=lambda *a: None)

@@ -351,10 +351,10 @@ def test_predict_flags_like_images_and_is_mostly_right(audio_predictions):
 def test_predict_averages_a_clips_windows_as_training_saw_them(audio_run, tmp_path):
     """A 3-window clip: its row averages the model's outputs (probabilities, features) on the 3 cached PNGs the
     Learner trains on."""
-    from pipelines.audio import audio_batches
+    from pipelines.batches import audio_batches
     from pipelines.bundle import load_bundle
     from pipelines.images import ImagePreprocessing
-    from pipelines.predict import image_batches
+    from pipelines.batches import image_batches
 
     bundle = load_bundle(audio_run.model)
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
@@ -378,7 +378,7 @@ def test_predict_averages_a_clips_windows_as_training_saw_them(audio_run, tmp_pa
 def test_predict_groups_clips_by_their_windows(audio_run, tmp_path):
     """Clips are grouped until their windows fill a batch, so memory holds a batch's windows, not batch_size
     clips of any length; grouping does not change a clip's outputs, and an unreadable clip keeps its row."""
-    from pipelines.audio import audio_batches
+    from pipelines.batches import audio_batches
     from pipelines.bundle import load_bundle
     from pipelines.images import ImagePreprocessing
 
@@ -451,7 +451,8 @@ def test_duration_auto_fits_the_window_to_the_clips(tmp_path):
     """--duration auto (the default): short clips get a short window, longer ones a longer window, printed, in
     run.json's resolved.mel and rendered so; a given --duration is kept."""
     from pipelines.audio import DURATION_BOUNDS, DURATION_STEP, auto_duration, clip_seconds
-    from pipelines.training import FitConfig, prepare_data
+    from pipelines.prepare import prepare_data
+    from pipelines.run import FitConfig
     short = tmp_path / "short"
     for label in ("kick", "tabla"):  # the sample clips cut to their first 0.3 s: one-shots
         for clip in sorted((AUDIO / label).iterdir())[:4]:
@@ -476,7 +477,8 @@ def test_duration_auto_fits_the_window_to_the_clips(tmp_path):
 
 def test_mel_options_on_images_and_mixed_folders_are_refused(tmp_path):
     from pipelines.sources import detect_modality
-    from pipelines.training import FitConfig, prepare_data
+    from pipelines.prepare import prepare_data
+    from pipelines.run import FitConfig
     with pytest.raises(ItfitsError, match="for audio"):
         prepare_data(FitConfig(data=str(FASHION), out=str(tmp_path), mel=MEL), tmp_path)
     mixed = tmp_path / "mixed"

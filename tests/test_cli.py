@@ -4,6 +4,7 @@ subprocess test (run_cli) of fit, predict, evaluate and backbones each."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -90,12 +91,12 @@ BAD_OPTIONS = [  # (command line after the command's arguments, words of the err
 @pytest.fixture
 def no_training(monkeypatch):
     """fit and lr-find fail at once if the options get through to the work."""
-    import pipelines.training
+    import pipelines.run
 
     def reached(*a, **k):
         raise AssertionError("the bad option reached training")
-    monkeypatch.setattr(pipelines.training, "fit", reached)
-    monkeypatch.setattr(pipelines.training, "run_lr_find", reached)
+    monkeypatch.setattr(pipelines.run, "fit", reached)
+    monkeypatch.setattr(pipelines.run, "run_lr_find", reached)
 
 
 @pytest.mark.parametrize("args,words", BAD_OPTIONS)
@@ -106,6 +107,26 @@ def test_bad_fit_options_fail_up_front(tmp_path, no_training, args, words):
     with pytest.raises(ItfitsError, match=words):
         app(["fit", str(FASHION), "--out", str(tmp_path / "run"), *args], standalone_mode=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"epochs": 0}, "--epochs must be at least 1, got 0"), ({"valid_pct": 1.5}, "--valid-pct must be between 0 and 1"),
+    ({"bs": 1}, "BatchNorm"), ({"size": 16}, "--size must be between 32 and 2048"), ({"threshold": "nan"}, "finite"),
+    ({"threshold": "high"}, "--threshold takes auto or a number"), ({"keep": 0}, "--keep"), ({"lr": -1.0}, "--lr"),
+    ({"num_workers": -1}, "--workers must be 0"), ({"score": "knnn"}, "did you mean 'knn'"),
+    ({"precision": "fp61"}, "did you mean 'fp16'"), ({"ema_decay": 1.5}, "--ema-decay must be between 0 and 1"),
+    ({"accum": 0}, "--accum must be at least 1"), ({"cat": ["island"]}, "add --target COLUMN"),
+    ({"layers": [0]}, "--layers sizes must be at least 1"), ({"unknown": str(FASHION / "bag")}, "overlaps DATA"),
+    ({"target": "species", "ema": True}, "--ema: for images and audio only"),
+    ({"target": "species", "unknown": "rows.txt"}, "takes a .csv/.parquet table")])
+def test_fit_config_checks_itself_as_the_cli_does(kwargs, words):
+    """A FitConfig made in Python (a notebook) gets the CLI's checks and messages, before any data is read."""
+    from pipelines.errors import ItfitsError
+    from pipelines.run import FitConfig
+    with pytest.raises(ItfitsError, match=re.escape(words)):
+        FitConfig(data=str(FASHION), **kwargs)
+    config = FitConfig(data=str(FASHION), threshold="0.5", ema_decay=0.99)
+    assert config.threshold == 0.5 and config.ema, "a --threshold string is parsed; a decay implies the EMA"
 
 
 @pytest.mark.parametrize("args", [["lr-find", str(FASHION)], ["fit", "--resume", "run"],

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from helpers import CLASSES, FASHION, REPO
-from pipelines.reports import TOP_LOSSES, Validation, item_losses, losses_figure, write_report
+from pipelines.plots import losses_figure
+from pipelines.reports import TOP_LOSSES, Validation, item_losses, write_report
 
 PLOTS = ["losses.png", "confusion_matrix.png", "reliability.png", "risk_coverage.png"]
 
@@ -145,7 +146,7 @@ def test_report_runs_no_model(tmp_path, monkeypatch, task):
     def no_inference(*args, **kwargs):
         raise AssertionError("the report ran a model")
     monkeypatch.setattr(torch.nn.Module, "__call__", no_inference)
-    monkeypatch.setattr("pipelines.predict.image_batches", no_inference)
+    monkeypatch.setattr("pipelines.batches.image_batches", no_inference)
     files = sorted(str(p) for p in (FASHION / "bag").glob("*.png"))[:16]
     run, summary, history = fake_run(tmp_path, CLASSES)
     if task == "regression":
@@ -242,7 +243,7 @@ def test_regression_run_reports_its_largest_errors_with_their_rows(tmp_path):
     a backend of its own that fit leaves as it is (plots on matplotlib Figures, no pyplot): the report has settings, lr_find, losses, predicted against actual, and the validation rows with the largest
     errors, each with its columns as they are in the file."""
     import matplotlib
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     penguins = REPO / "data" / "penguins.csv"
     run = tmp_path / "run"
     before = matplotlib.get_backend()

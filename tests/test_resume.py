@@ -113,7 +113,7 @@ def test_a_moved_run_resumes_where_it_is_with_its_data_from_anywhere(tmp_path, m
     """config.json keeps DATA as an absolute path, and a run resumes in the folder given: a moved or copied run
     folder never writes into the old one. A damaged config.json is a one-line error."""
     from pipelines.errors import ItfitsError
-    from pipelines.training import FitConfig, resume_config, write_run_config
+    from pipelines.run import FitConfig, resume_config, write_run_config
     monkeypatch.chdir(REPO)  # data/fashion is relative to it
     write_run_config(FitConfig(data="data/fashion", out=str(tmp_path / "a")), tmp_path / "a")
     (tmp_path / "a").rename(tmp_path / "b")
@@ -177,7 +177,7 @@ def test_a_run_killed_after_its_last_epoch_is_finished_by_resume(tmp_path):
     minutes): --resume writes the bundle from the checkpoint's (EMA) weights instead of refusing, pointing at a
     bundle that does not exist."""
     import shutil
-    from pipelines.training import FitConfig, fit, resume_config
+    from pipelines.run import FitConfig, fit, resume_config
     run, quiet = tmp_path / "run", (lambda *a, **k: None)
     fit(FitConfig(data=str(FASHION), out=str(run), epochs=1, freeze_epochs=0, size=32, lr=3e-3, bs=16,
                   num_workers=0, precision="fp32", seed=3, ema=True), log=quiet)

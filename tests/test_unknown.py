@@ -10,7 +10,7 @@ import pytest
 from helpers import FASHION, FASHION_TEST, run_here, write_glyphs
 from pipelines.bundle import load_bundle, save_bundle
 from pipelines.images import ImagePreprocessing
-from pipelines.predict import file_outputs
+from pipelines.batches import file_outputs
 from pipelines.errors import ItfitsError
 from pipelines.evaluate import evaluate
 from pipelines.predict import PredictConfig, predict
@@ -69,6 +69,26 @@ def test_score_metrics_on_known_cases():
     assert fpr_at_tpr(known, unknown, tpr=1.0) == pytest.approx(1 / 3)
     assert choose_threshold(known, np.array([True, True, False, True]), keep=2 / 3) == pytest.approx(0.8)
     assert np.allclose(softmax(np.array([[0.0, 0.0]])), 0.5)
+
+
+def test_auroc_counts_ties_half_as_mann_whitney_does():
+    from scipy.stats import mannwhitneyu
+    rng = np.random.default_rng(0)
+    known, unknown = rng.integers(0, 5, 200).astype(float), rng.integers(0, 4, 150).astype(float)  # many ties
+    u = mannwhitneyu(known, unknown).statistic
+    assert auroc(known, unknown) == pytest.approx(u / (len(known) * len(unknown)))
+    assert auroc(np.ones(3), np.ones(4)) == pytest.approx(0.5)
+
+
+def test_metrics_need_numpy_only():
+    """metrics.py (shared by unknown, evaluate and reports) imports neither torch nor scipy nor a sibling."""
+    import subprocess
+    import sys
+    code = ("import sys; import pipelines.metrics; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'scipy', 'fastai') "
+            "or m.startswith('pipelines.') and m != 'pipelines.metrics'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
