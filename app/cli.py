@@ -102,7 +102,7 @@ def _check_workers(workers: Optional[int]) -> None:
         raise ItfitsError(f"--workers must be 0 (no worker processes) or more, got {workers}")
 
 
-def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, freeze_epochs: int, lr: Optional[float],
+def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: Optional[int], freeze_epochs: int, lr: Optional[float],
                 bs: Optional[int], size: Optional[int], valid_pct: float, seed: int, threshold: str,
                 workers: Optional[int], keep: float = 0.95, score: Optional[str] = None, unknown: Optional[Path] = None,
                 mel=None, target: Optional[str] = None, cat=None, cont=None, ignore=None, layers: Optional[str] = None,
@@ -114,7 +114,7 @@ def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, fre
     if ema_decay is not None and not 0 < ema_decay < 1:
         raise ItfitsError(f"--ema-decay must be between 0 and 1, got {ema_decay}")
     for name, value, least in [("--epochs", epochs, 1), ("--freeze-epochs", freeze_epochs, 0), ("--accum", accum, 1)]:
-        if value < least:
+        if value is not None and value < least:
             raise ItfitsError(f"{name} must be at least {least}, got {value}")
     if bs is not None and bs < 2:
         raise ItfitsError(f"--bs must be at least 2, got {bs}: BatchNorm layers normalise each training batch by its "
@@ -189,7 +189,7 @@ def fit(
     out: Path = typer.Option(Path("runs/itfits"), "--out", help="Run folder for the model, plots and tables."),
     arch: str = ARCH,
     weights: str = WEIGHTS,
-    epochs: int = typer.Option(5, help="Unfrozen epochs of fine_tune (tabular: epochs of fit_one_cycle)."),
+    epochs: Optional[int] = typer.Option(None, help="Unfrozen epochs of fine_tune, default 5 (tabular: epochs of fit_one_cycle, default 20)."),
     freeze_epochs: int = typer.Option(1, help="Head-only epochs before unfreezing."),
     lr: Optional[float] = typer.Option(None, help="Learning rate; without it lr_find chooses one."),
     bs: Optional[int] = BS,

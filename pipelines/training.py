@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from .images import ImagePreprocessing
 from .io import write_json, write_table
 from .unknown import DEFAULT_SCORE, TABLE_DEFAULT_SCORE, UnknownStats, calibrate, crossfit_reference_scores
 
+IMAGE_EPOCHS = 5  # --epochs of images and audio when not given
 LR_SUGGESTIONS = ("minimum", "steep", "valley", "slide")
 CHOSEN_SUGGESTION = "minimum"  # lr at the loss minimum / 10 (fastai's lr_min): valley (4e-4) trained
 # Fashion-MNIST to 0.71 test accuracy in bench/unknown_scores.py settings, minimum (2.8e-3) to 0.85, steep (6e-3) 0.79
@@ -34,7 +35,8 @@ class FitConfig:
     out: str = "runs/itfits"  # the run folder
     arch: str = "efficientnet_lite0"  # a name from `itfits backbones`
     weights: str = "auto"  # auto | hub | none | path to .safetensors/.pth
-    epochs: int = 5  # unfrozen epochs of fine_tune
+    epochs: int | None = None  # unfrozen epochs of fine_tune (tables: of fit_one_cycle); None: IMAGE_EPOCHS, or
+    # tabular.TABLE_EPOCHS for a table
     freeze_epochs: int = 1  # head-only epochs first
     lr: float | None = None  # None: run lr_find and use its CHOSEN_SUGGESTION (minimum)
     bs: int | None = None  # None: chosen from the data size
@@ -571,6 +573,8 @@ def fit(config: FitConfig, log=print) -> dict:
     others an empty dict. With config.target, a table: `fit_table`."""
     if config.target is not None:
         return fit_table(config, log)
+    if config.epochs is None:
+        config = replace(config, epochs=IMAGE_EPOCHS)
     from .distributed import process_group
     with process_group():
         trained = train_images(config, log=log if is_main() else (lambda *a, **k: None))
@@ -625,7 +629,7 @@ def fit_table(config: FitConfig, log=print) -> dict:
     from .bundle import save_bundle, tabular_bundle_meta
     from .reports import Validation, guarded, write_report
     from .sources import read_table
-    from .tabular import TabularModelSpec, tabular_outputs
+    from .tabular import TABLE_EPOCHS, TabularModelSpec, tabular_outputs
 
     t0 = time.perf_counter()
     run = Path(config.out)
@@ -641,8 +645,11 @@ def fit_table(config: FitConfig, log=print) -> dict:
         + (f"; missing-value flags for: {', '.join(prep.na)}" if prep.na else ""))
     for note in data.notes:
         log(f"note: {note}")
+    epochs = config.epochs or TABLE_EPOCHS
+    if config.epochs is None:
+        log(f"epochs {epochs} (the default for tables; --epochs sets it)")
     lr, suggestions = _choose_lr(learn, config, run, log)
-    history = train(learn, epochs=config.epochs, lr=lr, fine_tune=False)
+    history = train(learn, epochs=epochs, lr=lr, fine_tune=False)
     write_table(history, run / "history.csv")
     kept = best_epoch(history["valid_loss"].to_list())  # the epoch whose weights train() kept
     if kept != history.height - 1:
@@ -669,7 +676,7 @@ def fit_table(config: FitConfig, log=print) -> dict:
     spec = TabularModelSpec.for_data(prep, config.layers)
     summary = {
         "config": asdict(config),
-        "resolved": {"lr": lr, "lr_suggestions": suggestions, "bs": bs, "task": prep.task, "classes": prep.classes,
+        "resolved": {"epochs": epochs, "lr": lr, "lr_suggestions": suggestions, "bs": bs, "task": prep.task, "classes": prep.classes,
                      "cat": prep.cat, "cont": prep.cont, "na_flags": prep.na, "dates": prep.dates,
                      "ignore": prep.ignore, "kept_epoch": kept, "layers": list(spec.layers),
                      "emb_szs": spec.json()["emb_szs"], "n_rows": data.n_rows, "n_train": len(learn.dls.train_ds),
