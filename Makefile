@@ -41,6 +41,7 @@ bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python bench/unknown_scores.py --seeds 0,1
 	OMP_NUM_THREADS=1 $(BIN)/python bench/audio_render.py
 	$(BIN)/python bench/tabular_ingest.py --repeats 5
+	$(BIN)/python bench/table_sets.py && OMP_NUM_THREADS=1 $(BIN)/python bench/table_suite.py --seeds 0,1,2,3,4
 	$(BIN)/python bench/train_speed.py
 
 clean:

@@ -123,7 +123,7 @@ def fit(
     out: Path = typer.Option(Path("runs/itfits"), "--out", help="Run folder for the model, plots and tables."),
     arch: str = ARCH,
     weights: str = WEIGHTS,
-    epochs: int = typer.Option(5, help="Unfrozen epochs of fine_tune (tabular: epochs of fit_one_cycle)."),
+    epochs: Optional[int] = typer.Option(None, help="Unfrozen epochs of fine_tune, default 5 (tabular: epochs of fit_one_cycle, default 20)."),
     freeze_epochs: int = typer.Option(1, help="Head-only epochs before unfreezing."),
     lr: Optional[float] = typer.Option(None, help="Learning rate; without it lr_find chooses one."),
     bs: Optional[int] = BS,

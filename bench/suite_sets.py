@@ -43,6 +43,8 @@ PACKAGES = {
     "sprites": ["wesnoth-1.16-data"],
     "instruments": ["fluid-soundfont-gm"],
     "samples": ["sonic-pi-samples"],
+    "penguins_raw": ["r-cran-palmerpenguins"],  # the tables of bench/table_sets.py
+    "mlbench": ["r-cran-mlbench"],
 }
 
 

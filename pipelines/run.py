@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import polars as pl
@@ -27,10 +27,12 @@ from .precision import check_precision, resolve_precision
 from .prepare import prepare_data, prepare_tabular
 from .reports import Validation, guarded, write_report
 from .sources import AUDIO_EXTS, IMAGE_EXTS, TABLE_EXTS, has_files, read_table
-from .tabular import TabularModelSpec, tabular_outputs
+from .tabular import TABLE_EPOCHS, TabularModelSpec, tabular_outputs
 from .training import CHOSEN_SUGGESTION, best_epoch, find_lr, train
 from .unknown import SCORES
 
+
+IMAGE_EPOCHS = 5  # --epochs of images and audio when not given
 
 @dataclass
 class FitConfig:
@@ -38,7 +40,8 @@ class FitConfig:
     out: str = "runs/itfits"  # the run folder
     arch: str = "efficientnet_lite0"  # a name from `itfits backbones`
     weights: str = "auto"  # auto | hub | none | path to .safetensors/.pth
-    epochs: int = 5  # unfrozen epochs of fine_tune
+    epochs: int | None = None  # unfrozen epochs of fine_tune (tables: of fit_one_cycle); None: IMAGE_EPOCHS, or
+    # tabular.TABLE_EPOCHS for a table
     freeze_epochs: int = 1  # head-only epochs first
     lr: float | None = None  # None: run lr_find and use its CHOSEN_SUGGESTION (minimum)
     bs: int | None = None  # None: chosen from the data size
@@ -76,7 +79,7 @@ class FitConfig:
         self.ema = self.ema or self.ema_decay is not None  # a decay implies the EMA
         for name, value, least in [("--epochs", self.epochs, 1), ("--freeze-epochs", self.freeze_epochs, 0),
                                    ("--accum", self.accum, 1)]:
-            if value < least:
+            if value is not None and value < least:
                 raise ItfitsError(f"{name} must be at least {least}, got {value}")
         if self.bs is not None and self.bs < 2:
             raise ItfitsError(f"--bs must be at least 2, got {self.bs}: BatchNorm layers normalise each training batch "
@@ -302,6 +305,8 @@ def fit(config: FitConfig, log=print) -> dict:
     others an empty dict. With config.target, a table: `fit_table`."""
     if config.target is not None:
         return fit_table(config, log)
+    if config.epochs is None:
+        config = replace(config, epochs=IMAGE_EPOCHS)
     with process_group():
         trained = train_images(config, log=log if is_main() else (lambda *a, **k: None))
         return finish_images(trained, config, log=log) if is_main() else {}
@@ -324,8 +329,11 @@ def fit_table(config: FitConfig, log=print) -> dict:
         + (f"; missing-value flags for: {', '.join(prep.na)}" if prep.na else ""))
     for note in data.notes:
         log(f"note: {note}")
+    epochs = config.epochs or TABLE_EPOCHS
+    if config.epochs is None:
+        log(f"epochs {epochs} (the default for tables; --epochs sets it)")
     lr, suggestions = _choose_lr(learn, config, run, log)
-    history = train(learn, epochs=config.epochs, lr=lr, fine_tune=False)
+    history = train(learn, epochs=epochs, lr=lr, fine_tune=False)
     write_table(history, run / "history.csv")
     kept = best_epoch(history["valid_loss"].to_list())  # the epoch whose weights train() kept
     if kept != history.height - 1:
@@ -352,7 +360,7 @@ def fit_table(config: FitConfig, log=print) -> dict:
     spec = TabularModelSpec.for_data(prep, config.layers)
     summary = {
         "config": asdict(config),
-        "resolved": {"lr": lr, "lr_suggestions": suggestions, "bs": bs, "task": prep.task, "classes": prep.classes,
+        "resolved": {"epochs": epochs, "lr": lr, "lr_suggestions": suggestions, "bs": bs, "task": prep.task, "classes": prep.classes,
                      "cat": prep.cat, "cont": prep.cont, "na_flags": prep.na, "dates": prep.dates,
                      "ignore": prep.ignore, "kept_epoch": kept, "layers": list(spec.layers),
                      "emb_szs": spec.json()["emb_szs"], "n_rows": data.n_rows, "n_train": len(learn.dls.train_ds),

@@ -680,3 +680,58 @@ def test_bundles_from_before_dates_still_predict(bundle, tmp_path):
     out = predict_table(load_bundle(tmp_path / "old"), PENGUINS)
     assert out.height == 344 and out["error"].null_count() == 344
     assert out["top1"].to_list() == predict_table(bundle, PENGUINS)["top1"].to_list()
+
+
+def test_a_datetime_column_gives_the_time_parts_too_at_fit_and_predict(tmp_path):
+    """Text of date and time of day ("2008-01-05 13:45:10") becomes fastai's add_datepart(time=True) parts (Hour,
+    Minute, Second besides the date's), the same at predict from the bundle alone, and the id beside it (unique per
+    row) is left out at fit and not needed at predict."""
+    import pandas as pd
+    from fastai.tabular.core import add_datepart
+    from pipelines.bundle import load_bundle
+    from pipelines.columns import TIME_PARTS, expand_dates
+    from pipelines.run import FitConfig, fit
+    from pipelines.tabular import prepare_table, tabular_outputs
+    df = penguins()
+    every = pl.duration(seconds=pl.int_range(pl.len()) * 25397)  # 7 h 3 min 17 s apart: every hour, many minutes
+    df = df.with_columns(at=(pl.datetime(2008, 1, 5, 13, 45, 10) + every).dt.strftime("%Y-%m-%d %H:%M:%S"),
+                         tag=pl.format("t{}", pl.int_range(pl.len())))
+    csv = tmp_path / "timed.csv"
+    df.write_csv(csv)
+    data = prepare_table(csv, target="species")
+    assert data.prep.dates == {"at": {"format": "%Y-%m-%d %H:%M:%S%.f", "time": True}}
+    assert {f"at_{p}" for p in TIME_PARTS} <= set(data.prep.inputs) and "tag" in data.prep.ignore
+    ours, _ = expand_dates(pl.read_csv(csv).select("at"), data.prep.dates, source=csv)
+    at = pd.to_datetime(pl.read_csv(csv)["at"].to_list()).astype("datetime64[ns]")
+    theirs = add_datepart(pd.DataFrame({"at": at}), "at", prefix="at_", time=True)
+    assert ours.columns == list(theirs.columns)
+    for c in ours.columns:
+        np.testing.assert_array_equal(ours[c].to_numpy().astype(float), theirs[c].to_numpy().astype(float), err_msg=c)
+    assert ours["at_Hour"].n_unique() == 24 and ours["at_Minute"].n_unique() > 1
+
+    summary = fit(FitConfig(data=str(csv), target="species", out=str(tmp_path / "run"), epochs=1, lr=1e-2), **QUIET)
+    assert summary["resolved"]["dates"] == data.prep.dates and "tag" in summary["resolved"]["ignore"]
+    bundle = load_bundle(tmp_path / "run" / "model")
+    logits, _ = tabular_outputs(bundle.model, *data.part(True)[:2])
+    rows = pl.read_csv(csv, null_values="NA")[data.rows[data.valid].tolist()].drop("tag")
+    rows.write_csv(tmp_path / "rows.csv")
+    out = predict_table(bundle, tmp_path / "rows.csv")
+    assert out["error"].null_count() == out.height
+    assert out["top1"].to_list() == [CLASSES[i] for i in logits.argmax(1)]
+
+
+def test_a_table_trains_for_the_tables_default_epochs_printed_and_in_run_json(tmp_path):
+    """Without --epochs a table trains TABLE_EPOCHS epochs of fit_one_cycle (the default bench/table_suite.py chose),
+    says so, and records it; --epochs still sets it, and then nothing is said."""
+    from pipelines.tabular import TABLE_EPOCHS
+    out = tmp_path / "run"
+    proc = run_here("fit", PENGUINS, "--target", "species", "--lr", "1e-2", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"epochs {TABLE_EPOCHS} (the default for tables; --epochs sets it)" in proc.stdout
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["config"]["epochs"] is None and summary["resolved"]["epochs"] == TABLE_EPOCHS == 20
+    assert pl.read_csv(out / "history.csv").height == TABLE_EPOCHS
+    proc = run_here("fit", PENGUINS, "--target", "species", "--lr", "1e-2", "--epochs", "2", "--out", tmp_path / "two")
+    assert proc.returncode == 0 and "the default for tables" not in proc.stdout
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["resolved"]["epochs"] == 2
+    assert pl.read_csv(tmp_path / "two" / "history.csv").height == 2
