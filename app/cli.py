@@ -107,7 +107,7 @@ def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, fre
                 workers: Optional[int], keep: float = 0.95, score: Optional[str] = None, unknown: Optional[Path] = None,
                 mel=None, target: Optional[str] = None, cat=None, cont=None, ignore=None, layers: Optional[str] = None,
                 *, precision: str = "auto", accum: int = 1, ema: bool = False, ema_decay: Optional[float] = None,
-                compile: bool = False):
+                compile: bool = False, outlier_exposure: bool = False):
     from pipelines.precision import check_precision
     from pipelines.training import FitConfig
     check_precision(precision)
@@ -154,6 +154,9 @@ def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, fre
                               f"({', '.join(sorted(IMAGE_EXTS | AUDIO_EXTS))})")
     if unknown is not None and target is not None and unknown.suffix.lower() not in (".csv", ".parquet"):
         raise ItfitsError(f"with --target, --unknown takes a .csv/.parquet table of rows of none of the classes, got {unknown}")
+    if outlier_exposure and (unknown is None or target is not None):
+        raise ItfitsError("--outlier-exposure trains on the --unknown examples of an image or audio fit: "
+                          + ("give --unknown DIR" if target is None else "tables have no such training"))
     if target is None and (cat or cont or ignore or layers):
         raise ItfitsError("--cat, --cont, --ignore and --layers are for tables: add --target COLUMN")
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
@@ -162,7 +165,8 @@ def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, fre
                      threshold=threshold, keep=keep, score=score, unknown=str(unknown) if unknown else None,
                      num_workers=workers, mel=mel, target=target, cat=_names(cat), cont=_names(cont),
                      ignore=_names(ignore), layers=_layers(layers), precision=precision, accum=accum,
-                     ema=ema or ema_decay is not None, ema_decay=ema_decay, compile=compile)
+                     ema=ema or ema_decay is not None, ema_decay=ema_decay, compile=compile,
+                     outlier_exposure=outlier_exposure)
 
 
 def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int]):
@@ -199,7 +203,8 @@ def fit(
     threshold: str = typer.Option("auto", help="Unknown threshold on the score: auto (chosen on validation data, see --keep) or a number."),
     keep: float = typer.Option(0.95, help="Share of correctly classified validation items the auto threshold accepts."),
     score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE}; tables: {TABLE_DEFAULT_SCORE})."),
-    unknown: Optional[Path] = typer.Option(None, help="Examples of none of the classes (a folder; tabular: a table), only used to choose score and threshold."),
+    unknown: Optional[Path] = typer.Option(None, help="Examples of none of the classes (a folder; tabular: a table): they choose the score and threshold."),
+    outlier_exposure: bool = typer.Option(False, "--outlier-exposure", help="Also train on the --unknown examples (images, audio), towards low confidence in every class."),
     workers: Optional[int] = WORKERS,
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
@@ -233,7 +238,8 @@ def fit(
     mel = _mel_config(locals())
     config = _fit_config(data, out, arch, weights, epochs, freeze_epochs, lr, bs, size, valid_pct, seed, threshold,
                          workers, keep, score, unknown, mel, target=target, cat=cat, cont=cont, ignore=ignore,
-                         layers=layers, precision=precision, accum=accum, ema=ema, ema_decay=ema_decay, compile=compile)
+                         layers=layers, precision=precision, accum=accum, ema=ema, ema_decay=ema_decay, compile=compile,
+                         outlier_exposure=outlier_exposure)
     created = main and claim_run_folder(out, overwrite=overwrite, log=typer.echo)
     try:
         run_fit(config)

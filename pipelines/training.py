@@ -21,6 +21,7 @@ from .distributed import is_main
 from .errors import ItfitsError, ItfitsWarning
 from .images import ImagePreprocessing
 from .io import write_json, write_table
+from .learners import OUTLIER_WEIGHT, OutlierExposureLoss
 from .unknown import DEFAULT_SCORE, TABLE_DEFAULT_SCORE, UnknownStats, calibrate, crossfit_reference_scores
 
 LR_SUGGESTIONS = ("minimum", "steep", "valley", "slide")
@@ -44,7 +45,8 @@ class FitConfig:
     threshold: str | float = "auto"  # auto: chosen on validation data to accept `keep` of correct items
     keep: float = 0.95  # share of correctly classified validation items the auto threshold accepts
     score: str | None = None  # unknown score; None: best on --unknown examples if given, else the default
-    unknown: str | None = None  # folder of examples of none of the classes: for choosing score/threshold only
+    unknown: str | None = None  # folder of examples of none of the classes: they choose the score and threshold
+    outlier_exposure: bool = False  # also train on the --unknown examples, towards uniform class probabilities
     num_workers: int | None = None  # None: images.loader_workers (none on CPU-only machines of <= 4 cores; audio rendering: every core)
     lr_find_iters: int = 100
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16/fp16 on GPUs, bf16 on CPUs where it is faster
@@ -139,8 +141,15 @@ def find_lr(learn, out_dir: Path | None = None, *, num_it: int = 100) -> tuple[f
     from fastai.callback.schedule import minimum, slide, steep, valley
     tmp_dir = Path(learn.path) / learn.model_dir  # fastai's lr_find keeps the weights there meanwhile
     made_tmp_dir = not tmp_dir.exists()
-    res = learn.lr_find(suggest_funcs=tuple(map(_tolerant, (minimum, steep, valley, slide))), show_plot=False,
-                        num_it=num_it)
+    loss = learn.loss_func
+    if isinstance(loss, OutlierExposureLoss):  # the suggestions read the loss of the classes' items alone: the
+        # outlier term rises as the model learns the classes, and the loss's minimum came in the first steps
+        learn.loss_func = OutlierExposureLoss(loss.n_classes, weight=0)  # (minimum 7.6e-8 on the suite's icons)
+    try:
+        res = learn.lr_find(suggest_funcs=tuple(map(_tolerant, (minimum, steep, valley, slide))), show_plot=False,
+                            num_it=num_it)
+    finally:
+        learn.loss_func = loss
     if made_tmp_dir and tmp_dir.is_dir() and not any(tmp_dir.iterdir()):
         tmp_dir.rmdir()  # it removes the weights, not the folder it made for them
     suggestions = {name: float(v) for name, v in zip(LR_SUGGESTIONS, res) if np.isfinite(v)}
@@ -242,6 +251,7 @@ class Prepared:
     bs: int
     dls: object  # fastai DataLoaders over the images the Learner sees (audio: one per window of a clip)
     mel: MelConfig | None = None  # audio only: the rendering, stored in the bundle
+    n_outliers: int = 0  # --outlier-exposure: training items of none of the classes (audio: windows)
 
 
 def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
@@ -269,6 +279,7 @@ def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
     if config.unknown and not has_files(Path(config.unknown), AUDIO_EXTS if mel else IMAGE_EXTS):  # before training
         raise ItfitsError(f"--unknown {config.unknown} holds no {'audio' if mel else 'image'} files; it takes examples "
                           f"of the same kind as DATA, {config.data}")
+    outliers = outlier_items(config, mel, log) if config.outlier_exposure else None
     if is_main():  # data-parallel runs: rank 0 alone writes the run folder
         write_table(files.filter(pl.col("error").is_not_null()).select("path", "label", "error"), run / "skipped.csv")
     classes = require_classes(files)
@@ -276,8 +287,28 @@ def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
     n_train = items.filter(pl.col("error").is_null() & (pl.col("split") == "train")).height
     bs = config.bs or choose_batch_size(n_train)
     # no flips, rotations or warps on spectrograms: time runs one way and a frequency has one height
-    dls = image_dataloaders(items, classes=classes, prep=prep, bs=bs, augment=mel is None, num_workers=config.num_workers)
-    return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, mel=mel)
+    dls = image_dataloaders(items, classes=classes, prep=prep, bs=bs, augment=mel is None, num_workers=config.num_workers,
+                            outliers=outliers)
+    return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, mel=mel,
+                    n_outliers=0 if outliers is None else outliers.height)
+
+
+def outlier_items(config: FitConfig, mel: MelConfig | None, log=print) -> pl.DataFrame:
+    """The usable --unknown files as training items of no class (`--outlier-exposure`), audio rendered to windows."""
+    from .images import OUTLIER
+    from .sources import AUDIO_EXTS, IMAGE_EXTS, check_files, expand_inputs
+    paths = [p for p, err in expand_inputs([config.unknown], AUDIO_EXTS if mel else IMAGE_EXTS) if err is None]
+    items = pl.DataFrame({"path": paths, "label": OUTLIER, "split": "train", "error": None},
+                         schema={"path": pl.String, "label": pl.String, "split": pl.String, "error": pl.String})
+    if mel is not None:
+        from .audio import render_folder
+        items = render_folder(items, mel, workers=None if config.num_workers is None else max(1, config.num_workers))
+    else:
+        items = check_files(items)
+    items = items.filter(pl.col("error").is_null())
+    log(f"outlier exposure: {items.height} --unknown {'windows' if mel else 'files'} join training as none of the "
+        f"classes (loss: cross-entropy to uniform class probabilities, weight {OUTLIER_WEIGHT})")
+    return items
 
 
 IMAGE_ONLY = ("arch", "weights", "size", "freeze_epochs", "precision", "accum", "ema", "ema_decay", "compile", "mel")
@@ -521,6 +552,7 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
                 "compile_error": compiler.failed if compiler else None,
                 "num_workers": dls.train.fake_l.num_workers,  # fastai keeps the process count there
                 "world_size": world, "resumed_after_epoch": state["epoch"] if state else None,
+                "n_outlier_exposure": data.n_outliers,
                 **({"mel": data.mel.json()} if data.mel else {})}
     return TrainedImages(learn=learn, items=items, classes=classes, prep=prep, history=history, resolved=resolved,
                          precision=precision, started=t0, mel=data.mel)
