@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from pipelines.errors import ItfitsError, did_you_mean
+from pipelines.errors import ItfitsError
+from pipelines.images import check_workers
 from pipelines.io import check_output, claim_run_folder, remove_failed_run, sweep_temps
 from pipelines.runtime import reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
@@ -35,15 +36,17 @@ def _names(values: Optional[list[str]]) -> Optional[list[str]]:
 
 
 def _layers(value: Optional[str]) -> Optional[list[int]]:
+    """--layers 200,100 -> [200, 100] (FitConfig checks the sizes)"""
     if value is None:
         return None
     try:
-        layers = [int(n) for n in value.split(",")]
+        return [int(n) for n in value.split(",")]
     except ValueError:
         raise ItfitsError(f"--layers takes comma-separated sizes such as 200,100, got {value!r}") from None
-    if not layers or min(layers) < 1:
-        raise ItfitsError(f"--layers sizes must be at least 1, got {value!r}")
-    return layers
+
+
+def _text(path: Optional[Path]) -> Optional[str]:
+    return None if path is None else str(path)
 
 
 # Options that fit and lr-find share (typer needs them in each signature; one definition here)
@@ -84,11 +87,10 @@ def _bars_on_terminal_only() -> None:
         fastprogress.ConsoleProgressBar.fill = ""  # its encoding probe prints the fill character for every bar
 
 
-def _mel_config(args: dict):
-    """A MelConfig from the mel options among a command's arguments (its locals()), or None when none was given."""
-    from dataclasses import fields
+def _mel_config(**options):
+    """A MelConfig of the mel options given (None: not given), or None when none was given."""
     from pipelines.audio import MelConfig
-    given = {f.name: args[f.name] for f in fields(MelConfig) if args.get(f.name) is not None}
+    given = {k: v for k, v in options.items() if v is not None}
     if given.get("duration") is not None:
         try:  # auto is MelConfig's None: chosen from the clips
             given["duration"] = None if given["duration"].strip().lower() == "auto" else float(given["duration"])
@@ -97,83 +99,11 @@ def _mel_config(args: dict):
     return MelConfig(**given) if given else None
 
 
-def _check_workers(workers: Optional[int]) -> None:
-    if workers is not None and workers < 0:
-        raise ItfitsError(f"--workers must be 0 (no worker processes) or more, got {workers}")
-
-
-def _fit_config(data: Path, out: Path, arch: str, weights: str, epochs: int, freeze_epochs: int, lr: Optional[float],
-                bs: Optional[int], size: Optional[int], valid_pct: float, seed: int, threshold: str,
-                workers: Optional[int], keep: float = 0.95, score: Optional[str] = None, unknown: Optional[Path] = None,
-                mel=None, target: Optional[str] = None, cat=None, cont=None, ignore=None, layers: Optional[str] = None,
-                *, precision: str = "auto", accum: int = 1, ema: bool = False, ema_decay: Optional[float] = None,
-                compile: bool = False, outlier_exposure: bool = False):
-    from pipelines.precision import check_precision
-    from pipelines.training import FitConfig
-    check_precision(precision)
-    if ema_decay is not None and not 0 < ema_decay < 1:
-        raise ItfitsError(f"--ema-decay must be between 0 and 1, got {ema_decay}")
-    for name, value, least in [("--epochs", epochs, 1), ("--freeze-epochs", freeze_epochs, 0), ("--accum", accum, 1)]:
-        if value < least:
-            raise ItfitsError(f"{name} must be at least {least}, got {value}")
-    if bs is not None and bs < 2:
-        raise ItfitsError(f"--bs must be at least 2, got {bs}: BatchNorm layers normalise each training batch by its "
-                          "own statistics, which takes two or more items")
-    if size is not None:
-        from pipelines.backbones import check_size
-        check_size(arch, size)
-    if target is None:  # a weights file that is not there fails now, not after the file checks and the probe
-        from pipelines.backbones import check_weights
-        check_weights(weights)
-    _check_workers(workers)
-    if not 0 < valid_pct < 1:
-        raise ItfitsError(f"--valid-pct must be between 0 and 1, got {valid_pct}")
-    if not 0 < keep <= 1:
-        raise ItfitsError(f"--keep must be in (0, 1], got {keep}")
-    if lr is not None and not 0 < lr < math.inf:
-        raise ItfitsError(f"--lr must be a positive number, got {lr}")
-    if threshold != "auto":
-        try:
-            threshold = float(threshold)
-        except ValueError:
-            raise ItfitsError(f"--threshold takes auto or a number, got {threshold!r}") from None
-        if not math.isfinite(threshold):
-            raise ItfitsError(f"--threshold must be auto or a finite number, got {threshold}")
-    if score is not None and score not in SCORES:
-        raise ItfitsError(f"'{score}' is not an unknown score;{did_you_mean(score, SCORES)} choices: {', '.join(SCORES)}")
-    if unknown is not None and target is None:
-        from pipelines.sources import AUDIO_EXTS, IMAGE_EXTS, has_files
-        if not unknown.is_dir():
-            raise ItfitsError(f"--unknown {unknown} is not a folder")
-        known, other = data.resolve(), unknown.resolve()
-        if known == other or other.is_relative_to(known) or known.is_relative_to(other):
-            raise ItfitsError(f"--unknown {unknown} overlaps DATA {data}: it takes examples of none of the classes, so "
-                              "that the unknown score is chosen on what the model never learnt; give a folder apart")
-        if not has_files(unknown, IMAGE_EXTS | AUDIO_EXTS):
-            raise ItfitsError(f"--unknown {unknown} holds no image or audio files "
-                              f"({', '.join(sorted(IMAGE_EXTS | AUDIO_EXTS))})")
-    if unknown is not None and target is not None and unknown.suffix.lower() not in (".csv", ".parquet"):
-        raise ItfitsError(f"with --target, --unknown takes a .csv/.parquet table of rows of none of the classes, got {unknown}")
-    if outlier_exposure and (unknown is None or target is not None):
-        raise ItfitsError("--outlier-exposure trains on the --unknown examples of an image or audio fit: "
-                          + ("give --unknown DIR" if target is None else "tables have no such training"))
-    if target is None and (cat or cont or ignore or layers):
-        raise ItfitsError("--cat, --cont, --ignore and --layers are for tables: add --target COLUMN")
-    check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
-    return FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, epochs=epochs,
-                     freeze_epochs=freeze_epochs, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
-                     threshold=threshold, keep=keep, score=score, unknown=str(unknown) if unknown else None,
-                     num_workers=workers, mel=mel, target=target, cat=_names(cat), cont=_names(cont),
-                     ignore=_names(ignore), layers=_layers(layers), precision=precision, accum=accum,
-                     ema=ema or ema_decay is not None, ema_decay=ema_decay, compile=compile,
-                     outlier_exposure=outlier_exposure)
-
-
 def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int]):
     """The stored settings of the run in RUN; flags given beside --resume are ignored, with a warning."""
     from pipelines.errors import ItfitsWarning
-    from pipelines.training import resume_config
-    _check_workers(workers)
+    from pipelines.run import resume_config
+    check_workers(workers)
     # by name: typer 0.29 runs its own copy of click (typer._click), whose ParameterSource never equals click.core's
     given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "workers")
              and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"]
@@ -224,7 +154,7 @@ def fit(
 ):
     """Fine-tune a pretrained backbone on DATA (images, or audio rendered to mel spectrograms; with --target, train
     fastai's tabular model on a table); writes OUT/model, plots, history, report.html and run.json."""
-    from pipelines.training import fit as run_fit
+    from pipelines.run import FitConfig, fit as run_fit
     _bars_on_terminal_only()
     main = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate, rank 0 alone owns the run folder
     if resume is not None:
@@ -235,11 +165,15 @@ def fit(
         return
     if data is None:
         raise ItfitsError("fit needs DATA (a folder or a table), or --resume RUN to continue a run")
-    mel = _mel_config(locals())
-    config = _fit_config(data, out, arch, weights, epochs, freeze_epochs, lr, bs, size, valid_pct, seed, threshold,
-                         workers, keep, score, unknown, mel, target=target, cat=cat, cont=cont, ignore=ignore,
-                         layers=layers, precision=precision, accum=accum, ema=ema, ema_decay=ema_decay, compile=compile,
-                         outlier_exposure=outlier_exposure)
+    mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
+                      duration=duration, top_db=top_db)
+    config = FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, epochs=epochs,
+                       freeze_epochs=freeze_epochs, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
+                       threshold=threshold, keep=keep, score=score, unknown=_text(unknown), num_workers=workers,
+                       mel=mel, target=target, cat=_names(cat), cont=_names(cont), ignore=_names(ignore),
+                       layers=_layers(layers), precision=precision, accum=accum, ema=ema, ema_decay=ema_decay,
+                       compile=compile, outlier_exposure=outlier_exposure)
+    check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     created = main and claim_run_folder(out, overwrite=overwrite, log=typer.echo)
     try:
         run_fit(config)
@@ -270,11 +204,15 @@ def lr_find(
     layers: Optional[str] = LAYERS,
 ):
     """Run fastai's lr_find only: plot, table and suggested learning rates."""
-    from pipelines.training import CHOSEN_SUGGESTION, run_lr_find
+    from pipelines.run import FitConfig, run_lr_find
+    from pipelines.training import CHOSEN_SUGGESTION
     _bars_on_terminal_only()
-    mel = _mel_config(locals())
-    config = _fit_config(data, out, arch, weights, 1, 1, None, bs, size, valid_pct, seed, "auto", workers, mel=mel,
-                         target=target, cat=cat, cont=cont, ignore=ignore, layers=layers)
+    mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
+                      duration=duration, top_db=top_db)
+    config = FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, bs=bs, size=size,
+                       valid_pct=valid_pct, seed=seed, num_workers=workers, mel=mel, target=target, cat=_names(cat),
+                       cont=_names(cont), ignore=_names(ignore), layers=_layers(layers))
+    check_output(out, folder=True, inputs=[data])
     lr, suggestions = run_lr_find(config)
     typer.echo()  # lr_find's last progress bar leaves the cursor on its line
     for name, value in suggestions.items():
@@ -307,7 +245,7 @@ def predict(
         raise ItfitsError("--topk and --batch-size must be at least 1")
     if threshold is not None and not math.isfinite(threshold):
         raise ItfitsError(f"--threshold must be a finite number on the score's scale, got {threshold}")
-    _check_workers(workers)
+    check_workers(workers)
     check_output(out, folder=False, inputs=inputs)
     sweep_temps(out)  # what a killed predict left beside --out
     bundle = load_bundle(model)
@@ -332,7 +270,7 @@ def evaluate(
     from pipelines.evaluate import evaluate as run_evaluate
     if unknown is not None and not unknown.is_dir():
         raise ItfitsError(f"--unknown {unknown} is not a folder")
-    _check_workers(workers)
+    check_workers(workers)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
     rule, plain = m["unknown_rule"], m["plain_rule"]
@@ -363,7 +301,8 @@ def audio_to_images(
     _bars_on_terminal_only()
     if max_windows < 1 or (workers is not None and workers < 1):
         raise ItfitsError("--max-windows and --workers must be at least 1")
-    mel = _mel_config(locals()) or MelConfig()
+    mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
+                      duration=duration, top_db=top_db) or MelConfig()
     windows = run_audio_to_images(in_dir, out_dir, mel, workers=workers, max_windows=max_windows, log=typer.echo)
     ok = windows.filter(windows["error"].is_null())
     n_skipped = windows["source"].n_unique() - ok["source"].n_unique()

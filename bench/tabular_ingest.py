@@ -150,7 +150,7 @@ def hgb_accuracy(csv: Path, data, seed: int) -> float:
 
 def accuracy_table(seeds: list[int]) -> list[dict]:
     from pipelines.tabular import prepare_table
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     csv = REPO / "data" / "penguins.csv"
     rows = []
     for target in ("species", "sex"):

@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.evaluate import evaluate  # noqa: E402
-from pipelines.training import FitConfig, fit  # noqa: E402
+from pipelines.run import FitConfig, fit  # noqa: E402
 
 NAMES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
 KNOWN = ["tshirt", "trouser", "dress", "sandal", "bag", "ankle_boot"]

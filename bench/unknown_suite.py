@@ -32,9 +32,9 @@ from plain_recipe import plain_recipe  # noqa: E402
 from pipelines.backbones import create_body, get_spec  # noqa: E402
 from pipelines.bundle import load_bundle  # noqa: E402
 from pipelines.images import ImagePreprocessing  # noqa: E402
-from pipelines.predict import file_outputs  # noqa: E402
+from pipelines.batches import file_outputs  # noqa: E402
 from pipelines.sources import AUDIO_EXTS, IMAGE_EXTS  # noqa: E402
-from pipelines.training import FitConfig, fit  # noqa: E402
+from pipelines.run import FitConfig, fit  # noqa: E402
 from pipelines import unknown as U  # noqa: E402
 
 SPLITS = ("train", "valid", "test", "near", "far")

@@ -17,13 +17,13 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import polars as pl
 
 from .errors import ItfitsError
-from .sources import not_a_file, not_found, os_path, text_path
+from .io import atomic_dir
+from .sources import AUDIO_EXTS, expand_inputs, not_a_file, not_found, os_path, text_path
 
 RENDER_VERSION = 1  # part of the cache key: bump when the rendering below changes its output
 MAX_TRAIN_WINDOWS = 8  # windows of one clip used for training: the first 8 x duration seconds
@@ -249,7 +249,6 @@ def render_cached(path: str, cfg: MelConfig, folder: Path, max_windows: int | No
     folder/<sha256[:2]>/<sha256>.w<max_windows>/000.png ..., written beside it and renamed into place when
     complete: an interrupted render leaves nothing that a later one would use."""
     from PIL import Image
-    from .io import atomic_dir
     special = not_a_file(os_path(path))  # before the digest reads it: a FIFO would block forever
     if special:
         return [], special, False
@@ -325,8 +324,6 @@ def audio_to_images(in_dir: str | Path, out_dir: str | Path, cfg: MelConfig, *, 
     duration gets one from the clips' lengths (`auto_duration`), said with `log`.
     out_dir must be new or empty; it appears complete or not at all. Returns the windows table."""
     import shutil
-    from .io import atomic_dir
-    from .sources import AUDIO_EXTS, expand_inputs
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
@@ -364,78 +361,3 @@ def audio_to_images(in_dir: str | Path, out_dir: str | Path, cfg: MelConfig, *, 
                      orient="row").write_csv(tmp / "windows.csv")
         windows.filter(pl.col("error").is_not_null()).select("source", "error").write_csv(tmp / "skipped.csv")
     return windows
-
-
-# ---- prediction: clips -> model outputs, windows averaged --------------------------------------------------
-
-class AudioFiles:
-    """Map-style dataset: (path, error) -> (window images (W, 3, size, size) uint8, error); an unreadable file
-    gives no windows and its error, never a crash. All windows of a clip are used: as bytes, an hour of audio in
-    5 s windows at 224 px holds about 110 MB (as float tensors it held 4x that)."""
-
-    def __init__(self, items: list[tuple[str, str | None]], prep, cfg: MelConfig):
-        self.items, self.prep, self.cfg = items, prep, cfg
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        import torch
-        path, error = self.items[i]
-        if error is None:
-            try:
-                images = render_windows(path, self.cfg)
-                return torch.from_numpy(np.stack([self.prep.array(window_pil(img)) for img in images])), ""
-            except AudioError as e:
-                error = str(e)
-        return torch.zeros(0, 3, self.prep.size, self.prep.size, dtype=torch.uint8), error
-
-
-def _clip_outputs(model, prep, clips: list, batch_size: int):
-    """(logits, features) per clip of `clips` (each a (W, 3, size, size) uint8 tensor of its windows): the
-    windows go through the model `batch_size` at a time; a clip's probabilities are the mean of its windows',
-    returned as logits log(mean p), its features the mean of theirs. A clip without windows gets zeros."""
-    import torch
-    from .backbones import forward_features
-    device = next(model.parameters()).device
-    counts = torch.tensor([len(c) for c in clips])
-    x = torch.cat(clips)  # (windows of every clip, 3, size, size)
-    outs = [forward_features(model, prep.normalize(x[i:i + batch_size].to(device)))  # an empty batch too:
-            for i in range(0, max(1, len(x)), batch_size)]  # the outputs' widths
-    logits = torch.cat([lo.float().cpu() for lo, _ in outs])
-    feats = torch.cat([fe.float().cpu() for _, fe in outs])
-    clip = torch.repeat_interleave(torch.arange(len(clips)), counts)  # window -> its clip
-    div = counts.clamp(min=1).unsqueeze(1)
-    probs = torch.softmax(logits, dim=1)
-    c_probs = torch.zeros(len(clips), probs.shape[1]).index_add_(0, clip, probs) / div
-    c_logits = torch.log(c_probs.clamp(min=1e-12))  # a clip without windows: equal (meaningless) logits
-    c_feats = torch.zeros(len(clips), feats.shape[1]).index_add_(0, clip, feats) / div
-    return c_logits.numpy(), c_feats.numpy()
-
-
-def audio_batches(model, prep, cfg: MelConfig, items: list[tuple[str, str | None]], *, batch_size: int = 64,
-                  num_workers: int | None = None) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[str]]]:
-    """(paths, logits, features, errors) per group of clips, one row per clip, like predict.image_batches.
-
-    The calibration (temperature, unknown score, threshold) is fitted on these same per-clip outputs at fit time
-    (`_clip_outputs`), so the threshold keeps its meaning. Clips are rendered one per item in `num_workers`
-    DataLoader processes and grouped until their windows fill a batch of `batch_size` (or `batch_size` clips):
-    memory holds one group's windows, however long the clips. Rows with an error have meaningless outputs."""
-    import torch
-    from .images import default_workers
-
-    workers = default_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(AudioFiles(items, prep, cfg), batch_size=None,
-                                         num_workers=min(workers, len(items)))
-    model.eval()
-    clips, errors, windows, start = [], [], 0, 0
-    with torch.inference_mode():
-        for i, (x, error) in enumerate(loader):
-            clips.append(x)
-            errors.append(error)
-            windows += len(x)
-            if windows >= batch_size or len(clips) >= batch_size or i == len(items) - 1:
-                logits, feats = _clip_outputs(model, prep, clips, batch_size)
-                yield [p for p, _ in items[start:start + len(clips)]], logits, feats, errors
-                start += len(clips)
-                clips, errors, windows = [], [], 0

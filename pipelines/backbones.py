@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ItfitsError, did_you_mean
+from .sources import not_a_file
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The smallest image size trained on: ConvNeXt's stem (4x) and three 2x downsamplings fail below 32 px, and every
@@ -229,7 +230,6 @@ def check_weights(weights: str) -> None:
     """An ItfitsError, before any work, when `weights` is neither a keyword nor a readable weights file."""
     if weights in WEIGHT_KEYWORDS:
         return
-    from .sources import not_a_file
     path = Path(weights)
     if path.suffix.lower() not in WEIGHT_FILE_EXTS:
         raise ItfitsError(f"--weights {weights}: takes {', '.join(WEIGHT_KEYWORDS)} or a weights file ending in "

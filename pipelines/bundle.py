@@ -11,8 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .audio import MelConfig
+from .backbones import MAX_SIZE, MIN_SIZE, WithReference, create_backbone, create_body, get_spec
 from .errors import ItfitsError
 from .io import atomic_dir
+from .sources import AUDIO_EXTS, IMAGE_EXTS
+from .tabular import TabularModelSpec, create_tabular_model
 from .unknown import SCORES, Calibration, UnknownStats
 
 FORMAT_VERSION = 1
@@ -82,13 +86,11 @@ class Bundle:
         """The MelConfig of an audio bundle; None for an image bundle."""
         if self.meta.get("modality") != "audio":
             return None
-        from .audio import MelConfig
         return MelConfig.from_json(self.meta["preprocessing"]["mel"])
 
     @property
     def input_exts(self) -> set[str]:
         """File extensions prediction looks for in folders."""
-        from .sources import AUDIO_EXTS, IMAGE_EXTS
         return AUDIO_EXTS if self.mel else IMAGE_EXTS
 
 
@@ -182,7 +184,6 @@ def calibration_problem(calib: dict) -> str | None:
 
 def image_problem(meta: dict) -> str | None:
     """What is wrong with an image or audio bundle's backbone, classes and preprocessing, or None."""
-    from .backbones import MAX_SIZE, MIN_SIZE, get_spec
     prep, classes = meta["preprocessing"], meta["classes"]
     if len(classes) > MAX_CLASSES or len(set(classes)) != len(classes):
         return f"classes must be up to {MAX_CLASSES} different names, got {len(classes)} ({len(set(classes))} different)"
@@ -205,7 +206,6 @@ def image_problem(meta: dict) -> str | None:
         if problem:
             return problem
     if meta.get("modality") == "audio":
-        from .audio import MelConfig
         mel = prep.get("mel")
         if not isinstance(mel, dict):
             return f"preprocessing.mel must be a JSON object of mel parameters, got {mel!r}"
@@ -241,9 +241,7 @@ def read_meta(path: Path) -> dict:
 def _rebuild_model(meta: dict) -> nn.Module:
     """The untrained model itfits.json describes: fastai's TabularModel, or a backbone from the registry."""
     if meta.get("modality") == "tabular":
-        from .tabular import TabularModelSpec, create_tabular_model
         return create_tabular_model(TabularModelSpec.from_json(meta["model"]))
-    from .backbones import create_backbone
     return create_backbone(meta["backbone"], num_classes=len(meta["classes"]), weights="none")
 
 
@@ -268,7 +266,6 @@ def load_bundle(path: Path | str) -> Bundle:
         stats = UnknownStats.from_tensors(tensors) if "unknown.bank" in tensors else None
         model.load_state_dict(own, strict=True)
         if ref:
-            from .backbones import WithReference, create_body, get_spec
             body = create_body(get_spec(meta["backbone"]), weights="none")[0]
             body.load_state_dict(ref, strict=True)
             scoring = WithReference(model, body).eval()

@@ -17,8 +17,10 @@ import torch
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 
+from .distributed import is_main
 from .errors import ItfitsError
 from .io import atomic_path
+from .learners import find_ema
 
 CHECKPOINT, CONFIG = "last.pt", "config.json"
 FORMAT = 1
@@ -67,7 +69,6 @@ def _tuples(v):  # random.setstate wants the nested tuples back
 def save_checkpoint(path: Path, learn, *, epoch: int, history: list[dict], meta: dict) -> None:
     """Write the checkpoint beside `path`, then rename: a kill mid-write leaves the previous one whole."""
     from fastai.torch_core import get_model
-    from .learners import find_ema
     opt = learn.opt.state_dict()
     ema = find_ema(learn)
     state = {"format": FORMAT, "epoch": epoch, "history": _plain(history), **_plain(meta),
@@ -147,7 +148,6 @@ def restore(learn, state: dict, *, phase_start: bool = False) -> None:
     unfreeze clear it) and its own EMA."""
     from fastai.torch_core import get_model
     from fastcore.foundation import L
-    from .learners import find_ema
     get_model(learn.model).load_state_dict(state["model"])
     if learn.opt is None:
         learn.create_opt()
@@ -191,7 +191,6 @@ class Checkpoint(Callback):
         self.skipped = True
 
     def after_epoch(self):
-        from .distributed import is_main
         if self.skipped or not is_main():
             return
         save_checkpoint(self.path, self.learn, epoch=self.first_epoch + self.epoch + 1, history=self.history.rows,

@@ -6,39 +6,23 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from .batches import file_outputs, unknown_outputs
 from .bundle import load_bundle
 from .errors import ItfitsError
 from .images import ImagePreprocessing
 from .io import write_json
-from .predict import file_outputs, unknown_outputs
+from .metrics import accepted_at_rate, auroc, expected_calibration_error, fpr_at_tpr, nll, per_class, softmax
+from .plots import plot_reliability, plot_risk_coverage
 from .sources import check_files, read_source
-from .unknown import auroc, compute_scores, expected_calibration_error, fpr_at_tpr, nll, softmax
+from .unknown import compute_scores
 
 PLAIN_RULE = 0.95  # what most fastai users write by hand: max softmax < 0.95 -> unknown
-
-
-def per_class(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict[str, dict]:
-    out = {}
-    for i, c in enumerate(classes):
-        tp = int(((preds == i) & (targets == i)).sum())
-        out[c] = {"precision": tp / max(1, int((preds == i).sum())), "recall": tp / max(1, int((targets == i).sum())),
-                  "support": int((targets == i).sum())}
-    return out
-
-
-def accepted_at_rate(known: np.ndarray, unknown: np.ndarray, rate: float) -> float:
-    """Share of `known` accepted by the lowest threshold that accepts at most `rate` of `unknown`."""
-    k = int(np.floor(rate * len(unknown) + 1e-9))
-    cut = np.sort(unknown)[::-1][k] if k < len(unknown) else -np.inf  # accept strictly above the (k+1)-th highest
-    return float((known > cut).mean()) if len(known) else 0.0
 
 
 def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: str | Path | None = None,
              num_workers: int | None = None, tta: bool = False) -> dict:
     """Metrics of a bundle on labelled DATA (every file, whatever its split) and optional unknown examples; `tta`:
     each image's outputs averaged with its mirror image's (predict.image_batches)."""
-    from .reports import plot_reliability, plot_risk_coverage
-
     bundle = load_bundle(model)
     if bundle.meta.get("modality") == "tabular":
         raise ItfitsError(f"{model} is a tabular model; itfits evaluate takes image models for now. Its validation "

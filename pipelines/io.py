@@ -13,6 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from .errors import ItfitsError
+from .sources import glob_files
 
 
 def _umask() -> int:
@@ -69,7 +70,6 @@ def check_output(path: Path | str, *, folder: bool, inputs=()) -> None:
     if not os.access(written, os.W_OK):
         raise ItfitsError(f"--out {path}: no permission to write in {written}")
     # a pattern among the inputs (predict "data/*.csv") counts as the files it matches, as expand_inputs reads it
-    from .sources import glob_files
     given_paths = [m for g in map(str, inputs)
                    for m in (glob_files(g) if glob.has_magic(g) and not os.path.exists(g) else [g])]
     for given in map(Path, given_paths):

@@ -18,6 +18,7 @@ from torch.optim.adamw import adamw
 from .backbones import create_backbone, get_spec
 from .errors import ItfitsError, ItfitsWarning
 from .precision import Precision
+from .tabular import create_tabular_model
 
 EMA_SHARE = 0.1  # the auto EMA decay averages over about the last 10% of a fit's optimizer steps
 EMA_DECAY_MAX = 0.9998  # fastxtend's and timm's usual decay, reached only on long runs
@@ -347,7 +348,6 @@ def tabular_learner(dls, spec, *, regression: bool, target_std: float = 1.0, pat
     from fastai.losses import CrossEntropyLossFlat, MSELossFlat
     from fastai.metrics import AccumMetric, accuracy
 
-    from .tabular import create_tabular_model
 
     if regression:
         loss, metric = MSELossFlat(), AccumMetric(partial(_rmse_in_units, scale=target_std), name="rmse")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .backbones import create_backbone, get_spec
 from .errors import ItfitsError, ItfitsWarning, did_you_mean
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -87,7 +88,6 @@ def resolve_precision(requested: str, *, arch: str, size: int, train: bool = Tru
 def cpu_step_times(arch: str, size: int, *, train: bool, batch: int = 8, rounds: int = 2) -> tuple[float, float]:
     """(fp32 seconds, bf16 seconds) of one step of `arch` on a CPU: the faster of `rounds` tries each, the
     two precisions alternating so background load hits both alike. About 0.3-1 s for the registry's models."""
-    from .backbones import create_backbone, get_spec
     with torch.random.fork_rng():  # the probe must not move the seeded RNG of the run
         torch.manual_seed(0)
         model = create_backbone(arch, num_classes=2, weights="none").train(train)

@@ -2,11 +2,7 @@
 Image bundles yield one dict per file; tabular bundles yield DataFrame chunks (input columns, then predictions)."""
 from __future__ import annotations
 
-import os
-import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -15,13 +11,15 @@ import numpy as np
 import polars as pl
 import torch
 
-from .backbones import fold_batchnorm, forward_features, get_spec
+from .backbones import fold_batchnorm, get_spec
+from .batches import TTA_IMAGES_ONLY, file_batches
 from .bundle import Bundle
 from .errors import ItfitsError
-from .images import ImagePreprocessing, load_image, loader_workers
+from .images import ImagePreprocessing
 from .io import atomic_path, csv_unwritable, escape_formulas
 from .precision import Precision, resolve_precision
-from .sources import expand_inputs, read_checked, text_path
+from .sources import expand_inputs, text_path
+from .tabular import TabularPreprocessing, tabular_outputs
 
 
 @dataclass
@@ -32,124 +30,6 @@ class PredictConfig:
     threshold: float | None = None  # None: the bundle's threshold (chosen on validation data at fit time)
     precision: str = "auto"  # auto: the training's precision where faster, else fp32 (fast_path); fp32: exact outputs
     tta: bool = False  # images: average each image's outputs with its mirror image's (test-time augmentation)
-
-
-TTA_IMAGES_ONLY = ("--tta is for image models: a spectrogram has a time direction, so it has no mirror image (audio "
-                   "already averages a clip's windows), and a table row has no views; leave --tta out")
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """(path, error) pairs -> ((3, size, size) uint8 array, error); an unreadable file gives zeros and its error,
-    never a crash. Batches become float and are normalised whole (`image_batches`), not image by image."""
-
-    def __init__(self, items: list[tuple[str, str | None]], prep: ImagePreprocessing):
-        self.items, self.prep = items, prep
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        path, error = self.items[i]
-        if error is None:
-            try:  # one decode, with check_image's checks (sources.read_checked)
-                x, error = read_checked(path, self._array)
-                if error is None:
-                    return x, ""
-            except Exception as e:  # a file that passed the checks but still fails: record, go on
-                error = f"cannot decode: {e}"
-        return np.zeros((3, self.prep.size, self.prep.size), np.uint8), error
-
-    def _array(self, path) -> np.ndarray:
-        return self.prep.array(load_image(path, gray=True))
-
-
-def _stack(batch: list[tuple[np.ndarray, str]]) -> tuple[torch.Tensor, list[str]]:
-    """DataLoader collate for ImageFiles: one uint8 tensor (B, 3, size, size), the errors as a list."""
-    return torch.from_numpy(np.stack([x for x, _ in batch])), [e for _, e in batch]
-
-
-def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *, batch_size: int = 64,
-                  num_workers: int | None = None, precision: Precision | None = None, channels_last: bool = False,
-                  tta: bool = False) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[str]]]:
-    """(paths, logits, features, errors) per batch, logits and features float32 whatever the `precision` (None:
-    fp32); rows with an error have meaningless logits. `channels_last` for conv nets: faster on CPUs and GPUs.
-    `tta` (fastai's test-time augmentation, with the one view that is no guess: the left-right flip that training's
-    aug_transforms shows the model): logits and features are the means over the image and its mirror image, so the
-    temperature, scores and threshold calibrated on single views apply as they are. It doubles the model's work.
-
-    Without DataLoader workers (images.loader_workers: small CPU-only machines) files are decoded here: one after
-    another while that costs little next to the model (small files: threads would only fight over the GIL and
-    the model's cores, 14% fewer images/s at 64 px on 2 cores), in a pool of threads, one per core, from the
-    first batch that took more than half as long to decode as the model took on it (large photos: PIL releases
-    the GIL while it decodes, 1.9x on 2 cores)."""
-    files = ImageFiles(items, prep)
-    workers = min(loader_workers() if num_workers is None else num_workers, -(-len(items) // batch_size))
-    loader = iter(torch.utils.data.DataLoader(files, batch_size=batch_size, collate_fn=_stack, num_workers=workers)
-                  ) if workers else None
-    model.eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        model.to(memory_format=memory_format)
-    device = next(model.parameters()).device
-    pool = None
-    try:
-        with torch.inference_mode(), precision.autocast() if precision else nullcontext():
-            for start in range(0, len(items), batch_size):
-                began = time.perf_counter()
-                if loader is None:
-                    batch = range(start, min(start + batch_size, len(items)))
-                    x, errors = _stack(list(pool.map(files.__getitem__, batch)) if pool else [files[i] for i in batch])
-                else:
-                    x, errors = next(loader)
-                decoded = time.perf_counter()
-                x = prep.normalize(x.to(device), memory_format)
-                logits, features = forward_features(model, x)
-                if tta:  # (B, 3, H, W): flip W
-                    flipped = forward_features(model, x.flip(3))
-                    logits, features = (logits + flipped[0]) / 2, (features + flipped[1]) / 2
-                logits, features = logits.float().cpu().numpy(), features.float().cpu().numpy()
-                if loader is None and pool is None and decoded - began > (time.perf_counter() - decoded) / 2:
-                    pool = ThreadPoolExecutor(os.cpu_count() or 1)
-                yield [p for p, _ in items[start:start + len(x)]], logits, features, errors
-    finally:
-        if pool is not None:
-            pool.shutdown()
-
-
-def file_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *, mel=None,
-                 batch_size: int = 64, num_workers: int | None = None, precision: Precision | None = None,
-                 channels_last: bool = False, tta: bool = False):
-    """image_batches, or audio.audio_batches (fp32) when `mel` (a MelConfig) is given: one row per input file."""
-    if mel is None:
-        return image_batches(model, prep, items, batch_size=batch_size, num_workers=num_workers, precision=precision,
-                             channels_last=channels_last, tta=tta)
-    if tta:
-        raise ItfitsError(TTA_IMAGES_ONLY)
-    from .audio import audio_batches
-    return audio_batches(model, prep, mel, items, batch_size=batch_size, num_workers=num_workers)
-
-
-def file_outputs(model, prep: ImagePreprocessing, paths: list[str], *, mel=None,
-                 **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(logits, features, errors) for a list of image files (audio clips when `mel` is given), all at once
-    (validation, unknown examples)."""
-    batches = list(file_batches(model, prep, [(p, None) for p in paths], mel=mel, **kwargs))
-    if not batches:
-        return np.zeros((0, 0)), np.zeros((0, 0)), []
-    return (np.concatenate([b[1] for b in batches]), np.concatenate([b[2] for b in batches]),
-            [e for b in batches for e in b[3]])
-
-
-def unknown_outputs(model, prep: ImagePreprocessing, folder: str | Path, exts: set[str], *, mel=None, **kwargs
-                    ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """(logits, features) of the readable files of `exts` under `folder` (examples of none of the classes, for fit
-    and evaluate), and (path, error) of the unreadable ones. An ItfitsError when it holds no such file."""
-    paths = [p for p, err in expand_inputs([str(folder)], exts) if err is None]
-    if not paths:
-        raise ItfitsError(f"--unknown {folder}: no {'audio' if mel else 'image'} files found")
-    logits, feats, errors = file_outputs(model, prep, paths, mel=mel, **kwargs)
-    good = np.array([not e for e in errors])
-    return logits[good], feats[good], [(text_path(p), e) for p, e in zip(paths, errors) if e]
 
 
 def prediction_frame(probs: np.ndarray, scores: np.ndarray, unknown: np.ndarray, errors, classes, *,
@@ -196,7 +76,6 @@ def table_predictions(bundle: Bundle, inputs: list[str], config: PredictConfig, 
     """Prediction chunks for one CSV/Parquet table: every input column (typed as at training where it reads
     cleanly), then `prediction_frame` (classification) or `regression_frame` columns. Input columns named like an
     output column are kept with an `_input` suffix."""
-    from .tabular import TabularPreprocessing, tabular_outputs
     if len(inputs) != 1:
         raise ItfitsError(f"a tabular model predicts one table at a time, got {len(inputs)} inputs: "
                           "itfits predict MODEL rows.csv --out preds.parquet")

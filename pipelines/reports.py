@@ -1,4 +1,5 @@
-"""Plots and tables a person looks at, written as PNG/CSV files into the run folder."""
+"""RUN/report.html: one self-contained page of a run's results, figures (plots.py) and settings, and the tables
+(CSV) beside it."""
 from __future__ import annotations
 
 import base64
@@ -10,84 +11,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from fastcore.xml import (H1, H2, H3, Body, Details, Div, Head, Html, Img, Li, Meta, P, Span, Style, Summary, Table,
+                          Td, Th, Title, Tr, Ul, to_xml)
+
 from .errors import ItfitsWarning
+from .images import load_image
 from .io import atomic_path, write_table
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    finally:
-        _pyplot().close(fig)
-
-
-def plot_lr_find(lrs, losses, suggestions: dict[str, float], chosen: str, path: Path) -> None:
-    """Loss against learning rate (log scale), each suggestion marked, the chosen one named in the legend."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lrs, losses)
-    for (name, lr), color in zip(suggestions.items(), ["C1", "C2", "C3", "C4"]):
-        y = np.interp(np.log(lr), np.log(lrs), losses)
-        ax.plot(lr, y, "o", color=color, label=f"{name}: {lr:.2e}" + (" (used)" if name == chosen else ""))
-    ax.set(xscale="log", xlabel="learning rate", ylabel="loss", title="lr_find")
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def confusion_matrix(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> np.ndarray:
-    """(n_classes, n_classes) counts, rows = actual, columns = predicted."""
-    cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    np.add.at(cm, (targets, preds), 1)
-    return cm
-
-
-CM_TEXT_MAX = 30  # classes up to which each cell of the confusion matrix plot shows its count
-CM_PLOT_MAX = 100  # classes up to which the whole matrix is drawn; past it, the most-confused block of this many
-CM_MAX_INCHES = 16.0  # the figure's side: 0.6 in per class grows to 300 in (and GBs of pixels) for 500 classes
-
-
-def most_confused(cm: np.ndarray, k: int) -> np.ndarray:
-    """Indices (ascending) of the k classes with the most mistakes, as actual or as predicted class."""
-    off = cm - np.diag(np.diag(cm))
-    return np.sort(np.argsort(-(off.sum(0) + off.sum(1)), kind="stable")[:k])
-
-
-def write_confusion_matrix(cm: np.ndarray, classes: list[str], out_dir: Path) -> None:
-    """confusion_matrix.csv (actual x predicted counts, every class) and confusion_matrix.png: a figure of capped
-    size; counts in the cells up to CM_TEXT_MAX classes; past CM_PLOT_MAX classes only the most-confused block."""
-    table = pl.DataFrame({"actual": classes, **{c: cm[:, j] for j, c in enumerate(classes)}})
-    write_table(table, out_dir / "confusion_matrix.csv")
-    title = "confusion matrix (valid)"
-    if len(classes) > CM_PLOT_MAX:
-        keep = most_confused(cm, CM_PLOT_MAX)
-        cm, classes = cm[np.ix_(keep, keep)], [classes[i] for i in keep]
-        title = f"the {CM_PLOT_MAX} most-confused classes of {len(table)} (valid; all in confusion_matrix.csv)"
-    plt = _pyplot()
-    n = len(classes)
-    side = min(CM_MAX_INCHES, 1.5 + 0.6 * n)
-    fig, ax = plt.subplots(figsize=(side, side - 0.3))
-    ax.imshow(cm, cmap="Blues")
-    if n <= CM_TEXT_MAX:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
-    font = min(10.0, max(4.0, 600 / n))  # labels shrink with the class count, down to what stays readable
-    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="actual", title=title)
-    ax.set_xticklabels(classes, rotation=45 if n <= CM_TEXT_MAX else 90, ha="right" if n <= CM_TEXT_MAX else "center",
-                       fontsize=font)
-    ax.set_yticklabels(classes, fontsize=font)
-    fig.tight_layout()
-    _save(fig, out_dir / "confusion_matrix.png")
+from .metrics import confusion_matrix, item_losses, per_class, softmax
+from .plots import plot_losses, plot_predicted_vs_actual, plot_reliability, plot_risk_coverage, write_confusion_matrix
 
 
 def guarded(notes: list[str], what: str, write, *args, **kwargs):
@@ -100,80 +31,6 @@ def guarded(notes: list[str], what: str, write, *args, **kwargs):
         notes.append(note)
         warnings.warn(note, ItfitsWarning)
         return None
-
-
-def plot_reliability(probs: np.ndarray, targets: np.ndarray, path: Path, bins: int = 10) -> None:
-    """Accuracy against confidence in equal-width bins; a calibrated model lies on the diagonal."""
-    conf, correct = probs.max(1), probs.argmax(1) == targets
-    edges = np.linspace(0, 1, bins + 1)
-    idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    centres = (edges[:-1] + edges[1:]) / 2
-    acc = [correct[idx == b].mean() if (idx == b).any() else np.nan for b in range(bins)]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.bar(centres, acc, width=1 / bins, edgecolor="black", alpha=0.7, label="accuracy")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="reliability")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def plot_risk_coverage(scores: np.ndarray, correct: np.ndarray, path: Path, *, threshold: float | None = None) -> None:
-    """Error rate among accepted items against the share accepted, accepting by descending score."""
-    order = np.argsort(-scores)
-    n = np.arange(1, len(order) + 1)
-    risk = np.cumsum(~correct[order]) / n
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot(n / len(order), risk)
-    if threshold is not None:
-        cov = float((scores >= threshold).mean())
-        ax.axvline(cov, color="C1", linestyle="--", label=f"threshold: coverage {cov:.2f}")
-        ax.legend()
-    ax.set(xlabel="coverage (share accepted)", ylabel="risk (error rate among accepted)", title="risk-coverage")
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def plot_losses(history: pl.DataFrame, path: Path) -> None:
-    """Train/valid loss and each metric per epoch; the frozen (head-only) epochs of fine_tune shaded."""
-    plt = _pyplot()
-    epochs = history["epoch"].to_numpy()
-    metrics = [c for c in history.columns if c not in ("epoch", "phase", "train_loss", "valid_loss", "seconds")]
-    fig, axes = plt.subplots(1, 2 if metrics else 1, figsize=(10 if metrics else 5, 3.8), squeeze=False)
-    loss_ax = axes[0, 0]
-    for col in ("train_loss", "valid_loss"):
-        if col in history.columns:
-            loss_ax.plot(epochs, history[col].to_numpy(), "o-", label=col.replace("_", " "))
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    if metrics:
-        for col in metrics:
-            axes[0, 1].plot(epochs, history[col].to_numpy(), "o-", label=col)
-        axes[0, 1].set(xlabel="epoch", title="validation metrics")
-    if "phase" in history.columns:
-        frozen = epochs[(history["phase"] == "frozen").to_numpy()]
-        for ax in axes[0]:
-            if len(frozen):
-                ax.axvspan(frozen.min() - 0.5, frozen.max() + 0.5, color="gray", alpha=0.15, label="frozen (head only)")
-    for ax in axes[0]:
-        ax.set_xticks(epochs)
-        ax.legend()
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def plot_predicted_vs_actual(actual: np.ndarray, predicted: np.ndarray, path: Path, *, target: str) -> None:
-    """Each validation row's prediction against its true value; a perfect model puts every point on the diagonal."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(actual, predicted, s=12, alpha=0.6)
-    lo, hi = min(actual.min(), predicted.min()), max(actual.max(), predicted.max())
-    ax.plot([lo, hi], [lo, hi], "--", color="gray", label="predicted = actual")
-    ax.set(xlabel=f"actual {target}", ylabel=f"predicted {target}", title="predicted against actual (valid)")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    _save(fig, path)
 
 
 # ---- the run report: one self-contained HTML file ---------------------------------------------------------
@@ -204,17 +61,6 @@ class Validation:
         return self.predictions is not None
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    from .unknown import softmax  # unknown.py imports torch: only when a report is written
-    return softmax(logits)
-
-
-def item_losses(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Cross-entropy of each item, as fastai's loss gives it (no temperature)."""
-    p = _softmax(logits)[np.arange(len(targets)), targets]
-    return -np.log(np.clip(p, 1e-12, None))
-
-
 def top_losses(valid: Validation, classes: list[str], k: int = TOP_LOSSES) -> pl.DataFrame:
     """The k validation items with the highest loss: index, name, actual, predicted, then probability and loss;
     regression: the largest absolute errors, then error (predicted - actual)."""
@@ -225,7 +71,7 @@ def top_losses(valid: Validation, classes: list[str], k: int = TOP_LOSSES) -> pl
                    "error": error[order].astype(float)}
     else:
         losses = item_losses(valid.logits, valid.targets)
-        probs = valid.probs if valid.probs is not None else _softmax(valid.logits)
+        probs = valid.probs if valid.probs is not None else softmax(valid.logits)
         order = np.argsort(-losses, kind="stable")[:k]
         preds = probs.argmax(1)
         columns = {"actual": [classes[valid.targets[i]] for i in order],
@@ -241,7 +87,6 @@ def png_data_uri(data: bytes) -> str:
 
 def thumbnail_uri(path: str | Path, size: int = THUMBNAIL) -> str | None:
     """A small PNG of an image file as a data URI (RGBA, 16-bit, EXIF handled as in training); None if unreadable."""
-    from .images import load_image
     try:
         img = load_image(str(path))
     except Exception:  # the report says "no preview"; the file's own problem was reported by training
@@ -265,16 +110,26 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}img.plot{max-width:100
 
 
 def _fmt(v) -> str:
-    return "—" if v is None else format(v, ".4g") if isinstance(v, float) else str(v)
+    """A value as a person reads it: numbers to 4 significant digits, records (dicts) as `key: value` text, lists
+    joined by commas, None as a dash."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return format(v, ".4g")
+    if isinstance(v, dict):
+        return "; ".join(f"{k.replace('_', ' ')}: {_fmt(x)}" for k, x in v.items()) or "—"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(_fmt, v)) or "—"
+    return str(v)
 
 
 def _kv_table(d: dict):
-    from fastcore.xml import Table, Td, Th, Tr
     return Table(*[Tr(Th(k), Td(_fmt(v))) for k, v in d.items()])
 
 
 def _frame_table(df: pl.DataFrame):
-    from fastcore.xml import Table, Td, Th, Tr
     numeric = [dtype.is_numeric() for dtype in df.dtypes]
     return Table(Tr(*[Th(c) for c in df.columns]),
                  *[Tr(*[Td(_fmt(v), cls="num" if num else None) for v, num in zip(row, numeric)])
@@ -282,22 +137,27 @@ def _frame_table(df: pl.DataFrame):
 
 
 def _figure(path: Path, alt: str):
-    from fastcore.xml import Img, P
     if not path.is_file():
         return P(f"({path.name} was not written)", cls="muted")
     return Img(src=png_data_uri(path.read_bytes()), alt=alt, cls="plot")
 
 
+def _folded(title: str, *content):
+    return Details(Summary(title), *content)
+
+
 def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validation, *,
-                 notes: list[str] | None = None) -> Path:
-    """RUN/report.html: settings, lr_find, loss curves, skipped files, and for a classifier the confusion matrix,
-    per-class precision/recall, top losses, calibration and unknown figures; for a regression predicted against
-    actual and the rows with the largest errors. Writes losses.png, top_losses.csv and (classifier) reliability.png,
-    risk_coverage.png, per_class.csv or (regression) predicted_vs_actual.png beside it. Every image is embedded, so
-    the one file can be mailed. Draws only on what training computed (history, validation outputs): it runs no
-    model. Each plot and table is `guarded`: one that fails is left out, with a note in the page and on stderr;
-    `notes` (more such notes) are shown too. Returns the path."""
-    from fastcore.xml import H1, H2, H3, Body, Div, Head, Html, Meta, P, Style, Title, to_xml
+                 notes: list[str] | None = None, defaults: dict | None = None) -> Path:
+    """RUN/report.html, results first: the summary and what to look at (accuracy, the most confused classes, the
+    worst item, the unknown operating point); then for a classifier the confusion matrix, per-class
+    precision/recall, top losses, calibration and unknown figures, for a regression predicted against actual and the
+    rows with the largest errors; then loss curves, lr_find and skipped files; the settings last: those that differ
+    from `defaults` (FitConfig's, as a dict) shown, the rest and the resolved values folded (<details>). Writes
+    losses.png, top_losses.csv and (classifier) confusion_matrix.png/.csv, reliability.png, risk_coverage.png,
+    per_class.csv or (regression) predicted_vs_actual.png beside it. Every image is embedded, so the one file can be
+    mailed. Draws only on what training computed (history, validation outputs): it runs no model. Each plot and
+    table is `guarded`: one that fails is left out, with a note in the page and on stderr; `notes` (more such
+    notes) are shown too. Returns the path."""
 
     run = Path(run)
     notes = list(notes or [])
@@ -305,33 +165,25 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
     guarded(notes, "losses.png", plot_losses, history, run / "losses.png")
     top = top_losses(valid, resolved["classes"])
     guarded(notes, "top_losses.csv", write_table, top.drop("index"), run / "top_losses.csv")
-    used = {k: v for k, v in resolved.items() if k not in ("classes", "lr_suggestions")}
-    lr_part = ([_figure(run / "lr_find.png", "lr_find plot"),
-                _kv_table({f"suggestion: {k}": v for k, v in resolved["lr_suggestions"].items()})]
-               if resolved.get("lr_suggestions") else
-               [P(f"lr_find did not run: the learning rate was given ({resolved.get('lr')}).", cls="muted")])
     model = f"a tabular model of '{config['target']}'" if config.get("target") else config.get("arch", "")
     task = ("regression" if valid.regression else
             f"{len(resolved['classes'])} classes ({', '.join(resolved['classes'])})")
-
+    look, part = (_regression_part(run, config.get("target", ""), valid, top, notes) if valid.regression else
+                  _classification_part(run, summary, valid, top, notes))
+    skipped_part, n_skipped = _skipped_part(run)
+    if n_skipped:
+        look.append(f"{n_skipped} input files were skipped (unreadable or empty): the list is below")
     body = [H1("itfits run report"),
+            *[P(note, cls="wrong") for note in notes],  # at the top: a reader must see what is missing
             P(f"{model} on {config.get('data', '')}: {task}, {resolved.get('n_train')} train / "
               f"{resolved.get('n_valid')} valid items."),
-            _kv_table({k.replace("_", " "): v for k, v in results.items()}),
-            H2("Settings"), Div(Div(H3("As given (FitConfig)"), _kv_table(config)),
-                                Div(H3("As used"), _kv_table(used)), cls="grid"),
-            H2("Learning rate finder"), *lr_part,
+            H2("Summary"), _kv_table({k.replace("_", " "): v for k, v in results.items()}),
+            P("What to look at:"), Ul(*[Li(line) for line in look]),
+            *part,
             H2("Loss and metrics"), _figure(run / "losses.png", "loss and metric curves"),
-            *(_regression_part(run, config.get("target", ""), valid, top, notes) if valid.regression else
-              _classification_part(run, summary, valid, top, notes))]
-    skipped = run / "skipped.csv"
-    if skipped.is_file():
-        table = pl.read_csv(skipped, infer_schema_length=0)
-        if table.height:
-            body += [H2(f"Skipped files ({table.height})"), _frame_table(table.head(200)),
-                     P("(first 200; all in skipped.csv)", cls="muted") if table.height > 200 else ""]
-    if notes:
-        body[1:1] = [P(note, cls="wrong") for note in notes]  # at the top: a reader must see what is missing
+            H2("Learning rate finder"), *_lr_part(run, resolved),
+            *skipped_part,
+            H2("Settings"), *_settings_part(config, resolved, defaults)]
     page = Html(Head(Meta(charset="utf-8"), Title(f"itfits report: {run.name}"), Style(_CSS)), Body(*body))
     out = run / "report.html"
     with atomic_path(out) as tmp:
@@ -339,40 +191,92 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
     return out
 
 
-def _classification_part(run: Path, summary: dict, valid: Validation, top: pl.DataFrame, notes: list[str]) -> list:
-    """Confusion matrix (confusion_matrix.png/.csv), per-class table (per_class.csv), top losses, calibration and
-    unknown figures."""
-    from fastcore.xml import H2
-    from .evaluate import per_class
+def _lr_part(run: Path, resolved: dict) -> list:
+    if not resolved.get("lr_suggestions"):
+        return [P(f"lr_find did not run: the learning rate was given ({resolved.get('lr')}).", cls="muted")]
+    return [_figure(run / "lr_find.png", "lr_find plot"),
+            _kv_table({f"suggestion: {k}": v for k, v in resolved["lr_suggestions"].items()})]
+
+
+def _skipped_part(run: Path) -> tuple[list, int]:
+    skipped = run / "skipped.csv"
+    table = pl.read_csv(skipped, infer_schema_length=0) if skipped.is_file() else pl.DataFrame()
+    if not table.height:
+        return [], 0
+    return [H2(f"Skipped files ({table.height})"), _frame_table(table.head(200)),
+            P("(first 200; all in skipped.csv)", cls="muted") if table.height > 200 else ""], table.height
+
+
+def _settings_part(config: dict, resolved: dict, defaults: dict | None) -> list:
+    """The settings given that differ from `defaults`, shown; the ones at their defaults and the values the run
+    resolved (lr, batch size, precision, ...), folded."""
+    defaults = defaults or {}
+    changed = {k: v for k, v in config.items() if k not in defaults or v != defaults[k]}
+    same = {k: v for k, v in config.items() if k not in changed}
+    used = {k: v for k, v in resolved.items() if k not in ("classes", "lr_suggestions")}
+    return [H3("Changed from the defaults (FitConfig)"),
+            _kv_table(changed) if changed else P("none", cls="muted"),
+            *([_folded(f"At their defaults ({len(same)})", _kv_table(same))] if same else []),
+            _folded(f"As used: what the run resolved ({len(used)})", _kv_table(used))]
+
+
+def _classification_part(run: Path, summary: dict, valid: Validation, top: pl.DataFrame,
+                         notes: list[str]) -> tuple[list[str], list]:
+    """(lines of what to look at, sections): confusion matrix (confusion_matrix.png/.csv), per-class table
+    (per_class.csv), top losses, calibration and unknown figures."""
     classes, calib = summary["resolved"]["classes"], summary.get("calibration") or {}
-    probs = valid.probs if valid.probs is not None else _softmax(valid.logits)
+    probs = valid.probs if valid.probs is not None else softmax(valid.logits)
     preds = probs.argmax(1)
-    guarded(notes, "confusion_matrix.png", write_confusion_matrix, confusion_matrix(valid.targets, preds, classes),
-            classes, run)
+    cm = confusion_matrix(valid.targets, preds, classes)
+    guarded(notes, "confusion_matrix.png", write_confusion_matrix, cm, classes, run)
     guarded(notes, "reliability.png", plot_reliability, probs, valid.targets, run / "reliability.png")
     if valid.scores is not None:
         guarded(notes, "risk_coverage.png", plot_risk_coverage, valid.scores, preds == valid.targets,
                 run / "risk_coverage.png", threshold=calib.get("threshold"))
     pc_table = pl.DataFrame([{"class": c, **m} for c, m in per_class(valid.targets, preds, classes).items()])
     guarded(notes, "per_class.csv", write_table, pc_table, run / "per_class.csv")
-    return [H2("Confusion matrix (validation)"), _figure(run / "confusion_matrix.png", "confusion matrix"),
-            H2("Per class (validation)"), _frame_table(pc_table),
-            H2(f"Top {top.height} losses (validation)"), _top_losses_part(top, valid),
-            H2("Calibration and unknowns"), *_calibration_part(run, calib, risk=valid.scores is not None)]
+    look = [f"accuracy {float((preds == valid.targets).mean()):.3f} on {len(preds)} validation items"]
+    off = cm - np.diag(np.diag(cm))
+    if off.any():
+        i, j = np.unravel_index(np.argmax(off), off.shape)
+        look.append(f"most confused: {classes[i]} predicted as {classes[j]} ({off[i, j]} of {cm[i].sum()} "
+                    f"{classes[i]} items); the confusion matrix below")
+    if top.height:
+        worst = top.row(0, named=True)
+        look.append(f"worst item: {Path(worst['name']).name}, a {worst['actual']} predicted {worst['predicted']} "
+                    f"(loss {worst['loss']:.3f}); the top losses below")
+    if calib:
+        look.append(f"unknown operating point: {calib.get('score')} >= {_fmt(calib.get('threshold'))} accepts "
+                    + _share(calib.get("valid_correct_accepted")) + " of the correct validation items"
+                    + (f" and {_share(calib['unknown_examples_accepted'])} of the --unknown examples"
+                       if "unknown_examples_accepted" in calib else ""))
+    return look, [H2("Confusion matrix (validation)"), _figure(run / "confusion_matrix.png", "confusion matrix"),
+                  H2("Per class (validation)"), _frame_table(pc_table),
+                  H2(f"Top {top.height} losses (validation)"), _top_losses_part(top, valid),
+                  H2("Calibration and unknowns"), *_calibration_part(run, calib, risk=valid.scores is not None)]
 
 
-def _regression_part(run: Path, target: str, valid: Validation, top: pl.DataFrame, notes: list[str]) -> list:
-    """Predicted against actual (predicted_vs_actual.png) and the rows with the largest errors."""
-    from fastcore.xml import H2
+def _share(v) -> str:
+    return f"{v:.1%}" if isinstance(v, (int, float)) else _fmt(v)
+
+
+def _regression_part(run: Path, target: str, valid: Validation, top: pl.DataFrame,
+                     notes: list[str]) -> tuple[list[str], list]:
+    """(lines of what to look at, sections): predicted against actual (predicted_vs_actual.png) and the rows with
+    the largest errors."""
     guarded(notes, "predicted_vs_actual.png", plot_predicted_vs_actual, valid.targets, valid.predictions,
             run / "predicted_vs_actual.png", target=target)
-    return [H2("Predicted against actual (validation)"),
-            _figure(run / "predicted_vs_actual.png", "predicted against actual"),
-            H2(f"The {top.height} largest errors (validation)"), _top_losses_part(top, valid)]
+    error = valid.predictions - valid.targets
+    look = [f"mean absolute error {_fmt(float(np.abs(error).mean()))} on {len(error)} validation rows"]
+    if top.height:
+        look.append(f"largest error: {top['name'][0]}, {_fmt(top['error'][0])} ({_fmt(top['predicted'][0])} "
+                    f"predicted, {_fmt(top['actual'][0])} actual); the rows below")
+    return look, [H2("Predicted against actual (validation)"),
+                  _figure(run / "predicted_vs_actual.png", "predicted against actual"),
+                  H2(f"The {top.height} largest errors (validation)"), _top_losses_part(top, valid)]
 
 
 def _top_losses_part(top: pl.DataFrame, valid: Validation):
-    from fastcore.xml import Div, Img, P, Span
     if valid.rows is not None:  # tabular: the items' input columns, beside actual/predicted/loss
         inputs = valid.rows[top["index"].to_list()]
         return _frame_table(pl.concat([top.drop("index"), inputs], how="horizontal"))
@@ -390,7 +294,6 @@ def _top_losses_part(top: pl.DataFrame, valid: Validation):
 
 
 def _calibration_part(run: Path, calib: dict, *, risk: bool) -> list:
-    from fastcore.xml import P
     if not calib:
         return [P("No calibration in this run.", cls="muted")]
     part = [_kv_table({"temperature": calib.get("temperature"),

@@ -1,4 +1,5 @@
-"""Unknown handling: temperature calibration, unknown scores, threshold choice from data, and the metrics.
+"""Unknown handling: temperature calibration, unknown scores and threshold choice from data (their metrics: metrics.py;
+the calibration of a fit: calibration.py).
 
 Every score is "higher = more likely one of the known classes". The features a model gives for the scores are
 [the head's penultimate features | the pooled input of the body's last stage] (backbones.forward_features;
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import ItfitsError
+from .metrics import auroc, expected_calibration_error, fpr_at_tpr, nll, softmax, threshold_for_share
 
 SCORES = ("max_softmax", "max_logit", "energy", "knn", "mahalanobis", "combined", "pretrained_mahalanobis")
 REFERENCE_SCORES = ("pretrained_mahalanobis",)  # the scores on the pretrained reference body's features
@@ -42,27 +44,6 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
 
     opt.step(closure)
     return float(np.clip(log_t.exp().item(), 0.05, 20.0))
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def nll(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> float:
-    p = softmax(logits, temperature)[np.arange(len(targets)), targets]
-    return float(-np.log(np.clip(p, 1e-12, None)).mean())
-
-
-def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
-    """ECE: mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
-    conf, correct = probs.max(1), probs.argmax(1) == targets
-    edges = np.linspace(0, 1, bins + 1)
-    idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    return float(sum(abs(correct[idx == b].mean() - conf[idx == b].mean()) * (idx == b).mean()
-                     for b in range(bins) if (idx == b).any()))
 
 
 @dataclass
@@ -249,28 +230,9 @@ def compute_scores(logits: np.ndarray, features: np.ndarray | None, *, temperatu
     return out
 
 
-def threshold_for_share(scores: np.ndarray, share: float) -> float:
-    """The highest threshold t with at least `share` of `scores` >= t."""
-    ordered = np.sort(scores)
-    return float(ordered[min(len(ordered) - 1, int(np.floor(len(ordered) * (1 - share) + 1e-9)))])
-
-
 def choose_threshold(scores: np.ndarray, correct: np.ndarray, keep: float) -> float:
     """The threshold that accepts a share `keep` of the correctly classified items."""
     return threshold_for_share(scores[correct] if correct.any() else scores, keep)
-
-
-def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
-    """P(score of a known item > score of an unknown item), ties counted half (Mann-Whitney)."""
-    from scipy.stats import rankdata
-    ranks = rankdata(np.concatenate([known, unknown]))
-    n1, n2 = len(known), len(unknown)
-    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n2))
-
-
-def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = 0.95) -> float:
-    """Share of unknown items accepted when the threshold accepts `tpr` of the known items."""
-    return float((unknown >= threshold_for_share(known, tpr)).mean())
 
 
 @dataclass

@@ -2,7 +2,8 @@
 the classes), the CLI as a user runs it, and odd images.
 
 The run is trained once per session through the CLI in a subprocess, exactly as `itfits fit` runs, so tests
-see what a user sees: a fresh interpreter, where nothing another test imported can hide a missing import.
+see what a user sees: a fresh interpreter, where nothing another test imported can hide a missing import. Most
+other CLI tests run the command in this process (helpers.run_here): each subprocess costs seconds of imports.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CLASSES, FASHION, FIT_ARGS, run_cli, write_broken_files, write_odd_images
+from helpers import CLASSES, FASHION, FIT_ARGS, run_cli, run_here, write_broken_files, write_odd_images
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,7 +28,8 @@ def mel_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cli():
-    return run_cli
+    """`itfits ARGS` in this process (helpers.run_here); run_cli is the subprocess, one test per command."""
+    return run_here
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +78,7 @@ def trained_run(tmp_path_factory) -> TrainedRun:
 def table_run(tmp_path_factory) -> Path:
     """A tabular run folder: fastai's tabular model on data/penguins.csv (species), one quick epoch, in-process."""
     from helpers import REPO
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     out = tmp_path_factory.mktemp("table") / "run"
     fit(FitConfig(data=str(REPO / "data" / "penguins.csv"), target="species", ignore=["year"], epochs=1, lr=1e-2,
                   out=str(out)), log=lambda *a: None)

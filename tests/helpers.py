@@ -128,17 +128,25 @@ class Ran:
     out: str
     err: str
 
+    # the names of subprocess.CompletedProcess, so a test reads either the same way
+    returncode = property(lambda self: self.code)
+    stdout = property(lambda self: self.out)
+    stderr = property(lambda self: self.err)
 
-def itfits_here(capsys, *args) -> Ran:
+
+def run_here(*args) -> Ran:
     """`itfits ARGS` in this process through app.cli.main, as the console script runs it, without the seconds a
-    fresh interpreter takes. An exception main does not turn into one `error:` line propagates: a traceback fails."""
+    fresh interpreter takes (run_cli keeps one subprocess test per command). An exception main does not turn into
+    one `error:` line propagates: a traceback fails the test. Warnings go to pytest's record, not into `err`."""
+    import contextlib
     import signal
     from unittest import mock
     from app.cli import main
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    capsys.readouterr()
+    out, err = io.StringIO(), io.StringIO()
     try:
-        with mock.patch.object(sys, "argv", ["itfits", *map(str, args)]):
+        with mock.patch.object(sys, "argv", ["itfits", *map(str, args)]), contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
             main()
         code = 0
     except SystemExit as e:
@@ -146,8 +154,12 @@ def itfits_here(capsys, *args) -> Ran:
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-    out, err = capsys.readouterr()
-    return Ran(code, out, err)
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+def itfits_here(capsys, *args) -> Ran:
+    """run_here, called as the fuzz and hardening tests do (their capsys is not needed)."""
+    return run_here(*args)
 
 
 def leftovers(*folders: Path) -> list[Path]:

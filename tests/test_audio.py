@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from helpers import FASHION, REPO, run_cli
+from helpers import FASHION, REPO, run_cli, run_here
 from pipelines.audio import (MAX_TRAIN_WINDOWS, AudioError, MelConfig, load_audio, mel_image, render_folder,
                              render_windows, split_windows)
 from pipelines.errors import ItfitsError
@@ -261,7 +261,7 @@ def audio_run(tmp_path_factory, odd_clips, broken_clips) -> AudioRun:
         odd[kind] = data / "tabla" / odd_clips[kind].name
         shutil.copyfile(odd_clips[kind], odd[kind])
     run = root / "run"
-    proc = run_cli("fit", data, "--out", run, *AUDIO_FIT_ARGS, "--unknown", AUDIO_UNKNOWN)
+    proc = run_here("fit", data, "--out", run, *AUDIO_FIT_ARGS, "--unknown", AUDIO_UNKNOWN)
     assert proc.returncode == 0, f"itfits fit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return AudioRun(run=run, data=data, broken=broken, odd=odd, stdout=proc.stdout)
 
@@ -317,7 +317,7 @@ def test_a_second_fit_renders_nothing(audio_run, mel_cache):
 @pytest.fixture(scope="module")
 def audio_predictions(audio_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("audio_preds") / "p.csv"
-    proc = run_cli("predict", audio_run.model, AUDIO, AUDIO_UNKNOWN, audio_run.odd["long"],
+    proc = run_here("predict", audio_run.model, AUDIO, AUDIO_UNKNOWN, audio_run.odd["long"],
                    audio_run.broken["text_named.wav"], "--out", out, "--workers", "0", "--batch-size", "16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return pl.read_csv(out), proc.stdout
@@ -351,10 +351,10 @@ def test_predict_flags_like_images_and_is_mostly_right(audio_predictions):
 def test_predict_averages_a_clips_windows_as_training_saw_them(audio_run, tmp_path):
     """A 3-window clip: its row averages the model's outputs (probabilities, features) on the 3 cached PNGs the
     Learner trains on."""
-    from pipelines.audio import audio_batches
+    from pipelines.batches import audio_batches
     from pipelines.bundle import load_bundle
     from pipelines.images import ImagePreprocessing
-    from pipelines.predict import image_batches
+    from pipelines.batches import image_batches
 
     bundle = load_bundle(audio_run.model)
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
@@ -378,7 +378,7 @@ def test_predict_averages_a_clips_windows_as_training_saw_them(audio_run, tmp_pa
 def test_predict_groups_clips_by_their_windows(audio_run, tmp_path):
     """Clips are grouped until their windows fill a batch, so memory holds a batch's windows, not batch_size
     clips of any length; grouping does not change a clip's outputs, and an unreadable clip keeps its row."""
-    from pipelines.audio import audio_batches
+    from pipelines.batches import audio_batches
     from pipelines.bundle import load_bundle
     from pipelines.images import ImagePreprocessing
 
@@ -429,7 +429,7 @@ def test_audio_to_images_mirrors_the_folder(tmp_path, odd_clips, broken_clips):
     assert index.height == len(pngs) and set(index.columns) == {"image", "source", "window"}
     assert pl.read_csv(out / "skipped.csv")["source"].to_list() == [str(src / "cymbal" / "text_named.wav")]
     assert f"{n_clips} clips -> {len(pngs)} images" in proc.stdout and "1 skipped" in proc.stdout
-    again = run_cli("audio-to-images", src, out)
+    again = run_here("audio-to-images", src, out)
     errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
     assert again.returncode == 1 and len(errors) == 1 and "not an empty folder" in errors[0]
     assert "Traceback" not in again.stderr
@@ -451,7 +451,8 @@ def test_duration_auto_fits_the_window_to_the_clips(tmp_path):
     """--duration auto (the default): short clips get a short window, longer ones a longer window, printed, in
     run.json's resolved.mel and rendered so; a given --duration is kept."""
     from pipelines.audio import DURATION_BOUNDS, DURATION_STEP, auto_duration, clip_seconds
-    from pipelines.training import FitConfig, prepare_data
+    from pipelines.prepare import prepare_data
+    from pipelines.run import FitConfig
     short = tmp_path / "short"
     for label in ("kick", "tabla"):  # the sample clips cut to their first 0.3 s: one-shots
         for clip in sorted((AUDIO / label).iterdir())[:4]:
@@ -470,13 +471,14 @@ def test_duration_auto_fits_the_window_to_the_clips(tmp_path):
     assert np.median(lengths) <= cfg.duration < np.median(lengths) + DURATION_STEP and cfg.duration > data.mel.duration
     assert str(cfg.duration) in line or f"{cfg.duration:g}" in line
     assert auto_duration(MelConfig(duration=2.0), clips) == (MelConfig(duration=2.0), ""), "a given duration is kept"
-    proc = run_cli("audio-to-images", short, tmp_path / "pngs", "--duration", "soon")
+    proc = run_here("audio-to-images", short, tmp_path / "pngs", "--duration", "soon")
     assert proc.returncode == 1 and "--duration must be auto or a number of seconds" in proc.stderr
 
 
 def test_mel_options_on_images_and_mixed_folders_are_refused(tmp_path):
     from pipelines.sources import detect_modality
-    from pipelines.training import FitConfig, prepare_data
+    from pipelines.prepare import prepare_data
+    from pipelines.run import FitConfig
     with pytest.raises(ItfitsError, match="for audio"):
         prepare_data(FitConfig(data=str(FASHION), out=str(tmp_path), mel=MEL), tmp_path)
     mixed = tmp_path / "mixed"

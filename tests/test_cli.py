@@ -1,8 +1,10 @@
 """The command line as a user meets it: one-line errors without tracebacks, error rows instead of crashes,
-the summary line, atomic output, and the commands that list and explain."""
+the summary line, atomic output, and the commands that list and explain. In this process (run_here), but for one
+subprocess test (run_cli) of fit, predict, evaluate and backbones each."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from helpers import FASHION, FASHION_TEST, run_cli
+from helpers import FASHION, FASHION_TEST, run_cli, run_here
 
 
 def assert_one_line_error(proc, *words):
@@ -35,18 +37,18 @@ def _class_folder(root: Path, counts: dict[str, int]) -> Path:
 # ---- fit / lr-find input errors ----------------------------------------------------------------------------
 
 def test_nonexistent_data(tmp_path):
-    assert_one_line_error(run_cli("fit", tmp_path / "nope", "--out", tmp_path / "run"), "nope", "does not exist")
+    assert_one_line_error(run_here("fit", tmp_path / "nope", "--out", tmp_path / "run"), "nope", "does not exist")
 
 
 def test_misspelt_arch(tmp_path):
     for cmd in ("fit", "lr-find"):
-        assert_one_line_error(run_cli(cmd, FASHION, "--arch", "resnt18", "--out", tmp_path / "run"),
+        assert_one_line_error(run_here(cmd, FASHION, "--arch", "resnt18", "--out", tmp_path / "run"),
                               "resnt18", "did you mean 'resnet18'")
 
 
 def test_data_with_one_class(tmp_path):
     data = _class_folder(tmp_path / "data", {"only": 5})
-    proc = run_cli("fit", data, "--out", tmp_path / "run", "--lr", "1e-3", "--size", "32", "--workers", "0")
+    proc = run_here("fit", data, "--out", tmp_path / "run", "--lr", "1e-3", "--size", "32", "--workers", "0")
     assert_one_line_error(proc, "2 classes")
     assert not (tmp_path / "run" / "model").exists()
     assert not (tmp_path / "run" / "checkpoints").exists(), "a run that failed on its data is no run to resume"
@@ -54,27 +56,27 @@ def test_data_with_one_class(tmp_path):
 
 def test_class_with_one_file(tmp_path):
     data = _class_folder(tmp_path / "data", {"many": 6, "lonely": 1})
-    proc = run_cli("fit", data, "--out", tmp_path / "run", "--lr", "1e-3", "--size", "32", "--workers", "0")
+    proc = run_here("fit", data, "--out", tmp_path / "run", "--lr", "1e-3", "--size", "32", "--workers", "0")
     assert_one_line_error(proc, "lonely")
 
 
 def test_table_without_label_column(tmp_path):
     table = tmp_path / "t.csv"
     pl.DataFrame({"path": ["a.png"], "klass": ["x"]}).write_csv(table)
-    assert_one_line_error(run_cli("fit", table, "--out", tmp_path / "run"), "path,label")
+    assert_one_line_error(run_here("fit", table, "--out", tmp_path / "run"), "path,label")
 
 
 @pytest.mark.parametrize("content", [b'path,label\na.png,x\n"unterminated,q\n', b"PAR1 not parquet"])
 def test_unreadable_table(tmp_path, content):
     table = tmp_path / ("t.csv" if content.startswith(b"path") else "t.parquet")
     table.write_bytes(content)
-    assert_one_line_error(run_cli("fit", table, "--out", tmp_path / "run"), "cannot read table")
+    assert_one_line_error(run_here("fit", table, "--out", tmp_path / "run"), "cannot read table")
 
 
 @pytest.mark.parametrize("args,word", [(["--epochs", "0"], "--epochs"), (["--valid-pct", "1.5"], "--valid-pct"),
                                        (["--lr", "-1"], "--lr")])
 def test_bad_numbers(tmp_path, args, word):
-    assert_one_line_error(run_cli("fit", FASHION, "--out", tmp_path / "run", *args), word)
+    assert_one_line_error(run_here("fit", FASHION, "--out", tmp_path / "run", *args), word)
 
 
 BAD_OPTIONS = [  # (command line after the command's arguments, words of the error); each fails before any work
@@ -89,12 +91,12 @@ BAD_OPTIONS = [  # (command line after the command's arguments, words of the err
 @pytest.fixture
 def no_training(monkeypatch):
     """fit and lr-find fail at once if the options get through to the work."""
-    import pipelines.training
+    import pipelines.run
 
     def reached(*a, **k):
         raise AssertionError("the bad option reached training")
-    monkeypatch.setattr(pipelines.training, "fit", reached)
-    monkeypatch.setattr(pipelines.training, "run_lr_find", reached)
+    monkeypatch.setattr(pipelines.run, "fit", reached)
+    monkeypatch.setattr(pipelines.run, "run_lr_find", reached)
 
 
 @pytest.mark.parametrize("args,words", BAD_OPTIONS)
@@ -105,6 +107,26 @@ def test_bad_fit_options_fail_up_front(tmp_path, no_training, args, words):
     with pytest.raises(ItfitsError, match=words):
         app(["fit", str(FASHION), "--out", str(tmp_path / "run"), *args], standalone_mode=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"epochs": 0}, "--epochs must be at least 1, got 0"), ({"valid_pct": 1.5}, "--valid-pct must be between 0 and 1"),
+    ({"bs": 1}, "BatchNorm"), ({"size": 16}, "--size must be between 32 and 2048"), ({"threshold": "nan"}, "finite"),
+    ({"threshold": "high"}, "--threshold takes auto or a number"), ({"keep": 0}, "--keep"), ({"lr": -1.0}, "--lr"),
+    ({"num_workers": -1}, "--workers must be 0"), ({"score": "knnn"}, "did you mean 'knn'"),
+    ({"precision": "fp61"}, "did you mean 'fp16'"), ({"ema_decay": 1.5}, "--ema-decay must be between 0 and 1"),
+    ({"accum": 0}, "--accum must be at least 1"), ({"cat": ["island"]}, "add --target COLUMN"),
+    ({"layers": [0]}, "--layers sizes must be at least 1"), ({"unknown": str(FASHION / "bag")}, "overlaps DATA"),
+    ({"target": "species", "ema": True}, "--ema: for images and audio only"),
+    ({"target": "species", "unknown": "rows.txt"}, "takes a .csv/.parquet table")])
+def test_fit_config_checks_itself_as_the_cli_does(kwargs, words):
+    """A FitConfig made in Python (a notebook) gets the CLI's checks and messages, before any data is read."""
+    from pipelines.errors import ItfitsError
+    from pipelines.run import FitConfig
+    with pytest.raises(ItfitsError, match=re.escape(words)):
+        FitConfig(data=str(FASHION), **kwargs)
+    config = FitConfig(data=str(FASHION), threshold="0.5", ema_decay=0.99)
+    assert config.threshold == 0.5 and config.ema, "a --threshold string is parsed; a decay implies the EMA"
 
 
 @pytest.mark.parametrize("args", [["lr-find", str(FASHION)], ["fit", "--resume", "run"],
@@ -129,12 +151,12 @@ def test_fit_unknown_without_usable_files_fails_before_training(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    assert_one_line_error(run_cli("fit", FASHION, "--out", tmp_path / "run", "--unknown", empty), "no image or audio")
+    assert_one_line_error(run_here("fit", FASHION, "--out", tmp_path / "run", "--unknown", empty), "no image or audio")
     assert not (tmp_path / "run").exists()
     sounds = tmp_path / "sounds"  # files, but not of DATA's kind: found as DATA is read, before any training
     sounds.mkdir()
     (sounds / "clip.wav").write_bytes(b"RIFF")
-    proc = run_cli("fit", FASHION, "--out", tmp_path / "run", "--unknown", sounds, "--lr", "1e-3", "--workers", "0")
+    proc = run_here("fit", FASHION, "--out", tmp_path / "run", "--unknown", sounds, "--lr", "1e-3", "--workers", "0")
     assert_one_line_error(proc, "no image files")
     assert not (tmp_path / "run" / "model").exists()
 
@@ -156,22 +178,22 @@ def test_hub_weights_offline_from_the_cli(tmp_path):
 
 def test_usage_errors_exit_non_zero_without_traceback(tmp_path):
     for args in (["fit", FASHION, "--epochs", "many"], ["predict", tmp_path], ["fitt", FASHION]):
-        proc = run_cli(*args)
+        proc = run_here(*args)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
 
 
 # ---- predict input errors -------------------------------------------------------------------------------------
 
 def test_predict_out_must_be_csv_or_parquet(trained_run, tmp_path):
-    proc = run_cli("predict", trained_run.model, FASHION_TEST, "--out", tmp_path / "preds.txt")
+    proc = run_here("predict", trained_run.model, FASHION_TEST, "--out", tmp_path / "preds.txt")
     assert_one_line_error(proc, ".csv or .parquet")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_predict_model_that_is_not_a_bundle(tmp_path):
-    proc = run_cli("predict", FASHION, FASHION_TEST, "--out", tmp_path / "p.csv")
+    proc = run_here("predict", FASHION, FASHION_TEST, "--out", tmp_path / "p.csv")
     assert_one_line_error(proc, "not a model bundle")
-    assert_one_line_error(run_cli("predict", tmp_path / "nothing", FASHION_TEST, "--out", tmp_path / "p.csv"))
+    assert_one_line_error(run_here("predict", tmp_path / "nothing", FASHION_TEST, "--out", tmp_path / "p.csv"))
 
 
 def test_predict_bundle_that_does_not_fit_its_json(trained_run, tmp_path):
@@ -181,9 +203,9 @@ def test_predict_bundle_that_does_not_fit_its_json(trained_run, tmp_path):
     meta = json.loads((bundle / "itfits.json").read_text())
     meta["classes"] = meta["classes"][:3]  # the head in the weights has 4 outputs
     (bundle / "itfits.json").write_text(json.dumps(meta))
-    assert_one_line_error(run_cli("predict", bundle, FASHION_TEST, "--out", tmp_path / "p.csv"), "do not fit")
+    assert_one_line_error(run_here("predict", bundle, FASHION_TEST, "--out", tmp_path / "p.csv"), "do not fit")
     (bundle / "itfits.json").write_text("{ not json")
-    assert_one_line_error(run_cli("predict", bundle, FASHION_TEST, "--out", tmp_path / "p.csv"), "JSON")
+    assert_one_line_error(run_here("predict", bundle, FASHION_TEST, "--out", tmp_path / "p.csv"), "JSON")
 
 
 def _damage(bundle: Path, how: str) -> None:
@@ -223,7 +245,7 @@ def test_damaged_bundles_are_a_clear_error(trained_run, tmp_path):
         _damage(bundle, how)
         with pytest.raises(ItfitsError, match="is not a valid itfits bundle"):
             load_bundle(bundle)
-    assert_one_line_error(run_cli("predict", tmp_path / "model0", FASHION_TEST, "--out", tmp_path / "p.csv"),
+    assert_one_line_error(run_here("predict", tmp_path / "model0", FASHION_TEST, "--out", tmp_path / "p.csv"),
                           "not a valid itfits bundle", "model.safetensors")
     assert not (tmp_path / "p.csv").exists()
 
@@ -304,7 +326,7 @@ def test_predict_file_names_that_are_not_utf8(trained_run, tmp_path):
     with open(os.path.join(inputs, b"bad\xff.png"), "wb") as f:
         f.write(b"not an image")
     out = tmp_path / "preds.csv"
-    proc = run_cli("predict", trained_run.model, tmp_path / "inputs", "--out", out, "--workers", "0")
+    proc = run_here("predict", trained_run.model, tmp_path / "inputs", "--out", out, "--workers", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {Path(p).name: (top1, e) for p, top1, e in pl.read_csv(out).select("path", "top1", "error").iter_rows()}
     assert rows["caf\\xe9.png"][0] in trained_run.summary["resolved"]["classes"] and rows["caf\\xe9.png"][1] is None
@@ -349,7 +371,7 @@ def test_evaluate_counts_unreadable_files_and_needs_a_readable_unknown(trained_r
     (unknown / "a.png").write_text("not an image")
     (unknown / "b.jpg").write_bytes(b"")
     out = tmp_path / "eval"
-    proc = run_cli("evaluate", trained_run.model, data, "--unknown", unknown, "--out", out, "--workers", "0")
+    proc = run_here("evaluate", trained_run.model, data, "--unknown", unknown, "--out", out, "--workers", "0")
     assert_one_line_error(proc, "--unknown", "none of its 2 image files could be read")
     assert not out.exists()
 
@@ -373,13 +395,13 @@ def test_backbones_lists_every_backbone_and_the_default():
     assert "timm models" in lines[-1] and "NAME.TAG" in lines[-1], "timm's models are listed by a pattern"
     default = [line for line in lines if "[default]" in line]
     assert len(default) == 1 and default[0].startswith("efficientnet_lite0") and "offline" in default[0]
-    filtered = [line.split()[0] for line in run_cli("backbones", "resnet*").stdout.strip().splitlines()]
+    filtered = [line.split()[0] for line in run_here("backbones", "resnet*").stdout.strip().splitlines()]
     assert filtered[:3] == ["resnet18", "resnet34", "resnet50"], "the registered names first"
     assert "resnet50.a1_in1k" in filtered and all(n.startswith("resnet") for n in filtered)
 
 
 def test_backbones_pattern_matching_none_is_an_error_with_the_way_out():
-    proc = run_cli("backbones", "resnet")  # no wildcard: matches only a backbone named exactly so
+    proc = run_here("backbones", "resnet")  # no wildcard: matches only a backbone named exactly so
     assert proc.returncode == 1 and proc.stdout == "", proc.stdout
     assert proc.stderr.startswith("error: no backbone matches 'resnet'") and "'*resnet*'" in proc.stderr
     assert "resnet18" in proc.stderr and "Traceback" not in proc.stderr
@@ -387,7 +409,7 @@ def test_backbones_pattern_matching_none_is_an_error_with_the_way_out():
 
 def test_help_runs_for_every_command():
     for cmd in ("fit", "lr-find", "predict", "backbones"):
-        proc = run_cli(cmd, "--help")
+        proc = run_here(cmd, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout, cmd
 
 

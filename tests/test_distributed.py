@@ -25,7 +25,7 @@ def worker():
     from pathlib import Path
     from safetensors.torch import save_file
     from pipelines.distributed import is_main, process_group, sharded, world_size
-    from pipelines.training import FitConfig, finish_images, train_images
+    from pipelines.run import FitConfig, finish_images, train_images
 
     rank, out = int(os.environ["RANK"]), Path(os.environ["ITFITS_TEST_OUT"])
     config = FitConfig(data=str(FASHION), out=str(out / f"run{rank}"), epochs=1, freeze_epochs=1, size=32, lr=3e-3,

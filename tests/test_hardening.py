@@ -66,7 +66,7 @@ def test_fit_of_320_classes_keeps_its_bundle_under_a_memory_bound(tmp_path):
 
 
 def test_confusion_matrix_of_many_classes_is_capped(tmp_path):
-    from pipelines.reports import CM_PLOT_MAX, most_confused, write_confusion_matrix
+    from pipelines.plots import CM_PLOT_MAX, most_confused, write_confusion_matrix
     n = 150
     rng = np.random.default_rng(0)
     cm = np.diag(rng.integers(1, 5, n))
@@ -186,7 +186,7 @@ def test_fifo_given_to_predict_is_an_error_row_not_a_hang(trained_run, tmp_path)
     fifo = tmp_path / "x.png"
     os.mkfifo(fifo)
     proc = run_cli("predict", trained_run.model, fifo, TEST_PNG, "--out", tmp_path / "p.csv", "--workers", "0",
-                   timeout=300)
+                   timeout=300)  # a subprocess: a hang fails the test instead of stopping the suite
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = pl.read_csv(tmp_path / "p.csv")
     assert "FIFO" in rows["error"][0] and rows["error"][1] is None
@@ -245,11 +245,11 @@ def test_sigterm_during_predict_removes_the_temp_file(trained_run, tmp_path):
 
 @pytest.fixture
 def no_training(monkeypatch):
-    import pipelines.training
+    import pipelines.run
 
     def reached(*a, **k):
         raise AssertionError("the bad input reached training")
-    monkeypatch.setattr(pipelines.training, "fit", reached)
+    monkeypatch.setattr(pipelines.run, "fit", reached)
 
 
 def test_unknown_inside_data_is_refused(tmp_path, no_training, capsys):

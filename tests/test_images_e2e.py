@@ -66,7 +66,7 @@ def test_confusion_matrix_counts_the_valid_set(trained_run):
 def test_run_json_records_every_setting(trained_run):
     summary = trained_run.summary
     config = summary["config"]
-    from pipelines.training import FitConfig
+    from pipelines.run import FitConfig
     assert set(config) == {f.name for f in fields(FitConfig)}, "run.json must hold every FitConfig field"
     assert config["arch"] == "efficientnet_lite0" and config["weights"] == "auto"
     assert (config["epochs"], config["freeze_epochs"], config["size"], config["bs"]) == (2, 1, 48, 16)
@@ -311,7 +311,8 @@ def test_tta_averages_each_image_with_its_mirror_and_keeps_the_calibration(train
     from pipelines.bundle import load_bundle
     from pipelines.errors import ItfitsError
     from pipelines.images import ImagePreprocessing, load_image
-    from pipelines.predict import PredictConfig, file_batches, predict
+    from pipelines.batches import file_batches
+    from pipelines.predict import PredictConfig, predict
     files = [str(p) for p in sorted(FASHION_TEST.rglob("*.png"))[::6]]
     bundle = load_bundle(trained_run.model)
     plain = list(predict(bundle, files, PredictConfig(precision="fp32", num_workers=0)))

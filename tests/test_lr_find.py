@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from helpers import FASHION, REPO, run_cli
+from helpers import FASHION, REPO, run_cli, run_here
 from pipelines.training import CHOSEN_SUGGESTION
 
 SUGGESTIONS = ("minimum", "steep", "valley", "slide")
@@ -44,7 +44,7 @@ def test_lr_find_command(tmp_path):
 @pytest.mark.slow  # lr_find, then training and calibration
 def test_fit_without_lr_uses_the_chosen_suggestion(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli("fit", FASHION, "--out", run, "--epochs", "1", "--freeze-epochs", "1", *SMALL)
+    proc = run_here("fit", FASHION, "--out", run, "--epochs", "1", "--freeze-epochs", "1", *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_lr_find_files(run)
     summary = json.loads((run / "run.json").read_text())
@@ -59,7 +59,7 @@ def test_fit_without_lr_uses_the_chosen_suggestion(tmp_path):
 def test_short_lr_find_drops_the_suggestions_it_cannot_make(tmp_path):
     """20 iterations leave 13 usable points: too few for fastai's slide rule (it needs more than 15), which used to
     crash the fit; the other suggestions still come, and the chosen one is used."""
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     summary = fit(FitConfig(data=str(REPO / "data" / "penguins.csv"), target="body_mass_g", out=str(tmp_path / "run"),
                             epochs=1, lr_find_iters=20), log=lambda *a: None)
     suggestions = summary["resolved"]["lr_suggestions"]
@@ -73,7 +73,7 @@ def test_lr_find_is_seeded_as_fit_and_leaves_no_empty_folder(tmp_path):
     time. fastai's lr_find keeps the weights in checkpoints/ meanwhile; no empty folder is left behind."""
     from dataclasses import replace
 
-    from pipelines.training import FitConfig, run_lr_find
+    from pipelines.run import FitConfig, run_lr_find
     config = FitConfig(data=str(FASHION), out=str(tmp_path / "a"), size=32, bs=8, num_workers=0, lr_find_iters=15,
                        precision="fp32")
     first = run_lr_find(config)

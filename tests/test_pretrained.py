@@ -12,7 +12,7 @@ from helpers import FASHION
 
 @pytest.mark.slow
 def test_pretrained_beats_scratch(tmp_path):
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     acc = {}
     for weights in ("auto", "none"):
         config = FitConfig(data=str(FASHION), out=str(tmp_path / weights), weights=weights, epochs=2, freeze_epochs=1,

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from helpers import CLASSES, FASHION, REPO
+from pipelines.plots import losses_figure
 from pipelines.reports import TOP_LOSSES, Validation, item_losses, write_report
 
 PLOTS = ["losses.png", "confusion_matrix.png", "reliability.png", "risk_coverage.png"]
@@ -63,6 +64,36 @@ def test_report_shows_settings_and_calibration(trained_run):
     assert calib["score"] in page
     for name in trained_run.broken:  # skipped files, each with its reason
         assert html.escape(name) in page
+
+
+def test_report_leads_with_results_and_ends_with_settings(trained_run):
+    """Summary and what to look at first, then the figures; the settings last, the changed ones shown and the rest
+    folded; records (precision, mel) read as text, not as Python dicts."""
+    page = (trained_run.run / "report.html").read_text()
+    headings = re.findall(r"<h2>([^<(]*)", page)
+    assert headings[0] == "Summary" and headings[-1] == "Settings", headings
+    assert headings.index("Confusion matrix ") < headings.index("Loss and metrics") < headings.index("Settings")
+    summary = page.split("<h2>Summary</h2>", 1)[1].split("<h2>", 1)[0]
+    calib = trained_run.summary["calibration"]
+    assert "valid accuracy" in summary and "most confused" in summary and "worst item" in summary
+    assert f"{calib['score']} &gt;= {calib['threshold']:.4g}" in summary, "the unknown operating point"
+    settings = page.split("<h2>Settings</h2>", 1)[1]
+    shown, folded = settings.split("<details>", 1)
+    for given in ("--epochs", "--size", "--lr", "--bs"):  # FIT_ARGS change these from FitConfig's defaults
+        assert f"<th>{given[2:]}</th>" in shown, given
+    assert "<th>arch</th>" not in shown and "<th>arch</th>" in folded  # the default backbone: folded
+    assert "<th>precision</th>" in folded and "reason: " in folded  # the resolved precision record, as text
+    assert "{'" not in page and "': " not in page, "a Python dict printed into the page"
+
+
+def test_losses_plot_draws_each_metric_on_its_own_axis():
+    history = pl.DataFrame({"epoch": [0, 1], "phase": ["frozen", "unfrozen"], "train_loss": [1.2, 0.9],
+                            "valid_loss": [1.1, 0.9], "accuracy": [0.4, 0.6], "error_rate": [0.6, 0.4],
+                            "seconds": [1.0, 1.0], "images": [100, 100], "images_per_s": [40.0, 41.0]})
+    axes = losses_figure(history).axes
+    curves = [sorted(line.get_label() for line in ax.get_lines()) for ax in axes]
+    assert curves == [["train loss", "valid loss"], ["accuracy"], ["error rate"]]  # no throughput, one metric each
+    assert axes[1].get_ylim()[1] < 1, "accuracy on a 0..1 axis, not squashed by images/s"
 
 
 def test_per_class_table_agrees_with_the_confusion_matrix(trained_run):
@@ -115,7 +146,7 @@ def test_report_runs_no_model(tmp_path, monkeypatch, task):
     def no_inference(*args, **kwargs):
         raise AssertionError("the report ran a model")
     monkeypatch.setattr(torch.nn.Module, "__call__", no_inference)
-    monkeypatch.setattr("pipelines.predict.image_batches", no_inference)
+    monkeypatch.setattr("pipelines.batches.image_batches", no_inference)
     files = sorted(str(p) for p in (FASHION / "bag").glob("*.png"))[:16]
     run, summary, history = fake_run(tmp_path, CLASSES)
     if task == "regression":
@@ -208,14 +239,21 @@ def table_rows(fragment: str) -> list[list[str]]:
 
 
 def test_regression_run_reports_its_largest_errors_with_their_rows(tmp_path):
-    """A regression on data/penguins.csv (body mass from the other columns; lr_find, 1 epoch): the
-    report has settings, lr_find, losses, predicted against actual, and the validation rows with the largest
+    """A regression on data/penguins.csv (body mass from the other columns; lr_find, 1 epoch), in this process with
+    a backend of its own that fit leaves as it is (plots on matplotlib Figures, no pyplot): the report has settings, lr_find, losses, predicted against actual, and the validation rows with the largest
     errors, each with its columns as they are in the file."""
-    from pipelines.training import FitConfig, fit
+    import matplotlib
+    from pipelines.run import FitConfig, fit
     penguins = REPO / "data" / "penguins.csv"
     run = tmp_path / "run"
-    summary = fit(FitConfig(data=str(penguins), target="body_mass_g", epochs=1, out=str(run)),
-                  log=lambda *a: None)
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # a notebook's or an application's own choice, which fit's plots must leave alone
+    try:
+        summary = fit(FitConfig(data=str(penguins), target="body_mass_g", epochs=1, out=str(run)),
+                      log=lambda *a: None)
+        assert matplotlib.get_backend() == "pdf", "fit switched the process's matplotlib backend"
+    finally:
+        matplotlib.use(before)
     plots = ["lr_find.png", "losses.png", "predicted_vs_actual.png"]
     for name in ["report.html", "top_losses.csv", *plots]:
         assert (run / name).is_file(), f"{name} missing from the run folder"

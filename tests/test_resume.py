@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import FASHION, FASHION_TEST, REPO, run_cli
+from helpers import FASHION, FASHION_TEST, REPO, run_cli, run_here
 
 # 2 frozen + 2 unfrozen epochs: the kill after the first epoch lands in the middle of the first phase, so the
 # resumed run continues that phase's one-cycle schedule, then goes into the second. With EMA, whose state (the
@@ -92,7 +92,7 @@ def test_resumed_run_equals_the_uninterrupted_one(resumed, tmp_path):
 def test_resumed_bundle_predicts(resumed, tmp_path):
     run, _, _ = resumed
     out = tmp_path / "p.csv"
-    proc = run_cli("predict", run / "model", FASHION_TEST, "--out", out, "--workers", "0")
+    proc = run_here("predict", run / "model", FASHION_TEST, "--out", out, "--workers", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = pl.read_csv(out)
     truth = df["path"].map_elements(lambda p: p.replace("\\", "/").split("/")[-2], return_dtype=pl.String)
@@ -101,11 +101,11 @@ def test_resumed_bundle_predicts(resumed, tmp_path):
 
 def test_resume_errors_name_the_way_out(resumed, tmp_path):
     run, _, _ = resumed
-    proc = run_cli("fit", "--resume", run)
+    proc = run_here("fit", "--resume", run)
     assert proc.returncode == 1 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("fit", "--resume", tmp_path / "nowhere")
+    proc = run_here("fit", "--resume", tmp_path / "nowhere")
     assert proc.returncode == 1 and "can be resumed" in proc.stderr
-    proc = run_cli("fit")
+    proc = run_here("fit")
     assert proc.returncode == 1 and "--resume" in proc.stderr
 
 
@@ -113,7 +113,7 @@ def test_a_moved_run_resumes_where_it_is_with_its_data_from_anywhere(tmp_path, m
     """config.json keeps DATA as an absolute path, and a run resumes in the folder given: a moved or copied run
     folder never writes into the old one. A damaged config.json is a one-line error."""
     from pipelines.errors import ItfitsError
-    from pipelines.training import FitConfig, resume_config, write_run_config
+    from pipelines.run import FitConfig, resume_config, write_run_config
     monkeypatch.chdir(REPO)  # data/fashion is relative to it
     write_run_config(FitConfig(data="data/fashion", out=str(tmp_path / "a")), tmp_path / "a")
     (tmp_path / "a").rename(tmp_path / "b")
@@ -177,7 +177,7 @@ def test_a_run_killed_after_its_last_epoch_is_finished_by_resume(tmp_path):
     minutes): --resume writes the bundle from the checkpoint's (EMA) weights instead of refusing, pointing at a
     bundle that does not exist."""
     import shutil
-    from pipelines.training import FitConfig, fit, resume_config
+    from pipelines.run import FitConfig, fit, resume_config
     run, quiet = tmp_path / "run", (lambda *a, **k: None)
     fit(FitConfig(data=str(FASHION), out=str(run), epochs=1, freeze_epochs=0, size=32, lr=3e-3, bs=16,
                   num_workers=0, precision="fp32", seed=3, ema=True), log=quiet)

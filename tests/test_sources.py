@@ -272,7 +272,8 @@ def test_class_with_one_usable_file_is_an_error(tmp_path):
 def test_a_broken_file_takes_no_place_in_the_validation_split(tmp_path):
     """A class of 3 files gets 1 validation file; when that one cannot be read, the 2 usable ones are split
     instead, so the class is still in both splits (README: every class with 2 or more files is in both)."""
-    from pipelines.training import FitConfig, prepare_data
+    from pipelines.prepare import prepare_data
+    from pipelines.run import FitConfig
     data = _tiny_class_folder(tmp_path / "data", {"a": 3, "b": 3})
     in_valid = read_source(data).filter((pl.col("label") == "a") & (pl.col("split") == "valid"))["path"][0]
     Path(in_valid).write_bytes(b"not an image")
@@ -286,7 +287,7 @@ def test_a_broken_file_takes_no_place_in_the_validation_split(tmp_path):
 @pytest.mark.parametrize("counts", [{"a": 5}, {"a": 5, "b": 1}])
 def test_fit_fails_before_any_training(tmp_path, monkeypatch, counts):
     import pipelines.learners
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
 
     def no_learner(*a, **k):
         raise AssertionError("a Learner was built although the data cannot be trained")

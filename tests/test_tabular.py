@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 
-from helpers import REPO, run_cli
+from helpers import REPO, run_here
 from pipelines.errors import ItfitsError
 from pipelines.training import CHOSEN_SUGGESTION
 from pipelines.unknown import TABLE_DEFAULT_SCORE
@@ -35,7 +35,7 @@ def penguins() -> pl.DataFrame:
 def run(tmp_path_factory) -> Path:
     """`itfits fit data/penguins.csv --target species` as a user runs it, lr_find included."""
     out = tmp_path_factory.mktemp("tab") / "run"
-    proc = run_cli("fit", PENGUINS, "--target", "species", "--ignore", "year", "--cont",
+    proc = run_here("fit", PENGUINS, "--target", "species", "--ignore", "year", "--cont",
                    "body_mass_g,flipper_length_mm", "--epochs", "3", "--out", out)
     assert proc.returncode == 0, f"itfits fit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     (out / "stdout.txt").write_text(proc.stdout)
@@ -71,13 +71,13 @@ def test_fit_writes_the_run_folder(run):
 
 def test_resume_of_a_tabular_run_says_tables_keep_no_checkpoints(run):
     from pipelines.errors import ItfitsError
-    from pipelines.training import resume_config
+    from pipelines.run import resume_config
     with pytest.raises(ItfitsError, match="is a tabular run, and tabular training keeps no checkpoints"):
         resume_config(run)
 
 
 def test_run_json_records_every_setting_and_the_result(run):
-    from pipelines.training import FitConfig
+    from pipelines.run import FitConfig
     summary = json.loads((run / "run.json").read_text())
     config, resolved = summary["config"], summary["resolved"]
     assert set(config) == {f.name for f in fields(FitConfig)}
@@ -129,7 +129,9 @@ def test_bundle_predicts_exactly_what_the_learner_predicts(tmp_path):
     """The prediction path (file -> parse -> encode -> model) equals the training path (prepare_table -> Learner)."""
     from pipelines.bundle import load_bundle, save_bundle, tabular_bundle_meta
     from pipelines.tabular import TabularModelSpec
-    from pipelines.training import FitConfig, prepare_tabular, train
+    from pipelines.prepare import prepare_tabular
+    from pipelines.run import FitConfig
+    from pipelines.training import train
     from pipelines.unknown import Calibration
     config = FitConfig(data=str(PENGUINS), target="species", seed=1, bs=32)
     data, _, learn = prepare_tabular(config, tmp_path)
@@ -360,7 +362,7 @@ def test_a_table_of_no_rows_predicts_to_a_table_of_the_columns(bundle, tmp_path)
 
 
 def test_unknown_table_is_checked_before_training(tmp_path):
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     for target, unknown, error in (("bill_length_mm", PENGUINS, "--unknown is for classification"),
                                    ("species", tmp_path / "none.csv", "none.csv does not exist")):
         with pytest.raises(ItfitsError, match=error):
@@ -369,7 +371,7 @@ def test_unknown_table_is_checked_before_training(tmp_path):
 
 
 def test_a_training_that_diverges_saves_no_model(tmp_path):
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     with pytest.raises(ItfitsError, match="diverged.*lower --lr"):
         fit(FitConfig(data=str(PENGUINS), target="species", out=str(tmp_path / "run"), epochs=1, lr=1e8), **QUIET)
     assert not (tmp_path / "run" / "model").exists()
@@ -474,7 +476,7 @@ def test_training_reads_text_as_categorical_with_the_same_values(tmp_path):
 
 def test_regression_on_a_float_target(tmp_path):
     from pipelines.bundle import load_bundle
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     summary = fit(FitConfig(data=str(PENGUINS), target="bill_length_mm", out=str(tmp_path / "run"), epochs=5,
                             lr=1e-2), **QUIET)
     res = summary["results"]
@@ -497,7 +499,7 @@ def test_held_out_species_is_flagged_unknown(tmp_path):
     """Trained on Adelie and Gentoo only, with half the Chinstrap rows as --unknown examples (they choose the
     score): most of the other Chinstrap rows are flagged unknown, few held-out known rows are."""
     from pipelines.bundle import load_bundle
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     df = penguins().with_row_index("i")
     known = df.filter(pl.col("species") != "Chinstrap")
     test = known["i"].is_in(known["i"].sample(fraction=0.2, seed=0).to_list())
@@ -558,7 +560,7 @@ def test_cli_rejects_image_training_flags_with_target(tmp_path):
                          (["--freeze-epochs", "0"], "--freeze-epochs"), (["--duration", "1"], "--duration")]:
         res = CliRunner().invoke(app, ["fit", str(PENGUINS), "--target", "species", *flags])
         assert isinstance(res.exception, ItfitsError) and named in str(res.exception), (flags, res.output)
-    from pipelines.training import FitConfig, fit, run_lr_find
+    from pipelines.run import FitConfig, fit, run_lr_find
     with pytest.raises(ItfitsError, match="--ema"):  # the Python API too
         fit(FitConfig(data=str(PENGUINS), target="species", ema=True, out=str(tmp_path / "run")))
     with pytest.raises(ItfitsError, match="--arch"):  # and lr-find, which shares fit's preparation
@@ -583,7 +585,8 @@ def test_date_parts_are_fastais_add_datepart_for_text_and_parquet_dates(tmp_path
     with fastai's own add_datepart), not a category with one value per row; an id column is left out, saying so."""
     import pandas as pd
     from fastai.tabular.core import add_datepart
-    from pipelines.tabular import DATE_PARTS, prepare_table
+    from pipelines.columns import DATE_PARTS
+    from pipelines.tabular import prepare_table
     csv = dated_penguins(tmp_path)
     d = prepare_table(csv, target="species")
     parts = [f"seen_{p}" for p in DATE_PARTS + ("Elapsed",)]
@@ -615,7 +618,7 @@ def test_a_dated_table_fits_and_predicts_its_date_parts_from_csv_and_parquet(tmp
     date does not read is an error row naming the column."""
     from pipelines.bundle import load_bundle
     from pipelines.tabular import TabularPreprocessing, prepare_table, tabular_outputs
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     csv = dated_penguins(tmp_path)
     lines = []
     summary = fit(FitConfig(data=str(csv), target="species", out=str(tmp_path / "run"), epochs=2, lr=1e-2),
@@ -649,7 +652,7 @@ def test_tabular_training_keeps_the_epoch_of_lowest_validation_loss(tmp_path):
     validation loss falls, then rises. The run keeps the weights of the best epoch and says which."""
     from pipelines.bundle import load_bundle
     from pipelines.tabular import prepare_table, tabular_outputs
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     csv = dated_penguins(tmp_path)
     config = FitConfig(data=str(csv), target="sex", cat=["bird"], ignore=["seen"], valid_pct=0.5, bs=16, epochs=10,
                        lr=1e-2, out=str(tmp_path / "run"), seed=0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import FASHION, run_cli
+from helpers import FASHION, run_here
 
 ARCH = "efficientnet_lite0"
 
@@ -76,15 +76,15 @@ def test_auto_probe_is_cached_and_leaves_the_seeded_rng_alone():
 
 
 def test_cli_rejects_bad_training_flags(tmp_path):
-    proc = run_cli("fit", FASHION, "--out", tmp_path / "r", "--precision", "fp61")
+    proc = run_here("fit", FASHION, "--out", tmp_path / "r", "--precision", "fp61")
     assert proc.returncode == 1 and "did you mean 'fp16'" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("fit", FASHION, "--out", tmp_path / "r", "--accum", "0")
+    proc = run_here("fit", FASHION, "--out", tmp_path / "r", "--accum", "0")
     assert proc.returncode == 1 and "--accum" in proc.stderr
 
 
 def test_bf16_training_on_cpu_learns_and_keeps_fp32_weights(data, tmp_path):
     from pipelines.learners import CpuAutocast
-    from pipelines.predict import file_outputs
+    from pipelines.batches import file_outputs
     from pipelines.training import train
     items, classes, prep, dls = data
     learn = learner(dls, tmp_path, precision=cpu("bf16"))
@@ -279,7 +279,7 @@ def test_accumulation_longer_than_a_phase_is_an_error_before_training(tmp_path):
     1-epoch phase, and the run end at chance with exit 0. An error instead, naming the way out."""
     from pipelines.errors import ItfitsError
     from pipelines.learners import check_accumulation
-    from pipelines.training import FitConfig, fit
+    from pipelines.run import FitConfig, fit
     check_accumulation(accum=3, batches=3, bs=64, phase_epochs=[1, 1])
     check_accumulation(accum=8, batches=3, bs=64, phase_epochs=[0, 3])  # 9 batches: one step
     with pytest.raises(ItfitsError, match="--accum 3 or less"):

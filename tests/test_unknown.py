@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import FASHION, FASHION_TEST, run_cli, write_glyphs
+from helpers import FASHION, FASHION_TEST, run_here, write_glyphs
 from pipelines.bundle import load_bundle, save_bundle
 from pipelines.images import ImagePreprocessing
-from pipelines.predict import file_outputs
+from pipelines.batches import file_outputs
 from pipelines.errors import ItfitsError
 from pipelines.evaluate import evaluate
 from pipelines.predict import PredictConfig, predict
@@ -71,6 +71,26 @@ def test_score_metrics_on_known_cases():
     assert np.allclose(softmax(np.array([[0.0, 0.0]])), 0.5)
 
 
+def test_auroc_counts_ties_half_as_mann_whitney_does():
+    from scipy.stats import mannwhitneyu
+    rng = np.random.default_rng(0)
+    known, unknown = rng.integers(0, 5, 200).astype(float), rng.integers(0, 4, 150).astype(float)  # many ties
+    u = mannwhitneyu(known, unknown).statistic
+    assert auroc(known, unknown) == pytest.approx(u / (len(known) * len(unknown)))
+    assert auroc(np.ones(3), np.ones(4)) == pytest.approx(0.5)
+
+
+def test_metrics_need_numpy_only():
+    """metrics.py (shared by unknown, evaluate and reports) imports neither torch nor scipy nor a sibling."""
+    import subprocess
+    import sys
+    code = ("import sys; import pipelines.metrics; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'scipy', 'fastai') "
+            "or m.startswith('pipelines.') and m != 'pipelines.metrics'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def held_out_run(tmp_path_factory):
     """A model trained on three classes; the fourth (trouser) is a class it never saw. Test-split trousers are
@@ -78,7 +98,7 @@ def held_out_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("heldout")
     for c in ("bag", "sneaker", "tshirt"):
         shutil.copytree(FASHION / c, root / "data" / c)
-    proc = run_cli("fit", root / "data", "--out", root / "run", "--epochs", "3", "--size", "64", "--lr", "3e-3",
+    proc = run_here("fit", root / "data", "--out", root / "run", "--epochs", "3", "--size", "64", "--lr", "3e-3",
                    "--workers", "0", "--unknown", FASHION_TEST / "trouser")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
@@ -88,7 +108,7 @@ def test_evaluate_detects_held_out_class(held_out_run, tmp_path):
     test = tmp_path / "test"
     for c in ("bag", "sneaker", "tshirt"):
         shutil.copytree(FASHION_TEST / c, test / c)
-    proc = run_cli("evaluate", held_out_run / "run" / "model", test, "--unknown", FASHION / "trouser",
+    proc = run_here("evaluate", held_out_run / "run" / "model", test, "--unknown", FASHION / "trouser",
                    "--out", tmp_path / "eval")
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -288,11 +288,26 @@ def test_browser_over_limit_upload_says_why(page, server, tmp_path):
     assert "too big.png was not taken: larger than the limit of 0.05 MB per file" in message
 
 
-def test_browser_opens_the_report(page, server):
+def test_browser_opens_the_report(page, server, tmp_path):
+    """The report in Chromium, with a screenshot of the whole page: results above the fold, the settings last with
+    the ones at their defaults folded (not shown until opened)."""
     page.goto(server)
     with page.context.expect_page() as new_tab:
         page.click("#report-link")
     report = new_tab.value
     report.wait_for_load_state()
     assert report.locator("h1").inner_text() == "itfits run report"
+    shot = tmp_path / "report.png"
+    report.screenshot(path=str(shot), full_page=True)
+    with Image.open(shot) as im:
+        assert im.format == "PNG" and im.height > im.width, "a full-page screenshot of a long report"
+    heading = {name: report.locator("h2", has_text=name).first.bounding_box()["y"]
+               for name in ("Summary", "Confusion matrix", "Loss and metrics", "Settings")}
+    assert heading["Summary"] < heading["Confusion matrix"] < heading["Loss and metrics"] < heading["Settings"]
+    assert heading["Summary"] < report.viewport_size["height"], "the summary is on the first screen"
+    folded = report.locator("details th", has_text="arch").first
+    assert not folded.is_visible(), "settings at their defaults are folded"
+    report.locator("details summary").first.click()
+    assert folded.is_visible()
+    print(f"report screenshot: {shot}")
     report.close()

@@ -1,0 +1,139 @@
+"""The data stages of a run: files (images, or audio clips rendered to spectrogram windows) or a table -> checked,
+split items -> fastai DataLoaders, with the skipped inputs listed in RUN/skipped.csv."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import polars as pl
+import torch
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.torch_core import default_device, set_seed
+
+from .audio import MelConfig, auto_duration, render_folder, source_files
+from .backbones import get_spec
+from .distributed import is_main
+from .errors import ItfitsError
+from .images import OUTLIER, ImagePreprocessing, choose_batch_size, image_dataloaders
+from .io import write_table
+from .learners import OUTLIER_WEIGHT, tabular_learner
+from .sources import (AUDIO_EXTS, IMAGE_EXTS, check_files, check_image, detect_modality, expand_inputs, has_files,
+                      read_source, require_classes)
+from .tabular import TabularData, TabularModelSpec, prepare_table
+
+if TYPE_CHECKING:
+    from .run import FitConfig
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The data of a run, ready for a Learner: images, or audio clips rendered to spectrogram images."""
+    files: pl.DataFrame  # one row per input file: path, label, split, error (set for skipped files)
+    classes: list[str]
+    prep: ImagePreprocessing
+    bs: int
+    dls: object  # fastai DataLoaders over the images the Learner sees (audio: one per window of a clip)
+    mel: MelConfig | None = None  # audio only: the rendering, stored in the bundle
+    n_outliers: int = 0  # --outlier-exposure: training items of none of the classes (audio: windows)
+
+
+def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
+    """Read, check (audio: render) and split config.data; skipped files listed in run/skipped.csv."""
+    spec = get_spec(config.arch)  # fail on a wrong name before reading any file
+    mel = None
+    if detect_modality(config.data) == "audio":  # clips -> window images, each window in its clip's split
+        files = read_source(config.data, exts=AUDIO_EXTS, valid_pct=config.valid_pct, seed=config.seed)
+        mel, line = auto_duration(config.mel or MelConfig(), files.filter(pl.col("error").is_null())["path"].to_list())
+        if line:
+            log(line)
+        items = render_folder(files, mel, workers=None if config.num_workers is None else max(1, config.num_workers))
+        files = source_files(items)
+        log(f"{files['error'].is_null().sum()} clips -> {items['error'].is_null().sum()} mel-spectrogram windows "
+            f"({items['cached'].sum()} of them from the cache)")
+    elif config.mel is not None:
+        raise ItfitsError(f"mel options (--n-mels, --duration, ...) are for audio, and {config.data} holds images")
+    else:
+        files = items = read_source(config.data, valid_pct=config.valid_pct, seed=config.seed, check=check_image)
+    if config.unknown and not has_files(Path(config.unknown), AUDIO_EXTS if mel else IMAGE_EXTS):  # before training
+        raise ItfitsError(f"--unknown {config.unknown} holds no {'audio' if mel else 'image'} files; it takes examples "
+                          f"of the same kind as DATA, {config.data}")
+    outliers = outlier_items(config, mel, log) if config.outlier_exposure else None
+    if is_main():  # data-parallel runs: rank 0 alone writes the run folder
+        write_table(files.filter(pl.col("error").is_not_null()).select("path", "label", "error"), run / "skipped.csv")
+    classes = require_classes(files)
+    prep = ImagePreprocessing(size=config.size or spec.input_size, mean=spec.mean, std=spec.std)
+    n_train = items.filter(pl.col("error").is_null() & (pl.col("split") == "train")).height
+    bs = config.bs or choose_batch_size(n_train)
+    # no flips, rotations or warps on spectrograms: time runs one way and a frequency has one height
+    dls = image_dataloaders(items, classes=classes, prep=prep, bs=bs, augment=mel is None, num_workers=config.num_workers,
+                            outliers=outliers)
+    return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, mel=mel,
+                    n_outliers=0 if outliers is None else outliers.height)
+
+
+def outlier_items(config: FitConfig, mel: MelConfig | None, log=print) -> pl.DataFrame:
+    """The usable --unknown files as training items of no class (`--outlier-exposure`), audio rendered to windows."""
+    paths = [p for p, err in expand_inputs([config.unknown], AUDIO_EXTS if mel else IMAGE_EXTS) if err is None]
+    items = pl.DataFrame({"path": paths, "label": OUTLIER, "split": "train", "error": None},
+                         schema={"path": pl.String, "label": pl.String, "split": pl.String, "error": pl.String})
+    if mel is not None:
+        items = render_folder(items, mel, workers=None if config.num_workers is None else max(1, config.num_workers))
+    else:
+        items = check_files(items)
+    items = items.filter(pl.col("error").is_null())
+    log(f"outlier exposure: {items.height} --unknown {'windows' if mel else 'files'} join training as none of the "
+        f"classes (loss: cross-entropy to uniform class probabilities, weight {OUTLIER_WEIGHT})")
+    return items
+
+
+def prepare_tabular(config: FitConfig, run: Path):
+    """(TabularData, bs, learner) for a tabular run (fit and lr-find); skipped rows listed in run/skipped.csv, the
+    first file written into `run`: a table that fails its checks leaves no run folder."""
+    data = prepare_table(config.data, target=config.target, cat=config.cat or (), cont=config.cont or (),
+                         ignore=config.ignore or (), valid_pct=config.valid_pct, seed=config.seed)
+    write_table(data.skipped, run / "skipped.csv")
+    bs = config.bs or choose_batch_size(int((~data.valid).sum()), largest=1024)
+    set_seed(config.seed)
+    dls = tabular_dataloaders(data, bs=bs, device=default_device())  # fastai's default; None kept it on the CPU
+    learn = tabular_learner(dls, TabularModelSpec.for_data(data.prep, config.layers), path=run,
+                            regression=data.prep.task == "regression", target_std=data.prep.target_std)
+    return data, bs, learn
+
+
+class TabularTensors(torch.utils.data.Dataset):
+    """(x_cat, x_cont, y) tensors; indexing with a tensor of row numbers gives a whole batch."""
+    n_inp = 2  # fastai: the first two are the model's inputs, the last the target
+
+    def __init__(self, x_cat: np.ndarray, x_cont: np.ndarray, y: np.ndarray):
+        self.tensors = (torch.as_tensor(x_cat), torch.as_tensor(x_cont), torch.as_tensor(y))
+
+    def __len__(self):
+        return len(self.tensors[2])
+
+    def __getitem__(self, idx):
+        return tuple(t[idx] for t in self.tensors)
+
+
+class TensorBatches(DataLoader):
+    """A fastai DataLoader that takes each batch with one index (as fastai's TabDataLoader does with
+    DataFrame.iloc): no per-row Python and no collate, so an epoch over a million rows stays cheap."""
+
+    def do_item(self, s):
+        return s  # keep the row number; create_batch reads the rows
+
+    def create_batch(self, b):
+        return self.dataset[torch.as_tensor(b)]
+
+    def retain(self, res, b):
+        return res
+
+
+def tabular_dataloaders(data: TabularData, *, bs: int, device=None) -> DataLoaders:
+    """fastai DataLoaders over the train (shuffled, last partial batch dropped for BatchNorm) and valid rows."""
+    train, valid = TabularTensors(*data.part(False)), TabularTensors(*data.part(True))
+    bs = max(2, min(bs, len(train)))
+    return DataLoaders(TensorBatches(train, bs=bs, shuffle=True, drop_last=True),
+                       TensorBatches(valid, bs=2 * bs), device=device)

@@ -1,0 +1,405 @@
+"""A run of `itfits fit` / `itfits lr-find`: FitConfig, which checks itself, and the recipes that chain the stages
+(prepare -> learner -> training -> calibration -> bundle, run.json, report) for images and audio, or a table
+(`target` given: fastai's TabularModel)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+import polars as pl
+from fastai.callback.progress import ProgressCallback
+from fastai.torch_core import set_seed
+
+from .audio import MelConfig
+from .backbones import WithReference, check_size, check_weights, create_body, get_spec
+from .bundle import image_bundle_meta, save_bundle, tabular_bundle_meta
+from .calibration import calibrate_images, calibrate_table, calibration_line, unknown_rows
+from .checkpoints import CONFIG, load_checkpoint, read_run_config
+from .distributed import DataParallel, broadcast_object, is_main, process_group, world_size
+from .errors import ItfitsError, did_you_mean
+from .images import check_workers
+from .io import write_json, write_table
+from .learners import check_accumulation, effective_batch, find_ema, image_learner
+from .metrics import regression_metrics
+from .precision import check_precision, resolve_precision
+from .prepare import prepare_data, prepare_tabular
+from .reports import Validation, guarded, write_report
+from .sources import AUDIO_EXTS, IMAGE_EXTS, TABLE_EXTS, has_files, read_table
+from .tabular import TabularModelSpec, tabular_outputs
+from .training import CHOSEN_SUGGESTION, best_epoch, find_lr, train
+from .unknown import SCORES
+
+
+@dataclass
+class FitConfig:
+    data: str  # folder of class sub-folders, folder with train/ valid/, or a path,label table
+    out: str = "runs/itfits"  # the run folder
+    arch: str = "efficientnet_lite0"  # a name from `itfits backbones`
+    weights: str = "auto"  # auto | hub | none | path to .safetensors/.pth
+    epochs: int = 5  # unfrozen epochs of fine_tune
+    freeze_epochs: int = 1  # head-only epochs first
+    lr: float | None = None  # None: run lr_find and use its CHOSEN_SUGGESTION (minimum)
+    bs: int | None = None  # None: chosen from the data size
+    size: int | None = None  # None: the backbone's pretrained input size
+    valid_pct: float = 0.2  # share of each class held out when the data has no split
+    seed: int = 42
+    threshold: str | float = "auto"  # auto: chosen on validation data to accept `keep` of correct items
+    keep: float = 0.95  # share of correctly classified validation items the auto threshold accepts
+    score: str | None = None  # unknown score; None: best on --unknown examples if given, else the default
+    unknown: str | None = None  # folder of examples of none of the classes: they choose the score and threshold
+    outlier_exposure: bool = False  # also train on the --unknown examples, towards uniform class probabilities
+    num_workers: int | None = None  # None: images.loader_workers (none on CPU-only machines of <= 4 cores; audio rendering: every core)
+    lr_find_iters: int = 100
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16/fp16 on GPUs, bf16 on CPUs where it is faster
+    accum: int = 1  # micro-batches of `bs` per optimizer step: the lr applies to the batch of bs x accum
+    ema: bool = False  # validate and save an exponential moving average of the weights
+    ema_decay: float | None = None  # None: chosen from the steps of each fit (averages about the last 10%)
+    compile: bool = False  # torch.compile the model; falls back to eager with a warning
+    resume: bool = False  # continue the run in `out` from its last checkpoint (RUN/checkpoints)
+    mel: MelConfig | None = None  # audio DATA: how clips become spectrograms; None: MelConfig() defaults (duration:
+    # None, "auto", chosen from the clips' lengths; what was chosen is in run.json's resolved.mel and the bundle)
+    target: str | None = None  # tabular: the column to predict; None: DATA holds images
+    cat: list[str] | None = None  # tabular: columns to treat as categorical; None: inferred
+    cont: list[str] | None = None  # tabular: columns to treat as continuous; None: inferred
+    ignore: list[str] | None = None  # tabular: columns not to use (ids, leaks)
+    layers: list[int] | None = None  # tabular: hidden layer sizes; None: [200, 100] as fastai's tabular_learner
+
+    def __post_init__(self):
+        """The checks `itfits fit` makes of its options, in its words, for a FitConfig made anywhere (a notebook:
+        `fit(FitConfig(valid_pct=1.5))` fails here, not after reading the data)."""
+        if isinstance(self.mel, dict):  # from run.json / checkpoints/config.json
+            self.mel = MelConfig.from_json(self.mel)
+        check_precision(self.precision)
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ItfitsError(f"--ema-decay must be between 0 and 1, got {self.ema_decay}")
+        self.ema = self.ema or self.ema_decay is not None  # a decay implies the EMA
+        for name, value, least in [("--epochs", self.epochs, 1), ("--freeze-epochs", self.freeze_epochs, 0),
+                                   ("--accum", self.accum, 1)]:
+            if value < least:
+                raise ItfitsError(f"{name} must be at least {least}, got {value}")
+        if self.bs is not None and self.bs < 2:
+            raise ItfitsError(f"--bs must be at least 2, got {self.bs}: BatchNorm layers normalise each training batch "
+                              "by its own statistics, which takes two or more items")
+        if self.size is not None:
+            check_size(self.arch, self.size)
+        if self.target is None:  # a weights file that is not there fails now, not after the file checks and the probe
+            check_weights(self.weights)
+        check_workers(self.num_workers)
+        if not 0 < self.valid_pct < 1:
+            raise ItfitsError(f"--valid-pct must be between 0 and 1, got {self.valid_pct}")
+        if not 0 < self.keep <= 1:
+            raise ItfitsError(f"--keep must be in (0, 1], got {self.keep}")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ItfitsError(f"--lr must be a positive number, got {self.lr}")
+        self.threshold = _threshold(self.threshold)
+        if self.score is not None and self.score not in SCORES:
+            raise ItfitsError(f"'{self.score}' is not an unknown score;{did_you_mean(self.score, SCORES)} choices: "
+                              f"{', '.join(SCORES)}")
+        if self.layers is not None and (not self.layers or min(self.layers) < 1):
+            raise ItfitsError(f"--layers sizes must be at least 1, got {','.join(map(str, self.layers))!r}")
+        if self.outlier_exposure and (self.unknown is None or self.target is not None):
+            raise ItfitsError("--outlier-exposure trains on the --unknown examples of an image or audio fit: "
+                              + ("give --unknown DIR" if self.target is None else "tables have no such training"))
+        if self.target is None:
+            if self.cat or self.cont or self.ignore or self.layers:
+                raise ItfitsError("--cat, --cont, --ignore and --layers are for tables: add --target COLUMN")
+            if self.unknown is not None:
+                _check_unknown_folder(Path(self.data), Path(self.unknown))
+        else:
+            if self.unknown is not None and Path(self.unknown).suffix.lower() not in TABLE_EXTS:
+                raise ItfitsError(f"with --target, --unknown takes a .csv/.parquet table of rows of none of the classes, "
+                                  f"got {self.unknown}")
+            _check_table_config(self)
+
+
+IMAGE_ONLY = ("arch", "weights", "size", "freeze_epochs", "precision", "accum", "ema", "ema_decay", "compile", "mel")
+
+
+def _check_table_config(config: FitConfig) -> None:
+    """An ItfitsError naming the image/audio settings given for a table: fastai's tabular model has no backbone,
+    image size, fine_tune phases or training controls, and ignoring them would leave run.json saying, e.g.,
+    `ema: true` of a training without one."""
+    defaults = config_defaults()
+    given = [("--duration, --n-mels, ... (audio)" if n == "mel" else "--" + n.replace("_", "-"))
+             for n in IMAGE_ONLY if getattr(config, n) != defaults[n]]
+    if given:
+        raise ItfitsError(f"{', '.join(given)}: for images and audio only; a table (--target {config.target}) "
+                          "trains fastai's tabular model, which would ignore them. Leave them out")
+
+
+def _threshold(value: str | float) -> str | float:
+    """'auto', or the number a --threshold string or float gives."""
+    if value == "auto":
+        return value
+    try:
+        value = float(value)
+    except ValueError:
+        raise ItfitsError(f"--threshold takes auto or a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ItfitsError(f"--threshold must be auto or a finite number, got {value}")
+    return value
+
+
+def _check_unknown_folder(data: Path, unknown: Path) -> None:
+    """--unknown of images or audio: a folder apart from DATA, holding files of some modality."""
+    if not unknown.is_dir():
+        raise ItfitsError(f"--unknown {unknown} is not a folder")
+    known, other = data.resolve(), unknown.resolve()
+    if known == other or other.is_relative_to(known) or known.is_relative_to(other):
+        raise ItfitsError(f"--unknown {unknown} overlaps DATA {data}: it takes examples of none of the classes, so "
+                          "that the unknown score is chosen on what the model never learnt; give a folder apart")
+    if not has_files(unknown, IMAGE_EXTS | AUDIO_EXTS):
+        raise ItfitsError(f"--unknown {unknown} holds no image or audio files "
+                          f"({', '.join(sorted(IMAGE_EXTS | AUDIO_EXTS))})")
+
+
+def config_defaults() -> dict:
+    """FitConfig's defaults by field name (the report shows the settings that differ from them)."""
+    return {f.name: f.default for f in fields(FitConfig) if f.default is not MISSING}
+
+
+@dataclass(frozen=True)
+class TrainedImages:
+    """What `train_images` hands to `finish_images`: the trained Learner and what the run resolved."""
+    learn: object  # fastai Learner, its model holding the final (EMA, where on) weights
+    items: pl.DataFrame  # one row per input file (audio: per clip)
+    classes: list[str]
+    prep: object  # images.ImagePreprocessing
+    history: pl.DataFrame
+    resolved: dict  # lr, bs, precision, ... for run.json
+    precision: object  # precision.Precision the training ran in
+    started: float  # time.perf_counter() at the start
+    mel: MelConfig | None = None  # audio runs: the rendering
+
+
+def write_run_config(config: FitConfig, run: Path) -> None:
+    """RUN/checkpoints/config.json: the settings `--resume RUN` continues with, DATA and --unknown as absolute
+    paths (a resume may start in another folder)."""
+    absolute = {k: str(Path(v).resolve()) for k in ("data", "unknown") if (v := getattr(config, k))}
+    write_json({**asdict(config), **absolute, "resume": False}, run / "checkpoints" / CONFIG)
+
+
+def resume_config(run: Path | str) -> FitConfig:
+    """The FitConfig of the run in folder `run`, set to resume it there (wherever the run was first written: a
+    moved or copied run folder resumes where it is)."""
+    stored = read_run_config(Path(run))
+    known = {f.name for f in fields(FitConfig)}
+    config = FitConfig(**{**{k: v for k, v in stored.items() if k in known}, "out": str(run), "resume": True})
+    return config
+
+
+def train_images(config: FitConfig, *, log=print) -> TrainedImages:
+    """`itfits fit` up to the trained Learner: data, a Learner with the training controls, lr_find, fine_tune with
+    a checkpoint at each epoch end, or the rest of an interrupted run (config.resume). In data-parallel runs every
+    process calls it (inside distributed.process_group()); rank 0 alone writes into the run folder."""
+    t0 = time.perf_counter()
+    run = Path(config.out)
+    main = is_main()
+    state = load_checkpoint(run) if config.resume else None
+    total = config.freeze_epochs + config.epochs
+    if state is not None and state["epoch"] >= total and (run / "model").is_dir():
+        raise ItfitsError(f"{run} has finished all {total} epochs; nothing to resume. Its bundle is {run / 'model'}")
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)  # the DataLoaders draw their shuffling seed from python's random when they are made
+    data = prepare_data(config, run, log)
+    # data-parallel: each process steps on its shard, about 1/world of the batches
+    check_accumulation(accum=config.accum, batches=len(data.dls.train) // world_size(), bs=data.dls.train.bs,
+                       phase_epochs=[config.freeze_epochs, config.epochs])
+    if main and state is None:  # after the data checks: a run that failed on its data is no run to resume
+        write_run_config(config, run)
+    items, classes, prep, bs, dls = data.files, data.classes, data.prep, data.bs, data.dls
+    n_skipped = items["error"].is_not_null().sum()
+    world = world_size()
+    log(f"{items.height - n_skipped} files in {len(classes)} classes "
+        f"({len(dls.train_ds)} train, {len(dls.valid_ds)} valid{' windows' if data.mel else ''}); {n_skipped} skipped"
+        + (f", listed in {run / 'skipped.csv'}" if n_skipped else "")
+        + f"; batch size {bs}{' (chosen from the data size)' if config.bs is None else ''}"
+        + (f" x {config.accum} accumulated" if config.accum > 1 else "")
+        + (f" x {world} processes" if world > 1 else "")
+        + (f" = {effective_batch(bs, config.accum, world)} per step" if config.accum > 1 or world > 1 else "")
+        + f", size {prep.size}")
+    # a resumed run keeps the precision it started with: the CPU probe could choose otherwise today
+    precision = resolve_precision(state["precision"] if state else config.precision, arch=config.arch, size=prep.size)
+    log(f"precision {precision.name} ({precision.reason})")
+    set_seed(config.seed)
+    learn = image_learner(dls, config.arch, weights=config.weights, path=run, precision=precision, accum=config.accum,
+                          ema=config.ema, ema_decay=config.ema_decay, compile=config.compile)
+    if not main:  # one progress bar and log, from rank 0
+        learn.remove_cb(ProgressCallback)
+        learn.logger = lambda *a, **k: None
+    lr, suggestions = config.lr, None
+    if state is not None:
+        lr, suggestions = state["lr"], state.get("lr_suggestions")
+        log(f"resuming {run} after epoch {state['epoch']} of {total}" if state["epoch"] < total else
+            f"{run} trained all {total} epochs but stopped before its bundle was written: finishing it")
+    elif lr is None:
+        # with --accum, lr_find's iterations are micro-batches: N x as many make its usual number of steps, so
+        # the suggestion is an lr for the effective batch
+        lr, suggestions = find_lr(learn, run if main else None, num_it=config.lr_find_iters * config.accum)
+        lr, suggestions = broadcast_object((lr, suggestions))  # every process trains with rank 0's choice
+        log(_lr_line(lr, suggestions, run))
+    if world > 1:
+        learn.add_cb(DataParallel())
+    history = train(learn, epochs=config.epochs, lr=lr, freeze_epochs=config.freeze_epochs,
+                    checkpoints=run / "checkpoints", resume=state,
+                    checkpoint_meta={"lr": lr, "lr_suggestions": suggestions, "precision": precision.name})
+    if main:
+        write_table(history, run / "history.csv")
+    ema, compiler = find_ema(learn), next((cb for cb in learn.cbs if type(cb).__name__ == "TorchCompile"), None)
+    resolved = {"lr": lr, "lr_suggestions": suggestions, "bs": bs, "accum": config.accum,
+                "effective_bs": effective_batch(bs, config.accum, world), "size": prep.size, "classes": classes,
+                "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds), "n_skipped": int(n_skipped),
+                "precision": precision.json(),
+                "channels_last": any(type(cb).__name__ == "ChannelsLast" for cb in learn.cbs),
+                "ema_decay": float(ema.final_decay) if ema is not None else None,
+                "compiled": bool(compiler and not compiler.failed),
+                "compile_error": compiler.failed if compiler else None,
+                "num_workers": dls.train.fake_l.num_workers,  # fastai keeps the process count there
+                "world_size": world, "resumed_after_epoch": state["epoch"] if state else None,
+                "n_outlier_exposure": data.n_outliers,
+                **({"mel": data.mel.json()} if data.mel else {})}
+    return TrainedImages(learn=learn, items=items, classes=classes, prep=prep, history=history, resolved=resolved,
+                         precision=precision, started=t0, mel=data.mel)
+
+
+def finish_images(trained: TrainedImages, config: FitConfig, *, log=print) -> dict:
+    """Calibration, confusion matrix, the bundle and run.json of a trained run (rank 0's work). Returns run.json."""
+    run, learn, classes, history = Path(config.out), trained.learn, trained.classes, trained.history
+    # the pretrained body training started from, unchanged: the default unknown score works on its features
+    reference = create_body(get_spec(config.arch), weights=config.weights)[0].to(next(learn.model.parameters()).device)
+    calibration, calib_report, valid = calibrate_images(WithReference(learn.model, reference), trained.items, classes,
+                                                        trained.prep, config, mel=trained.mel,
+                                                        precision=trained.precision)
+    preds = valid["logits"].argmax(1)
+    accuracy = float((preds == valid["targets"]).mean())
+    log(calibration_line(calibration, calib_report))
+
+    summary = {
+        "config": asdict(config),
+        "resolved": {**trained.resolved, **({"n_valid_clips": len(valid["targets"])} if trained.mel else {})},
+        "results": {"valid_accuracy": accuracy, "valid_loss": float(history["valid_loss"][-1]),
+                    "seconds": round(time.perf_counter() - trained.started, 1)},
+        "calibration": calib_report,
+    }
+    meta = image_bundle_meta(config.arch, classes, trained.prep,
+                             training={**summary["results"], "precision": trained.precision.name}, mel=trained.mel)
+    save_bundle(learn.model, meta, calibration, run / "model", reference=reference)
+    write_json(summary, run / "run.json")
+    probs, scores, _ = calibration.apply(valid["logits"], valid["features"])
+    images = valid["paths"]
+    if trained.mel:  # a clip's picture: its first window's spectrogram, rendered for training (in the cache)
+        first_window = dict(trained.items.select("path", "image").iter_rows())
+        images = [first_window[p] for p in valid["paths"]]
+    # the bundle and run.json are written: nothing after this may fail the run (reports.guarded)
+    report = guarded([], "report.html", write_report, run, summary, history, Validation(
+        logits=valid["logits"], targets=valid["targets"], names=valid["paths"], probs=probs, scores=scores,
+        images=images), defaults=config_defaults())
+    log(f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}; report: {report or 'not written'}")
+    return summary
+
+
+def fit(config: FitConfig, log=print) -> dict:
+    """`itfits fit`: train on config.data and write the run folder. Returns the run summary (run.json).
+    Under `accelerate launch` / `torchrun`, every process trains its shard; rank 0 returns the summary, the
+    others an empty dict. With config.target, a table: `fit_table`."""
+    if config.target is not None:
+        return fit_table(config, log)
+    with process_group():
+        trained = train_images(config, log=log if is_main() else (lambda *a, **k: None))
+        return finish_images(trained, config, log=log) if is_main() else {}
+
+
+def fit_table(config: FitConfig, log=print) -> dict:
+    """`itfits fit TABLE --target COLUMN`: fastai's TabularModel trained with fit_one_cycle; writes the run folder
+    as `fit` does for images. Returns the run summary (run.json)."""
+    t0 = time.perf_counter()
+    run = Path(config.out)
+    data, bs, learn = prepare_tabular(config, run)
+    prep, n_skipped = data.prep, data.skipped.height
+    unknown = unknown_rows(config, prep)
+    classify = prep.task == "classification"
+    log(f"{data.n_rows} rows: {len(learn.dls.train_ds)} train, {len(learn.dls.valid_ds)} valid, {n_skipped} skipped"
+        + (f" (listed in {run / 'skipped.csv'})" if n_skipped else "")
+        + f"; batch size {bs}{' (chosen from the data size)' if config.bs is None else ''}")
+    log(f"{prep.task} of '{prep.target}'" + (f" into {len(prep.classes)} classes" if classify else "")
+        + f"; categorical: {', '.join(prep.cat) or 'none'}; continuous: {', '.join(prep.cont) or 'none'}"
+        + (f"; missing-value flags for: {', '.join(prep.na)}" if prep.na else ""))
+    for note in data.notes:
+        log(f"note: {note}")
+    lr, suggestions = _choose_lr(learn, config, run, log)
+    history = train(learn, epochs=config.epochs, lr=lr, fine_tune=False)
+    write_table(history, run / "history.csv")
+    kept = best_epoch(history["valid_loss"].to_list())  # the epoch whose weights train() kept
+    if kept != history.height - 1:
+        log(f"kept the weights of epoch {kept} (validation loss {history['valid_loss'][kept]:.4f}, the lowest; "
+            f"{history['valid_loss'][-1]:.4f} after the last)")
+
+    v_rows = data.rows[data.valid]
+    rows = read_table(Path(config.data))[v_rows.tolist()]  # the validation rows as the file has them
+    calibration = calib_report = None
+    if classify:
+        calibration, calib_report, v_logits, v_feats = calibrate_table(learn.model, data, config, unknown=unknown)
+        v_y, preds = data.y[data.valid], v_logits.argmax(1)
+        results = {"valid_accuracy": float((preds == v_y).mean())}
+        log(calibration_line(calibration, calib_report))
+        probs, scores, _ = calibration.apply(v_logits, v_feats)
+        outputs = dict(logits=v_logits, targets=v_y, probs=probs, scores=scores)
+    else:
+        v_cat, v_cont, _ = data.part(True)
+        v_pred = prep.decode_target(tabular_outputs(learn.model, v_cat, v_cont)[0][:, 0])
+        v_true = rows[prep.target].cast(pl.Float64).to_numpy()  # exact: data.y holds it normalised, in float32
+        results = regression_metrics(v_pred, v_true)
+        outputs = dict(predictions=v_pred, targets=v_true)
+    results.update(valid_loss=float(history["valid_loss"][kept]), seconds=round(time.perf_counter() - t0, 1))
+    spec = TabularModelSpec.for_data(prep, config.layers)
+    summary = {
+        "config": asdict(config),
+        "resolved": {"lr": lr, "lr_suggestions": suggestions, "bs": bs, "task": prep.task, "classes": prep.classes,
+                     "cat": prep.cat, "cont": prep.cont, "na_flags": prep.na, "dates": prep.dates,
+                     "ignore": prep.ignore, "kept_epoch": kept, "layers": list(spec.layers),
+                     "emb_szs": spec.json()["emb_szs"], "n_rows": data.n_rows, "n_train": len(learn.dls.train_ds),
+                     "n_valid": len(learn.dls.valid_ds), "n_skipped": n_skipped},
+        "results": results,
+        "calibration": calib_report,
+    }
+    save_bundle(learn.model, tabular_bundle_meta(prep, spec, training=results), calibration, run / "model")
+    write_json(summary, run / "run.json")
+    report = guarded([], "report.html", write_report, run, summary, history,
+                     Validation(names=[f"row {r}" for r in v_rows], rows=rows, **outputs), defaults=config_defaults())
+    log(", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in results.items() if k.startswith("valid_"))
+        + f"; model bundle in {run / 'model'}; report: {report or 'not written'}")
+    return summary
+
+
+def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
+    """`itfits lr-find`: lr_find.png / lr_find.csv in config.out, and the suggestions: those `fit` finds with the
+    same settings (seeded in the same places, in the precision fit resolves)."""
+    run = Path(config.out)
+    if config.target is not None:
+        learn = prepare_tabular(config, run)[2]
+    else:
+        set_seed(config.seed)  # as train_images: the DataLoaders draw their shuffling seed when they are made
+        data = prepare_data(config, run)
+        precision = resolve_precision(config.precision, arch=config.arch, size=data.prep.size)
+        set_seed(config.seed)
+        learn = image_learner(data.dls, config.arch, weights=config.weights, path=run, precision=precision)
+    return find_lr(learn, run, num_it=config.lr_find_iters)
+
+
+def _choose_lr(learn, config: FitConfig, run: Path, log) -> tuple[float, dict[str, float] | None]:
+    """config.lr, or lr_find's chosen suggestion (plot and table written into the run folder)."""
+    if config.lr is not None:
+        return config.lr, None
+    lr, suggestions = find_lr(learn, run, num_it=config.lr_find_iters)
+    log(_lr_line(lr, suggestions, run))
+    return lr, suggestions
+
+
+def _lr_line(lr: float, suggestions: dict[str, float], run: Path) -> str:
+    return ("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in suggestions.items())
+            + f"; using {CHOSEN_SUGGESTION} {lr:.2e} (plot: {run / 'lr_find.png'})")
+
+
