@@ -252,7 +252,7 @@ def test_outlier_exposure_needs_image_or_audio_examples(tmp_path, capsys, args, 
 def test_outlier_exposure_lowers_confidence_on_unseen_items_of_the_exposed_class(held_out_run, tmp_path):
     """The trousers of the test split train the model as none of the classes; the training split's trousers,
     which neither run saw, get lower max softmax than from the same fit without --outlier-exposure."""
-    proc = run_cli("fit", held_out_run / "data", "--out", tmp_path / "run", "--epochs", "3", "--size", "64", "--lr",
+    proc = run_here("fit", held_out_run / "data", "--out", tmp_path / "run", "--epochs", "3", "--size", "64", "--lr",
                    "3e-3", "--workers", "0", "--unknown", FASHION_TEST / "trouser", "--outlier-exposure")
     assert proc.returncode == 0, proc.stderr[-3000:]
     n_examples = len(list((FASHION_TEST / "trouser").glob("*.png")))
