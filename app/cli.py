@@ -133,7 +133,8 @@ def fit(
     threshold: str = typer.Option("auto", help="Unknown threshold on the score: auto (chosen on validation data, see --keep) or a number."),
     keep: float = typer.Option(0.95, help="Share of correctly classified validation items the auto threshold accepts."),
     score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE}; tables: {TABLE_DEFAULT_SCORE})."),
-    unknown: Optional[Path] = typer.Option(None, help="Examples of none of the classes (a folder; tabular: a table), only used to choose score and threshold."),
+    unknown: Optional[Path] = typer.Option(None, help="Examples of none of the classes (a folder; tabular: a table): they choose the score and threshold."),
+    outlier_exposure: bool = typer.Option(False, "--outlier-exposure", help="Also train on the --unknown examples (images, audio), towards low confidence in every class."),
     workers: Optional[int] = WORKERS,
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
@@ -171,7 +172,7 @@ def fit(
                        threshold=threshold, keep=keep, score=score, unknown=_text(unknown), num_workers=workers,
                        mel=mel, target=target, cat=_names(cat), cont=_names(cont), ignore=_names(ignore),
                        layers=_layers(layers), precision=precision, accum=accum, ema=ema, ema_decay=ema_decay,
-                       compile=compile)
+                       compile=compile, outlier_exposure=outlier_exposure)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     created = main and claim_run_folder(out, overwrite=overwrite, log=typer.echo)
     try:

@@ -28,6 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite_sets  # noqa: E402
+from plain_recipe import plain_recipe  # noqa: E402
 from pipelines.backbones import create_body, get_spec  # noqa: E402
 from pipelines.bundle import load_bundle  # noqa: E402
 from pipelines.images import ImagePreprocessing  # noqa: E402
@@ -38,6 +39,7 @@ from pipelines import unknown as U  # noqa: E402
 
 SPLITS = ("train", "valid", "test", "near", "far")
 KEEP = 0.95  # the default --keep
+KEEP_SWEEP = (0.85, 0.9, 0.925, 0.95)  # other --keep values, for the reference scores' cross-fitted rule
 
 
 def files(folder: Path, exts) -> tuple[list[str], list[str]]:
@@ -231,6 +233,7 @@ def evaluate_scores(d: dict) -> dict[str, dict]:
         rules = {"valid": U.choose_threshold(s["valid"], v_correct, KEEP)}
         if "train_cv" in s:
             rules["cv"] = U.threshold_for_share(s["train_cv"], KEEP)
+            rules.update({f"cv@{k}": U.threshold_for_share(s["train_cv"], k) for k in KEEP_SWEEP})
         for rule, th in rules.items():
             r[f"kept_{rule}"] = float((s["test"][t_correct] >= th).mean())
             for kind in ("near", "far"):
@@ -267,6 +270,7 @@ def main():
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="size 64, seed 0, 3 epochs, sets fashion,glyphs,icons,speech")
+    ap.add_argument("--plain", action="store_true", help="also train the plain fastai recipe (issue 16) on each split")
     ap.add_argument("--out", default="runs/unknown_suite")
     args = ap.parse_args()
     if args.quick:
@@ -282,6 +286,10 @@ def main():
                 acc = float((d["test_logits"].argmax(1) == d["test_y"]).mean())
                 runs[run.name] = {"set": name, "size": size, "seed": seed, "test_accuracy": acc, **d["meta"],
                                   "scores": evaluate_scores(d)}
+                if args.plain:
+                    plain = plain_recipe(set_dir, run, audio=name in suite_sets.AUDIO_SETS, size=size, seed=seed,
+                                         epochs=args.epochs)
+                    runs[run.name].update(plain_test_accuracy=plain["test_accuracy"], plain_seconds=plain["seconds"])
                 print(f"{run.name}: test accuracy {acc:.3f}, fit {d['meta']['fit_seconds']} s", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(runs, indent=1))
@@ -307,6 +315,23 @@ def report(runs: dict) -> None:
             print()
             print(table(sub, names, ["kept_valid", "rejected_near_valid", "rejected_far_valid", "kept_cv",
                                      "rejected_near_cv", "rejected_far_cv"]))
+        sweep = "maha++_ref_stage"  # the default score, pretrained_mahalanobis, as the suite recomputes it
+        print(f"\n### {sweep} at other --keep values (cross-fitted rule), {size} px: mean (worst set)\n")
+        print("| keep | kept | near rejected | far rejected |\n|---|---|---|---|")
+        for k in KEEP_SWEEP:
+            cells = []
+            for c in (f"kept_cv@{k}", f"rejected_near_cv@{k}", f"rejected_far_cv@{k}"):
+                vals = {s: r[sweep][c] for s, r in per_set.items()}
+                worst = min(vals, key=vals.get)
+                cells.append(f"{np.mean(list(vals.values())):.3f} ({vals[worst]:.3f} {worst})")
+            print(f"| {k} | " + " | ".join(cells) + " |")
+        if all("plain_test_accuracy" in r for r in runs.values()):
+            print(f"\n### test accuracy and seconds to train at {size} px, mean over seeds\n")
+            print("| set | itfits | plain fastai recipe | itfits s | recipe s |\n|---|---|---|---|---|")
+            for s in per_set:
+                rs = [x for x in runs.values() if x["set"] == s and x["size"] == size]
+                print(f"| {s} | " + " | ".join(f"{np.mean([x[c] for x in rs]):.{p}f}" for c, p in (
+                    ("test_accuracy", 3), ("plain_test_accuracy", 3), ("fit_seconds", 0), ("plain_seconds", 0))) + " |")
         print(f"\n### per set at {size} px: AUROC near / far\n")
         pick = ["max_softmax", "bundle_combined", "maha++_ref", "rmaha_ref", "maha++_ref_stage",
                 "maha++_ref_stage+combined"]

@@ -161,11 +161,20 @@ def _is_valid(row: _Row):
     return row.is_valid
 
 
+OUTLIER = "\x00none of the classes"  # the label of --outlier-exposure examples: the vocabulary's last entry, no class
+
+
 def image_dataloaders(items: pl.DataFrame, *, classes: list[str], prep: ImagePreprocessing, bs: int,
-                      augment: bool = True, num_workers: int | None = None, cache: bool | None = None):
+                      augment: bool = True, num_workers: int | None = None, cache: bool | None = None,
+                      outliers: pl.DataFrame | None = None):
     """fastai DataLoaders over the usable rows of an items table (rows with an error are left out).
     cache: decode and resize every image once, up front (DecodedImages); None: when they fit in CACHE_MAX_BYTES.
-    num_workers None: see loader_workers."""
+    num_workers None: see loader_workers. outliers: training items of none of the classes (label OUTLIER), which
+    become the vocabulary's last entry, after `classes`."""
+    if outliers is not None and outliers.height:
+        items = pl.concat([items.select("path", "label", "split", "error"),
+                           outliers.select("path", "label", "split", "error")])
+        classes = [*classes, OUTLIER]
     from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
     from fastai.data.transforms import FuncSplitter, IntToFloatTensor, Normalize
     from fastai.vision.augment import Resize, aug_transforms
@@ -181,7 +190,7 @@ def image_dataloaders(items: pl.DataFrame, *, classes: list[str], prep: ImagePre
         get_x = DecodedImages([r.path for r in rows], prep)
     else:
         x_block, get_x, item_tfms = ImageBlock, _pil_item, [Resize(prep.size, method=prep.resize)]
-    block = DataBlock(blocks=(x_block, CategoryBlock(vocab=classes)), get_x=get_x, get_y=_label,
+    block = DataBlock(blocks=(x_block, CategoryBlock(vocab=classes, sort=False)), get_x=get_x, get_y=_label,
                       splitter=FuncSplitter(_is_valid), item_tfms=item_tfms, batch_tfms=batch_tfms)
     n_train = sum(not r.is_valid for r in rows)
     workers = loader_workers(cached=cache) if num_workers is None else num_workers

@@ -244,16 +244,47 @@ def image_learner(dls, arch: str, *, weights: str = "auto", path: Path | str = "
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
 
+    from .images import OUTLIER
     spec = get_spec(arch)
-    model = create_backbone(arch, num_classes=len(dls.vocab), weights=weights)
+    exposure = dls.vocab[-1] == OUTLIER  # --outlier-exposure: the last entry is no class and has no output
+    model = create_backbone(arch, num_classes=len(dls.vocab) - exposure, weights=weights)
     cbs = precision_callbacks(precision, channels_last=spec.channels_last) if precision else []
     cbs += accumulation(accum=accum, bs=dls.train.bs, model=model)
     if compile:
         cbs.append(TorchCompile(precision=precision, channels_last=spec.channels_last))
     if ema:
         cbs.append(ema_callback(final_decay=ema_decay))
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, splitter=body_head_split,
+    loss = OutlierExposureLoss(len(dls.vocab) - 1) if exposure else CrossEntropyLossFlat()
+    return Learner(dls, model, loss_func=loss, metrics=accuracy, splitter=body_head_split,
                    path=Path(path), model_dir="checkpoints", cbs=cbs, opt_func=FusedAdam)
+
+
+OUTLIER_WEIGHT = 0.5  # Hendrycks et al. 2019's weight of the outlier term for vision
+
+
+class OutlierExposureLoss(torch.nn.Module):
+    """Outlier exposure (Hendrycks, Mazeika & Dietterich 2019): cross-entropy on the items of the classes, plus
+    OUTLIER_WEIGHT x the cross-entropy from the uniform distribution to the predicted one on the items of none of
+    them (target == n_classes), each a mean over its own items of the batch. The model learns low confidence, and
+    features apart from the classes', on what is none of them."""
+
+    def __init__(self, n_classes: int, weight: float = OUTLIER_WEIGHT):
+        super().__init__()
+        self.n_classes, self.weight = n_classes, weight
+
+    def forward(self, logits, target):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        known = target < self.n_classes
+        loss = torch.nn.functional.nll_loss(logp[known], target[known]) if known.any() else logp.sum() * 0
+        if not known.all():
+            loss = loss - self.weight * logp[~known].mean()
+        return loss
+
+    def activation(self, logits):  # fastai's get_preds: probabilities
+        return torch.softmax(logits, dim=-1)
+
+    def decodes(self, logits):
+        return logits.argmax(dim=-1)
 
 
 class FusedAdam(Optimizer):

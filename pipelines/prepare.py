@@ -17,10 +17,11 @@ from .audio import MelConfig, auto_duration, render_folder, source_files
 from .backbones import get_spec
 from .distributed import is_main
 from .errors import ItfitsError
-from .images import ImagePreprocessing, choose_batch_size, image_dataloaders
+from .images import OUTLIER, ImagePreprocessing, choose_batch_size, image_dataloaders
 from .io import write_table
-from .learners import tabular_learner
-from .sources import AUDIO_EXTS, IMAGE_EXTS, check_image, detect_modality, has_files, read_source, require_classes
+from .learners import OUTLIER_WEIGHT, tabular_learner
+from .sources import (AUDIO_EXTS, IMAGE_EXTS, check_files, check_image, detect_modality, expand_inputs, has_files,
+                      read_source, require_classes)
 from .tabular import TabularData, TabularModelSpec, prepare_table
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class Prepared:
     bs: int
     dls: object  # fastai DataLoaders over the images the Learner sees (audio: one per window of a clip)
     mel: MelConfig | None = None  # audio only: the rendering, stored in the bundle
+    n_outliers: int = 0  # --outlier-exposure: training items of none of the classes (audio: windows)
 
 
 def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
@@ -58,6 +60,7 @@ def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
     if config.unknown and not has_files(Path(config.unknown), AUDIO_EXTS if mel else IMAGE_EXTS):  # before training
         raise ItfitsError(f"--unknown {config.unknown} holds no {'audio' if mel else 'image'} files; it takes examples "
                           f"of the same kind as DATA, {config.data}")
+    outliers = outlier_items(config, mel, log) if config.outlier_exposure else None
     if is_main():  # data-parallel runs: rank 0 alone writes the run folder
         write_table(files.filter(pl.col("error").is_not_null()).select("path", "label", "error"), run / "skipped.csv")
     classes = require_classes(files)
@@ -65,8 +68,25 @@ def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
     n_train = items.filter(pl.col("error").is_null() & (pl.col("split") == "train")).height
     bs = config.bs or choose_batch_size(n_train)
     # no flips, rotations or warps on spectrograms: time runs one way and a frequency has one height
-    dls = image_dataloaders(items, classes=classes, prep=prep, bs=bs, augment=mel is None, num_workers=config.num_workers)
-    return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, mel=mel)
+    dls = image_dataloaders(items, classes=classes, prep=prep, bs=bs, augment=mel is None, num_workers=config.num_workers,
+                            outliers=outliers)
+    return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, mel=mel,
+                    n_outliers=0 if outliers is None else outliers.height)
+
+
+def outlier_items(config: FitConfig, mel: MelConfig | None, log=print) -> pl.DataFrame:
+    """The usable --unknown files as training items of no class (`--outlier-exposure`), audio rendered to windows."""
+    paths = [p for p, err in expand_inputs([config.unknown], AUDIO_EXTS if mel else IMAGE_EXTS) if err is None]
+    items = pl.DataFrame({"path": paths, "label": OUTLIER, "split": "train", "error": None},
+                         schema={"path": pl.String, "label": pl.String, "split": pl.String, "error": pl.String})
+    if mel is not None:
+        items = render_folder(items, mel, workers=None if config.num_workers is None else max(1, config.num_workers))
+    else:
+        items = check_files(items)
+    items = items.filter(pl.col("error").is_null())
+    log(f"outlier exposure: {items.height} --unknown {'windows' if mel else 'files'} join training as none of the "
+        f"classes (loss: cross-entropy to uniform class probabilities, weight {OUTLIER_WEIGHT})")
+    return items
 
 
 def prepare_tabular(config: FitConfig, run: Path):

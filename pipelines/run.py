@@ -51,7 +51,8 @@ class FitConfig:
     threshold: str | float = "auto"  # auto: chosen on validation data to accept `keep` of correct items
     keep: float = 0.95  # share of correctly classified validation items the auto threshold accepts
     score: str | None = None  # unknown score; None: best on --unknown examples if given, else the default
-    unknown: str | None = None  # folder of examples of none of the classes: for choosing score/threshold only
+    unknown: str | None = None  # folder of examples of none of the classes: they choose the score and threshold
+    outlier_exposure: bool = False  # also train on the --unknown examples, towards uniform class probabilities
     num_workers: int | None = None  # None: images.loader_workers (none on CPU-only machines of <= 4 cores; audio rendering: every core)
     lr_find_iters: int = 100
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16/fp16 on GPUs, bf16 on CPUs where it is faster
@@ -101,6 +102,9 @@ class FitConfig:
                               f"{', '.join(SCORES)}")
         if self.layers is not None and (not self.layers or min(self.layers) < 1):
             raise ItfitsError(f"--layers sizes must be at least 1, got {','.join(map(str, self.layers))!r}")
+        if self.outlier_exposure and (self.unknown is None or self.target is not None):
+            raise ItfitsError("--outlier-exposure trains on the --unknown examples of an image or audio fit: "
+                              + ("give --unknown DIR" if self.target is None else "tables have no such training"))
         if self.target is None:
             if self.cat or self.cont or self.ignore or self.layers:
                 raise ItfitsError("--cat, --cont, --ignore and --layers are for tables: add --target COLUMN")
@@ -258,6 +262,7 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
                 "compile_error": compiler.failed if compiler else None,
                 "num_workers": dls.train.fake_l.num_workers,  # fastai keeps the process count there
                 "world_size": world, "resumed_after_epoch": state["epoch"] if state else None,
+                "n_outlier_exposure": data.n_outliers,
                 **({"mel": data.mel.json()} if data.mel else {})}
     return TrainedImages(learn=learn, items=items, classes=classes, prep=prep, history=history, resolved=resolved,
                          precision=precision, started=t0, mel=data.mel)

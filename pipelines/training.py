@@ -18,7 +18,7 @@ from fastai.torch_core import find_bs, get_model
 from .checkpoints import CHECKPOINT, Checkpoint, restore
 from .errors import ItfitsError
 from .io import write_table
-from .learners import find_ema, uncompile
+from .learners import OutlierExposureLoss, find_ema, uncompile
 from .plots import plot_lr_find
 
 LR_SUGGESTIONS = ("minimum", "steep", "valley", "slide")
@@ -102,8 +102,15 @@ def find_lr(learn, out_dir: Path | None = None, *, num_it: int = 100) -> tuple[f
     """(chosen lr, all suggestions); writes lr_find.png and lr_find.csv into out_dir when given."""
     tmp_dir = Path(learn.path) / learn.model_dir  # fastai's lr_find keeps the weights there meanwhile
     made_tmp_dir = not tmp_dir.exists()
-    res = learn.lr_find(suggest_funcs=tuple(map(_tolerant, (minimum, steep, valley, slide))), show_plot=False,
-                        num_it=num_it)
+    loss = learn.loss_func
+    if isinstance(loss, OutlierExposureLoss):  # the suggestions read the loss of the classes' items alone: the
+        # outlier term rises as the model learns the classes, and the loss's minimum came in the first steps
+        learn.loss_func = OutlierExposureLoss(loss.n_classes, weight=0)  # (minimum 7.6e-8 on the suite's icons)
+    try:
+        res = learn.lr_find(suggest_funcs=tuple(map(_tolerant, (minimum, steep, valley, slide))), show_plot=False,
+                            num_it=num_it)
+    finally:
+        learn.loss_func = loss
     if made_tmp_dir and tmp_dir.is_dir() and not any(tmp_dir.iterdir()):
         tmp_dir.rmdir()  # it removes the weights, not the folder it made for them
     suggestions = {name: float(v) for name, v in zip(LR_SUGGESTIONS, res) if np.isfinite(v)}
