@@ -239,6 +239,7 @@ def test_large_photos_are_decoded_in_threads_with_the_same_rows(small_learner, t
     """Files slow to decode next to the model move prediction's decoding to a pool of threads; the rows equal
     those of a DataLoader worker process decoding the same files."""
     from concurrent.futures import ThreadPoolExecutor
+    import pipelines.batches
     import pipelines.predict as P
     from pipelines.bundle import image_bundle_meta, load_bundle, save_bundle
     from pipelines.unknown import Calibration
@@ -258,7 +259,7 @@ def test_large_photos_are_decoded_in_threads_with_the_same_rows(small_learner, t
             super().__init__(*args, **kwargs)
             pools.append(self)
 
-    monkeypatch.setattr(P, "ThreadPoolExecutor", Spy)
+    monkeypatch.setattr(pipelines.batches, "ThreadPoolExecutor", Spy)
     config = dict(batch_size=2, topk=len(classes), precision="fp32")
     threads = list(P.predict(bundle, paths, P.PredictConfig(num_workers=0, **config)))
     assert len(pools) == 1, "decoding should have moved to threads after the first batch"
