@@ -253,8 +253,7 @@ def predict(
     config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold,
                            precision=check_precision(precision), tta=tta)
     counts = write_predictions(run_predict(bundle, inputs, config), out)
-    noun = "rows" if bundle.meta.get("modality") == "tabular" else "files"
-    typer.echo(f"{counts['files']} {noun}, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}")
+    typer.echo(f"{counts['files']} {bundle.modality.counted}, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}")
 
 
 @app.command()

@@ -78,8 +78,9 @@ def train_and_dump(set_dir: Path, run: Path, *, size: int, seed: int, epochs: in
         folder = set_dir / "fit" / split if split in ("train", "valid") else set_dir / split
         paths, labels = files(folder, exts)
         # the bundle as itfits predict runs it: [head | stage | its reference's stage, where it has one]
-        logits, feats, errors = file_outputs(bundle.scoring_model, prep, paths, mel=bundle.mel, num_workers=0)
-        _, ref_feats, _ = file_outputs(ref, prep, paths, mel=bundle.mel, num_workers=0)
+        kinds = dict(modality=bundle.modality, options=bundle.options, num_workers=0)
+        logits, feats, errors = file_outputs(bundle.scoring_model, prep, paths, **kinds)
+        _, ref_feats, _ = file_outputs(ref, prep, paths, **kinds)
         assert not any(errors), (split, [e for e in errors if e][:3])
         out[f"{split}_logits"], out[f"{split}_ref"] = logits, ref_feats
         out[f"{split}_bundle_feats"] = feats

@@ -16,6 +16,7 @@ from .audio import AudioError, MelConfig, render_windows, window_pil
 from .backbones import forward_features
 from .errors import ItfitsError
 from .images import ImagePreprocessing, default_workers, load_image, loader_workers
+from .modality import Modality, get_modality
 from .precision import Precision
 from .sources import expand_inputs, read_checked, text_path
 
@@ -27,8 +28,8 @@ class ImageFiles(torch.utils.data.Dataset):
     """(path, error) pairs -> ((3, size, size) uint8 array, error); an unreadable file gives zeros and its error,
     never a crash. Batches become float and are normalised whole (`image_batches`), not image by image."""
 
-    def __init__(self, items: list[tuple[str, str | None]], prep: ImagePreprocessing):
-        self.items, self.prep = items, prep
+    def __init__(self, items: list[tuple[str, str | None]], prep: ImagePreprocessing, load=load_image):
+        self.items, self.prep, self.load = items, prep, load  # load(path, gray=...) -> PIL image (the modality's)
 
     def __len__(self):
         return len(self.items)
@@ -45,7 +46,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return np.zeros((3, self.prep.size, self.prep.size), np.uint8), error
 
     def _array(self, path) -> np.ndarray:
-        return self.prep.array(load_image(path, gray=True))
+        return self.prep.array(self.load(path, gray=True))
 
 
 def _stack(batch: list[tuple[np.ndarray, str]]) -> tuple[torch.Tensor, list[str]]:
@@ -55,8 +56,8 @@ def _stack(batch: list[tuple[np.ndarray, str]]) -> tuple[torch.Tensor, list[str]
 
 def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *, batch_size: int = 64,
                   num_workers: int | None = None, precision: Precision | None = None, channels_last: bool = False,
-                  tta: bool = False) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[str]]]:
-    """(paths, logits, features, errors) per batch, logits and features float32 whatever the `precision` (None:
+                  tta: bool = False, load=load_image) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, list[str]]]:
+    """(paths, logits, features, errors) per batch, files read with `load` (path, gray=...) -> PIL image, logits and features float32 whatever the `precision` (None:
     fp32); rows with an error have meaningless logits. `channels_last` for conv nets: faster on CPUs and GPUs.
     `tta` (fastai's test-time augmentation, with the one view that is no guess: the left-right flip that training's
     aug_transforms shows the model): logits and features are the means over the image and its mirror image, so the
@@ -67,7 +68,7 @@ def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | 
     the model's cores, 14% fewer images/s at 64 px on 2 cores), in a pool of threads, one per core, from the
     first batch that took more than half as long to decode as the model took on it (large photos: PIL releases
     the GIL while it decodes, 1.9x on 2 cores)."""
-    files = ImageFiles(items, prep)
+    files = ImageFiles(items, prep, load)
     workers = min(loader_workers() if num_workers is None else num_workers, -(-len(items) // batch_size))
     loader = iter(torch.utils.data.DataLoader(files, batch_size=batch_size, collate_fn=_stack, num_workers=workers)
                   ) if workers else None
@@ -101,37 +102,33 @@ def image_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | 
             pool.shutdown()
 
 
-def file_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *, mel=None,
-                 batch_size: int = 64, num_workers: int | None = None, precision: Precision | None = None,
-                 channels_last: bool = False, tta: bool = False):
-    """image_batches, or audio_batches (fp32) when `mel` (a MelConfig) is given: one row per input file."""
-    if mel is None:
-        return image_batches(model, prep, items, batch_size=batch_size, num_workers=num_workers, precision=precision,
-                             channels_last=channels_last, tta=tta)
-    if tta:
-        raise ItfitsError(TTA_IMAGES_ONLY)
-    return audio_batches(model, prep, mel, items, batch_size=batch_size, num_workers=num_workers)
+def file_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | None]], *,
+                 modality: Modality | None = None, options=None, **kwargs):
+    """The modality's batches (default: images), (paths, logits, features, errors) each: one row per input file.
+    `options`: the modality's (audio: the MelConfig)."""
+    return (modality or get_modality("image")).batches(model, prep, items, options=options, **kwargs)
 
 
-def file_outputs(model, prep: ImagePreprocessing, paths: list[str], *, mel=None,
-                 **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(logits, features, errors) for a list of image files (audio clips when `mel` is given), all at once
-    (validation, unknown examples)."""
-    batches = list(file_batches(model, prep, [(p, None) for p in paths], mel=mel, **kwargs))
+def file_outputs(model, prep: ImagePreprocessing, paths: list[str], **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(logits, features, errors) for a list of files (file_batches' keywords: the modality, its options, ...),
+    all at once (validation, unknown examples)."""
+    batches = list(file_batches(model, prep, [(p, None) for p in paths], **kwargs))
     if not batches:
         return np.zeros((0, 0)), np.zeros((0, 0)), []
     return (np.concatenate([b[1] for b in batches]), np.concatenate([b[2] for b in batches]),
             [e for b in batches for e in b[3]])
 
 
-def unknown_outputs(model, prep: ImagePreprocessing, folder: str | Path, exts: set[str], *, mel=None, **kwargs
-                    ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """(logits, features) of the readable files of `exts` under `folder` (examples of none of the classes, for fit
-    and evaluate), and (path, error) of the unreadable ones. An ItfitsError when it holds no such file."""
-    paths = [p for p, err in expand_inputs([str(folder)], exts) if err is None]
+def unknown_outputs(model, prep: ImagePreprocessing, folder: str | Path, *, modality: Modality | None = None,
+                    **kwargs) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """(logits, features) of the readable files of the modality (default: images) under `folder` (examples of
+    none of the classes, for fit and evaluate), and (path, error) of the unreadable ones. An ItfitsError when it
+    holds no such file."""
+    modality = modality or get_modality("image")
+    paths = [p for p, err in expand_inputs([str(folder)], modality.exts) if err is None]
     if not paths:
-        raise ItfitsError(f"--unknown {folder}: no {'audio' if mel else 'image'} files found")
-    logits, feats, errors = file_outputs(model, prep, paths, mel=mel, **kwargs)
+        raise ItfitsError(f"--unknown {folder}: no {modality.what} found")
+    logits, feats, errors = file_outputs(model, prep, paths, modality=modality, **kwargs)
     good = np.array([not e for e in errors])
     return logits[good], feats[good], [(text_path(p), e) for p, e in zip(paths, errors) if e]
 

@@ -4,19 +4,17 @@ from __future__ import annotations
 import json
 import math
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .audio import MelConfig
-from .backbones import MAX_SIZE, MIN_SIZE, WithReference, create_backbone, create_body, get_spec
+from .backbones import WithReference, create_body, get_spec
 from .errors import ItfitsError
 from .io import atomic_dir
-from .sources import AUDIO_EXTS, IMAGE_EXTS
-from .tabular import TabularModelSpec, create_tabular_model
+from .modality import Modality, get_modality, modalities
 from .unknown import SCORES, Calibration, UnknownStats
 
 FORMAT_VERSION = 1
@@ -32,35 +30,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-def image_bundle_meta(arch: str, classes: list[str], prep, *, training: dict, mel=None) -> dict:
-    """itfits.json (less the calibration, added by save_bundle) for an image classifier, or a spectrogram
-    classifier of audio when `mel` (the MelConfig it was trained with) is given."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "modality": "image" if mel is None else "audio",
-        "backbone": arch,
-        "classes": list(classes),
-        "preprocessing": {**asdict(prep), **({} if mel is None else {"mel": mel.json()})},
-        "training": training,
-        "versions": library_versions(),
-    }
-
-
-def tabular_bundle_meta(prep, spec, *, training: dict) -> dict:
-    """itfits.json for a tabular model: the column schema, vocabularies, fill values and normalisation
-    (`TabularPreprocessing`) and what rebuilds fastai's TabularModel (`TabularModelSpec`)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "modality": "tabular",
-        "task": prep.task,
-        "classes": list(prep.classes),
-        "preprocessing": prep.json(),
-        "model": spec.json(),
-        "training": training,
-        "versions": library_versions(),
-    }
 
 
 @dataclass(frozen=True)
@@ -82,16 +51,24 @@ class Bundle:
         return self.meta["classes"]
 
     @property
-    def mel(self):
-        """The MelConfig of an audio bundle; None for an image bundle."""
-        if self.meta.get("modality") != "audio":
-            return None
-        return MelConfig.from_json(self.meta["preprocessing"]["mel"])
+    def modality(self) -> Modality:
+        """The registered modality of meta["modality"] (checked when the bundle was read)."""
+        return get_modality(self.meta.get("modality", "image"))
 
     @property
-    def input_exts(self) -> set[str]:
+    def options(self):
+        """The modality's options stored in the bundle (audio: its MelConfig), or None."""
+        return self.modality.bundle_options(self.meta)
+
+    @property
+    def mel(self):
+        """The MelConfig of an audio bundle (its options); None for other bundles."""
+        return self.options if isinstance(self.options, MelConfig) else None
+
+    @property
+    def input_exts(self) -> frozenset[str]:
         """File extensions prediction looks for in folders."""
-        return AUDIO_EXTS if self.mel else IMAGE_EXTS
+        return self.modality.exts
 
 
 def save_bundle(model: nn.Module, meta: dict, calibration: Calibration | None, out_dir: Path, *,
@@ -123,39 +100,35 @@ def _number(value) -> bool:
 
 def meta_problem(meta) -> str | None:
     """What makes a parsed itfits.json unusable (a missing key, a wrong type or value), or None. Checked once when
-    the bundle is read, so the code that uses the bundle can trust it."""
+    the bundle is read, so the code that uses the bundle can trust it: the keys every bundle has here, the
+    modality's own (its preprocessing, model description, bounds) by the registered modality."""
     if not isinstance(meta, dict):
         return f"{META} holds a JSON {type(meta).__name__}, not an object"
-    modality = meta.get("modality", "image")
-    if modality not in ("image", "audio", "tabular"):
-        return f"modality {modality!r} is not image, audio or tabular"
-    own = ["model", "task"] if modality == "tabular" else ["backbone"]
-    missing = [k for k in ["classes", "preprocessing", "calibration", *own] if k not in meta]
+    name = meta.get("modality", "image")
+    try:
+        modality = get_modality(name) if isinstance(name, str) else None
+    except ItfitsError:
+        modality = None
+    if modality is None:
+        return f"modality {name!r} is not one of {', '.join(m.name for m in modalities())}"
+    missing = [k for k in ["classes", "preprocessing", "calibration"] if k not in meta]
     if missing:
         return f"{META} has no {', '.join(missing)}"
     classes, prep, calib = meta["classes"], meta["preprocessing"], meta["calibration"]
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or (
-            modality != "tabular" and len(classes) < 2):
-        return "classes must be a list of 2 or more class names"
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return "classes must be a list of class names"
     if not isinstance(prep, dict) or not isinstance(meta.get("training", {}), dict):
         return "preprocessing and training must be JSON objects"
-    if calib is None:
-        if not (modality == "tabular" and meta["task"] == "regression"):
-            return "calibration is missing (only a regression model has none)"
-    elif not isinstance(calib, dict) or not {"temperature", "score", "threshold"} <= set(calib) <= {
-            "temperature", "score", "threshold", "keep"}:
-        return "calibration must hold temperature, score and threshold"
-    elif calibration_problem(calib):
-        return calibration_problem(calib)
-    if modality == "tabular":
-        if meta["task"] not in ("classification", "regression") or not isinstance(meta["model"], dict):
-            return "task must be classification or regression, and model a JSON object"
-        return None  # the tabular schema is checked as it is rebuilt (load_bundle)
-    return image_problem(meta)
+    if calib is not None:
+        if not isinstance(calib, dict) or not {"temperature", "score", "threshold"} <= set(calib) <= {
+                "temperature", "score", "threshold", "keep"}:
+            return "calibration must hold temperature, score and threshold"
+        if calibration_problem(calib):
+            return calibration_problem(calib)
+    return modality.meta_problem(meta)
 
 
-# ---- bounds of every number and enum of an image/audio bundle: a tampered itfits.json fails here, in one line
-# naming the key and what it may hold, not later as a 240 GB allocation or a silent other behaviour
+# ---- bounds of the numbers and enums of a bundle (the modalities check their own with these)
 
 RESIZE_METHODS = ("squish", "crop", "pad")  # fastai's ResizeMethod
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -163,57 +136,23 @@ MAX_CLASSES = 100_000
 MAX_TEMPERATURE = 1000.0
 
 
-def _out_of_range(key: str, value, lo: float, hi: float, *, whole: bool = False) -> str | None:
+def out_of_range(key: str, value, lo: float, hi: float, *, whole: bool = False) -> str | None:
     """Why `value` at `key` is not a number in [lo, hi] (a whole number when `whole`), or None."""
     ok = _number(value) and lo <= value <= hi and (not whole or isinstance(value, int))
     return None if ok else f"{key} must be a {'whole number' if whole else 'number'} in [{lo:g}, {hi:g}], got {value!r}"
 
 
-def _one_of(key: str, value, choices) -> str | None:
+def one_of(key: str, value, choices) -> str | None:
     return None if value in choices else f"{key} must be one of {', '.join(choices)}, got {value!r}"
 
 
 def calibration_problem(calib: dict) -> str | None:
     """What is wrong with a bundle's calibration object (temperature, score, threshold, keep), or None."""
-    return (_out_of_range("calibration.temperature", calib["temperature"], 1e-6, MAX_TEMPERATURE)
+    return (out_of_range("calibration.temperature", calib["temperature"], 1e-6, MAX_TEMPERATURE)
             or (None if _number(calib["threshold"]) else f"calibration.threshold must be a number, got "
                                                             f"{calib['threshold']!r}")
-            or _one_of("calibration.score", calib["score"], SCORES)
-            or ("keep" in calib and _out_of_range("calibration.keep", calib["keep"], 1e-6, 1)) or None)
-
-
-def image_problem(meta: dict) -> str | None:
-    """What is wrong with an image or audio bundle's backbone, classes and preprocessing, or None."""
-    prep, classes = meta["preprocessing"], meta["classes"]
-    if len(classes) > MAX_CLASSES or len(set(classes)) != len(classes):
-        return f"classes must be up to {MAX_CLASSES} different names, got {len(classes)} ({len(set(classes))} different)"
-    if not isinstance(meta["backbone"], str):
-        return f"backbone must be a backbone name, got {meta['backbone']!r}"
-    try:  # a registered name, or a timm model name
-        get_spec(meta["backbone"])
-    except ItfitsError as e:
-        return f"backbone: {e}"
-    problem = (_out_of_range("preprocessing.size", prep.get("size"), MIN_SIZE, MAX_SIZE, whole=True)
-               or _one_of("preprocessing.resize", prep.get("resize"), RESIZE_METHODS)
-               or _one_of("training.precision", meta.get("training", {}).get("precision", "fp32"), PRECISIONS))
-    if problem:
-        return problem
-    for key, lo in (("mean", 0.0), ("std", 1e-3)):
-        values = prep.get(key)
-        if not (isinstance(values, list) and len(values) == 3):
-            return f"preprocessing.{key} must be 3 numbers, got {values!r}"
-        problem = next(filter(None, (_out_of_range(f"preprocessing.{key}", v, lo, 1.0) for v in values)), None)
-        if problem:
-            return problem
-    if meta.get("modality") == "audio":
-        mel = prep.get("mel")
-        if not isinstance(mel, dict):
-            return f"preprocessing.mel must be a JSON object of mel parameters, got {mel!r}"
-        try:
-            MelConfig.from_json(mel)  # checks every parameter's range
-        except (ItfitsError, TypeError, ValueError) as e:
-            return f"preprocessing.mel is not a mel configuration ({e})"
-    return None
+            or one_of("calibration.score", calib["score"], SCORES)
+            or ("keep" in calib and out_of_range("calibration.keep", calib["keep"], 1e-6, 1)) or None)
 
 
 def read_meta(path: Path) -> dict:
@@ -238,13 +177,6 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def _rebuild_model(meta: dict) -> nn.Module:
-    """The untrained model itfits.json describes: fastai's TabularModel, or a backbone from the registry."""
-    if meta.get("modality") == "tabular":
-        return create_tabular_model(TabularModelSpec.from_json(meta["model"]))
-    return create_backbone(meta["backbone"], num_classes=len(meta["classes"]), weights="none")
-
-
 def load_bundle(path: Path | str) -> Bundle:
     """Rebuild the model from itfits.json (backbone registry or tabular spec) and load its safetensors weights."""
     from safetensors import SafetensorError
@@ -252,7 +184,7 @@ def load_bundle(path: Path | str) -> Bundle:
     meta = read_meta(Path(path))
     path = Path(meta.pop("_path"))
     try:
-        model = _rebuild_model(meta)
+        model = get_modality(meta.get("modality", "image")).rebuild(meta)
     except (KeyError, TypeError, ValueError) as e:  # a tabular model spec with keys missing or of the wrong type
         raise invalid_bundle(path, f"its model description in {META} is incomplete ({type(e).__name__}: {e})") from e
     try:

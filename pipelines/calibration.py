@@ -12,12 +12,11 @@ import polars as pl
 from .backbones import WithReference, get_spec
 from .batches import file_outputs, unknown_outputs
 from .errors import ItfitsError, ItfitsWarning
-from .sources import AUDIO_EXTS, IMAGE_EXTS
 from .tabular import tabular_outputs
 from .unknown import DEFAULT_SCORE, TABLE_DEFAULT_SCORE, UnknownStats, calibrate, crossfit_reference_scores
 
 if TYPE_CHECKING:
-    from .audio import MelConfig
+    from .modality import Modality
     from .run import FitConfig
 
 
@@ -36,18 +35,20 @@ def calibrate_outputs(config: FitConfig, n_classes: int, *, valid: tuple, train:
                      known_scores=known)
 
 
-def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, config: FitConfig, *, mel: MelConfig | None = None,
-                     max_train: int = 4096, precision=None):
+def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, config: FitConfig, *, modality: Modality,
+                     options=None, max_train: int = 4096, precision=None):
     """Temperature, unknown score and threshold from the validation set, feature statistics from (up to
-    `max_train`) training items, score choice from config.unknown examples when given. With `mel`, items are
-    audio clips and each clip's outputs are the mean over its windows, exactly as prediction computes them.
+    `max_train`) training items, score choice from config.unknown examples when given. Items are files of
+    `modality` (with its `options`), whose outputs are computed exactly as prediction computes them (audio: a
+    clip's are the mean over its windows).
     `precision`: the training's (a precision.Precision), so image outputs match the Learner's validation.
     `model`: the fine-tuned model, or backbones.WithReference of it and its pretrained body.
     Returns (Calibration, report, validation outputs {logits, features, targets, paths})."""
     fast = {"precision": precision, "channels_last": get_spec(config.arch).channels_last}
 
     def outputs(paths):
-        return file_outputs(model, prep, paths, mel=mel, num_workers=config.num_workers, **fast)
+        return file_outputs(model, prep, paths, modality=modality, options=options, num_workers=config.num_workers,
+                            **fast)
 
     ok = items.filter(pl.col("error").is_null())
     index = {c: i for i, c in enumerate(classes)}
@@ -63,8 +64,8 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
     ref_dim = (v_feats.shape[1] - head_dim) // 2 if isinstance(model, WithReference) else 0
     unknown = None
     if config.unknown:
-        u_logits, u_feats, unreadable = unknown_outputs(model, prep, config.unknown, AUDIO_EXTS if mel else IMAGE_EXTS,
-                                                        mel=mel, num_workers=config.num_workers, **fast)
+        u_logits, u_feats, unreadable = unknown_outputs(model, prep, config.unknown, modality=modality, options=options,
+                                                        num_workers=config.num_workers, **fast)
         if unreadable:  # left out, as unreadable files of DATA are
             path, error = unreadable[0]
             warnings.warn(f"--unknown {config.unknown}: {len(unreadable)} of its {len(unreadable) + len(u_logits)} "

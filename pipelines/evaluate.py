@@ -13,7 +13,7 @@ from .images import ImagePreprocessing
 from .io import write_json
 from .metrics import accepted_at_rate, auroc, expected_calibration_error, fpr_at_tpr, nll, per_class, softmax
 from .plots import plot_reliability, plot_risk_coverage
-from .sources import check_files, read_source
+from .sources import read_source
 from .unknown import compute_scores
 
 PLAIN_RULE = 0.95  # what most fastai users write by hand: max softmax < 0.95 -> unknown
@@ -24,13 +24,13 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     """Metrics of a bundle on labelled DATA (every file, whatever its split) and optional unknown examples; `tta`:
     each image's outputs averaged with its mirror image's (predict.image_batches)."""
     bundle = load_bundle(model)
-    if bundle.meta.get("modality") == "tabular":
-        raise ItfitsError(f"{model} is a tabular model; itfits evaluate takes image models for now. Its validation "
-                          "figures are in the run's run.json; for new rows, itfits predict MODEL rows.csv --out FILE")
-    classes, calib, mel = bundle.classes, bundle.calibration, bundle.mel
-    items = read_source(data, exts=bundle.input_exts)
-    if mel is None:  # audio files are checked by rendering them: file_outputs gives their errors
-        items = check_files(items)
+    modality = bundle.modality
+    if not modality.evaluable:
+        raise ItfitsError(f"{model} is a {modality.name} model; itfits evaluate takes models of labelled files for now. "
+                          "Its validation figures are in the run's run.json; for new inputs, itfits predict MODEL "
+                          "INPUT --out FILE")
+    classes, calib = bundle.classes, bundle.calibration
+    items = modality.check_files(read_source(data, exts=modality.exts))
     n_files = items.height
     items = items.filter(pl.col("error").is_null())
     foreign = sorted(set(items["label"]) - set(classes))
@@ -41,14 +41,14 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
         raise ItfitsError(f"no usable files in {data}")
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
     if unknown is not None:  # before the known files, so a folder with nothing usable fails at once
-        u_logits, u_feats, unreadable = unknown_outputs(bundle.scoring_model, prep, unknown, bundle.input_exts, mel=mel,
-                                                        num_workers=num_workers, tta=tta)
+        u_logits, u_feats, unreadable = unknown_outputs(bundle.scoring_model, prep, unknown, modality=modality,
+                                                        options=bundle.options, num_workers=num_workers, tta=tta)
         if not len(u_logits):
             path, error = unreadable[0]
-            raise ItfitsError(f"--unknown {unknown}: none of its {len(unreadable)} {'audio' if mel else 'image'} "
-                              f"files could be read; the first, {path}: {error}")
-    logits, feats, errors = file_outputs(bundle.scoring_model, prep, items["path"].to_list(), mel=mel, num_workers=num_workers,
-                                         tta=tta)
+            raise ItfitsError(f"--unknown {unknown}: none of its {len(unreadable)} {modality.what} could be read; "
+                              f"the first, {path}: {error}")
+    logits, feats, errors = file_outputs(bundle.scoring_model, prep, items["path"].to_list(), modality=modality,
+                                         options=bundle.options, num_workers=num_workers, tta=tta)
     good = np.array([not e for e in errors])
     if not good.any():
         raise ItfitsError(f"none of the files in {data} could be read; the first: {errors[0]}")

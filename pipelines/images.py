@@ -121,9 +121,13 @@ class _Row:  # not a tuple: fastai transforms map over tuples element by element
     is_valid: bool
 
 
-def _pil_item(row: _Row):
-    from fastai.vision.core import PILImage
-    return PILImage(load_image(row.path))
+@dataclass(frozen=True)
+class _PILItems:  # get_x of files decoded per epoch: a class, not a closure, so worker processes can take it
+    load: object  # load(path, gray=...) -> PIL image
+
+    def __call__(self, row: _Row):
+        from fastai.vision.core import PILImage
+        return PILImage(self.load(row.path))
 
 
 CACHE_MAX_BYTES = 2 << 30  # decoded images kept in memory up to 2 GiB (10,000 at 224 px take 1.5 GiB)
@@ -135,14 +139,14 @@ class DecodedImages:
     CPU about as long). The resize is the deterministic one of validation (squish), so items are the same as
     decoding each time. Decoding runs in threads: PIL releases the GIL while it decodes."""
 
-    def __init__(self, paths: list[str], prep: ImagePreprocessing, *, threads: int | None = None):
+    def __init__(self, paths: list[str], prep: ImagePreprocessing, *, threads: int | None = None, load=load_image):
         from concurrent.futures import ThreadPoolExecutor
-        self.prep = prep
+        self.prep, self.load = prep, load
         with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             self.arrays = dict(zip(paths, pool.map(self._decode, paths)))
 
     def _decode(self, path: str) -> np.ndarray:  # (3, size, size), as torch lays images out
-        return np.ascontiguousarray(self.prep.array(load_image(path, gray=True)))
+        return np.ascontiguousarray(self.prep.array(self.load(path, gray=True)))
 
     def __call__(self, row: _Row):
         from fastai.torch_core import TensorImage
@@ -166,8 +170,9 @@ OUTLIER = "\x00none of the classes"  # the label of --outlier-exposure examples:
 
 def image_dataloaders(items: pl.DataFrame, *, classes: list[str], prep: ImagePreprocessing, bs: int,
                       augment: bool = True, num_workers: int | None = None, cache: bool | None = None,
-                      outliers: pl.DataFrame | None = None):
-    """fastai DataLoaders over the usable rows of an items table (rows with an error are left out).
+                      outliers: pl.DataFrame | None = None, load=load_image):
+    """fastai DataLoaders over the usable rows of an items table (rows with an error are left out), files read
+    with `load` (path, gray=...) -> PIL image (the modality's).
     cache: decode and resize every image once, up front (DecodedImages); None: when they fit in CACHE_MAX_BYTES.
     num_workers None: see loader_workers. outliers: training items of none of the classes (label OUTLIER), which
     become the vocabulary's last entry, after `classes`."""
@@ -187,9 +192,9 @@ def image_dataloaders(items: pl.DataFrame, *, classes: list[str], prep: ImagePre
         cache = DecodedImages.fits(len(rows), prep.size)
     if cache:  # items are uint8 tensors already at size: no PIL, no item transforms, only batch ones
         x_block, item_tfms = TransformBlock(batch_tfms=IntToFloatTensor), []
-        get_x = DecodedImages([r.path for r in rows], prep)
+        get_x = DecodedImages([r.path for r in rows], prep, load=load)
     else:
-        x_block, get_x, item_tfms = ImageBlock, _pil_item, [Resize(prep.size, method=prep.resize)]
+        x_block, get_x, item_tfms = ImageBlock, _PILItems(load), [Resize(prep.size, method=prep.resize)]
     block = DataBlock(blocks=(x_block, CategoryBlock(vocab=classes, sort=False)), get_x=get_x, get_y=_label,
                       splitter=FuncSplitter(_is_valid), item_tfms=item_tfms, batch_tfms=batch_tfms)
     n_train = sum(not r.is_valid for r in rows)

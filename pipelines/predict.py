@@ -12,7 +12,6 @@ import polars as pl
 import torch
 
 from .backbones import fold_batchnorm, get_spec
-from .batches import TTA_IMAGES_ONLY, file_batches
 from .bundle import Bundle
 from .errors import ItfitsError
 from .images import ImagePreprocessing
@@ -134,21 +133,20 @@ def fast_path(bundle: Bundle, prep: ImagePreprocessing, precision: str = "auto")
 
 
 def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictConfig()) -> Iterator[dict | pl.DataFrame]:
-    """One dict per input file (DESIGN.md predictions table), yielded as batches finish. An audio bundle renders
-    each clip with its own mel parameters and reports one row per clip; a tabular bundle yields DataFrame chunks
-    of the input table with its predictions (`table_predictions`)."""
-    if bundle.meta.get("modality") == "tabular":
-        if config.tta:
-            raise ItfitsError(TTA_IMAGES_ONLY)
-        yield from table_predictions(bundle, inputs, config)
-        return
+    """The predictions table's rows (DESIGN.md), yielded as batches finish, by the bundle's modality: one dict per
+    input file (an audio clip is rendered with the bundle's mel parameters and gets one row), or DataFrame chunks
+    of an input table with its predictions (`table_predictions`)."""
+    yield from bundle.modality.predict(bundle, inputs, config)
+
+
+def predict_files(modality, bundle: Bundle, inputs: list[str], config: PredictConfig) -> Iterator[dict]:
+    """`predict` for a modality of files (images, audio): inputs expanded to its files, its batches, one row each."""
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
-    items = expand_inputs(inputs, bundle.input_exts)
-    # audio: the model as calibrated, fp32
-    fast = fast_path(bundle, prep, config.precision) if bundle.mel is None else {"model": bundle.scoring_model}
-    for paths, logits, features, errors in file_batches(prep=prep, items=items, mel=bundle.mel,
-                                                        batch_size=config.batch_size, num_workers=config.num_workers,
-                                                        tta=config.tta, **fast):
+    items = expand_inputs(inputs, modality.exts)
+    for paths, logits, features, errors in modality.batches(prep=prep, items=items, options=bundle.options,
+                                                            batch_size=config.batch_size, num_workers=config.num_workers,
+                                                            tta=config.tta,
+                                                            **modality.scoring(bundle, prep, config.precision)):
         probs, scores, unknown = bundle.calibration.apply(logits, features, threshold=config.threshold)
         yield from prediction_rows(paths, probs, scores, unknown, errors, bundle.classes, topk=config.topk)
 

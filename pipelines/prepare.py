@@ -13,79 +13,62 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import default_device, set_seed
 
-from .audio import MelConfig, auto_duration, render_folder, source_files
 from .backbones import get_spec
 from .distributed import is_main
 from .errors import ItfitsError
 from .images import OUTLIER, ImagePreprocessing, choose_batch_size, image_dataloaders
 from .io import write_table
 from .learners import OUTLIER_WEIGHT, tabular_learner
-from .sources import (AUDIO_EXTS, IMAGE_EXTS, check_files, check_image, detect_modality, expand_inputs, has_files,
-                      read_source, require_classes)
+from .sources import expand_inputs, has_files, require_classes
 from .tabular import TabularData, TabularModelSpec, prepare_table
 
 if TYPE_CHECKING:
+    from .modality import Modality
     from .run import FitConfig
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """The data of a run, ready for a Learner: images, or audio clips rendered to spectrogram images."""
+    """The data of a run of files, ready for a Learner: images, or audio clips rendered to spectrogram images."""
     files: pl.DataFrame  # one row per input file: path, label, split, error (set for skipped files)
     classes: list[str]
     prep: ImagePreprocessing
     bs: int
     dls: object  # fastai DataLoaders over the images the Learner sees (audio: one per window of a clip)
-    mel: MelConfig | None = None  # audio only: the rendering, stored in the bundle
+    options: object = None  # the modality's options resolved from the data (audio: the MelConfig), for the bundle
     n_outliers: int = 0  # --outlier-exposure: training items of none of the classes (audio: windows)
 
 
-def prepare_data(config: FitConfig, run: Path, log=print) -> Prepared:
-    """Read, check (audio: render) and split config.data; skipped files listed in run/skipped.csv."""
+def prepare_data(modality: Modality, config: FitConfig, run: Path, log=print) -> Prepared:
+    """Read, check (audio: render) and split config.data, files of `modality`; skipped files listed in
+    run/skipped.csv."""
     spec = get_spec(config.arch)  # fail on a wrong name before reading any file
-    mel = None
-    if detect_modality(config.data) == "audio":  # clips -> window images, each window in its clip's split
-        files = read_source(config.data, exts=AUDIO_EXTS, valid_pct=config.valid_pct, seed=config.seed)
-        mel, line = auto_duration(config.mel or MelConfig(), files.filter(pl.col("error").is_null())["path"].to_list())
-        if line:
-            log(line)
-        items = render_folder(files, mel, workers=None if config.num_workers is None else max(1, config.num_workers))
-        files = source_files(items)
-        log(f"{files['error'].is_null().sum()} clips -> {items['error'].is_null().sum()} mel-spectrogram windows "
-            f"({items['cached'].sum()} of them from the cache)")
-    elif config.mel is not None:
-        raise ItfitsError(f"mel options (--n-mels, --duration, ...) are for audio, and {config.data} holds images")
-    else:
-        files = items = read_source(config.data, valid_pct=config.valid_pct, seed=config.seed, check=check_image)
-    if config.unknown and not has_files(Path(config.unknown), AUDIO_EXTS if mel else IMAGE_EXTS):  # before training
-        raise ItfitsError(f"--unknown {config.unknown} holds no {'audio' if mel else 'image'} files; it takes examples "
-                          f"of the same kind as DATA, {config.data}")
-    outliers = outlier_items(config, mel, log) if config.outlier_exposure else None
+    modality.check_config(config)
+    files, items, options = modality.read_items(config, log)
+    if config.unknown and not has_files(Path(config.unknown), modality.exts):  # before training
+        raise ItfitsError(f"--unknown {config.unknown} holds no {modality.what}; it takes examples of the same kind as "
+                          f"DATA, {config.data}")
+    outliers = outlier_items(modality, config, options, log) if config.outlier_exposure else None
     if is_main():  # data-parallel runs: rank 0 alone writes the run folder
         write_table(files.filter(pl.col("error").is_not_null()).select("path", "label", "error"), run / "skipped.csv")
     classes = require_classes(files)
     prep = ImagePreprocessing(size=config.size or spec.input_size, mean=spec.mean, std=spec.std)
     n_train = items.filter(pl.col("error").is_null() & (pl.col("split") == "train")).height
     bs = config.bs or choose_batch_size(n_train)
-    # no flips, rotations or warps on spectrograms: time runs one way and a frequency has one height
-    dls = image_dataloaders(items, classes=classes, prep=prep, bs=bs, augment=mel is None, num_workers=config.num_workers,
-                            outliers=outliers)
-    return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, mel=mel,
+    dls = image_dataloaders(items, classes=classes, prep=prep, bs=bs, augment=modality.augment,
+                            num_workers=config.num_workers, outliers=outliers, load=modality.load)
+    return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, options=options,
                     n_outliers=0 if outliers is None else outliers.height)
 
 
-def outlier_items(config: FitConfig, mel: MelConfig | None, log=print) -> pl.DataFrame:
+def outlier_items(modality: Modality, config: FitConfig, options, log=print) -> pl.DataFrame:
     """The usable --unknown files as training items of no class (`--outlier-exposure`), audio rendered to windows."""
-    paths = [p for p, err in expand_inputs([config.unknown], AUDIO_EXTS if mel else IMAGE_EXTS) if err is None]
+    paths = [p for p, err in expand_inputs([config.unknown], modality.exts) if err is None]
     items = pl.DataFrame({"path": paths, "label": OUTLIER, "split": "train", "error": None},
                          schema={"path": pl.String, "label": pl.String, "split": pl.String, "error": pl.String})
-    if mel is not None:
-        items = render_folder(items, mel, workers=None if config.num_workers is None else max(1, config.num_workers))
-    else:
-        items = check_files(items)
-    items = items.filter(pl.col("error").is_null())
-    log(f"outlier exposure: {items.height} --unknown {'windows' if mel else 'files'} join training as none of the "
-        f"classes (loss: cross-entropy to uniform class probabilities, weight {OUTLIER_WEIGHT})")
+    items = modality.usable(items, options, config).filter(pl.col("error").is_null())
+    log(f"outlier exposure: {items.height} --unknown {modality.train_unit.strip() or 'files'} join training as none "
+        f"of the classes (loss: cross-entropy to uniform class probabilities, weight {OUTLIER_WEIGHT})")
     return items
 
 

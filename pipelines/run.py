@@ -14,7 +14,7 @@ from fastai.torch_core import set_seed
 
 from .audio import MelConfig
 from .backbones import WithReference, check_size, check_weights, create_body, get_spec
-from .bundle import image_bundle_meta, save_bundle, tabular_bundle_meta
+from .bundle import save_bundle
 from .calibration import calibrate_images, calibrate_table, calibration_line, unknown_rows
 from .checkpoints import CONFIG, load_checkpoint, read_run_config
 from .distributed import DataParallel, broadcast_object, is_main, process_group, world_size
@@ -23,10 +23,11 @@ from .images import check_workers
 from .io import write_json, write_table
 from .learners import check_accumulation, effective_batch, find_ema, image_learner
 from .metrics import regression_metrics
+from .modality import Modality, file_exts, modality_for
 from .precision import check_precision, resolve_precision
 from .prepare import prepare_data, prepare_tabular
 from .reports import Validation, guarded, write_report
-from .sources import AUDIO_EXTS, IMAGE_EXTS, TABLE_EXTS, has_files, read_table
+from .sources import TABLE_EXTS, has_files, read_table
 from .tabular import TABLE_EPOCHS, TabularModelSpec, tabular_outputs
 from .training import CHOSEN_SUGGESTION, best_epoch, find_lr, train
 from .unknown import SCORES
@@ -153,9 +154,9 @@ def _check_unknown_folder(data: Path, unknown: Path) -> None:
     if known == other or other.is_relative_to(known) or known.is_relative_to(other):
         raise ItfitsError(f"--unknown {unknown} overlaps DATA {data}: it takes examples of none of the classes, so "
                           "that the unknown score is chosen on what the model never learnt; give a folder apart")
-    if not has_files(unknown, IMAGE_EXTS | AUDIO_EXTS):
-        raise ItfitsError(f"--unknown {unknown} holds no image or audio files "
-                          f"({', '.join(sorted(IMAGE_EXTS | AUDIO_EXTS))})")
+    if not has_files(unknown, file_exts()):
+        raise ItfitsError(f"--unknown {unknown} holds no files of a kind itfits trains on "
+                          f"({', '.join(sorted(file_exts()))})")
 
 
 def config_defaults() -> dict:
@@ -165,7 +166,7 @@ def config_defaults() -> dict:
 
 @dataclass(frozen=True)
 class TrainedImages:
-    """What `train_images` hands to `finish_images`: the trained Learner and what the run resolved."""
+    """What `train_files` hands to `finish_files`: the trained Learner and what the run resolved."""
     learn: object  # fastai Learner, its model holding the final (EMA, where on) weights
     items: pl.DataFrame  # one row per input file (audio: per clip)
     classes: list[str]
@@ -174,7 +175,7 @@ class TrainedImages:
     resolved: dict  # lr, bs, precision, ... for run.json
     precision: object  # precision.Precision the training ran in
     started: float  # time.perf_counter() at the start
-    mel: MelConfig | None = None  # audio runs: the rendering
+    options: object = None  # the modality's options resolved from the data (audio: the MelConfig)
 
 
 def write_run_config(config: FitConfig, run: Path) -> None:
@@ -193,7 +194,7 @@ def resume_config(run: Path | str) -> FitConfig:
     return config
 
 
-def train_images(config: FitConfig, *, log=print) -> TrainedImages:
+def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedImages:
     """`itfits fit` up to the trained Learner: data, a Learner with the training controls, lr_find, fine_tune with
     a checkpoint at each epoch end, or the rest of an interrupted run (config.resume). In data-parallel runs every
     process calls it (inside distributed.process_group()); rank 0 alone writes into the run folder."""
@@ -207,7 +208,7 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
     if main:
         run.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)  # the DataLoaders draw their shuffling seed from python's random when they are made
-    data = prepare_data(config, run, log)
+    data = prepare_data(modality, config, run, log)
     # data-parallel: each process steps on its shard, about 1/world of the batches
     check_accumulation(accum=config.accum, batches=len(data.dls.train) // world_size(), bs=data.dls.train.bs,
                        phase_epochs=[config.freeze_epochs, config.epochs])
@@ -217,7 +218,7 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
     n_skipped = items["error"].is_not_null().sum()
     world = world_size()
     log(f"{items.height - n_skipped} files in {len(classes)} classes "
-        f"({len(dls.train_ds)} train, {len(dls.valid_ds)} valid{' windows' if data.mel else ''}); {n_skipped} skipped"
+        f"({len(dls.train_ds)} train, {len(dls.valid_ds)} valid{modality.train_unit}); {n_skipped} skipped"
         + (f", listed in {run / 'skipped.csv'}" if n_skipped else "")
         + f"; batch size {bs}{' (chosen from the data size)' if config.bs is None else ''}"
         + (f" x {config.accum} accumulated" if config.accum > 1 else "")
@@ -262,40 +263,36 @@ def train_images(config: FitConfig, *, log=print) -> TrainedImages:
                 "compile_error": compiler.failed if compiler else None,
                 "num_workers": dls.train.fake_l.num_workers,  # fastai keeps the process count there
                 "world_size": world, "resumed_after_epoch": state["epoch"] if state else None,
-                "n_outlier_exposure": data.n_outliers,
-                **({"mel": data.mel.json()} if data.mel else {})}
+                "n_outlier_exposure": data.n_outliers}
     return TrainedImages(learn=learn, items=items, classes=classes, prep=prep, history=history, resolved=resolved,
-                         precision=precision, started=t0, mel=data.mel)
+                         precision=precision, started=t0, options=data.options)
 
 
-def finish_images(trained: TrainedImages, config: FitConfig, *, log=print) -> dict:
+def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, *, log=print) -> dict:
     """Calibration, confusion matrix, the bundle and run.json of a trained run (rank 0's work). Returns run.json."""
     run, learn, classes, history = Path(config.out), trained.learn, trained.classes, trained.history
     # the pretrained body training started from, unchanged: the default unknown score works on its features
     reference = create_body(get_spec(config.arch), weights=config.weights)[0].to(next(learn.model.parameters()).device)
     calibration, calib_report, valid = calibrate_images(WithReference(learn.model, reference), trained.items, classes,
-                                                        trained.prep, config, mel=trained.mel,
-                                                        precision=trained.precision)
+                                                        trained.prep, config, modality=modality,
+                                                        options=trained.options, precision=trained.precision)
     preds = valid["logits"].argmax(1)
     accuracy = float((preds == valid["targets"]).mean())
     log(calibration_line(calibration, calib_report))
 
     summary = {
         "config": asdict(config),
-        "resolved": {**trained.resolved, **({"n_valid_clips": len(valid["targets"])} if trained.mel else {})},
+        "resolved": {**trained.resolved, **modality.resolved_json(trained.options, n_valid=len(valid["targets"]))},
         "results": {"valid_accuracy": accuracy, "valid_loss": float(history["valid_loss"][-1]),
                     "seconds": round(time.perf_counter() - trained.started, 1)},
         "calibration": calib_report,
     }
-    meta = image_bundle_meta(config.arch, classes, trained.prep,
-                             training={**summary["results"], "precision": trained.precision.name}, mel=trained.mel)
+    meta = modality.bundle_meta(config.arch, classes, trained.prep, options=trained.options,
+                                training={**summary["results"], "precision": trained.precision.name})
     save_bundle(learn.model, meta, calibration, run / "model", reference=reference)
     write_json(summary, run / "run.json")
     probs, scores, _ = calibration.apply(valid["logits"], valid["features"])
-    images = valid["paths"]
-    if trained.mel:  # a clip's picture: its first window's spectrogram, rendered for training (in the cache)
-        first_window = dict(trained.items.select("path", "image").iter_rows())
-        images = [first_window[p] for p in valid["paths"]]
+    images = modality.report_images(trained.items, valid["paths"])
     # the bundle and run.json are written: nothing after this may fail the run (reports.guarded)
     report = guarded([], "report.html", write_report, run, summary, history, Validation(
         logits=valid["logits"], targets=valid["targets"], names=valid["paths"], probs=probs, scores=scores,
@@ -305,19 +302,22 @@ def finish_images(trained: TrainedImages, config: FitConfig, *, log=print) -> di
 
 
 def fit(config: FitConfig, log=print) -> dict:
-    """`itfits fit`: train on config.data and write the run folder. Returns the run summary (run.json).
-    Under `accelerate launch` / `torchrun`, every process trains its shard; rank 0 returns the summary, the
-    others an empty dict. With config.target, a table: `fit_table`."""
-    if config.target is not None:
-        return fit_table(config, log)
+    """`itfits fit`: train on config.data and write the run folder, with the recipe of DATA's modality
+    (`fit_files` for images and audio, `fit_table` for a table). Returns the run summary (run.json)."""
+    return modality_for(config).fit(config, log)
+
+
+def fit_files(modality: Modality, config: FitConfig, log=print) -> dict:
+    """The recipe of modalities of files: fine-tune a pretrained backbone. Under `accelerate launch` / `torchrun`,
+    every process trains its shard; rank 0 returns the summary, the others an empty dict."""
     if config.epochs is None:
         config = replace(config, epochs=IMAGE_EPOCHS)
     with process_group():
-        trained = train_images(config, log=log if is_main() else (lambda *a, **k: None))
-        return finish_images(trained, config, log=log) if is_main() else {}
+        trained = train_files(modality, config, log=log if is_main() else (lambda *a, **k: None))
+        return finish_files(modality, trained, config, log=log) if is_main() else {}
 
 
-def fit_table(config: FitConfig, log=print) -> dict:
+def fit_table(modality: Modality, config: FitConfig, log=print) -> dict:
     """`itfits fit TABLE --target COLUMN`: fastai's TabularModel trained with fit_one_cycle; writes the run folder
     as `fit` does for images. Returns the run summary (run.json)."""
     t0 = time.perf_counter()
@@ -373,7 +373,7 @@ def fit_table(config: FitConfig, log=print) -> dict:
         "results": results,
         "calibration": calib_report,
     }
-    save_bundle(learn.model, tabular_bundle_meta(prep, spec, training=results), calibration, run / "model")
+    save_bundle(learn.model, modality.bundle_meta(prep, spec, training=results), calibration, run / "model")
     write_json(summary, run / "run.json")
     report = guarded([], "report.html", write_report, run, summary, history,
                      Validation(names=[f"row {r}" for r in v_rows], rows=rows, **outputs), defaults=config_defaults())
@@ -385,16 +385,21 @@ def fit_table(config: FitConfig, log=print) -> dict:
 def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
     """`itfits lr-find`: lr_find.png / lr_find.csv in config.out, and the suggestions: those `fit` finds with the
     same settings (seeded in the same places, in the precision fit resolves)."""
+    return modality_for(config).lr_find(config)
+
+
+def lr_find_files(modality: Modality, config: FitConfig) -> tuple[float, dict[str, float]]:
     run = Path(config.out)
-    if config.target is not None:
-        learn = prepare_tabular(config, run)[2]
-    else:
-        set_seed(config.seed)  # as train_images: the DataLoaders draw their shuffling seed when they are made
-        data = prepare_data(config, run)
-        precision = resolve_precision(config.precision, arch=config.arch, size=data.prep.size)
-        set_seed(config.seed)
-        learn = image_learner(data.dls, config.arch, weights=config.weights, path=run, precision=precision)
+    set_seed(config.seed)  # as train_files: the DataLoaders draw their shuffling seed when they are made
+    data = prepare_data(modality, config, run)
+    precision = resolve_precision(config.precision, arch=config.arch, size=data.prep.size)
+    set_seed(config.seed)
+    learn = image_learner(data.dls, config.arch, weights=config.weights, path=run, precision=precision)
     return find_lr(learn, run, num_it=config.lr_find_iters)
+
+
+def lr_find_table(config: FitConfig) -> tuple[float, dict[str, float]]:
+    return find_lr(prepare_tabular(config, Path(config.out))[2], Path(config.out), num_it=config.lr_find_iters)
 
 
 def _choose_lr(learn, config: FitConfig, run: Path, log) -> tuple[float, dict[str, float] | None]:

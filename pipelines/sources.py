@@ -287,23 +287,15 @@ def read_source(data: str | Path, *, exts: set[str] = IMAGE_EXTS, valid_pct: flo
     return items
 
 
-def detect_modality(data: str | Path) -> str:
-    """'audio' when the files of DATA (class sub-folders, or a table's path column) are audio and none are
-    images, else 'image' (read_source then explains what is missing)."""
+def data_exts(data: str | Path) -> set[str]:
+    """The file extensions (lower case) of DATA: of the files under a folder, or of a path,label table's paths."""
     data = Path(data)
     if data.is_dir():
-        exts = {p.suffix.lower() for p in data.rglob("*") if p.is_file() and not p.name.startswith(".")}
-    elif data.is_file() and data.suffix.lower() in TABLE_EXTS:
+        return {p.suffix.lower() for p in data.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    if data.is_file() and data.suffix.lower() in TABLE_EXTS:
         df = read_table(data)
-        exts = {Path(p).suffix.lower() for p in df["path"].cast(pl.String).drop_nulls()} if "path" in df.columns else set()
-    else:
-        return "image"
-    image, audio = sorted(exts & IMAGE_EXTS), sorted(exts & AUDIO_EXTS)
-    if image and audio:
-        raise ItfitsError(f"{data} holds both images ({', '.join(image)}) and audio ({', '.join(audio)}); train on one "
-                          "kind: move the others out, or turn the audio into images first with: itfits audio-to-images "
-                          "IN_DIR OUT_DIR")
-    return "audio" if audio else "image"
+        return {Path(p).suffix.lower() for p in df["path"].cast(pl.String).drop_nulls()} if "path" in df.columns else set()
+    return set()
 
 
 def stratified_split(labels: list[str], *, valid_pct: float, seed: int) -> list[str]:

@@ -451,6 +451,7 @@ def test_duration_auto_fits_the_window_to_the_clips(tmp_path):
     """--duration auto (the default): short clips get a short window, longer ones a longer window, printed, in
     run.json's resolved.mel and rendered so; a given --duration is kept."""
     from pipelines.audio import DURATION_BOUNDS, DURATION_STEP, auto_duration, clip_seconds
+    from pipelines.modality import get_modality
     from pipelines.prepare import prepare_data
     from pipelines.run import FitConfig
     short = tmp_path / "short"
@@ -460,15 +461,16 @@ def test_duration_auto_fits_the_window_to_the_clips(tmp_path):
             (short / label).mkdir(parents=True, exist_ok=True)
             sf.write(short / label / clip.with_suffix(".wav").name, y[:int(0.3 * sr)], sr)
     lines = []
-    data = prepare_data(FitConfig(data=str(short), out=str(tmp_path / "run"), num_workers=0), tmp_path / "run", log=lines.append)
-    assert data.mel.duration == DURATION_BOUNDS[0], "0.3 s clips: the shortest window"
+    data = prepare_data(get_modality("audio"), FitConfig(data=str(short), out=str(tmp_path / "run"), num_workers=0),
+                        tmp_path / "run", log=lines.append)
+    assert data.options.duration == DURATION_BOUNDS[0], "0.3 s clips: the shortest window"
     assert any(f"audio window {DURATION_BOUNDS[0]:g} s (--duration auto" in line for line in lines), lines
     widths = {Image.open(p).size[0] for p in data.files["image"]}
-    assert widths == {1 + data.mel.window_samples // data.mel.hop_length}
+    assert widths == {1 + data.options.window_samples // data.options.hop_length}
     clips = [str(p) for p in sorted(AUDIO.rglob("*.flac"))]
     lengths = [clip_seconds(c) for c in clips]
     cfg, line = auto_duration(MelConfig(), clips)
-    assert np.median(lengths) <= cfg.duration < np.median(lengths) + DURATION_STEP and cfg.duration > data.mel.duration
+    assert np.median(lengths) <= cfg.duration < np.median(lengths) + DURATION_STEP and cfg.duration > data.options.duration
     assert str(cfg.duration) in line or f"{cfg.duration:g}" in line
     assert auto_duration(MelConfig(duration=2.0), clips) == (MelConfig(duration=2.0), ""), "a given duration is kept"
     proc = run_here("audio-to-images", short, tmp_path / "pngs", "--duration", "soon")
@@ -476,17 +478,21 @@ def test_duration_auto_fits_the_window_to_the_clips(tmp_path):
 
 
 def test_mel_options_on_images_and_mixed_folders_are_refused(tmp_path):
-    from pipelines.sources import detect_modality
+    from pipelines.modality import modality_for
     from pipelines.prepare import prepare_data
     from pipelines.run import FitConfig
+
+    def detected(data):
+        return modality_for(FitConfig(data=str(data), out=str(tmp_path / "run"))).name
+    config = FitConfig(data=str(FASHION), out=str(tmp_path), mel=MEL)
     with pytest.raises(ItfitsError, match="for audio"):
-        prepare_data(FitConfig(data=str(FASHION), out=str(tmp_path), mel=MEL), tmp_path)
+        prepare_data(modality_for(config), config, tmp_path)
     mixed = tmp_path / "mixed"
     shutil.copytree(AUDIO / "kick", mixed / "kick")
     shutil.copytree(FASHION / "bag", mixed / "bag")
     with pytest.raises(ItfitsError, match="audio-to-images"):
-        detect_modality(mixed)
-    assert detect_modality(AUDIO) == "audio" and detect_modality(FASHION) == "image"
+        detected(mixed)
+    assert detected(AUDIO) == "audio" and detected(FASHION) == "image"
     table = tmp_path / "clips.csv"
     pl.DataFrame({"path": [str(p) for p in sorted(AUDIO.rglob("*.flac"))], "label": "x"}).write_csv(table)
-    assert detect_modality(table) == "audio"
+    assert detected(table) == "audio"

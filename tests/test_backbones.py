@@ -320,13 +320,14 @@ def test_hub_weights_load_from_a_filled_cache_without_network(tmp_path, monkeypa
 
 
 def test_a_bundle_of_a_timm_name_rebuilds_it(tmp_path):
-    from pipelines.bundle import image_bundle_meta, load_bundle, save_bundle
+    from pipelines.bundle import load_bundle, save_bundle
+    from pipelines.image_modality import IMAGES
     from pipelines.images import ImagePreprocessing
     from pipelines.unknown import Calibration
     name = "test_convnext.r160_in1k"
     model = create_backbone(name, num_classes=2, weights="none")
     spec = get_spec(name)
-    meta = image_bundle_meta(name, ["a", "b"], ImagePreprocessing(size=64, mean=spec.mean, std=spec.std), training={})
+    meta = IMAGES.bundle_meta(name, ["a", "b"], ImagePreprocessing(size=64, mean=spec.mean, std=spec.std), training={})
     save_bundle(model, meta, Calibration(temperature=1.0, score="max_softmax"), tmp_path / "model")
     loaded = load_bundle(tmp_path / "model")
     assert loaded.meta["backbone"] == name

@@ -25,15 +25,16 @@ def worker():
     from pathlib import Path
     from safetensors.torch import save_file
     from pipelines.distributed import is_main, process_group, sharded, world_size
-    from pipelines.run import FitConfig, finish_images, train_images
+    from pipelines.image_modality import IMAGES
+    from pipelines.run import FitConfig, finish_files, train_files
 
     rank, out = int(os.environ["RANK"]), Path(os.environ["ITFITS_TEST_OUT"])
     config = FitConfig(data=str(FASHION), out=str(out / f"run{rank}"), epochs=1, freeze_epochs=1, size=32, lr=3e-3,
                        bs=16, num_workers=0, precision="fp32", seed=5)
     with process_group():
-        trained = train_images(config, log=print)
+        trained = train_files(IMAGES, config, log=print)
         if is_main():
-            finish_images(trained, config, log=print)
+            finish_files(IMAGES, trained, config, log=print)
         shard = list(sharded(trained.learn.dls.train).get_idxs())  # the slice of one epoch's shuffled order
         state = {k: v.detach().contiguous() for k, v in trained.learn.model.state_dict().items()}
         save_file(state, str(out / f"rank{rank}.safetensors"))

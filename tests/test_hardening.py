@@ -142,7 +142,7 @@ TAMPERED = [(("preprocessing", "size"), 100000, "preprocessing.size must be a wh
             (("calibration", "score"), "vibes", "calibration.score must be one of"),
             (("training", "precision"), "fp8", "training.precision must be one of fp32, bf16, fp16"),
             (("backbone",), "resnet9000", "backbone: 'resnet9000' is not a backbone"),
-            (("modality",), "smell", "modality 'smell' is not image, audio or tabular")]
+            (("modality",), "smell", "modality 'smell' is not one of image, audio, tabular")]
 
 
 def tampered_bundle(model: Path, dest: Path, keys: tuple, value) -> Path:

@@ -198,7 +198,8 @@ def small_learner(tmp_path_factory):
 
 
 def test_bundle_probabilities_equal_the_learners(small_learner, tmp_path, monkeypatch):
-    from pipelines.bundle import image_bundle_meta, load_bundle, save_bundle
+    from pipelines.bundle import load_bundle, save_bundle
+    from pipelines.image_modality import IMAGES
     from pipelines.predict import PredictConfig, predict
     from pipelines.unknown import Calibration
 
@@ -207,7 +208,7 @@ def test_bundle_probabilities_equal_the_learners(small_learner, tmp_path, monkey
     paths = [row.path for row in learn.dls.valid_ds.items]
     assert len(paths) == probs.shape[0] > 0
 
-    meta = image_bundle_meta("efficientnet_lite0", classes, prep, training={})
+    meta = IMAGES.bundle_meta("efficientnet_lite0", classes, prep, training={})
     # temperature 1: the Learner's softmax has none
     save_bundle(learn.model, meta, Calibration(temperature=1.0, score="max_softmax", threshold=0.5), tmp_path / "model")
     assert not [p for p in (tmp_path / "model").iterdir() if p.suffix in (".pkl", ".pth", ".pt", ".pickle")]
@@ -241,11 +242,12 @@ def test_large_photos_are_decoded_in_threads_with_the_same_rows(small_learner, t
     from concurrent.futures import ThreadPoolExecutor
     import pipelines.batches
     import pipelines.predict as P
-    from pipelines.bundle import image_bundle_meta, load_bundle, save_bundle
+    from pipelines.bundle import load_bundle, save_bundle
+    from pipelines.image_modality import IMAGES
     from pipelines.unknown import Calibration
 
     learn, classes, prep = small_learner
-    save_bundle(learn.model, image_bundle_meta("efficientnet_lite0", classes, prep, training={}),
+    save_bundle(learn.model, IMAGES.bundle_meta("efficientnet_lite0", classes, prep, training={}),
                 Calibration(temperature=1.0, score="max_softmax", threshold=0.5), tmp_path / "model")
     bundle = load_bundle(tmp_path / "model")
     paths = []  # 1600 x 1200 JPEGs: tens of ms each to decode, where the model takes about 1 ms an image at 32 px
@@ -272,10 +274,11 @@ def test_large_photos_are_decoded_in_threads_with_the_same_rows(small_learner, t
 
 def test_bundle_weights_equal_the_trained_model(small_learner, tmp_path):
     from safetensors.torch import load_file
-    from pipelines.bundle import image_bundle_meta, load_bundle, save_bundle
+    from pipelines.bundle import load_bundle, save_bundle
+    from pipelines.image_modality import IMAGES
     from pipelines.unknown import Calibration
     learn, classes, prep = small_learner
-    meta = image_bundle_meta("efficientnet_lite0", classes, prep, training={})
+    meta = IMAGES.bundle_meta("efficientnet_lite0", classes, prep, training={})
     save_bundle(learn.model, meta, Calibration(score="max_softmax", threshold=0.5), tmp_path / "model")
     saved = load_file(str(tmp_path / "model" / "model.safetensors"))
     trained = learn.model.state_dict()
@@ -288,12 +291,13 @@ def test_bundle_weights_equal_the_trained_model(small_learner, tmp_path):
 def test_bundles_without_unknown_statistics_evaluate_on_logit_scores(small_learner, tmp_path):
     """The Python API saves a bundle without unknown statistics; evaluate reports the scores that need none, and
     a calibration whose score needs them is an invalid bundle, not an AttributeError at prediction."""
-    from pipelines.bundle import image_bundle_meta, load_bundle, save_bundle
+    from pipelines.bundle import load_bundle, save_bundle
+    from pipelines.image_modality import IMAGES
     from pipelines.errors import ItfitsError
     from pipelines.evaluate import evaluate
     from pipelines.unknown import LOGIT_SCORES, Calibration
     learn, classes, prep = small_learner
-    meta = image_bundle_meta("efficientnet_lite0", classes, prep, training={})
+    meta = IMAGES.bundle_meta("efficientnet_lite0", classes, prep, training={})
     save_bundle(learn.model, meta, Calibration(score="energy", threshold=0.0), tmp_path / "model")
     metrics = evaluate(tmp_path / "model", FASHION_TEST, unknown=REPO / "data" / "fashion_unknown",
                        out=tmp_path / "evaluate", num_workers=0)
@@ -313,6 +317,7 @@ def test_tta_averages_each_image_with_its_mirror_and_keeps_the_calibration(train
     from pipelines.errors import ItfitsError
     from pipelines.images import ImagePreprocessing, load_image
     from pipelines.batches import file_batches
+    from pipelines.modality import get_modality
     from pipelines.predict import PredictConfig, predict
     files = [str(p) for p in sorted(FASHION_TEST.rglob("*.png"))[::6]]
     bundle = load_bundle(trained_run.model)
@@ -330,7 +335,7 @@ def test_tta_averages_each_image_with_its_mirror_and_keeps_the_calibration(train
     assert [r["unknown"] for r in rows] == unknown.tolist()
     assert not np.allclose([r["confidence"] for r in rows], [r["confidence"] for r in plain]), "the mirror counts"
     with pytest.raises(ItfitsError, match="--tta is for image models"):
-        file_batches(bundle.model, prep, [], mel=MelConfig(duration=1.0), tta=True)
+        file_batches(bundle.model, prep, [], modality=get_modality("audio"), options=MelConfig(duration=1.0), tta=True)
     out = tmp_path / "p.csv"
     proc = cli("predict", trained_run.model, *files, "--out", out, "--workers", "0", "--precision", "fp32", "--tta")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -272,12 +272,13 @@ def test_class_with_one_usable_file_is_an_error(tmp_path):
 def test_a_broken_file_takes_no_place_in_the_validation_split(tmp_path):
     """A class of 3 files gets 1 validation file; when that one cannot be read, the 2 usable ones are split
     instead, so the class is still in both splits (README: every class with 2 or more files is in both)."""
+    from pipelines.image_modality import IMAGES
     from pipelines.prepare import prepare_data
     from pipelines.run import FitConfig
     data = _tiny_class_folder(tmp_path / "data", {"a": 3, "b": 3})
     in_valid = read_source(data).filter((pl.col("label") == "a") & (pl.col("split") == "valid"))["path"][0]
     Path(in_valid).write_bytes(b"not an image")
-    files = prepare_data(FitConfig(data=str(data), out=str(tmp_path / "run"), size=32, num_workers=0),
+    files = prepare_data(IMAGES, FitConfig(data=str(data), out=str(tmp_path / "run"), size=32, num_workers=0),
                          tmp_path / "run", log=lambda *a: None).files
     assert files.filter(pl.col("path") == in_valid)["error"][0] == "not an image"
     usable = files.filter(pl.col("error").is_null())

@@ -127,7 +127,8 @@ def test_bundle_is_json_and_safetensors_and_rebuilds_without_pickle(run, monkeyp
 
 def test_bundle_predicts_exactly_what_the_learner_predicts(tmp_path):
     """The prediction path (file -> parse -> encode -> model) equals the training path (prepare_table -> Learner)."""
-    from pipelines.bundle import load_bundle, save_bundle, tabular_bundle_meta
+    from pipelines.bundle import load_bundle, save_bundle
+    from pipelines.modality import get_modality
     from pipelines.tabular import TabularModelSpec
     from pipelines.prepare import prepare_tabular
     from pipelines.run import FitConfig
@@ -137,7 +138,7 @@ def test_bundle_predicts_exactly_what_the_learner_predicts(tmp_path):
     data, _, learn = prepare_tabular(config, tmp_path)
     train(learn, epochs=1, lr=1e-2, fine_tune=False)
     probs, _ = learn.get_preds(ds_idx=1)
-    meta = tabular_bundle_meta(data.prep, TabularModelSpec.for_data(data.prep), training={})
+    meta = get_modality("tabular").bundle_meta(data.prep, TabularModelSpec.for_data(data.prep), training={})
     save_bundle(learn.model, meta, Calibration(temperature=1.0, score="max_softmax"), tmp_path / "model")
     rows = penguins().with_row_index("row").filter(pl.col("row").is_in(data.rows[data.valid].tolist()))
     rows.drop("row").write_csv(tmp_path / "valid.csv")

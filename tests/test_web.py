@@ -158,7 +158,7 @@ def test_other_modalities_are_refused(trained_run, tmp_path):
     shutil.copytree(trained_run.model, bundle)
     meta = json.loads((bundle / "itfits.json").read_text())
     (bundle / "itfits.json").write_text(json.dumps({**meta, "modality": "smell"}))
-    with pytest.raises(ItfitsError, match="modality 'smell' is not image, audio or tabular"):
+    with pytest.raises(ItfitsError, match="modality 'smell' is not one of image, audio, tabular"):
         create_app(bundle)
 
 

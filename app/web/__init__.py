@@ -1,4 +1,4 @@
 """The web page of `itfits serve` (server.py) and its upload handling (uploads.py)."""
-from .server import MODALITIES, create_app, serve
+from .server import create_app, serve
 
-__all__ = ["MODALITIES", "create_app", "serve"]
+__all__ = ["create_app", "serve"]

@@ -16,7 +16,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import polars as pl
 from fastcore.xml import (H1, A, Body, Button, Form, Head, Html, Img, Input, Label, Li, Main, Meta, NotStr, P,
@@ -31,22 +31,12 @@ from pipelines.bundle import Bundle, load_bundle
 from pipelines.errors import ItfitsError
 from pipelines.io import csv_unwritable, escape_formulas
 from pipelines.predict import PredictConfig, predict
-from pipelines.reports import thumbnail_uri
-from pipelines.sources import AUDIO_EXTS, IMAGE_EXTS
+from pipelines.modality import Modality
 
 from .uploads import Upload, UploadLimits, UploadRefused, receive_files
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 LOG = logging.getLogger("itfits.serve")
-
-
-@dataclass(frozen=True)
-class Modality:
-    """How the page takes a bundle's inputs: which files, how to predict them, how to preview one."""
-    what: str  # how the page names the files it takes
-    exts: frozenset[str]  # extensions it accepts, lower case with the dot
-    predict: Callable[[Bundle, list[str], PredictConfig], Iterator[dict]]  # files -> predictions table rows
-    preview: Callable[[Path], str | None] | None = None  # a picture of one file as a data URI, shown in its row
 
 
 def _table_rows(bundle: Bundle, paths: list[str], config: PredictConfig) -> Iterator[dict]:
@@ -63,14 +53,6 @@ def _table_rows(bundle: Bundle, paths: list[str], config: PredictConfig) -> Iter
             yield {"path": path, "label": None, "confidence": None, "unknown": None, "error": str(e), "score": None}
             continue
         yield from ({"path": path, **row} for row in table.iter_rows(named=True))
-
-
-# The bundle's meta["modality"] -> what the page takes. Audio (issue 5) and tabular (issue 6) are one line each.
-MODALITIES: dict[str, Modality] = {
-    "image": Modality("images", frozenset(IMAGE_EXTS), predict, lambda path: thumbnail_uri(path, size=64)),
-    "audio": Modality("sound clips", frozenset(AUDIO_EXTS), predict),
-    "tabular": Modality("CSV or Parquet tables", frozenset({".csv", ".parquet"}), _table_rows),
-}
 
 
 @dataclass(frozen=True)
@@ -97,7 +79,7 @@ def create_app(target: Path | str, *, max_files: int = 100, max_file_mb: float =
     if max_files < 1 or max_file_mb <= 0 or topk < 1:
         raise ItfitsError("--max-files and --topk must be at least 1 and --max-file-mb positive")
     bundle = load_bundle(target)
-    modality = MODALITIES[bundle.meta.get("modality", "image")]  # load_bundle refuses other modalities
+    modality = bundle.modality
     site = Site(bundle=bundle, modality=modality, limits=UploadLimits(modality.exts, max_files, max_file_mb),
                 config=PredictConfig(batch_size=32, num_workers=0, topk=topk),  # no worker processes per request
                 report=find_report(Path(target), bundle), lock=threading.Lock())
@@ -136,11 +118,13 @@ def _predict_uploads(site: Site, uploads: list[Upload]) -> tuple[list[dict], lis
     saved = [u for u in uploads if u.path is not None]
     names = {str(u.path): u.name for u in saved}
     with site.lock:
-        rows = list(site.modality.predict(site.bundle, list(names), site.config)) if saved else []
+        # files: one prediction of every upload; tables: one each, so that a bad table is a row of its own
+        rows_of = predict if site.modality.row_per_file else _table_rows
+        rows = list(rows_of(site.bundle, list(names), site.config)) if saved else []
     previews = []
     for row in rows:
         temp = row.get("path")
-        ok = temp in names and not row.get("error") and site.modality.preview is not None
+        ok = temp in names and not row.get("error")
         previews.append(site.modality.preview(Path(temp)) if ok else None)
         row["path"] = names.get(temp, temp)
     refused = [{"path": u.name, "label": None, "confidence": None, "unknown": None, "error": u.problem, "score": None}

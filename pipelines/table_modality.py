@@ -1,0 +1,64 @@
+"""The table modality: a CSV/Parquet table and a target column (`--target`), trained as fastai's TabularModel
+(tabular.py: the column schema; prepare.prepare_tabular: rows -> DataLoaders), predicted chunk by chunk with
+the input columns in front (predict.table_predictions)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .batches import TTA_IMAGES_ONLY
+from .bundle import FORMAT_VERSION, library_versions
+from .errors import ItfitsError
+from .modality import Modality, register_modality
+from .predict import table_predictions
+from .sources import TABLE_EXTS
+from .tabular import TabularModelSpec, create_tabular_model
+
+
+class TableModality(Modality):
+    name = "tabular"
+    what = "CSV or Parquet tables"
+    counted = "rows"
+    exts = frozenset(TABLE_EXTS)
+    row_per_file = False
+    evaluable = False  # its validation figures are in run.json; evaluate takes labelled files
+
+    def claims(self, data: Path, config) -> bool:
+        return config.target is not None
+
+    def fit(self, config, log) -> dict:
+        from .run import fit_table  # the training stages import fastai: prediction must not pay for it at start-up
+        return fit_table(self, config, log)
+
+    def lr_find(self, config):
+        from .run import lr_find_table
+        return lr_find_table(config)
+
+    def predict(self, bundle, inputs, config):
+        if config.tta:
+            raise ItfitsError(TTA_IMAGES_ONLY)
+        return table_predictions(bundle, inputs, config)
+
+    def bundle_meta(self, prep, spec: TabularModelSpec, *, training: dict) -> dict:
+        """itfits.json for a tabular model: the column schema, vocabularies, fill values and normalisation
+        (`TabularPreprocessing`) and what rebuilds fastai's TabularModel (`TabularModelSpec`)."""
+        return {"format_version": FORMAT_VERSION, "modality": self.name, "task": prep.task,
+                "classes": list(prep.classes), "preprocessing": prep.json(), "model": spec.json(),
+                "training": training, "versions": library_versions()}
+
+    def rebuild(self, meta: dict):
+        return create_tabular_model(TabularModelSpec.from_json(meta["model"]))
+
+    def meta_problem(self, meta: dict) -> str | None:
+        missing = [k for k in ("model", "task") if k not in meta]
+        if missing:
+            return f"itfits.json has no {', '.join(missing)}"
+        if meta["task"] not in ("classification", "regression") or not isinstance(meta["model"], dict):
+            return "task must be classification or regression, and model a JSON object"
+        if meta["task"] == "classification" and len(meta["classes"]) < 2:
+            return "classes must be a list of 2 or more class names"
+        if meta["calibration"] is None and meta["task"] != "regression":
+            return "calibration is missing (only a regression model has none)"
+        return None  # the schema is checked as it is rebuilt (load_bundle)
+
+
+TABLES = register_modality(TableModality())
