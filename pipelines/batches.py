@@ -16,6 +16,7 @@ from .audio import AudioError, MelConfig, render_windows, window_pil
 from .backbones import forward_features
 from .errors import ItfitsError
 from .images import ImagePreprocessing, default_workers, load_image, loader_workers
+from .logs import progress
 from .precision import Precision
 from .sources import expand_inputs, read_checked, text_path
 
@@ -113,11 +114,12 @@ def file_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | N
     return audio_batches(model, prep, mel, items, batch_size=batch_size, num_workers=num_workers)
 
 
-def file_outputs(model, prep: ImagePreprocessing, paths: list[str], *, mel=None,
+def file_outputs(model, prep: ImagePreprocessing, paths: list[str], *, mel=None, what: str = "model outputs",
                  **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(logits, features, errors) for a list of image files (audio clips when `mel` is given), all at once
-    (validation, unknown examples)."""
-    batches = list(file_batches(model, prep, [(p, None) for p in paths], mel=mel, **kwargs))
+    (validation, unknown examples); a long list reports its progress as `what` (logs.progress)."""
+    batches = list(progress(file_batches(model, prep, [(p, None) for p in paths], mel=mel, **kwargs),
+                            total=len(paths), what=what, count=lambda b: len(b[0])))
     if not batches:
         return np.zeros((0, 0)), np.zeros((0, 0)), []
     return (np.concatenate([b[1] for b in batches]), np.concatenate([b[2] for b in batches]),
