@@ -268,15 +268,13 @@ def check(
     result = check_data(data, arch=arch, weights=weights, size=size, mislabel=mislabel, mel=mel,
                         num_workers=workers or 0, seed=seed, log=say)
     result.write(out)
-    # the findings worth a look first: copies and swaps (highest score first), not the small classes (in the line)
-    shown = result.findings.filter(result.findings["kind"] != "small_class").sort("score", descending=True,
-                                                                                   nulls_last=True)
+    shown = result.ordered()  # leakage and conflicting labels first
     if log_mode() != "json":  # json: the findings are the table's; the event below holds the counts
         say("class counts: " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
         for note in result.notes:
             say(f"note: {note}")
         for r in shown.head(CHECK_SHOWN).iter_rows(named=True):
-            say(f"{r['kind']:15s} {r['path']}" + (f"  (copy: {r['other_path']})" if r["other_path"] else "")
+            say(f"{r['kind']:15s} {r['path'] or 'class'}" + (f"  (copy: {r['other_path']})" if r["other_path"] else "")
                 + f"  {r['label']}" + (f" -> {r['suggested_label']}" if r["suggested_label"] else "")
                 + (f"  {r['score']:.3f}" if r["score"] is not None else ""))
     say(result.line() + (f"; first {CHECK_SHOWN} above" if shown.height > CHECK_SHOWN else "") + f"; written to {out}",
@@ -444,6 +442,7 @@ def main():
     warnings.filterwarnings("ignore", message=r"You are shadowing an attribute \(count\)")  # fastai's own accum
     warnings.filterwarnings("ignore", message=".*could be decompression bomb")  # PIL's; such files get an error
     warnings.formatwarning = _format_warning
+    mode = log_mode()  # set by the command; put back after it (tests run commands in one process)
     try:
         app()
     except ItfitsError as e:
@@ -453,6 +452,8 @@ def main():
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    finally:
+        set_log_mode(mode)
 
 
 if __name__ == "__main__":

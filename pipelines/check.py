@@ -78,11 +78,15 @@ class CheckResult:
                            counts=self.counts, seconds={**self.seconds, **(seconds or {})},
                            notes=self.notes + tuple(notes))
 
-    def write(self, path: Path) -> None:
-        """check.csv: findings, the most serious kinds first, each kind by score (highest first)."""
+    def ordered(self) -> pl.DataFrame:
+        """The findings, the most serious kinds first (KINDS), each kind by score, highest first."""
         order = {k: i for i, k in enumerate(KINDS)}
         df = self.findings.with_columns(pl.col("kind").replace_strict(order, return_dtype=pl.Int64).alias("_k"))
-        write_table(df.sort(["_k", "score"], descending=[False, True]).drop("_k"), path)
+        return df.sort(["_k", "score"], descending=[False, True], nulls_last=True).drop("_k")
+
+    def write(self, path: Path) -> None:
+        """check.csv: the findings, ordered."""
+        write_table(self.ordered(), path)
 
 
 def findings_frame(rows: list[tuple]) -> pl.DataFrame:
