@@ -159,3 +159,27 @@ def test_fit_checks_its_data(trained_run):
     assert summary["class_counts"].keys() == set(CLASSES) and "mislabel" in summary["seconds"]
     assert "Data check" in (run / "report.html").read_text()
     assert trained_run.stdout.count("check: ") == 2  # the duplicate pass, then the mislabel pass
+
+
+def test_check_audio_copies_and_clips_too_short(tmp_path):
+    """Audio: an exact copy filed under another class, a copy re-encoded (FLAC -> WAV: other bytes, the same sound)
+    and a clip of 0.05 s; near copies are found on the clips' first mel windows."""
+    import soundfile
+    from helpers import REPO
+    data = tmp_path / "audio"
+    for c in ("kick", "bass"):
+        shutil.copytree(REPO / "data" / "audio" / c, data / c)
+    kicks = sorted((data / "kick").glob("*.flac"))
+    shutil.copyfile(kicks[0], data / "bass" / "copied_kick.flac")
+    y, sr = soundfile.read(kicks[1])
+    soundfile.write(data / "kick" / "reencoded.wav", y, sr)
+    soundfile.write(data / "kick" / "blip.wav", np.zeros(int(0.05 * sr)) + 0.1, sr)
+    out = tmp_path / "check.csv"
+    proc = run_here("check", data, "--out", out, "--no-mislabel", "--workers", "1")
+    assert proc.code == 0, proc.err
+    found = pl.read_csv(out)
+    pairs = {(r["kind"], frozenset((r["path"], r["other_path"]))) for r in found.iter_rows(named=True)}
+    assert ("label_conflict", frozenset((str(data / "bass" / "copied_kick.flac"), str(kicks[0])))) in pairs
+    assert ("near_duplicate", frozenset((str(data / "kick" / "reencoded.wav"), str(kicks[1])))) in pairs
+    short = found.filter(pl.col("kind") == "too_small")
+    assert short["path"].to_list() == [str(data / "kick" / "blip.wav")] and short["score"][0] == pytest.approx(0.05, abs=1e-3)
