@@ -268,17 +268,11 @@ def check(
     result = check_data(data, arch=arch, weights=weights, size=size, mislabel=mislabel, mel=mel,
                         num_workers=workers or 0, seed=seed, log=say)
     result.write(out)
-    shown = result.ordered()  # leakage and conflicting labels first
     if log_mode() != "json":  # json: the findings are the table's; the event below holds the counts
-        say("class counts: " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
-        for note in result.notes:
-            say(f"note: {note}")
-        for r in shown.head(CHECK_SHOWN).iter_rows(named=True):
-            say(f"{r['kind']:15s} {r['path'] or 'class'}" + (f"  (copy: {r['other_path']})" if r["other_path"] else "")
-                + f"  {r['label']}" + (f" -> {r['suggested_label']}" if r["suggested_label"] else "")
-                + (f"  {r['score']:.3f}" if r["score"] is not None else ""))
-    say(result.line() + (f"; first {CHECK_SHOWN} above" if shown.height > CHECK_SHOWN else "") + f"; written to {out}",
-        "done", out=str(out), **result.json())
+        for line in result.lines(CHECK_SHOWN):
+            say(line)
+    say(result.line() + (f"; first {CHECK_SHOWN} above" if result.findings.height > CHECK_SHOWN else "")
+        + f"; written to {out}", "done", out=str(out), **result.json())
 
 
 CHECK_SHOWN = 20  # findings `itfits check` prints; all are in its --out table
@@ -338,6 +332,7 @@ def evaluate(
 ):
     """Accuracy, calibration and unknown detection of a bundle on labelled data: metrics.json + plots."""
     from pipelines.evaluate import evaluate as run_evaluate
+    _logging()  # its model outputs' progress: lines, not bars, outside a terminal
     if unknown is not None and not unknown.is_dir():
         raise ItfitsError(f"--unknown {unknown} is not a folder")
     check_workers(workers)

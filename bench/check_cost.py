@@ -22,6 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.check import THUMB, near_pairs  # noqa: E402
+from pipelines.logs import set_log_mode  # noqa: E402
 from pipelines.run import FitConfig, fit  # noqa: E402
 
 NAMES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
@@ -39,6 +40,7 @@ def write_set(idx: Path, per_class: int, out: Path) -> None:
 
 
 def main(idx: Path, sizes: list[int]) -> None:
+    set_log_mode("quiet")  # the table only: no epoch lines or progress between its rows
     print("| files | duplicate pass s | mislabel pass s | check s | fit s | check share |")
     print("|---|---|---|---|---|---|")
     for per_class in sizes:

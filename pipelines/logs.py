@@ -79,6 +79,15 @@ def emit(log, event: str, message: str, **fields) -> None:
         log(message)
 
 
+def _drawn() -> bool:
+    """Bars mode draws where a bar can be redrawn: a terminal, or a notebook (fastprogress's HTML bars); a library
+    caller writing to a file (a benchmark's log) gets none."""
+    if sys.stdout.isatty():
+        return True
+    from fastprogress.fastprogress import IN_NOTEBOOK
+    return bool(IN_NOTEBOOK)
+
+
 class Progress:
     """`progress(done, total)` for a long loop (total None: not known): in bars mode a count redrawn on the
     terminal; in lines and json modes a line (an event "progress") every PROGRESS_SECONDS and one at the end if
@@ -94,7 +103,8 @@ class Progress:
             return
         of = f"/{total}" if total is not None else ""
         if _mode == "bars":
-            print(f"\r{self.what}: {done}{of}", end="\n" if done == total else "", flush=True)
+            if _drawn():
+                print(f"\r{self.what}: {done}{of}", end="\n" if done == total else "", flush=True)
             return
         now = time.perf_counter()
         if now - self.last >= self.every or (done == total and self.reported):
@@ -105,7 +115,8 @@ class Progress:
     def finish(self, done: int) -> None:
         """The closing line of a loop whose total was not known, where a line came before."""
         if _mode == "bars":
-            print(flush=True)
+            if _drawn():
+                print(flush=True)
         elif self.reported:
             self(done, done)
 
@@ -113,7 +124,7 @@ class Progress:
 def progress(iterable, *, total: int | None, what: str, log=None, count=None):
     """`iterable`, reported as it goes: a fastprogress bar in bars mode where the total is known, else `Progress`.
     `count(item)`: how many things an item holds (default 1), e.g. the rows of a table chunk."""
-    if _mode == "bars" and total is not None and count is None:
+    if _mode == "bars" and total is not None and count is None and _drawn():
         from fastprogress.fastprogress import progress_bar
         yield from progress_bar(iterable, total=total, leave=False)
         return
