@@ -35,8 +35,8 @@ class History(Callback):
     images_per_s: those per second of the epoch's training part."""
     order = Recorder.order + 1  # after Recorder has written this epoch's log
 
-    def __init__(self, rows: list[dict] | None = None):
-        self.rows = list(rows or [])
+    def __init__(self, rows: list[dict] | None = None, *, phases: bool = True):
+        self.rows, self.phases = list(rows or []), phases  # phases: fine_tune's frozen/unfrozen (not tables)
 
     def before_epoch(self):
         self.start, self.images, self.train_seconds, self.skipped = time.perf_counter(), 0, 0.0, False
@@ -58,8 +58,8 @@ class History(Callback):
         if self.skipped:
             return
         row = {n: v for n, v in zip(self.recorder.metric_names, self.recorder.log) if n not in ("epoch", "time")}
-        phase = "frozen" if self.opt.frozen_idx else "unfrozen"
-        self.rows.append({"epoch": len(self.rows), "phase": phase, **row,
+        phase = {"phase": "frozen" if self.opt.frozen_idx else "unfrozen"} if self.phases else {}
+        self.rows.append({"epoch": len(self.rows), **phase, **row,
                           "seconds": round(time.perf_counter() - self.start, 2), "images": self.images,
                           "images_per_s": round(self.images / max(self.train_seconds, 1e-9), 2)})
         if log_mode() in ("lines", "json") and is_main():  # bars: fastai's table shows the epoch
@@ -192,9 +192,9 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
     validation loss (`KeepBest`)."""
     follow_log_mode(learn)
     if not fine_tune:
-        history = History()
+        history = History(phases=False)
         learn.fit_one_cycle(epochs, lr, cbs=[history, KeepBest()])
-        table = pl.DataFrame(history.rows).drop("phase").rename({"images": "rows", "images_per_s": "rows_per_s"})
+        table = pl.DataFrame(history.rows).rename({"images": "rows", "images_per_s": "rows_per_s"})
         return _check_finite(table, lr, row=best_epoch(table["valid_loss"].to_list()))
     history = History(resume["history"] if resume else None)
     done = resume["epoch"] if resume else 0  # epochs finished over both phases
