@@ -4,7 +4,8 @@ pooled features, the features the unknown score uses (backbones.stage_features o
 
 The pretrained body never trained on these files, and each file's probabilities come from a regression fitted on
 the other folds, so a file cannot vouch for its own label. The count is written here in numpy (about 40 lines)
-rather than taken from cleanlab, which would bring pandas, scikit-learn and more for the same arithmetic.
+rather than taken from cleanlab: its source is AGPL-3.0 (Cleanlab Inc.'s file headers) and it brings pandas and
+scikit-learn, for the same arithmetic.
 """
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def reference_features(paths: list[str], *, arch: str, weights: str = "auto", si
     """((N, D) pooled features of the last-stage input of `arch`'s pretrained body, the errors ("" = read)) of image
     files, the features fit's reference body gives the unknown score. `progress(done, total)` after each batch."""
     spec = get_spec(arch)
-    body = create_body(spec, weights=weights)[0].eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    body = create_body(spec, weights=weights)[0].eval().to(device)
     prep = ImagePreprocessing(size=size or spec.input_size, mean=spec.mean, std=spec.std)
 
     def stack(batch):  # ImageFiles' items -> (uint8 (B, 3, size, size), errors)
@@ -133,7 +135,7 @@ def reference_features(paths: list[str], *, arch: str, weights: str = "auto", si
     feats, errors = [], []
     with torch.inference_mode():
         for x, errs in loader:
-            feats.append(stage_features(body, prep.normalize(x)).float().numpy())
+            feats.append(stage_features(body, prep.normalize(x.to(device))).float().cpu().numpy())
             errors += errs
             if progress is not None:
                 progress(len(errors), len(paths))
