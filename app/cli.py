@@ -14,6 +14,7 @@ import typer
 from pipelines.errors import ItfitsError
 from pipelines.images import check_workers
 from pipelines.io import check_output, claim_run_folder, remove_failed_run, sweep_temps
+from pipelines.logs import choose_mode, event_json, log_mode, progress, say, set_log_mode
 from pipelines.runtime import reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
 
@@ -77,11 +78,19 @@ DURATION = typer.Option(None, "--duration", metavar="auto|SECONDS", rich_help_pa
 TOP_DB = typer.Option(None, "--top-db", help="Audio: dB range below each window's peak shown (default: 80).", rich_help_panel="Audio")
 
 
-def _bars_on_terminal_only() -> None:
-    """fastprogress bars (training, lr_find, rendering) redraw their line at every step: in a file or a pipe, a
-    screenful of bars per epoch around the epoch table. fastprogress means to draw them on terminals only, but its
-    check tests that stdout has an `isatty` method, not what the method returns."""
-    if not sys.stdout.isatty():
+QUIET = typer.Option(False, "--quiet", help="Print nothing but warnings and errors (stderr).")
+JSON_LOGS = typer.Option(False, "--json-logs", help="One JSON object per line per event on stdout (epoch, lr_find, "
+                         "check, calibration, progress, done; warnings and errors on stderr), for programs.")
+
+
+def _logging(quiet: bool = False, json_logs: bool = False) -> None:
+    """The log mode (pipelines/logs.py): bars on a terminal; elsewhere one line per event (an epoch, lr_find, a
+    line every few seconds of a long loop), never a redrawn bar; or --quiet, or --json-logs.
+    fastprogress bars redraw their line at every step: in a file or a pipe, a screenful of bars per epoch.
+    fastprogress means to draw them on terminals only, but its check tests that stdout has an `isatty` method,
+    not what the method returns; with NO_BAR it still writes '\r' before each table row."""
+    set_log_mode(choose_mode(quiet=quiet, json_logs=json_logs))
+    if log_mode() != "bars":
         from fastprogress import fastprogress
         fastprogress.NO_BAR = True
         fastprogress.ConsoleProgressBar.fill = ""  # its encoding probe prints the fill character for every bar
@@ -151,17 +160,19 @@ def fit(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (inductor); falls back to eager with a warning."),
     resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this folder from its last checkpoint, with its own settings."),
     overwrite: bool = typer.Option(False, "--overwrite", help="When --out holds a run already: move it aside (renamed, kept) and start afresh."),
+    quiet: bool = QUIET,
+    json_logs: bool = JSON_LOGS,
 ):
     """Fine-tune a pretrained backbone on DATA (images, or audio rendered to mel spectrograms; with --target, train
     fastai's tabular model on a table); writes OUT/model, plots, history, report.html and run.json."""
     from pipelines.run import FitConfig, fit as run_fit
-    _bars_on_terminal_only()
+    _logging(quiet, json_logs)
     main = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate, rank 0 alone owns the run folder
     if resume is not None:
         config = _resume_config(ctx, resume, workers)
         if main:
             sweep_temps(resume, inside=True)  # what a killed run left half-written
-        run_fit(config)
+        run_fit(config, log=say)
         return
     if data is None:
         raise ItfitsError("fit needs DATA (a folder or a table), or --resume RUN to continue a run")
@@ -174,9 +185,9 @@ def fit(
                        layers=_layers(layers), precision=precision, accum=accum, ema=ema, ema_decay=ema_decay,
                        compile=compile, outlier_exposure=outlier_exposure)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
-    created = main and claim_run_folder(out, overwrite=overwrite, log=typer.echo)
+    created = main and claim_run_folder(out, overwrite=overwrite, log=say)
     try:
-        run_fit(config)
+        run_fit(config, log=say)
     except Exception:
         if created:  # a run that failed leaves no folder behind, unless a checkpoint lets --resume go on
             remove_failed_run(out)
@@ -202,11 +213,13 @@ def lr_find(
     cont: Optional[list[str]] = CONT,
     ignore: Optional[list[str]] = IGNORE,
     layers: Optional[str] = LAYERS,
+    quiet: bool = QUIET,
+    json_logs: bool = JSON_LOGS,
 ):
     """Run fastai's lr_find only: plot, table and suggested learning rates."""
     from pipelines.run import FitConfig, run_lr_find
     from pipelines.training import CHOSEN_SUGGESTION
-    _bars_on_terminal_only()
+    _logging(quiet, json_logs)
     mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
                       duration=duration, top_db=top_db)
     config = FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, bs=bs, size=size,
@@ -214,10 +227,55 @@ def lr_find(
                        cont=_names(cont), ignore=_names(ignore), layers=_layers(layers))
     check_output(out, folder=True, inputs=[data])
     lr, suggestions = run_lr_find(config)
-    typer.echo()  # lr_find's last progress bar leaves the cursor on its line
+    if log_mode() == "json":
+        say(f"lr_find: {CHOSEN_SUGGESTION} {lr:.2e}", "lr_find", lr=lr, suggestions=suggestions, plot=str(out / "lr_find.png"))
+        return
+    if log_mode() == "bars":
+        typer.echo()  # lr_find's last progress bar leaves the cursor on its line
     for name, value in suggestions.items():
-        typer.echo(f"{name:8s} {value:.2e}" + ("  <- itfits fit uses this" if name == CHOSEN_SUGGESTION else ""))
-    typer.echo(f"plot: {out / 'lr_find.png'}  table: {out / 'lr_find.csv'}")
+        say(f"{name:8s} {value:.2e}" + ("  <- itfits fit uses this" if name == CHOSEN_SUGGESTION else ""))
+    say(f"plot: {out / 'lr_find.png'}  table: {out / 'lr_find.csv'}")
+
+
+@app.command()
+def check(
+    data: Path = typer.Argument(..., help="Images or audio in any layout fit takes (class sub-folders, train/ valid/, a path,label table)."),
+    out: Path = typer.Option(Path("check.csv"), "--out", help="The findings table (CSV): path, kind, other_path, label, suggested_label, score, detail."),
+    mislabel: bool = typer.Option(True, "--mislabel/--no-mislabel", help="Look for mislabelled files: confident learning on out-of-fold probabilities from the pretrained body's features (runs the body over every file)."),
+    arch: str = ARCH,
+    weights: str = WEIGHTS,
+    size: Optional[int] = typer.Option(None, help="Image size in pixels for the mislabel pass's features; the backbone's own when not given."),
+    seed: int = SEED,
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes for the features, and audio rendering processes (default: none; rendering: every core)."),
+    sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
+    n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
+    duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
+    quiet: bool = QUIET,
+    json_logs: bool = JSON_LOGS,
+):
+    """Check DATA before training: exact and near duplicates within a class, across classes (conflicting labels) and
+    across train/valid (leakage, where DATA gives a split), likely mislabelled files, tiny files, class counts.
+    fit runs the same check on its files (RUN/check.csv, a section of report.html)."""
+    from pipelines.check import check_data
+    _logging(quiet, json_logs)
+    check_workers(workers)
+    if size is not None:
+        from pipelines.backbones import check_size
+        check_size(arch, size)
+    check_output(out, folder=False, inputs=[data])
+    mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
+                      duration=duration, top_db=top_db)
+    result = check_data(data, arch=arch, weights=weights, size=size, mislabel=mislabel, mel=mel,
+                        num_workers=workers or 0, seed=seed, log=say)
+    result.write(out)
+    if log_mode() != "json":  # json: the findings are the table's; the event below holds the counts
+        for line in result.lines(CHECK_SHOWN):
+            say(line)
+    say(result.line() + (f"; first {CHECK_SHOWN} above" if result.findings.height > CHECK_SHOWN else "")
+        + f"; written to {out}", "done", out=str(out), **result.json())
+
+
+CHECK_SHOWN = 20  # findings `itfits check` prints; all are in its --out table
 
 
 TTA_HELP = ("Images: test-time augmentation, each image's outputs averaged with its mirror image's (twice the model's "
@@ -235,8 +293,11 @@ def predict(
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (images; audio and tables run fp32). auto: the precision the model was trained in where this machine runs it faster, else fp32."),
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
+    quiet: bool = QUIET,
+    json_logs: bool = JSON_LOGS,
 ):
     """Predict INPUTS with a trained bundle; rows the model should not trust are labelled unknown."""
+    _logging(quiet, json_logs)
     from pipelines.bundle import load_bundle
     from pipelines.predict import PredictConfig, predict as run_predict, write_predictions
     if out.suffix.lower() not in (".csv", ".parquet"):
@@ -252,8 +313,11 @@ def predict(
     from pipelines.precision import check_precision
     config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold,
                            precision=check_precision(precision), tta=tta)
-    counts = write_predictions(run_predict(bundle, inputs, config), out)
-    typer.echo(f"{counts['files']} {bundle.modality.counted}, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}")
+    rows = progress(run_predict(bundle, inputs, config), total=None, what=f"predict ({bundle.modality.counted})",
+                    log=say, count=lambda r: getattr(r, "height", 1))  # a table's predictions come as DataFrame chunks
+    counts = write_predictions(rows, out)
+    say(f"{counts['files']} {bundle.modality.counted}, {counts['unknown']} unknown, {counts['errors']} errors; "
+        f"written to {out}", "done", **counts, out=str(out))
 
 
 @app.command()
@@ -267,6 +331,7 @@ def evaluate(
 ):
     """Accuracy, calibration and unknown detection of a bundle on labelled data: metrics.json + plots."""
     from pipelines.evaluate import evaluate as run_evaluate
+    _logging()  # its model outputs' progress: lines, not bars, outside a terminal
     if unknown is not None and not unknown.is_dir():
         raise ItfitsError(f"--unknown {unknown} is not a folder")
     check_workers(workers)
@@ -294,19 +359,21 @@ def audio_to_images(
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
+    quiet: bool = QUIET,
+    json_logs: bool = JSON_LOGS,
 ):
     """Render a folder of audio to mel-spectrogram PNGs, as fit does (cached), without training."""
     from pipelines.audio import MelConfig, audio_to_images as run_audio_to_images
-    _bars_on_terminal_only()
+    _logging(quiet, json_logs)
     if max_windows < 1 or (workers is not None and workers < 1):
         raise ItfitsError("--max-windows and --workers must be at least 1")
     mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
                       duration=duration, top_db=top_db) or MelConfig()
-    windows = run_audio_to_images(in_dir, out_dir, mel, workers=workers, max_windows=max_windows, log=typer.echo)
+    windows = run_audio_to_images(in_dir, out_dir, mel, workers=workers, max_windows=max_windows, log=say)
     ok = windows.filter(windows["error"].is_null())
     n_skipped = windows["source"].n_unique() - ok["source"].n_unique()
-    typer.echo(f"{ok['source'].n_unique()} clips -> {ok.height} images in {out_dir}; {n_skipped} skipped"
-               + (f", listed in {out_dir / 'skipped.csv'}" if n_skipped else ""))
+    say(f"{ok['source'].n_unique()} clips -> {ok.height} images in {out_dir}; {n_skipped} skipped"
+        + (f", listed in {out_dir / 'skipped.csv'}" if n_skipped else ""), "done")
 
 
 @app.command()
@@ -346,6 +413,8 @@ def backbones(pattern: str = typer.Argument("*", help="Shell-style filter, e.g. 
 
 def _format_warning(message, category, filename, lineno, line=None):
     from pipelines.errors import ItfitsWarning
+    if log_mode() == "json":  # every warning one JSON object, so that each stderr line parses
+        return event_json("warning", " ".join(str(message).split()), category=category.__name__) + "\n"
     if issubclass(category, ItfitsWarning):  # ours are for users: one line, no source location
         return f"warning: {message}\n"
     return _python_format_warning(message, category, filename, lineno, line)
@@ -367,14 +436,18 @@ def main():
     warnings.filterwarnings("ignore", message=r"You are shadowing an attribute \(count\)")  # fastai's own accum
     warnings.filterwarnings("ignore", message=".*could be decompression bomb")  # PIL's; such files get an error
     warnings.formatwarning = _format_warning
+    mode = log_mode()  # set by the command; put back after it (tests run commands in one process)
     try:
         app()
     except ItfitsError as e:
-        typer.echo("error: " + " ".join(str(e).split()), err=True)  # one line, even for multi-line library errors
+        message = " ".join(str(e).split())  # one line, even for multi-line library errors
+        typer.echo(event_json("error", message) if log_mode() == "json" else "error: " + message, err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    finally:
+        set_log_mode(mode)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from . import logs  # as a module: _render_all has a `progress` flag
 from .errors import ItfitsError
 from .io import atomic_dir
 from .sources import AUDIO_EXTS, expand_inputs, not_a_file, not_found, os_path, text_path
@@ -272,18 +273,17 @@ def render_cached(path: str, cfg: MelConfig, folder: Path, max_windows: int | No
 
 def _render_all(paths: list[str], cfg: MelConfig, folder: Path, max_windows: int | None, workers: int,
                 progress: bool) -> list[tuple[list[str], str | None, bool]]:
-    from fastprogress.fastprogress import progress_bar
     # librosa loads its submodules (scipy.signal, numba) lazily, about 3 s: load them once here, before the
     # pool forks, rather than once in every worker
     import librosa.core.audio, librosa.feature.spectral  # noqa: E401, F401
     if workers <= 1 or len(paths) < 4:
         it = (render_cached(p, cfg, folder, max_windows) for p in paths)
-        return list(progress_bar(it, total=len(paths), leave=False) if progress else it)
+        return list(logs.progress(it, total=len(paths), what="rendering clips") if progress else it)
     results: list = [None] * len(paths)
     with ProcessPoolExecutor(max_workers=min(workers, len(paths))) as ex:
         futures = {ex.submit(render_cached, p, cfg, folder, max_windows): i for i, p in enumerate(paths)}
         done = as_completed(futures)
-        for fut in (progress_bar(done, total=len(futures), leave=False) if progress else done):
+        for fut in (logs.progress(done, total=len(futures), what="rendering clips") if progress else done):
             results[futures[fut]] = fut.result()
     return results
 

@@ -23,8 +23,8 @@ class AudioModality(ImageModality):
     augment = False  # no flips, rotations or warps on spectrograms: time runs one way and a frequency has one height
     train_unit = " windows"
 
-    def claims(self, data: Path, config) -> bool:
-        if config.target is not None:
+    def claims(self, data: Path, target: str | None) -> bool:
+        if target is not None:
             return False
         exts = data_exts(data)
         image, audio = sorted(exts & IMAGE_EXTS), sorted(exts & self.exts)

@@ -16,6 +16,7 @@ from .audio import AudioError, MelConfig, render_windows, window_pil
 from .backbones import forward_features
 from .errors import ItfitsError
 from .images import ImagePreprocessing, default_workers, load_image, loader_workers
+from .logs import progress
 from .modality import Modality, get_modality
 from .precision import Precision
 from .sources import expand_inputs, read_checked, text_path
@@ -109,10 +110,12 @@ def file_batches(model, prep: ImagePreprocessing, items: list[tuple[str, str | N
     return (modality or get_modality("image")).batches(model, prep, items, options=options, **kwargs)
 
 
-def file_outputs(model, prep: ImagePreprocessing, paths: list[str], **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def file_outputs(model, prep: ImagePreprocessing, paths: list[str], *, what: str = "model outputs",
+                 **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(logits, features, errors) for a list of files (file_batches' keywords: the modality, its options, ...),
-    all at once (validation, unknown examples)."""
-    batches = list(file_batches(model, prep, [(p, None) for p in paths], **kwargs))
+    all at once (validation, unknown examples); a long list reports its progress as `what` (logs.progress)."""
+    batches = list(progress(file_batches(model, prep, [(p, None) for p in paths], **kwargs),
+                            total=len(paths), what=what, count=lambda b: len(b[0])))
     if not batches:
         return np.zeros((0, 0)), np.zeros((0, 0)), []
     return (np.concatenate([b[1] for b in batches]), np.concatenate([b[2] for b in batches]),

@@ -43,12 +43,13 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
     clip's are the mean over its windows).
     `precision`: the training's (a precision.Precision), so image outputs match the Learner's validation.
     `model`: the fine-tuned model, or backbones.WithReference of it and its pretrained body.
-    Returns (Calibration, report, validation outputs {logits, features, targets, paths})."""
+    Returns (Calibration, report, validation outputs {logits, features, targets, paths, ref_dim}, with the features
+    and paths of the training items used: train_features, train_paths)."""
     fast = {"precision": precision, "channels_last": get_spec(config.arch).channels_last}
 
     def outputs(paths):
         return file_outputs(model, prep, paths, modality=modality, options=options, num_workers=config.num_workers,
-                            **fast)
+                            what="calibration", **fast)
 
     ok = items.filter(pl.col("error").is_null())
     index = {c: i for i, c in enumerate(classes)}
@@ -75,7 +76,9 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
                                      train=(t_feats, np.array([index[c] for c in train["label"]])), unknown=unknown,
                                      head_dim=head_dim, ref_dim=ref_dim, default_score=DEFAULT_SCORE)
     return calibration, report, {"logits": v_logits, "features": v_feats, "targets": v_targets,
-                                 "paths": valid["path"].to_list()}
+                                 "paths": valid["path"].to_list(), "ref_dim": ref_dim,
+                                 # the training items' too, for the check's mislabel pass (check.py)
+                                 "train_features": t_feats, "train_paths": train["path"].to_list()}
 
 
 def unknown_rows(config: FitConfig, prep) -> pl.DataFrame | None:

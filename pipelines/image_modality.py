@@ -27,8 +27,8 @@ class ImageModality(Modality):
     augment = True  # flips, rotations, warps and lighting in training (fastai's aug_transforms)
     train_unit = ""  # what the training items are called in the run's log, when they are not the files
 
-    def claims(self, data: Path, config) -> bool:
-        return config.target is None  # files of any kind: read_source then says what is missing
+    def claims(self, data: Path, target: str | None) -> bool:
+        return target is None  # files of any kind: read_source then says what is missing
 
     def check_config(self, config) -> None:
         if config.mel is not None:

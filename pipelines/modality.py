@@ -40,8 +40,8 @@ class Modality:
     evaluable: bool = True  # `itfits evaluate` takes labelled files of it (batches.file_outputs)
 
     # ---- which inputs it claims
-    def claims(self, data: Path, config: FitConfig) -> bool:
-        """Whether DATA (with the rest of the fit's config) holds this modality."""
+    def claims(self, data: Path, target: str | None) -> bool:
+        """Whether DATA (with `target`, the column --target names) holds this modality."""
         raise NotImplementedError
 
     def check_config(self, config: FitConfig) -> None:
@@ -115,11 +115,10 @@ def get_modality(name: str) -> Modality:
     return _REGISTRY[name]
 
 
-def modality_for(config: FitConfig) -> Modality:
-    """The modality of config.data: the last registered that claims it (a modality added later may claim what a
-    built-in one would), or images, whose reading then explains what is missing."""
-    data = Path(config.data)
-    claimed = [m for m in modalities() if m.claims(data, config)]
+def modality_for(data: str | Path, *, target: str | None = None) -> Modality:
+    """The modality of DATA (with --target's column, if given): the last registered that claims it (a modality
+    added later may claim what a built-in one would), or images, whose reading then explains what is missing."""
+    claimed = [m for m in modalities() if m.claims(Path(data), target)]
     return claimed[-1] if claimed else get_modality("image")
 
 

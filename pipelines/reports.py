@@ -171,6 +171,8 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
     look, part = (_regression_part(run, config.get("target", ""), valid, top, notes) if valid.regression else
                   _classification_part(run, summary, valid, top, notes))
     skipped_part, n_skipped = _skipped_part(run)
+    check_part, check_look = _check_part(run, summary.get("check"))
+    look += check_look
     if n_skipped:
         look.append(f"{n_skipped} input files were skipped (unreadable or empty): the list is below")
     body = [H1("itfits run report"),
@@ -182,7 +184,7 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
             *part,
             H2("Loss and metrics"), _figure(run / "losses.png", "loss and metric curves"),
             H2("Learning rate finder"), *_lr_part(run, resolved),
-            *skipped_part,
+            *skipped_part, *check_part,
             H2("Settings"), *_settings_part(config, resolved, defaults)]
     page = Html(Head(Meta(charset="utf-8"), Title(f"itfits report: {run.name}"), Style(_CSS)), Body(*body))
     out = run / "report.html"
@@ -205,6 +207,33 @@ def _skipped_part(run: Path) -> tuple[list, int]:
         return [], 0
     return [H2(f"Skipped files ({table.height})"), _frame_table(table.head(200)),
             P("(first 200; all in skipped.csv)", cls="muted") if table.height > 200 else ""], table.height
+
+
+CHECK_ROWS = 50  # findings shown in the report; all are in check.csv
+
+
+def _check_part(run: Path, check: dict | None) -> tuple[list, list[str]]:
+    """(sections, lines of what to look at) of the data check (check.py): findings per kind, class counts, the
+    first CHECK_ROWS rows of check.csv."""
+    if not check:
+        return [], []
+    found = {k: n for k, n in check["findings"].items() if n}
+    serious = {k: found[k] for k in ("leakage", "label_conflict", "mislabelled") if k in found}
+    look = ([f"data check: {', '.join(f'{n} {k}' for k, n in serious.items())}; "
+             "the files are listed under Data check"] if serious else [])
+    csv = run / "check.csv"
+    table = pl.read_csv(csv, infer_schema_length=0) if csv.is_file() else pl.DataFrame()
+    part = [H2(f"Data check ({sum(found.values())} findings)"),
+            _kv_table({"findings": found or "none", "class counts": check["class_counts"],
+                       "imbalance (largest / smallest class)": check.get("imbalance"),
+                       "seconds": check.get("seconds")}),
+            *[P(note, cls="muted") for note in check.get("notes", [])]]
+    if table.height:
+        part += [_frame_table(table.head(CHECK_ROWS).with_columns(
+                     pl.col("path", "other_path").str.split("/").list.last())),
+                 P(f"(first {CHECK_ROWS}; all, with full paths, in check.csv)", cls="muted")
+                 if table.height > CHECK_ROWS else ""]
+    return part, look
 
 
 def _settings_part(config: dict, resolved: dict, defaults: dict | None) -> list:

@@ -16,12 +16,14 @@ from .audio import MelConfig
 from .backbones import WithReference, check_size, check_weights, create_body, get_spec
 from .bundle import save_bundle
 from .calibration import calibrate_images, calibrate_table, calibration_line, unknown_rows
+from .check import CheckResult, check_at_fit, mislabelled_at_fit
 from .checkpoints import CONFIG, load_checkpoint, read_run_config
 from .distributed import DataParallel, broadcast_object, is_main, process_group, world_size
 from .errors import ItfitsError, did_you_mean
 from .images import check_workers
 from .io import write_json, write_table
 from .learners import check_accumulation, effective_batch, find_ema, image_learner
+from .logs import emit
 from .metrics import regression_metrics
 from .modality import Modality, file_exts, modality_for
 from .precision import check_precision, resolve_precision
@@ -176,6 +178,7 @@ class TrainedImages:
     precision: object  # precision.Precision the training ran in
     started: float  # time.perf_counter() at the start
     options: object = None  # the modality's options resolved from the data (audio: the MelConfig)
+    check: CheckResult | None = None  # the data check's duplicate pass (rank 0)
 
 
 def write_run_config(config: FitConfig, run: Path) -> None:
@@ -225,6 +228,7 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
         + (f" x {world} processes" if world > 1 else "")
         + (f" = {effective_batch(bs, config.accum, world)} per step" if config.accum > 1 or world > 1 else "")
         + f", size {prep.size}")
+    checked = check_at_fit(items, run, log=log) if main else None
     # a resumed run keeps the precision it started with: the CPU probe could choose otherwise today
     precision = resolve_precision(state["precision"] if state else config.precision, arch=config.arch, size=prep.size)
     log(f"precision {precision.name} ({precision.reason})")
@@ -244,7 +248,7 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
         # the suggestion is an lr for the effective batch
         lr, suggestions = find_lr(learn, run if main else None, num_it=config.lr_find_iters * config.accum)
         lr, suggestions = broadcast_object((lr, suggestions))  # every process trains with rank 0's choice
-        log(_lr_line(lr, suggestions, run))
+        emit(log, "lr_find", _lr_line(lr, suggestions, run), lr=lr, suggestions=suggestions)
     if world > 1:
         learn.add_cb(DataParallel())
     history = train(learn, epochs=config.epochs, lr=lr, freeze_epochs=config.freeze_epochs,
@@ -265,7 +269,7 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
                 "world_size": world, "resumed_after_epoch": state["epoch"] if state else None,
                 "n_outlier_exposure": data.n_outliers}
     return TrainedImages(learn=learn, items=items, classes=classes, prep=prep, history=history, resolved=resolved,
-                         precision=precision, started=t0, options=data.options)
+                         precision=precision, started=t0, options=data.options, check=checked)
 
 
 def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, *, log=print) -> dict:
@@ -278,7 +282,9 @@ def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, 
                                                         options=trained.options, precision=trained.precision)
     preds = valid["logits"].argmax(1)
     accuracy = float((preds == valid["targets"]).mean())
-    log(calibration_line(calibration, calib_report))
+    emit(log, "calibration", calibration_line(calibration, calib_report), **calib_report)
+    checked = trained.check and mislabelled_at_fit(trained.check, trained.items, valid, classes, run,
+                                                   seed=config.seed, log=log)
 
     summary = {
         "config": asdict(config),
@@ -286,6 +292,7 @@ def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, 
         "results": {"valid_accuracy": accuracy, "valid_loss": float(history["valid_loss"][-1]),
                     "seconds": round(time.perf_counter() - trained.started, 1)},
         "calibration": calib_report,
+        **({"check": checked.json()} if checked else {}),
     }
     meta = modality.bundle_meta(config.arch, classes, trained.prep, options=trained.options,
                                 training={**summary["results"], "precision": trained.precision.name})
@@ -297,14 +304,15 @@ def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, 
     report = guarded([], "report.html", write_report, run, summary, history, Validation(
         logits=valid["logits"], targets=valid["targets"], names=valid["paths"], probs=probs, scores=scores,
         images=images), defaults=config_defaults())
-    log(f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}; report: {report or 'not written'}")
+    emit(log, "done", f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}; report: "
+         f"{report or 'not written'}", valid_accuracy=accuracy, run=str(run))
     return summary
 
 
 def fit(config: FitConfig, log=print) -> dict:
     """`itfits fit`: train on config.data and write the run folder, with the recipe of DATA's modality
     (`fit_files` for images and audio, `fit_table` for a table). Returns the run summary (run.json)."""
-    return modality_for(config).fit(config, log)
+    return modality_for(config.data, target=config.target).fit(config, log)
 
 
 def fit_files(modality: Modality, config: FitConfig, log=print) -> dict:
@@ -352,7 +360,7 @@ def fit_table(modality: Modality, config: FitConfig, log=print) -> dict:
         calibration, calib_report, v_logits, v_feats = calibrate_table(learn.model, data, config, unknown=unknown)
         v_y, preds = data.y[data.valid], v_logits.argmax(1)
         results = {"valid_accuracy": float((preds == v_y).mean())}
-        log(calibration_line(calibration, calib_report))
+        emit(log, "calibration", calibration_line(calibration, calib_report), **calib_report)
         probs, scores, _ = calibration.apply(v_logits, v_feats)
         outputs = dict(logits=v_logits, targets=v_y, probs=probs, scores=scores)
     else:
@@ -385,7 +393,7 @@ def fit_table(modality: Modality, config: FitConfig, log=print) -> dict:
 def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
     """`itfits lr-find`: lr_find.png / lr_find.csv in config.out, and the suggestions: those `fit` finds with the
     same settings (seeded in the same places, in the precision fit resolves)."""
-    return modality_for(config).lr_find(config)
+    return modality_for(config.data, target=config.target).lr_find(config)
 
 
 def lr_find_files(modality: Modality, config: FitConfig) -> tuple[float, dict[str, float]]:
@@ -407,7 +415,7 @@ def _choose_lr(learn, config: FitConfig, run: Path, log) -> tuple[float, dict[st
     if config.lr is not None:
         return config.lr, None
     lr, suggestions = find_lr(learn, run, num_it=config.lr_find_iters)
-    log(_lr_line(lr, suggestions, run))
+    emit(log, "lr_find", _lr_line(lr, suggestions, run), lr=lr, suggestions=suggestions)
     return lr, suggestions
 
 

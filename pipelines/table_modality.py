@@ -22,8 +22,8 @@ class TableModality(Modality):
     row_per_file = False
     evaluable = False  # its validation figures are in run.json; evaluate takes labelled files
 
-    def claims(self, data: Path, config) -> bool:
-        return config.target is not None
+    def claims(self, data: Path, target: str | None) -> bool:
+        return target is not None
 
     def fit(self, config, log) -> dict:
         from .run import fit_table  # the training stages import fastai: prediction must not pay for it at start-up

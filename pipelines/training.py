@@ -12,13 +12,16 @@ import numpy as np
 import polars as pl
 from fastai.callback.core import Callback
 from fastai.callback.schedule import minimum, slide, steep, valley
+from fastai.callback.progress import ProgressCallback
 from fastai.learner import Recorder
 from fastai.torch_core import find_bs, get_model
 
 from .checkpoints import CHECKPOINT, Checkpoint, restore
 from .errors import ItfitsError
 from .io import write_table
+from .distributed import is_main
 from .learners import OutlierExposureLoss, find_ema, uncompile
+from .logs import PROGRESS_SECONDS, log_mode, say
 from .plots import plot_lr_find
 
 LR_SUGGESTIONS = ("minimum", "steep", "valley", "slide")
@@ -32,8 +35,8 @@ class History(Callback):
     images_per_s: those per second of the epoch's training part."""
     order = Recorder.order + 1  # after Recorder has written this epoch's log
 
-    def __init__(self, rows: list[dict] | None = None):
-        self.rows = list(rows or [])
+    def __init__(self, rows: list[dict] | None = None, *, phases: bool = True):
+        self.rows, self.phases = list(rows or []), phases  # phases: fine_tune's frozen/unfrozen (not tables)
 
     def before_epoch(self):
         self.start, self.images, self.train_seconds, self.skipped = time.perf_counter(), 0, 0.0, False
@@ -55,10 +58,47 @@ class History(Callback):
         if self.skipped:
             return
         row = {n: v for n, v in zip(self.recorder.metric_names, self.recorder.log) if n not in ("epoch", "time")}
-        phase = "frozen" if self.opt.frozen_idx else "unfrozen"
-        self.rows.append({"epoch": len(self.rows), "phase": phase, **row,
+        phase = {"phase": "frozen" if self.opt.frozen_idx else "unfrozen"} if self.phases else {}
+        self.rows.append({"epoch": len(self.rows), **phase, **row,
                           "seconds": round(time.perf_counter() - self.start, 2), "images": self.images,
                           "images_per_s": round(self.images / max(self.train_seconds, 1e-9), 2)})
+        if log_mode() in ("lines", "json") and is_main():  # bars: fastai's table shows the epoch
+            say(epoch_line(self.rows[-1]), "epoch", **self.rows[-1])
+
+
+def epoch_line(row: dict) -> str:
+    """One epoch of the history as a line: `epoch 2 (unfrozen): train_loss 0.41, valid_loss 0.38, ... (3.2 s)`."""
+    values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                       if k not in ("epoch", "phase", "seconds", "images", "images_per_s"))
+    phase = f" ({row['phase']})" if "phase" in row else ""
+    return f"epoch {row['epoch']}{phase}: {values} ({row['seconds']:.1f} s)"
+
+
+class BatchProgress(Callback):
+    """Lines and json log modes: a line (event "progress") every PROGRESS_SECONDS within a long epoch or lr_find,
+    where fastai would redraw a bar."""
+
+    def before_epoch(self):
+        self.last = self.start = time.perf_counter()
+
+    def after_batch(self):
+        now = time.perf_counter()
+        if self.training and now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            what = "lr_find" if hasattr(self.learn, "lr_finder") else f"epoch {self.epoch}"
+            say(f"{what}: batch {self.iter + 1}/{self.n_iter} ({now - self.start:.0f} s)", "progress", what=what,
+                done=self.iter + 1, total=self.n_iter, seconds=round(now - self.start, 1))
+
+
+def follow_log_mode(learn) -> None:
+    """Outside a terminal (logs.log_mode() not "bars"): no fastprogress bar or table on the Learner; History
+    prints an epoch's line and BatchProgress the lines of a long epoch instead (lines, json), or nothing (quiet)."""
+    if log_mode() == "bars":
+        return
+    learn.remove_cb(ProgressCallback)
+    learn.logger = lambda *a, **k: None  # the Recorder's table rows
+    if log_mode() != "quiet" and is_main() and not any(isinstance(cb, BatchProgress) for cb in learn.cbs):
+        learn.add_cb(BatchProgress())
 
 
 def best_epoch(losses: list) -> int | None:
@@ -106,6 +146,7 @@ def find_lr(learn, out_dir: Path | None = None, *, num_it: int = 100) -> tuple[f
     if isinstance(loss, OutlierExposureLoss):  # the suggestions read the loss of the classes' items alone: the
         # outlier term rises as the model learns the classes, and the loss's minimum came in the first steps
         learn.loss_func = OutlierExposureLoss(loss.n_classes, weight=0)  # (minimum 7.6e-8 on the suite's icons)
+    follow_log_mode(learn)
     try:
         res = learn.lr_find(suggest_funcs=tuple(map(_tolerant, (minimum, steep, valley, slide))), show_plot=False,
                             num_it=num_it)
@@ -149,10 +190,11 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
     With an EMA callback on the Learner, the model ends with the EMA weights. fine_tune=False (a table: no
     pretrained body): one fit_one_cycle of `epochs`, no checkpoints, ending with the weights of the epoch of lowest
     validation loss (`KeepBest`)."""
+    follow_log_mode(learn)
     if not fine_tune:
-        history = History()
+        history = History(phases=False)
         learn.fit_one_cycle(epochs, lr, cbs=[history, KeepBest()])
-        table = pl.DataFrame(history.rows).drop("phase").rename({"images": "rows", "images_per_s": "rows_per_s"})
+        table = pl.DataFrame(history.rows).rename({"images": "rows", "images_per_s": "rows_per_s"})
         return _check_finite(table, lr, row=best_epoch(table["valid_loss"].to_list()))
     history = History(resume["history"] if resume else None)
     done = resume["epoch"] if resume else 0  # epochs finished over both phases

@@ -483,10 +483,10 @@ def test_mel_options_on_images_and_mixed_folders_are_refused(tmp_path):
     from pipelines.run import FitConfig
 
     def detected(data):
-        return modality_for(FitConfig(data=str(data), out=str(tmp_path / "run"))).name
+        return modality_for(data).name
     config = FitConfig(data=str(FASHION), out=str(tmp_path), mel=MEL)
     with pytest.raises(ItfitsError, match="for audio"):
-        prepare_data(modality_for(config), config, tmp_path)
+        prepare_data(modality_for(FASHION), config, tmp_path)
     mixed = tmp_path / "mixed"
     shutil.copytree(AUDIO / "kick", mixed / "kick")
     shutil.copytree(FASHION / "bag", mixed / "bag")

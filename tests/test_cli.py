@@ -413,9 +413,13 @@ def test_help_runs_for_every_command():
         assert proc.returncode == 0 and "Usage" in proc.stdout, cmd
 
 
-def test_fit_output_to_a_file_has_the_epoch_table_without_progress_bars(trained_run):
-    """Run as the tests run it, stdout is a pipe: no per-batch bar redraws (a screenful per epoch in a log), but
-    the epoch table and itfits' own lines are there."""
+def test_fit_output_to_a_file_is_one_line_per_epoch_without_progress_bars(trained_run):
+    """Run as the tests run it, stdout is a pipe: no per-batch bar redraws (a screenful per epoch in a log), no
+    carriage returns or terminal escapes, one line per epoch (FIT_ARGS: 1 frozen + 2 unfrozen) and itfits' own lines."""
     out = trained_run.stdout
-    assert "train_loss" in out and "valid accuracy" in out
+    assert "\r" not in out and "\x1b" not in out, repr(out[:500])
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 0 (frozen)", "epoch 1 (unfrozen)", "epoch 2 (unfrozen)"]
+    assert all("train_loss" in line and "valid_loss" in line and "accuracy" in line for line in epochs)
+    assert "valid accuracy" in out
     assert "Epoch 1/" not in out and "|--" not in out and "\u2588" not in out

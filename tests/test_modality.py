@@ -23,8 +23,8 @@ class NpyModality(ImageModality):
     what = "numpy arrays"
     exts = frozenset({".npy"})
 
-    def claims(self, data: Path, config) -> bool:
-        return config.target is None and ".npy" in data_exts(data)
+    def claims(self, data: Path, target: str | None) -> bool:
+        return target is None and ".npy" in data_exts(data)
 
     def load(self, path: str, *, gray: bool = False) -> Image.Image:
         image = Image.fromarray(np.load(path, allow_pickle=False), "L")  # never unpickles a file
@@ -60,7 +60,7 @@ def test_a_modality_registered_in_a_test_fits_predicts_and_evaluates(npy, tmp_pa
     (train / "bag" / "broken.npy").write_bytes(b"not an array")  # a file of the modality that cannot be read
     config = FitConfig(data=str(train), out=str(tmp_path / "run"), epochs=2, freeze_epochs=1, size=48, lr=3e-3,
                        num_workers=0, precision="fp32", seed=0)
-    assert registry.modality_for(config) is npy
+    assert registry.modality_for(train) is npy
     summary = fit(config, log=lambda *a: None)
     assert summary["resolved"]["n_skipped"] == 1
     skipped = pl.read_csv(tmp_path / "run" / "skipped.csv")
