@@ -36,12 +36,22 @@ def import_ray(*, local: bool = False):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if local:  # else Ray swaps 127.0.0.1 for this machine's network address and listens on every interface
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    elif "RAY_AUTH_MODE" not in os.environ and _has_token():
+        # `ray start` turns token authentication on where a token is at hand, but a driver joining with ray.init
+        # does not send it unless told to: it would retry for 30 s, then fail
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
         import ray.data
     except ImportError as e:
         raise ItfitsError(INSTALL) from e
     return ray
+
+
+def _has_token() -> bool:
+    """Whether a Ray authentication token is at hand where Ray looks for one."""
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(
+        os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").is_file()
 
 
 def start_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
@@ -52,9 +62,14 @@ def start_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
         return False
     if address:
         _check_reachable(address)
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as e:  # it answers, but not as a Ray cluster that lets us in
+            raise ItfitsError(f"--address {address}: cannot join the Ray cluster there ({e}); where it uses token "
+                              "authentication, give this machine its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)") from e
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        # "local": a new instance, always (without it Ray joins the last `ray start` cluster of this machine)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return True
 
 
