@@ -8,6 +8,7 @@ and never holds the predictions: each actor loads the bundle once, and `write_pa
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tempfile
 from dataclasses import asdict
@@ -156,9 +157,24 @@ def _workers(gpus_per_worker: float, concurrency: int | None) -> int:
     return max(1, int(resources.get("CPU", 1)))
 
 
+def _user_error(e: BaseException) -> ItfitsError | None:
+    """The ItfitsError an actor raised, from the exceptions Ray wraps it in (which keep it as an object, or only in
+    their traceback text: a pickled exception loses its __cause__), or None."""
+    seen, text = set(), str(e)
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ItfitsError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    found = re.findall(r"ItfitsError: (.+)", text)
+    return ItfitsError(found[-1].strip()) if found else None
+
+
 def count_rows(parquet: Path) -> dict[str, int]:
     """files (rows), unknown and errors of written predictions: a file or a folder of part files, read one
     column at a time."""
+    if parquet.is_dir() and not any(parquet.glob("*.parquet")):  # no rows: Ray writes no part file
+        return {"files": 0, "unknown": 0, "errors": 0}
     scan = pl.scan_parquet(str(parquet / "*.parquet") if parquet.is_dir() else str(parquet))
     got = scan.select(pl.len().alias("files"), pl.col("unknown").fill_null(False).sum().alias("unknown"),
                       pl.col("error").is_not_null().sum().alias("errors")).collect()
@@ -212,6 +228,11 @@ def predict_on_ray(model: str | Path, inputs: list[str], out: str | Path, config
         else:
             with atomic_dir(out) as tmp:
                 ds.write_parquet(str(tmp), ray_remote_args={"num_cpus": IO_CPUS})
+    except Exception as e:
+        user = _user_error(e)
+        if user is None:
+            raise
+        raise ItfitsError(str(user)) from e  # what an actor refused (a table column none of whose values reads)
     finally:
         if started:
             import ray

@@ -121,6 +121,20 @@ def test_a_table_gives_the_local_rows(ray_cluster, table_run, tmp_path):
     assert "abc" in ray.filter(pl.col("row") == 3)["error"].item()
 
 
+def test_a_table_the_model_cannot_read_is_the_local_error(ray_cluster, table_run, tmp_path):
+    """An error an actor raises (a model column with no readable value) reaches the user as the local one does."""
+    from pipelines.errors import ItfitsError
+    csv = tmp_path / "words.csv"
+    pl.read_csv(PENGUINS).with_columns(bill_length_mm=pl.lit("long")).write_csv(csv)
+    with pytest.raises(ItfitsError) as local:
+        local_rows(table_run / "model", [str(csv)])
+    with pytest.raises(ItfitsError) as ray:
+        predict_on_ray(table_run / "model", [str(csv)], tmp_path / "out")
+    assert "column 'bill_length_mm'" in str(local.value) and "column 'bill_length_mm'" in str(ray.value)
+    assert "\x1b" not in str(ray.value) and "Traceback" not in str(ray.value), "the message, not Ray's wrapping"
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
 @pytest.mark.slow
 def test_audio_clips_with_bad_files_give_the_local_rows(ray_cluster, tmp_path):
     """A small audio bundle (3 clips a class of data/audio, 1 epoch at 48 px) on clips it has not seen, unknown clips
