@@ -216,7 +216,10 @@ def predict_on_ray(model: str | Path, inputs: list[str], out: str | Path, config
     from ray.data import ActorPoolStrategy
     try:
         ds = input_dataset(inputs, tabular=tabular, exts=bundle.input_exts, block=config.batch_size)
-        ds = ds.map_batches(Predictor, fn_constructor_args=(str(bundle.path),), fn_constructor_kwargs=asdict(config),
+        # Ray hands an actor one batch per call, and DataLoader workers would start afresh at every call: decode in
+        # the actor (image_batches' thread pool takes over where decoding is slow), unless --workers says otherwise
+        options = {**asdict(config), "num_workers": 0 if config.num_workers is None else config.num_workers}
+        ds = ds.map_batches(Predictor, fn_constructor_args=(str(bundle.path),), fn_constructor_kwargs=options,
                             batch_size=TABLE_BATCH if tabular else config.batch_size, batch_format="pyarrow",
                             compute=ActorPoolStrategy(size=_workers(gpus_per_worker, concurrency)),
                             num_gpus=gpus_per_worker or None)
