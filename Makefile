@@ -11,7 +11,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,ray]'  # ray: the Ray engine's tests (tests/test_ray.py)
 	touch $(STAMP)
 
 demo: install
@@ -35,7 +35,7 @@ browser:
 test: install browser
 	$(BIN)/python -m pytest -q -ra
 
-# Every benchmark with the command bench/BENCHMARKS.md gives for it (12 minutes on 2 cores); each prints its table.
+# Every benchmark with the command bench/BENCHMARKS.md gives for it (18 minutes on 2 cores); each prints its table.
 bench: install
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	OMP_NUM_THREADS=1 $(BIN)/python bench/unknown_scores.py --seeds 0,1
@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python bench/tabular_ingest.py --repeats 5
 	$(BIN)/python bench/table_sets.py && OMP_NUM_THREADS=1 $(BIN)/python bench/table_suite.py --seeds 0,1,2,3,4
 	$(BIN)/python bench/train_speed.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/ray_predict.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -286,7 +286,7 @@ TTA_HELP = ("Images: test-time augmentation, each image's outputs averaged with 
 def predict(
     model: Path = typer.Argument(..., help="Model bundle folder (RUN/model) or a run folder."),
     inputs: list[str] = typer.Argument(..., help="Files, folders (searched recursively) or glob patterns; for a tabular model, one CSV/Parquet table."),
-    out: Path = typer.Option(..., "--out", help="Predictions table: .csv or .parquet."),
+    out: Path = typer.Option(..., "--out", help="Predictions table: .csv or .parquet (--engine ray: a folder of Parquet part files, or one .parquet file)."),
     topk: int = typer.Option(3, help="How many top classes to list per file."),
     threshold: Optional[float] = typer.Option(None, help="Override the bundle's unknown threshold (on its score's scale)."),
     batch_size: int = typer.Option(64, help="Files per batch through the model."),
@@ -295,11 +295,23 @@ def predict(
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
     quiet: bool = QUIET,
     json_logs: bool = JSON_LOGS,
+    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data: this machine's cores, or a cluster with --address).", rich_help_panel="Many machines"),
+    address: Optional[str] = typer.Option(None, help="--engine ray: join the Ray cluster at this address (ray start --head prints it); default: start Ray on this machine.", rich_help_panel="Many machines"),
+    concurrency: Optional[int] = typer.Option(None, help="--engine ray: model copies (actors); default: one per GPU with --gpus-per-worker, else one per core.", rich_help_panel="Many machines"),
+    gpus_per_worker: float = typer.Option(0, help="--engine ray: GPUs each actor takes (e.g. 1, or 0.5 for two per GPU).", rich_help_panel="Many machines"),
 ):
     """Predict INPUTS with a trained bundle; rows the model should not trust are labelled unknown."""
     _logging(quiet, json_logs)
     from pipelines.bundle import load_bundle
     from pipelines.predict import PredictConfig, predict as run_predict, write_predictions
+    if engine not in ("local", "ray"):
+        raise ItfitsError(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local" and (address or concurrency is not None or gpus_per_worker):
+        raise ItfitsError("--address, --concurrency and --gpus-per-worker are options of --engine ray; add it")
+    if engine == "ray":
+        return _predict_on_ray(model, inputs, out, topk=topk, threshold=threshold, batch_size=batch_size,
+                               workers=workers, precision=precision, tta=tta, address=address,
+                               concurrency=concurrency, gpus_per_worker=gpus_per_worker)
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ItfitsError(f"--out must end in .csv or .parquet, got {out}")
     if topk < 1 or batch_size < 1:
@@ -318,6 +330,35 @@ def predict(
     counts = write_predictions(rows, out)
     say(f"{counts['files']} {bundle.modality.counted}, {counts['unknown']} unknown, {counts['errors']} errors; "
         f"written to {out}", "done", **counts, out=str(out))
+
+
+def _predict_on_ray(model: Path, inputs: list[str], out: Path, *, topk, threshold, batch_size, workers, precision, tta,
+                    address, concurrency, gpus_per_worker) -> None:
+    """`itfits predict --engine ray`: pipelines.ray_engine, Parquet out."""
+    from pipelines.precision import check_precision
+    from pipelines.predict import PredictConfig
+    from pipelines.ray_engine import import_ray, predict_on_ray
+    import_ray(local=address is None)  # first: without the extra, the one thing to say is how to install it
+    import logging
+    from ray.data import DataContext
+    DataContext.get_current().enable_progress_bars = False  # Ray Data logs a screenful every 10 s in a pipe
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if out.suffix.lower() == ".csv":
+        raise ItfitsError(f"--engine ray writes Parquet: --out a folder (part files) or a .parquet file, got {out}")
+    if topk < 1 or batch_size < 1:
+        raise ItfitsError("--topk and --batch-size must be at least 1")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ItfitsError(f"--threshold must be a finite number on the score's scale, got {threshold}")
+    check_workers(workers)
+    single = out.suffix.lower() == ".parquet"
+    check_output(out, folder=not single, inputs=inputs)
+    sweep_temps(out)
+    config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold,
+                           precision=check_precision(precision), tta=tta)
+    counts = predict_on_ray(model, inputs, out, config, address=address, concurrency=concurrency,
+                            gpus_per_worker=gpus_per_worker)
+    typer.echo(f"{counts['files']} rows, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}"
+               + ("" if single else " (Parquet part files)"))
 
 
 @app.command()

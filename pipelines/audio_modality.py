@@ -22,6 +22,7 @@ class AudioModality(ImageModality):
     options = MelConfig
     augment = False  # no flips, rotations or warps on spectrograms: time runs one way and a frequency has one height
     train_unit = " windows"
+    tta = False  # a spectrogram has a time direction: no mirror image (a clip's windows are averaged already)
 
     def claims(self, data: Path, target: str | None) -> bool:
         if target is not None:

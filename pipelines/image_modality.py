@@ -14,7 +14,7 @@ from .backbones import MAX_SIZE, MIN_SIZE, create_backbone, get_spec
 from .batches import image_batches
 from .bundle import PRECISIONS, RESIZE_METHODS, MAX_CLASSES, out_of_range, one_of
 from .errors import ItfitsError
-from .images import load_image
+from .images import ImagePreprocessing, load_image
 from .modality import Modality, register_modality
 from .predict import fast_path, predict_files
 from .sources import IMAGE_EXTS, check_files, check_image, read_source
@@ -26,6 +26,7 @@ class ImageModality(Modality):
     exts = frozenset(IMAGE_EXTS)
     augment = True  # flips, rotations, warps and lighting in training (fastai's aug_transforms)
     train_unit = ""  # what the training items are called in the run's log, when they are not the files
+    tta = True  # the left-right mirror image, which training's augmentation shows the model
 
     def claims(self, data: Path, target: str | None) -> bool:
         return target is None  # files of any kind: read_source then says what is missing
@@ -100,6 +101,9 @@ class ImageModality(Modality):
         return {"format_version": FORMAT_VERSION, "modality": self.name, "backbone": arch, "classes": list(classes),
                 "preprocessing": {**asdict(prep), **self.options_json(options)}, "training": training,
                 "versions": library_versions()}
+
+    def preprocessing(self, meta: dict) -> ImagePreprocessing:
+        return ImagePreprocessing.from_json(meta["preprocessing"])
 
     def rebuild(self, meta: dict):
         return create_backbone(meta["backbone"], num_classes=len(meta["classes"]), weights="none")

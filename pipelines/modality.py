@@ -38,6 +38,7 @@ class Modality:
     options: type | None = None  # its options dataclass (checks itself in __post_init__), FitConfig's field of it
     row_per_file: bool = True  # predict yields one row per input file (False: rows of input tables)
     evaluable: bool = True  # `itfits evaluate` takes labelled files of it (batches.file_outputs)
+    tta: bool = False  # test-time augmentation (--tta) has a view to average for its inputs
 
     # ---- which inputs it claims
     def claims(self, data: Path, target: str | None) -> bool:
@@ -64,6 +65,10 @@ class Modality:
 
     def rebuild(self, meta: dict) -> nn.Module:
         """The untrained model itfits.json describes (its weights are loaded after)."""
+        raise NotImplementedError
+
+    def preprocessing(self, meta: dict):
+        """The bundle's preprocessing object (what turns an input into the model's), from itfits.json."""
         raise NotImplementedError
 
     def bundle_options(self, meta: dict):

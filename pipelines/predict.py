@@ -3,7 +3,7 @@ Image bundles yield one dict per file; tabular bundles yield DataFrame chunks (i
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -12,13 +12,14 @@ import polars as pl
 import torch
 
 from .backbones import fold_batchnorm, get_spec
-from .bundle import Bundle
+from .batches import TTA_IMAGES_ONLY
+from .bundle import Bundle, load_bundle
 from .errors import ItfitsError
 from .images import ImagePreprocessing
 from .io import atomic_path, csv_unwritable, escape_formulas
 from .precision import Precision, resolve_precision
 from .sources import expand_inputs, text_path
-from .tabular import TabularPreprocessing, tabular_outputs
+from .tabular import tabular_outputs
 
 
 @dataclass
@@ -63,13 +64,6 @@ def regression_frame(values: np.ndarray, errors) -> pl.DataFrame:
         "score": pl.repeat(None, len(ok), dtype=pl.Float64, eager=True)})
 
 
-def prediction_rows(paths, probs: np.ndarray, scores: np.ndarray, unknown: np.ndarray, errors, classes, *, topk: int):
-    """Rows of the predictions table (DESIGN.md), one dict per file: path, then `prediction_frame`'s columns."""
-    frame = prediction_frame(probs, scores, unknown, errors, classes, topk=topk)
-    paths = pl.Series("path", [text_path(p) for p in paths], dtype=pl.String)  # file names that are not UTF-8 too
-    yield from frame.insert_column(0, paths).iter_rows(named=True)
-
-
 def table_predictions(bundle: Bundle, inputs: list[str], config: PredictConfig, *,
                       chunk: int = 65536) -> Iterator[pl.DataFrame]:
     """Prediction chunks for one CSV/Parquet table: every input column (typed as at training where it reads
@@ -78,32 +72,24 @@ def table_predictions(bundle: Bundle, inputs: list[str], config: PredictConfig, 
     if len(inputs) != 1:
         raise ItfitsError(f"a tabular model predicts one table at a time, got {len(inputs)} inputs: "
                           "itfits predict MODEL rows.csv --out preds.parquet")
-    prep = TabularPreprocessing.from_json(bundle.meta["preprocessing"])
-    table, parsed, errors = prep.read_rows(Path(inputs[0]))
+    predictor = Predictor(bundle, **asdict(config))
+    table, parsed, errors = predictor.prep.read_rows(Path(inputs[0]))
+    for start in range(0, max(table.height, 1), chunk):  # a table of no rows: the columns, with no rows
+        yield predictor.table_frame(table.slice(start, chunk), parsed.slice(start, chunk), errors.slice(start, chunk))
+
+
+def _rename_inputs(table: pl.DataFrame, classes: list[str]) -> pl.DataFrame:
+    """Input columns named like an output column get an `_input` suffix (or _input2, ... where that is taken)."""
     outputs = {"label", "prediction", "confidence", "unknown", "error", "score"} | {
-        f"top{j}{s}" for j in range(1, len(prep.classes) + 1) for s in ("", "_prob")}
+        f"top{j}{s}" for j in range(1, len(classes) + 1) for s in ("", "_prob")}
     taken, renamed = set(table.columns) | outputs, {}
-    for c in [c for c in table.columns if c in outputs]:  # <name>_input, or _input2, ... where that is taken
+    for c in [c for c in table.columns if c in outputs]:
         new, i = f"{c}_input", 2
         while new in taken:
             new, i = f"{c}_input{i}", i + 1
         renamed[c] = new
         taken.add(new)
-    table = table.rename(renamed)
-    for start in range(0, max(table.height, 1), chunk):  # a table of no rows: the columns, with no rows
-        logits, feats = tabular_outputs(bundle.model, *prep.encode(parsed.slice(start, chunk)))
-        if prep.task == "regression":
-            values = prep.decode_target(logits[:, 0])
-            finite = np.isfinite(values)
-        else:
-            probs, values, unknown = bundle.calibration.apply(logits, feats, threshold=config.threshold)
-            finite = np.isfinite(probs).all(1) & np.isfinite(values)
-        # values far beyond the training data's can overflow the model: an error, not a NaN or a confident label
-        errs = [e or (None if ok else "the model's outputs are not finite numbers: values far outside the training "
-                      "data's range") for e, ok in zip(errors.slice(start, chunk).to_list(), finite)]
-        out = (regression_frame(values, errs) if prep.task == "regression" else
-               prediction_frame(probs, values, unknown, errs, bundle.classes, topk=config.topk))
-        yield table.slice(start, chunk).hstack(out)
+    return table.rename(renamed)
 
 
 _FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a bundle's model -> its folded copy
@@ -132,23 +118,93 @@ def fast_path(bundle: Bundle, prep: ImagePreprocessing, precision: str = "auto")
             "channels_last": get_spec(arch).channels_last}
 
 
+class Predictor:
+    """The core of prediction: a bundle loaded once, then batches of inputs -> the predictions table's columns.
+
+    `predict` (the local engine) streams every input through one Predictor; the Ray engine (ray_engine.py) hands
+    the class to Ray Data's `map_batches`, which builds one per actor, so both engines give the same rows.
+    `options` are PredictConfig's fields (batch_size, precision, threshold, topk, tta, num_workers)."""
+
+    def __init__(self, bundle: Bundle | str | Path, **options):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.config = PredictConfig(**options)
+        self.modality = self.bundle.modality
+        if self.config.tta and not self.modality.tta:
+            raise ItfitsError(TTA_IMAGES_ONLY)
+        self.prep = self.modality.preprocessing(self.bundle.meta)
+        # files: the model, precision and memory format its batches run with (images: the folded fast path)
+        self.fast = self.modality.scoring(self.bundle, self.prep, self.config.precision) if self.files else None
+
+    @property
+    def files(self) -> bool:
+        """Whether the inputs are files, one row each (else rows of tables)."""
+        return self.modality.row_per_file
+
+    def frames(self, items: list[tuple[str, str | None]]) -> Iterator[pl.DataFrame]:
+        """Image or audio files, (path, error) pairs as `expand_inputs` lists them -> one frame per batch of
+        `config.batch_size`: path, then `prediction_frame`'s columns. A file with an error is not read."""
+        c = self.config
+        for paths, logits, features, errors in self.modality.batches(prep=self.prep, items=items,
+                                                                     options=self.bundle.options,
+                                                                     batch_size=c.batch_size,
+                                                                     num_workers=c.num_workers, tta=c.tta, **self.fast):
+            probs, scores, unknown = self.bundle.calibration.apply(logits, features, threshold=c.threshold)
+            frame = prediction_frame(probs, scores, unknown, errors, self.bundle.classes, topk=c.topk)
+            # file names that are not UTF-8 too
+            yield frame.insert_column(0, pl.Series("path", [text_path(p) for p in paths], dtype=pl.String))
+
+    def table_frame(self, table: pl.DataFrame, parsed: pl.DataFrame, errors: pl.Series) -> pl.DataFrame:
+        """Rows of a table (as read, the model's columns parsed, per-row errors: TabularPreprocessing.read_rows)
+        -> the table's columns, then `prediction_frame` (classification) or `regression_frame` columns."""
+        prep, bundle = self.prep, self.bundle
+        logits, feats = tabular_outputs(bundle.model, *prep.encode(parsed))
+        if prep.task == "regression":
+            values = prep.decode_target(logits[:, 0])
+            finite = np.isfinite(values)
+        else:
+            probs, values, unknown = bundle.calibration.apply(logits, feats, threshold=self.config.threshold)
+            finite = np.isfinite(probs).all(1) & np.isfinite(values)
+        # values far beyond the training data's can overflow the model: an error, not a NaN or a confident label
+        errs = [e or (None if ok else "the model's outputs are not finite numbers: values far outside the training "
+                      "data's range") for e, ok in zip(errors.to_list(), finite)]
+        out = (regression_frame(values, errs) if prep.task == "regression" else
+               prediction_frame(probs, values, unknown, errs, bundle.classes, topk=self.config.topk))
+        return _rename_inputs(table, prep.classes).hstack(out)
+
+    def __call__(self, batch):
+        """Ray Data's callable: a batch (a pyarrow Table, or a dict of columns) -> a pyarrow Table of the
+        predictions table's columns. Files: columns `path` and optionally `error` (set where listing found the
+        file unusable; such a file is not read). Tables: the rows of the table, as read (a CSV's columns as text)."""
+        df = pl.from_arrow(batch) if not isinstance(batch, dict) else pl.DataFrame(batch)
+        if not self.files:
+            out = self.table_frame(df, *self.prep.parse_rows(df))
+        else:
+            errors = df["error"] if "error" in df.columns else pl.repeat(None, df.height, dtype=pl.String, eager=True)
+            items = list(zip(df["path"].cast(pl.String).to_list(), errors.cast(pl.String).to_list()))
+            out = pl.concat(list(self.frames(items)), how="vertical_relaxed") if items else self.frames_schema()
+        # the oldest Arrow types (large_string, not string_view): what every Parquet reader takes
+        return out.to_arrow(compat_level=pl.CompatLevel.oldest())
+
+    def frames_schema(self) -> pl.DataFrame:
+        """The columns `frames` yields, with no rows (an empty batch)."""
+        k = min(self.config.topk, len(self.bundle.classes))
+        frame = prediction_frame(np.zeros((0, len(self.bundle.classes))), np.zeros(0), np.zeros(0, bool), [],
+                                 self.bundle.classes, topk=k)
+        return frame.insert_column(0, pl.Series("path", [], dtype=pl.String))
+
+
 def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictConfig()) -> Iterator[dict | pl.DataFrame]:
     """The predictions table's rows (DESIGN.md), yielded as batches finish, by the bundle's modality: one dict per
     input file (an audio clip is rendered with the bundle's mel parameters and gets one row), or DataFrame chunks
-    of an input table with its predictions (`table_predictions`)."""
+    of an input table with its predictions (`table_predictions`). Runs `Predictor`, as the Ray engine does."""
     yield from bundle.modality.predict(bundle, inputs, config)
 
 
 def predict_files(modality, bundle: Bundle, inputs: list[str], config: PredictConfig) -> Iterator[dict]:
-    """`predict` for a modality of files (images, audio): inputs expanded to its files, its batches, one row each."""
-    prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
-    items = expand_inputs(inputs, modality.exts)
-    for paths, logits, features, errors in modality.batches(prep=prep, items=items, options=bundle.options,
-                                                            batch_size=config.batch_size, num_workers=config.num_workers,
-                                                            tta=config.tta,
-                                                            **modality.scoring(bundle, prep, config.precision)):
-        probs, scores, unknown = bundle.calibration.apply(logits, features, threshold=config.threshold)
-        yield from prediction_rows(paths, probs, scores, unknown, errors, bundle.classes, topk=config.topk)
+    """`predict` for a modality of files (images, audio): inputs expanded to its files, one row each."""
+    predictor = Predictor(bundle, **asdict(config))
+    for frame in predictor.frames(expand_inputs(inputs, modality.exts)):
+        yield from frame.iter_rows(named=True)
 
 
 def write_predictions(rows: Iterator[dict | pl.DataFrame], out: Path, *, chunk: int = 1024) -> dict[str, int]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .batches import TTA_IMAGES_ONLY
 from .bundle import FORMAT_VERSION, library_versions
-from .errors import ItfitsError
 from .modality import Modality, register_modality
 from .predict import table_predictions
 from .sources import TABLE_EXTS
-from .tabular import TabularModelSpec, create_tabular_model
+from .tabular import TabularModelSpec, TabularPreprocessing, create_tabular_model
 
 
 class TableModality(Modality):
@@ -34,9 +32,10 @@ class TableModality(Modality):
         return lr_find_table(config)
 
     def predict(self, bundle, inputs, config):
-        if config.tta:
-            raise ItfitsError(TTA_IMAGES_ONLY)
         return table_predictions(bundle, inputs, config)
+
+    def preprocessing(self, meta: dict) -> TabularPreprocessing:
+        return TabularPreprocessing.from_json(meta["preprocessing"])
 
     def bundle_meta(self, prep, spec: TabularModelSpec, *, training: dict) -> dict:
         """itfits.json for a tabular model: the column schema, vocabularies, fill values and normalisation

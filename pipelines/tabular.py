@@ -21,7 +21,7 @@ from .columns import (_DTYPES, _ROW, _TRAIN, DEFAULT_LAYERS, NA, _from_text, _jo
                       _text_codes, _text_vocab, _too_large, date_columns, detect_dates, expand_dates, infer_columns,
                       infer_task, parse_columns)
 from .errors import ItfitsError, did_you_mean
-from .sources import read_table, stratified_valid, table_columns
+from .sources import NULL_VALUES, read_table, stratified_valid, table_columns
 
 # epochs of fit_one_cycle when --epochs is not given. On bench/table_suite.py (7 tables, 5 seeds; with the batch size
 # from the data size an epoch is 16-32 steps, and the best epoch's weights are kept): test accuracy over 5 tables,
@@ -162,11 +162,28 @@ class TabularPreprocessing:
             raise ItfitsError(f"{path} lacks column(s) the model was trained on: {', '.join(missing)}."
                               f"{hint} It has: {', '.join(names)}")
         table = read_table(path, strings=self.columns)  # CSV: model columns as text, parsed here with row errors
-        expanded, date_errors = expand_dates(table, self.dates, source=path)
-        parsed, errors, partly_bad = parse_columns(expanded, self.parse_dtypes, source=path)
-        errors = _join_errors([date_errors, errors], table.height)
+        parsed, errors, partly_bad = self._parse(table, source=path)
         clean = [c for c in self.inputs if c not in partly_bad and c in names]  # shown typed; partly bad ones as read
         return table.with_columns(parsed.select(clean)), parsed, errors
+
+    def parse_rows(self, table: pl.DataFrame, *, source: str = "the table") -> tuple[pl.DataFrame, pl.Series]:
+        """(the model's columns parsed, per-row error or null) of rows read elsewhere (a Ray Data batch; a CSV's
+        columns as text, where the words of sources.NULL_VALUES are missing values, as read_table reads them)."""
+        missing = [c for c in self.columns if c not in table.columns]
+        if missing:
+            raise ItfitsError(f"{source} lacks column(s) the model was trained on: {', '.join(missing)}. It has: "
+                              f"{', '.join(table.columns)}")
+        model = table.select(self.columns)
+        text = [c for c, t in model.schema.items() if t == pl.String]
+        model = model.with_columns(pl.when(pl.col(c).is_in(NULL_VALUES)).then(None).otherwise(pl.col(c)).alias(c)
+                                   for c in text)
+        parsed, errors, _ = self._parse(model, source=source)
+        return parsed, errors
+
+    def _parse(self, table: pl.DataFrame, *, source) -> tuple[pl.DataFrame, pl.Series, set]:
+        expanded, date_errors = expand_dates(table, self.dates, source=source)
+        parsed, errors, partly_bad = parse_columns(expanded, self.parse_dtypes, source=source)
+        return parsed, _join_errors([date_errors, errors], table.height), partly_bad
 
 
 # ---- the data stage of a run ------------------------------------------------------------------------------------
