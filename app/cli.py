@@ -226,7 +226,7 @@ TTA_HELP = ("Images: test-time augmentation, each image's outputs averaged with 
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="Model bundle folder (RUN/model) or a run folder."),
+    model: Path = typer.Argument(..., help="Model bundle folder (RUN/model), a run folder, or an .onnx file from itfits export."),
     inputs: list[str] = typer.Argument(..., help="Files, folders (searched recursively) or glob patterns; for a tabular model, one CSV/Parquet table."),
     out: Path = typer.Option(..., "--out", help="Predictions table: .csv or .parquet."),
     topk: int = typer.Option(3, help="How many top classes to list per file."),
@@ -236,8 +236,9 @@ def predict(
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (images; audio and tables run fp32). auto: the precision the model was trained in where this machine runs it faster, else fp32."),
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
-    """Predict INPUTS with a trained bundle; rows the model should not trust are labelled unknown."""
-    from pipelines.bundle import load_bundle
+    """Predict INPUTS with a trained bundle (or an .onnx file from itfits export, through onnxruntime); rows the
+    model should not trust are labelled unknown."""
+    from pipelines.export import load_model
     from pipelines.predict import PredictConfig, predict as run_predict, write_predictions
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ItfitsError(f"--out must end in .csv or .parquet, got {out}")
@@ -248,7 +249,7 @@ def predict(
     check_workers(workers)
     check_output(out, folder=False, inputs=inputs)
     sweep_temps(out)  # what a killed predict left beside --out
-    bundle = load_bundle(model)
+    bundle = load_model(model)
     from pipelines.precision import check_precision
     config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold,
                            precision=check_precision(precision), tta=tta)
@@ -284,6 +285,30 @@ def evaluate(
         typer.echo(f"AUROC known vs {m['n_unknown']} unknown files ({m['n_unknown_skipped']} unreadable skipped): "
                    + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in m["scores"].items()))
     typer.echo(f"written to {out}/ (metrics.json, reliability.png, risk_coverage.png)")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Model bundle folder (RUN/model) or a run folder; image and audio models."),
+    format: str = typer.Option(..., "--format", help="onnx or torchscript."),
+    out: Path = typer.Option(..., "--out", help="The file: .onnx for onnx, .pt for torchscript."),
+    check: Optional[list[str]] = typer.Option(None, "--check", help="Files, folders or globs to compare the file's outputs with the bundle's on (repeatable)."),
+):
+    """Write the model as one ONNX or TorchScript file: outputs logits and the features the unknown score reads;
+    classes, preprocessing, calibration and the unknown statistics in its metadata. itfits predict takes the .onnx."""
+    from pipelines.export import CHECK_TOLERANCE, export_bundle
+    check_output(out, folder=False, inputs=[model] + list(check or []))
+    done = export_bundle(model, out, fmt=format.lower(), check=check)
+    typer.echo(f"{out}: {done['format']}, {done['bytes'] / 1e6:.1f} MB; outputs logits (batch, {done['widths'][0]}) "
+               f"and features (batch, {done['widths'][1]}); matches the bundle on an example batch "
+               f"(largest difference {done['example_diff']:.1g} of the outputs' size)")
+    c = done["check"]
+    if c:
+        typer.echo(f"checked on {c['files']} files: largest differences logits {c['logits']:.2g}, features "
+                   f"{c['features']:.2g}, probabilities {c['probabilities']:.2g}, score {c['score']:.2g} (scores up to "
+                   f"{c['score_scale']:.3g}); labels differ on {c['labels_differ']}, unknown flags on "
+                   f"{c['unknown_differ']}; " + ("within" if c["within_tolerance"] else "BEYOND") + " the tolerance ("
+                   + ", ".join(f"{k.replace('_relative', ' relative')} {v:g}" for k, v in CHECK_TOLERANCE.items()) + ")")
 
 
 @app.command("audio-to-images")

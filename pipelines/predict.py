@@ -144,8 +144,12 @@ def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictCo
         return
     prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
     items = expand_inputs(inputs, bundle.input_exts)
-    # audio: the model as calibrated, fp32
-    fast = fast_path(bundle, prep, config.precision) if bundle.mel is None else {"model": bundle.scoring_model}
+    if "exported" in bundle.meta and config.precision not in ("auto", "fp32"):
+        raise ItfitsError(f"--precision {config.precision}: an exported model runs as it was exported (fp32); "
+                          "leave --precision out, or predict with the bundle folder")
+    # audio: the model as calibrated, fp32; an exported file (export.load_exported): folded and fp32 already
+    fast = (fast_path(bundle, prep, config.precision) if bundle.mel is None and "exported" not in bundle.meta
+            else {"model": bundle.scoring_model})
     for paths, logits, features, errors in file_batches(prep=prep, items=items, mel=bundle.mel,
                                                         batch_size=config.batch_size, num_workers=config.num_workers,
                                                         tta=config.tta, **fast):
