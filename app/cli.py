@@ -135,6 +135,7 @@ def fit(
     score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE}; tables: {TABLE_DEFAULT_SCORE})."),
     unknown: Optional[Path] = typer.Option(None, help="Examples of none of the classes (a folder; tabular: a table): they choose the score and threshold."),
     outlier_exposure: bool = typer.Option(False, "--outlier-exposure", help="Also train on the --unknown examples (images, audio), towards low confidence in every class."),
+    balance: str = typer.Option("auto", help="Imbalanced classes (images, audio): weights (class-weighted loss), sampler (fastai's weighted sampler), none, or auto: weights when the largest class has over 3x the training items of the smallest."),
     workers: Optional[int] = WORKERS,
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
@@ -172,7 +173,7 @@ def fit(
                        threshold=threshold, keep=keep, score=score, unknown=_text(unknown), num_workers=workers,
                        mel=mel, target=target, cat=_names(cat), cont=_names(cont), ignore=_names(ignore),
                        layers=_layers(layers), precision=precision, accum=accum, ema=ema, ema_decay=ema_decay,
-                       compile=compile, outlier_exposure=outlier_exposure)
+                       compile=compile, outlier_exposure=outlier_exposure, balance=balance)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     created = main and claim_run_folder(out, overwrite=overwrite, log=typer.echo)
     try:
@@ -275,7 +276,9 @@ def evaluate(
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
     rule, plain = m["unknown_rule"], m["plain_rule"]
-    typer.echo(f"accuracy {m['accuracy']:.3f} on {m['n_known']} files ({m['n_skipped']} unreadable skipped); ECE "
+    typer.echo(f"accuracy {m['accuracy']:.3f} (balanced {m['balanced_accuracy']:.3f}; recall per class "
+               + ", ".join(f"{c} {v['recall']:.2f}" for c, v in m["per_class"].items())
+               + f") on {m['n_known']} files ({m['n_skipped']} unreadable skipped); ECE "
                f"{m['ece']['uncalibrated']:.3f} -> {m['ece']['calibrated']:.3f} calibrated")
     typer.echo(f"{rule['score']} >= {rule['threshold']:.4g}: accepts {rule['correct_accepted']:.1%} of correct known items"
                + (f", {rule['unknown_accepted']:.1%} of unknowns" if "unknown_accepted" in rule else "")
