@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python bench/table_sets.py && OMP_NUM_THREADS=1 $(BIN)/python bench/table_suite.py --seeds 0,1,2,3,4
 	$(BIN)/python bench/train_speed.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/export_speed.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/imbalance.py --seeds 0,1
 
 clean:
 	rm -rf runs .pytest_cache

@@ -402,7 +402,8 @@ def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
         data = prepare_data(config, run)
         precision = resolve_precision(config.precision, arch=config.arch, size=data.prep.size)
         set_seed(config.seed)
-        learn = image_learner(data.dls, config.arch, weights=config.weights, path=run, precision=precision)
+        learn = image_learner(data.dls, config.arch, weights=config.weights, path=run, precision=precision,
+                              class_weights=data.balance.loss_weights(data.classes))  # the loss fit trains with
     return find_lr(learn, run, num_it=config.lr_find_iters)
 
 
