@@ -11,7 +11,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test,ray]'  # ray: the Ray engine's tests (tests/test_ray.py)
+	$(BIN)/python -m pip install -q -e '.[test,ray,export]'  # ray, export: the tests of --engine ray and itfits export
 	touch $(STAMP)
 
 demo: install
@@ -44,6 +44,8 @@ bench: install
 	$(BIN)/python bench/table_sets.py && OMP_NUM_THREADS=1 $(BIN)/python bench/table_suite.py --seeds 0,1,2,3,4
 	$(BIN)/python bench/train_speed.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/ray_predict.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/export_speed.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/imbalance.py --seeds 0,1
 
 clean:
 	rm -rf runs .pytest_cache

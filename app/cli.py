@@ -144,6 +144,7 @@ def fit(
     score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE}; tables: {TABLE_DEFAULT_SCORE})."),
     unknown: Optional[Path] = typer.Option(None, help="Examples of none of the classes (a folder; tabular: a table): they choose the score and threshold."),
     outlier_exposure: bool = typer.Option(False, "--outlier-exposure", help="Also train on the --unknown examples (images, audio), towards low confidence in every class."),
+    balance: str = typer.Option("auto", help="Imbalanced classes (images, audio): weights (class-weighted loss), sampler (fastai's weighted sampler), none, or auto: weights when the largest class has over 3x the training items of the smallest."),
     workers: Optional[int] = WORKERS,
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
@@ -183,7 +184,7 @@ def fit(
                        threshold=threshold, keep=keep, score=score, unknown=_text(unknown), num_workers=workers,
                        mel=mel, target=target, cat=_names(cat), cont=_names(cont), ignore=_names(ignore),
                        layers=_layers(layers), precision=precision, accum=accum, ema=ema, ema_decay=ema_decay,
-                       compile=compile, outlier_exposure=outlier_exposure)
+                       compile=compile, outlier_exposure=outlier_exposure, balance=balance)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     created = main and claim_run_folder(out, overwrite=overwrite, log=say)
     try:
@@ -284,7 +285,7 @@ TTA_HELP = ("Images: test-time augmentation, each image's outputs averaged with 
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="Model bundle folder (RUN/model) or a run folder."),
+    model: Path = typer.Argument(..., help="Model bundle folder (RUN/model), a run folder, or an .onnx file from itfits export."),
     inputs: list[str] = typer.Argument(..., help="Files, folders (searched recursively) or glob patterns; for a tabular model, one CSV/Parquet table."),
     out: Path = typer.Option(..., "--out", help="Predictions table: .csv or .parquet (--engine ray: a folder of Parquet part files, or one .parquet file)."),
     topk: int = typer.Option(3, help="How many top classes to list per file."),
@@ -300,9 +301,10 @@ def predict(
     concurrency: Optional[int] = typer.Option(None, help="--engine ray: model copies (actors); default: one per GPU with --gpus-per-worker, else one per core.", rich_help_panel="Many machines"),
     gpus_per_worker: float = typer.Option(0, help="--engine ray: GPUs each actor takes (e.g. 1, or 0.5 for two per GPU).", rich_help_panel="Many machines"),
 ):
-    """Predict INPUTS with a trained bundle; rows the model should not trust are labelled unknown."""
+    """Predict INPUTS with a trained bundle (or an .onnx file from itfits export, through onnxruntime); rows the
+    model should not trust are labelled unknown."""
     _logging(quiet, json_logs)
-    from pipelines.bundle import load_bundle
+    from pipelines.export import load_model
     from pipelines.predict import PredictConfig, predict as run_predict, write_predictions
     if engine not in ("local", "ray"):
         raise ItfitsError(f"--engine must be local or ray, got {engine!r}")
@@ -321,7 +323,7 @@ def predict(
     check_workers(workers)
     check_output(out, folder=False, inputs=inputs)
     sweep_temps(out)  # what a killed predict left beside --out
-    bundle = load_bundle(model)
+    bundle = load_model(model)
     from pipelines.precision import check_precision
     config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold,
                            precision=check_precision(precision), tta=tta)
@@ -379,7 +381,9 @@ def evaluate(
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
     rule, plain = m["unknown_rule"], m["plain_rule"]
-    typer.echo(f"accuracy {m['accuracy']:.3f} on {m['n_known']} files ({m['n_skipped']} unreadable skipped); ECE "
+    typer.echo(f"accuracy {m['accuracy']:.3f} (balanced {m['balanced_accuracy']:.3f}; recall per class "
+               + ", ".join(f"{c} {v['recall']:.2f}" for c, v in m["per_class"].items())
+               + f") on {m['n_known']} files ({m['n_skipped']} unreadable skipped); ECE "
                f"{m['ece']['uncalibrated']:.3f} -> {m['ece']['calibrated']:.3f} calibrated")
     typer.echo(f"{rule['score']} >= {rule['threshold']:.4g}: accepts {rule['correct_accepted']:.1%} of correct known items"
                + (f", {rule['unknown_accepted']:.1%} of unknowns" if "unknown_accepted" in rule else "")
@@ -389,6 +393,30 @@ def evaluate(
         typer.echo(f"AUROC known vs {m['n_unknown']} unknown files ({m['n_unknown_skipped']} unreadable skipped): "
                    + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in m["scores"].items()))
     typer.echo(f"written to {out}/ (metrics.json, reliability.png, risk_coverage.png)")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Model bundle folder (RUN/model) or a run folder; image and audio models."),
+    format: str = typer.Option(..., "--format", help="onnx or torchscript."),
+    out: Path = typer.Option(..., "--out", help="The file: .onnx for onnx, .pt for torchscript."),
+    check: Optional[list[str]] = typer.Option(None, "--check", help="Files, folders or globs to compare the file's outputs with the bundle's on (repeatable)."),
+):
+    """Write the model as one ONNX or TorchScript file: outputs logits and the features the unknown score reads;
+    classes, preprocessing, calibration and the unknown statistics in its metadata. itfits predict takes the .onnx."""
+    from pipelines.export import CHECK_TOLERANCE, export_bundle
+    check_output(out, folder=False, inputs=[model] + list(check or []))
+    done = export_bundle(model, out, fmt=format.lower(), check=check)
+    typer.echo(f"{out}: {done['format']}, {done['bytes'] / 1e6:.1f} MB; outputs logits (batch, {done['widths'][0]}) "
+               f"and features (batch, {done['widths'][1]}); matches the bundle on an example batch "
+               f"(largest difference {done['example_diff']:.1g} of the outputs' size)")
+    c = done["check"]
+    if c:
+        typer.echo(f"checked on {c['files']} files: largest differences logits {c['logits']:.2g}, features "
+                   f"{c['features']:.2g}, probabilities {c['probabilities']:.2g}, score {c['score']:.2g} (scores up to "
+                   f"{c['score_scale']:.3g}); labels differ on {c['labels_differ']}, unknown flags on "
+                   f"{c['unknown_differ']}; " + ("within" if c["within_tolerance"] else "BEYOND") + " the tolerance ("
+                   + ", ".join(f"{k.replace('_relative', ' relative')} {v:g}" for k, v in CHECK_TOLERANCE.items()) + ")")
 
 
 @app.command("audio-to-images")

@@ -430,6 +430,8 @@ def forward_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     the body's last stage, averaged over positions | (WithReference) the same stage input of the pretrained
     reference body]. The second part is more generic than the head's: unknowns that the fine-tuned head maps close
     to a class often stand out there, and more so in the reference, which fine-tuning did not change."""
+    if getattr(model, "returns_features", False):  # an exported file's network (export.ExportedModel): both already
+        return model(x)
     if isinstance(model, WithReference):
         logits, features = forward_features(model.model, x)
         return logits, torch.cat([features, stage_features(model.reference, x).to(features.dtype)], 1)

@@ -11,7 +11,7 @@ from .bundle import load_bundle
 from .errors import ItfitsError
 from .images import ImagePreprocessing
 from .io import write_json
-from .metrics import accepted_at_rate, auroc, expected_calibration_error, fpr_at_tpr, nll, per_class, softmax
+from .metrics import accepted_at_rate, auroc, balanced_accuracy, expected_calibration_error, fpr_at_tpr, nll, per_class, softmax
 from .plots import plot_reliability, plot_risk_coverage
 from .sources import read_source
 from .unknown import compute_scores
@@ -65,6 +65,7 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
         "n_known": int(len(targets)),
         "n_skipped": n_files - int(len(targets)),  # files of DATA that could not be read
         "accuracy": float(correct.mean()),
+        "balanced_accuracy": balanced_accuracy(targets, preds),
         "per_class": per_class(targets, preds, classes),
         "nll": {"uncalibrated": nll(logits, targets), "calibrated": nll(logits, targets, calib.temperature)},
         "ece": {"uncalibrated": expected_calibration_error(softmax(logits), targets),

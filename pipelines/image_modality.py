@@ -64,6 +64,11 @@ class ImageModality(Modality):
 
     def scoring(self, bundle, prep, precision: str) -> dict:
         """The model, precision and memory format `batches` runs a bundle with at prediction."""
+        if "exported" in bundle.meta:  # export.load_exported: folded and fp32 already, run by onnxruntime
+            if precision not in ("auto", "fp32"):
+                raise ItfitsError(f"--precision {precision}: an exported model runs as it was exported (fp32); "
+                                  "leave --precision out, or predict with the bundle folder")
+            return {"model": bundle.scoring_model}
         return fast_path(bundle, prep, precision)
 
     def predict(self, bundle, inputs, config):

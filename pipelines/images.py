@@ -170,12 +170,13 @@ OUTLIER = "\x00none of the classes"  # the label of --outlier-exposure examples:
 
 def image_dataloaders(items: pl.DataFrame, *, classes: list[str], prep: ImagePreprocessing, bs: int,
                       augment: bool = True, num_workers: int | None = None, cache: bool | None = None,
-                      outliers: pl.DataFrame | None = None, load=load_image):
+                      outliers: pl.DataFrame | None = None, load=load_image, weigh=None):
     """fastai DataLoaders over the usable rows of an items table (rows with an error are left out), files read
     with `load` (path, gray=...) -> PIL image (the modality's).
     cache: decode and resize every image once, up front (DecodedImages); None: when they fit in CACHE_MAX_BYTES.
     num_workers None: see loader_workers. outliers: training items of none of the classes (label OUTLIER), which
-    become the vocabulary's last entry, after `classes`."""
+    become the vocabulary's last entry, after `classes`. weigh: the items' labels -> a sampling weight per item
+    (balance.Balance.item_weights), or None: the training set is drawn by fastai's WeightedDL with them."""
     if outliers is not None and outliers.height:
         items = pl.concat([items.select("path", "label", "split", "error"),
                            outliers.select("path", "label", "split", "error")])
@@ -199,4 +200,8 @@ def image_dataloaders(items: pl.DataFrame, *, classes: list[str], prep: ImagePre
                       splitter=FuncSplitter(_is_valid), item_tfms=item_tfms, batch_tfms=batch_tfms)
     n_train = sum(not r.is_valid for r in rows)
     workers = loader_workers(cached=cache) if num_workers is None else num_workers
+    weights = weigh([r.label for r in rows]) if weigh else None
+    if weights is not None:
+        import fastai.callback.data  # noqa: F401  fastai @patches DataBlock.weighted_dataloaders there
+        return block.weighted_dataloaders(rows, wgts=weights, bs=min(bs, n_train), num_workers=workers)
     return block.dataloaders(rows, bs=min(bs, n_train), num_workers=workers)

@@ -16,6 +16,7 @@ from fastai.torch_core import to_float
 from torch.optim.adamw import adamw
 
 from .backbones import create_backbone, get_spec
+from .balance import balance_metrics
 from .errors import ItfitsError, ItfitsWarning
 from .precision import Precision
 from .tabular import create_tabular_model
@@ -236,10 +237,13 @@ def uncompile(model) -> None:
 
 
 def image_learner(dls, arch: str, *, weights: str = "auto", path: Path | str = ".", precision: Precision | None = None,
-                  accum: int = 1, ema: bool = False, ema_decay: float | None = None, compile: bool = False):
+                  accum: int = 1, ema: bool = False, ema_decay: float | None = None, compile: bool = False,
+                  class_weights: torch.Tensor | None = None):
     """A fastai Learner for image classification on `dls` with the registered backbone `arch`, with the training
     controls as callbacks: `precision` (None: fp32; see precision.resolve_precision), channels-last for conv nets,
-    `accum` micro-batches per step, an EMA of the weights, torch.compile; fastai's Adam, multi-tensor."""
+    `accum` micro-batches per step, an EMA of the weights, torch.compile; fastai's Adam, multi-tensor.
+    `class_weights`: cross-entropy weights per class (balance.Balance.loss_weights). Metrics: accuracy, balanced
+    accuracy and per-class recall (balance.balance_metrics)."""
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
@@ -254,8 +258,12 @@ def image_learner(dls, arch: str, *, weights: str = "auto", path: Path | str = "
         cbs.append(TorchCompile(precision=precision, channels_last=spec.channels_last))
     if ema:
         cbs.append(ema_callback(final_decay=ema_decay))
-    loss = OutlierExposureLoss(len(dls.vocab) - 1) if exposure else CrossEntropyLossFlat()
-    return Learner(dls, model, loss_func=loss, metrics=accuracy, splitter=body_head_split,
+    classes = list(dls.vocab)[:len(dls.vocab) - exposure]
+    if class_weights is not None:  # the Learner moves the model to the data's device, not the loss
+        class_weights = class_weights.to(dls.device)
+    loss = (OutlierExposureLoss(len(classes), class_weights=class_weights) if exposure else
+            CrossEntropyLossFlat(weight=class_weights))
+    return Learner(dls, model, loss_func=loss, metrics=[accuracy, *balance_metrics(classes)], splitter=body_head_split,
                    path=Path(path), model_dir="checkpoints", cbs=cbs, opt_func=FusedAdam)
 
 
@@ -268,14 +276,16 @@ class OutlierExposureLoss(torch.nn.Module):
     them (target == n_classes), each a mean over its own items of the batch. The model learns low confidence, and
     features apart from the classes', on what is none of them."""
 
-    def __init__(self, n_classes: int, weight: float = OUTLIER_WEIGHT):
+    def __init__(self, n_classes: int, weight: float = OUTLIER_WEIGHT, class_weights: torch.Tensor | None = None):
         super().__init__()
         self.n_classes, self.weight = n_classes, weight
+        self.class_weights = class_weights  # --balance weights (on the data's device), or None
 
     def forward(self, logits, target):
         logp = torch.log_softmax(logits.float(), dim=-1)
         known = target < self.n_classes
-        loss = torch.nn.functional.nll_loss(logp[known], target[known]) if known.any() else logp.sum() * 0
+        loss = (torch.nn.functional.nll_loss(logp[known], target[known], weight=self.class_weights) if known.any()
+                else logp.sum() * 0)
         if not known.all():
             loss = loss - self.weight * logp[~known].mean()
         return loss

@@ -83,6 +83,12 @@ def per_class(targets: np.ndarray, preds: np.ndarray, classes: list[str]) -> dic
     return out
 
 
+def balanced_accuracy(targets: np.ndarray, preds: np.ndarray) -> float:
+    """The mean recall over the classes `targets` holds (scikit-learn's balanced_accuracy_score)."""
+    present = np.unique(targets)
+    return float(np.mean([(preds[targets == c] == c).mean() for c in present])) if len(present) else float("nan")
+
+
 def regression_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
     """Validation RMSE, MAE and R² in the target's units (run.json's results)."""
     err = pred - truth

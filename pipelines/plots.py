@@ -118,10 +118,13 @@ def plot_losses(history: pl.DataFrame, path: Path) -> None:
 
 def losses_figure(history: pl.DataFrame):
     """Train/valid loss per epoch, then each validation metric on its own axis (accuracy 0..1 beside a loss of 2
-    would be a flat line); throughput (images/s) left out. The frozen (head-only) epochs of fine_tune shaded."""
+    would be a flat line), the per-class recalls (balance.balance_metrics: `recall_<class>`) together on one;
+    throughput (images/s) left out. The frozen (head-only) epochs of fine_tune shaded."""
     epochs = history["epoch"].to_numpy()
-    metrics = [c for c in history.columns if c not in ("epoch", "phase", "train_loss", "valid_loss", *THROUGHPUT)]
-    fig, axes = _figure_axes(1 + len(metrics), figsize=(4.5 * (1 + len(metrics)), 3.8))
+    recalls = [c for c in history.columns if c.startswith("recall_")]
+    metrics = [c for c in history.columns
+               if c not in ("epoch", "phase", "train_loss", "valid_loss", *THROUGHPUT, *recalls)]
+    fig, axes = _figure_axes(1 + len(metrics) + bool(recalls), figsize=(4.5 * (1 + len(metrics) + bool(recalls)), 3.8))
     for col in ("train_loss", "valid_loss"):
         if col in history.columns:
             axes[0].plot(epochs, history[col].to_numpy(), "o-", label=col.replace("_", " "))
@@ -129,6 +132,10 @@ def losses_figure(history: pl.DataFrame):
     for ax, col in zip(axes[1:], metrics):
         ax.plot(epochs, history[col].to_numpy(), "o-", color="C2", label=col.replace("_", " "))
         ax.set(xlabel="epoch", ylabel=col.replace("_", " "), title=f"validation {col.replace('_', ' ')}")
+    for col in recalls:
+        axes[-1].plot(epochs, history[col].to_numpy(), "o-", label=col.removeprefix("recall_"))
+    if recalls:
+        axes[-1].set(xlabel="epoch", ylabel="recall", title="validation recall per class")
     frozen = epochs[(history["phase"] == "frozen").to_numpy()] if "phase" in history.columns else []
     for ax in axes:
         if len(frozen):

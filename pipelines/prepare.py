@@ -14,6 +14,7 @@ from fastai.data.load import DataLoader
 from fastai.torch_core import default_device, set_seed
 
 from .backbones import get_spec
+from .balance import Balance, choose_balance
 from .distributed import is_main
 from .errors import ItfitsError
 from .images import OUTLIER, ImagePreprocessing, choose_batch_size, image_dataloaders
@@ -37,6 +38,7 @@ class Prepared:
     dls: object  # fastai DataLoaders over the images the Learner sees (audio: one per window of a clip)
     options: object = None  # the modality's options resolved from the data (audio: the MelConfig), for the bundle
     n_outliers: int = 0  # --outlier-exposure: training items of none of the classes (audio: windows)
+    balance: Balance | None = None  # what the run does about its class counts (--balance)
 
 
 def prepare_data(modality: Modality, config: FitConfig, run: Path, log=print) -> Prepared:
@@ -53,12 +55,17 @@ def prepare_data(modality: Modality, config: FitConfig, run: Path, log=print) ->
         write_table(files.filter(pl.col("error").is_not_null()).select("path", "label", "error"), run / "skipped.csv")
     classes = require_classes(files)
     prep = ImagePreprocessing(size=config.size or spec.input_size, mean=spec.mean, std=spec.std)
-    n_train = items.filter(pl.col("error").is_null() & (pl.col("split") == "train")).height
+    train = items.filter(pl.col("error").is_null() & (pl.col("split") == "train"))
+    n_train = train.height
     bs = config.bs or choose_batch_size(n_train)
+    # counted on what the Learner trains on: images, or audio windows (a long clip gives many)
+    counts = dict(train.group_by("label").len().iter_rows())
+    balance = choose_balance({c: counts.get(c, 0) for c in classes}, config.balance)
     dls = image_dataloaders(items, classes=classes, prep=prep, bs=bs, augment=modality.augment,
-                            num_workers=config.num_workers, outliers=outliers, load=modality.load)
+                            num_workers=config.num_workers, outliers=outliers, load=modality.load,
+                            weigh=balance.item_weights)
     return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, options=options,
-                    n_outliers=0 if outliers is None else outliers.height)
+                    n_outliers=0 if outliers is None else outliers.height, balance=balance)
 
 
 def outlier_items(modality: Modality, config: FitConfig, options, log=print) -> pl.DataFrame:

@@ -17,7 +17,7 @@ from fastcore.xml import (H1, H2, H3, Body, Details, Div, Head, Html, Img, Li, M
 from .errors import ItfitsWarning
 from .images import load_image
 from .io import atomic_path, write_table
-from .metrics import confusion_matrix, item_losses, per_class, softmax
+from .metrics import balanced_accuracy, confusion_matrix, item_losses, per_class, softmax
 from .plots import plot_losses, plot_predicted_vs_actual, plot_reliability, plot_risk_coverage, write_confusion_matrix
 
 
@@ -264,7 +264,13 @@ def _classification_part(run: Path, summary: dict, valid: Validation, top: pl.Da
                 run / "risk_coverage.png", threshold=calib.get("threshold"))
     pc_table = pl.DataFrame([{"class": c, **m} for c, m in per_class(valid.targets, preds, classes).items()])
     guarded(notes, "per_class.csv", write_table, pc_table, run / "per_class.csv")
-    look = [f"accuracy {float((preds == valid.targets).mean()):.3f} on {len(preds)} validation items"]
+    recalls = pc_table.sort("recall").row(0, named=True)
+    look = [f"accuracy {float((preds == valid.targets).mean()):.3f}, balanced accuracy (mean recall per class) "
+            f"{balanced_accuracy(valid.targets, preds):.3f} on {len(preds)} validation items; lowest recall: "
+            f"{recalls['class']} {recalls['recall']:.2f} (the per-class table below)"]
+    balance = summary["resolved"].get("balance")
+    if balance:
+        look.append(f"class balance: {balance['method']} ({balance['reason']})")
     off = cm - np.diag(np.diag(cm))
     if off.any():
         i, j = np.unravel_index(np.argmax(off), off.shape)

@@ -13,6 +13,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.torch_core import set_seed
 
 from .audio import MelConfig
+from .balance import check_balance
 from .backbones import WithReference, check_size, check_weights, create_body, get_spec
 from .bundle import save_bundle
 from .calibration import calibrate_images, calibrate_table, calibration_line, unknown_rows
@@ -24,7 +25,7 @@ from .images import check_workers
 from .io import write_json, write_table
 from .learners import check_accumulation, effective_batch, find_ema, image_learner
 from .logs import emit
-from .metrics import regression_metrics
+from .metrics import balanced_accuracy, per_class, regression_metrics
 from .modality import Modality, file_exts, modality_for
 from .precision import check_precision, resolve_precision
 from .prepare import prepare_data, prepare_tabular
@@ -56,6 +57,7 @@ class FitConfig:
     score: str | None = None  # unknown score; None: best on --unknown examples if given, else the default
     unknown: str | None = None  # folder of examples of none of the classes: they choose the score and threshold
     outlier_exposure: bool = False  # also train on the --unknown examples, towards uniform class probabilities
+    balance: str = "auto"  # auto | weights | sampler | none: imbalanced classes (balance.py); auto: weights past 3x
     num_workers: int | None = None  # None: images.loader_workers (none on CPU-only machines of <= 4 cores; audio rendering: every core)
     lr_find_iters: int = 100
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16/fp16 on GPUs, bf16 on CPUs where it is faster
@@ -78,6 +80,7 @@ class FitConfig:
         if isinstance(self.mel, dict):  # from run.json / checkpoints/config.json
             self.mel = MelConfig.from_json(self.mel)
         check_precision(self.precision)
+        check_balance(self.balance)
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ItfitsError(f"--ema-decay must be between 0 and 1, got {self.ema_decay}")
         self.ema = self.ema or self.ema_decay is not None  # a decay implies the EMA
@@ -105,6 +108,8 @@ class FitConfig:
                               f"{', '.join(SCORES)}")
         if self.layers is not None and (not self.layers or min(self.layers) < 1):
             raise ItfitsError(f"--layers sizes must be at least 1, got {','.join(map(str, self.layers))!r}")
+        if self.target is not None and self.balance not in ("auto", "none"):
+            raise ItfitsError(f"--balance {self.balance} is for images and audio for now; a table trains unbalanced")
         if self.outlier_exposure and (self.unknown is None or self.target is not None):
             raise ItfitsError("--outlier-exposure trains on the --unknown examples of an image or audio fit: "
                               + ("give --unknown DIR" if self.target is None else "tables have no such training"))
@@ -233,8 +238,10 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
     precision = resolve_precision(state["precision"] if state else config.precision, arch=config.arch, size=prep.size)
     log(f"precision {precision.name} ({precision.reason})")
     set_seed(config.seed)
+    log(data.balance.line())
     learn = image_learner(dls, config.arch, weights=config.weights, path=run, precision=precision, accum=config.accum,
-                          ema=config.ema, ema_decay=config.ema_decay, compile=config.compile)
+                          ema=config.ema, ema_decay=config.ema_decay, compile=config.compile,
+                          class_weights=data.balance.loss_weights(classes))
     if not main:  # one progress bar and log, from rank 0
         learn.remove_cb(ProgressCallback)
         learn.logger = lambda *a, **k: None
@@ -267,7 +274,7 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
                 "compile_error": compiler.failed if compiler else None,
                 "num_workers": dls.train.fake_l.num_workers,  # fastai keeps the process count there
                 "world_size": world, "resumed_after_epoch": state["epoch"] if state else None,
-                "n_outlier_exposure": data.n_outliers}
+                "n_outlier_exposure": data.n_outliers, "balance": data.balance.json()}
     return TrainedImages(learn=learn, items=items, classes=classes, prep=prep, history=history, resolved=resolved,
                          precision=precision, started=t0, options=data.options, check=checked)
 
@@ -282,6 +289,7 @@ def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, 
                                                         options=trained.options, precision=trained.precision)
     preds = valid["logits"].argmax(1)
     accuracy = float((preds == valid["targets"]).mean())
+    recalls = {c: m["recall"] for c, m in per_class(valid["targets"], preds, classes).items()}
     emit(log, "calibration", calibration_line(calibration, calib_report), **calib_report)
     checked = trained.check and mislabelled_at_fit(trained.check, trained.items, valid, classes, run,
                                                    seed=config.seed, log=log)
@@ -289,7 +297,8 @@ def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, 
     summary = {
         "config": asdict(config),
         "resolved": {**trained.resolved, **modality.resolved_json(trained.options, n_valid=len(valid["targets"]))},
-        "results": {"valid_accuracy": accuracy, "valid_loss": float(history["valid_loss"][-1]),
+        "results": {"valid_accuracy": accuracy, "valid_balanced_accuracy": balanced_accuracy(valid["targets"], preds),
+                    "valid_recall": recalls, "valid_loss": float(history["valid_loss"][-1]),
                     "seconds": round(time.perf_counter() - trained.started, 1)},
         "calibration": calib_report,
         **({"check": checked.json()} if checked else {}),
@@ -304,8 +313,10 @@ def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, 
     report = guarded([], "report.html", write_report, run, summary, history, Validation(
         logits=valid["logits"], targets=valid["targets"], names=valid["paths"], probs=probs, scores=scores,
         images=images), defaults=config_defaults())
-    emit(log, "done", f"valid accuracy {accuracy:.3f}; model bundle in {run / 'model'}; report: "
-         f"{report or 'not written'}", valid_accuracy=accuracy, run=str(run))
+    balanced = summary["results"]["valid_balanced_accuracy"]
+    emit(log, "done", f"valid accuracy {accuracy:.3f}, balanced accuracy {balanced:.3f}; model bundle in "
+         f"{run / 'model'}; report: {report or 'not written'}", valid_accuracy=accuracy,
+         valid_balanced_accuracy=balanced, run=str(run))
     return summary
 
 
@@ -402,7 +413,8 @@ def lr_find_files(modality: Modality, config: FitConfig) -> tuple[float, dict[st
     data = prepare_data(modality, config, run)
     precision = resolve_precision(config.precision, arch=config.arch, size=data.prep.size)
     set_seed(config.seed)
-    learn = image_learner(data.dls, config.arch, weights=config.weights, path=run, precision=precision)
+    learn = image_learner(data.dls, config.arch, weights=config.weights, path=run, precision=precision,
+                          class_weights=data.balance.loss_weights(data.classes))  # the loss fit trains with
     return find_lr(learn, run, num_it=config.lr_find_iters)
 
 

@@ -145,7 +145,8 @@ def find_lr(learn, out_dir: Path | None = None, *, num_it: int = 100) -> tuple[f
     loss = learn.loss_func
     if isinstance(loss, OutlierExposureLoss):  # the suggestions read the loss of the classes' items alone: the
         # outlier term rises as the model learns the classes, and the loss's minimum came in the first steps
-        learn.loss_func = OutlierExposureLoss(loss.n_classes, weight=0)  # (minimum 7.6e-8 on the suite's icons)
+        learn.loss_func = OutlierExposureLoss(loss.n_classes, weight=0, class_weights=loss.class_weights)  # (minimum
+        # 7.6e-8 on the suite's icons)
     follow_log_mode(learn)
     try:
         res = learn.lr_find(suggest_funcs=tuple(map(_tolerant, (minimum, steep, valley, slide))), show_plot=False,

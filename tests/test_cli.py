@@ -408,7 +408,7 @@ def test_backbones_pattern_matching_none_is_an_error_with_the_way_out():
 
 
 def test_help_runs_for_every_command():
-    for cmd in ("fit", "lr-find", "predict", "backbones"):
+    for cmd in ("fit", "lr-find", "predict", "backbones", "export"):
         proc = run_here(cmd, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout, cmd
 
