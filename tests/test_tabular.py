@@ -522,11 +522,11 @@ def test_held_out_species_is_flagged_unknown(tmp_path):
 
 
 def test_cli_splits_names_and_rejects_table_flags_without_target():
-    from app.cli import _layers, _names
-    assert _names(["a,b", " c ", "d,"]) == ["a", "b", "c", "d"] and _names(None) is None
-    assert _layers("64,32") == [64, 32]
+    from app.options import parse_layers, parse_names
+    assert parse_names(["a,b", " c ", "d,"]) == ["a", "b", "c", "d"] and parse_names(None) is None
+    assert parse_layers("64,32") == [64, 32]
     with pytest.raises(ItfitsError, match="--layers"):
-        _layers("big")
+        parse_layers("big")
     from typer.testing import CliRunner
     from app.cli import app
     res = CliRunner().invoke(app, ["fit", str(PENGUINS), "--cat", "island"])
