@@ -210,7 +210,7 @@ def predict(
     threshold: Optional[float] = typer.Option(None, help="Override the bundle's unknown threshold (on its score's scale)."),
     batch_size: int = typer.Option(64, help="Files per batch through the model."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
-    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (images; audio and tables run fp32). auto: the precision the model was trained in where this machine runs it faster, else fp32."),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (images; audio and tables run fp32). auto: the precision the model was trained in where this machine has it in hardware, else fp32."),
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
     quiet: bool = QUIET,
     json_logs: bool = JSON_LOGS,

@@ -85,6 +85,34 @@ def resolve_precision(requested: str, *, arch: str, size: int, train: bool = Tru
 
 
 @functools.cache
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo; None where that file
+    does not say (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def prediction_precision(trained: str, *, arch: str, size: int, device: torch.device | str) -> Precision:
+    """`auto` at prediction: the precision the model was trained and calibrated in, where this machine has it in
+    hardware, else fp32. Not timed: a probe's answer moves with the machine's load, and two predictions of one
+    model then flagged different files (a bf16 and an fp32 pass differ by more than the threshold's margin)."""
+    dev = torch.device(device).type
+    if trained == "fp32" or dev != "cpu":  # GPUs: the training's rules (native bf16, else fp16)
+        return (Precision("fp32", "auto", dev, "the model was trained and calibrated in fp32") if trained == "fp32"
+                else resolve_precision("auto", arch=arch, size=size, train=False, device=device))
+    native = cpu_has_bf16()
+    if native is None:  # no flags to read: time it
+        return resolve_precision("auto", arch=arch, size=size, train=False, device=device)
+    return (Precision("bf16", "auto", dev, "the model was trained and calibrated in bf16; this CPU has bf16 "
+                      "instructions") if native else
+            Precision("fp32", "auto", dev, "this CPU has no bf16 instructions (emulated bf16 is slower than fp32)"))
+
+
+@functools.cache
 def cpu_step_times(arch: str, size: int, *, train: bool, batch: int = 8, rounds: int = 2) -> tuple[float, float]:
     """(fp32 seconds, bf16 seconds) of one step of `arch` on a CPU: the faster of `rounds` tries each, the
     two precisions alternating so background load hits both alike. About 0.3-1 s for the registry's models."""

@@ -17,7 +17,7 @@ from .bundle import Bundle, load_bundle
 from .errors import ItfitsError
 from .images import ImagePreprocessing
 from .io import atomic_path, csv_unwritable, escape_formulas
-from .precision import Precision, resolve_precision
+from .precision import prediction_precision, resolve_precision
 from .sources import expand_inputs, text_path
 from .tabular import tabular_outputs
 
@@ -28,7 +28,7 @@ class PredictConfig:
     num_workers: int | None = None  # None: images.loader_workers (0 on small CPU-only machines, else up to 4)
     topk: int = 3
     threshold: float | None = None  # None: the bundle's threshold (chosen on validation data at fit time)
-    precision: str = "auto"  # auto: the training's precision where faster, else fp32 (fast_path); fp32: exact outputs
+    precision: str = "auto"  # auto: the training's precision where the hardware has it, else fp32; fp32: exact outputs
     tta: bool = False  # images: average each image's outputs with its mirror image's (test-time augmentation)
 
 
@@ -97,7 +97,7 @@ _FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a bundle's m
 
 def fast_path(bundle: Bundle, prep: ImagePreprocessing, precision: str = "auto") -> dict:
     """image_batches' model, precision and memory format for a bundle. auto: the precision the model was trained (and
-    calibrated) in, where this machine runs it faster (on a CPU: the inference probe), else fp32; channels-last
+    calibrated) in, where this machine has it in hardware (precision.prediction_precision), else fp32; channels-last
     for conv nets. Why not bf16 for every model: BatchNorm subtracts running means from bf16 convolution outputs,
     and on low-contrast images that cancellation moved logits of an fp32-trained model by half their range.
     The bundle's model moves to the GPU where there is one; the model returned has its BatchNorms folded into its
@@ -110,10 +110,8 @@ def fast_path(bundle: Bundle, prep: ImagePreprocessing, precision: str = "auto")
         example = torch.randn(2, 3, prep.size, prep.size, generator=torch.Generator().manual_seed(0)).to(device)
         _FOLDED[model] = fold_batchnorm(model, example)
     trained = bundle.meta.get("training", {}).get("precision", "fp32")
-    if precision == "auto" and trained == "fp32":
-        chosen = Precision("fp32", "auto", device.type, "the model was trained and calibrated in fp32")
-    else:
-        chosen = resolve_precision(precision, arch=arch, size=prep.size, train=False, device=device)
+    chosen = (prediction_precision(trained, arch=arch, size=prep.size, device=device) if precision == "auto" else
+              resolve_precision(precision, arch=arch, size=prep.size, train=False, device=device))
     return {"model": _FOLDED[model], "precision": chosen,
             "channels_last": get_spec(arch).channels_last}
 

@@ -288,3 +288,18 @@ def test_accumulation_longer_than_a_phase_is_an_error_before_training(tmp_path):
         fit(FitConfig(data=str(FASHION), out=str(tmp_path / "run"), bs=64, accum=8, epochs=1, freeze_epochs=1,
                       size=32, lr=3e-3, num_workers=0, precision="fp32"), log=lambda *a: None)
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_prediction_precision_auto_follows_the_training_and_the_hardware_without_timing(monkeypatch):
+    """auto at prediction is the training's precision where the CPU has bf16 instructions, else fp32, and never
+    runs the timing probe, whose answer moved with the machine's load (two predictions of one model disagreed)."""
+    import pipelines.precision as P
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("prediction's auto precision timed the model")
+    monkeypatch.setattr(P, "cpu_step_times", no_probe)
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(P, "cpu_has_bf16", lambda native=native: native)
+        assert P.prediction_precision("bf16", arch="efficientnet_lite0", size=64, device="cpu").name == want
+        assert P.prediction_precision("fp32", arch="efficientnet_lite0", size=64, device="cpu").name == "fp32"
+    assert isinstance(P.cpu_has_bf16.__wrapped__(), (bool, type(None)))  # this machine's answer, read for real
