@@ -158,6 +158,8 @@ def near_pairs(thumbs: np.ndarray, ok: np.ndarray, *, near: float = NEAR, chunk:
     images took 3.4 s on 2 cores; the all-pairs part grows with the square of the file count."""
     idx = np.flatnonzero(ok)
     n, k = len(idx), THUMB // COARSE
+    if n < 2:  # no pair (files whose pictures PIL cannot open have no thumbnail)
+        return []
     coarse = _standardised(thumbs[idx].reshape(n, COARSE, k, COARSE, k).mean((2, 4)))
     fine = torch.cat([_standardised(thumbs[idx[i:i + 4096]]).half() for i in range(0, n, 4096)]) if n else None
     out = []

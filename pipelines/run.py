@@ -26,7 +26,7 @@ from .io import write_json, write_table
 from .learners import check_accumulation, effective_batch, find_ema, image_learner
 from .logs import emit
 from .metrics import balanced_accuracy, per_class, regression_metrics
-from .modality import Modality, file_exts, modality_for
+from .modality import Modality, file_exts, modalities, modality_for
 from .precision import check_precision, resolve_precision
 from .prepare import prepare_data, prepare_tabular
 from .reports import Validation, guarded, write_report
@@ -162,8 +162,8 @@ def _check_unknown_folder(data: Path, unknown: Path) -> None:
         raise ItfitsError(f"--unknown {unknown} overlaps DATA {data}: it takes examples of none of the classes, so "
                           "that the unknown score is chosen on what the model never learnt; give a folder apart")
     if not has_files(unknown, file_exts()):
-        raise ItfitsError(f"--unknown {unknown} holds no files of a kind itfits trains on "
-                          f"({', '.join(sorted(file_exts()))})")
+        kinds = " or ".join(m.what for m in modalities() if m.row_per_file)
+        raise ItfitsError(f"--unknown {unknown} holds no {kinds} ({', '.join(sorted(file_exts()))})")
 
 
 def config_defaults() -> dict:

@@ -151,13 +151,13 @@ def test_fit_unknown_without_usable_files_fails_before_training(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
-    assert_one_line_error(run_here("fit", FASHION, "--out", tmp_path / "run", "--unknown", empty), "no image or audio")
+    assert_one_line_error(run_here("fit", FASHION, "--out", tmp_path / "run", "--unknown", empty), "no images or sound clips")
     assert not (tmp_path / "run").exists()
     sounds = tmp_path / "sounds"  # files, but not of DATA's kind: found as DATA is read, before any training
     sounds.mkdir()
     (sounds / "clip.wav").write_bytes(b"RIFF")
     proc = run_here("fit", FASHION, "--out", tmp_path / "run", "--unknown", sounds, "--lr", "1e-3", "--workers", "0")
-    assert_one_line_error(proc, "no image files")
+    assert_one_line_error(proc, "holds no images")
     assert not (tmp_path / "run" / "model").exists()
 
 
@@ -372,7 +372,7 @@ def test_evaluate_counts_unreadable_files_and_needs_a_readable_unknown(trained_r
     (unknown / "b.jpg").write_bytes(b"")
     out = tmp_path / "eval"
     proc = run_here("evaluate", trained_run.model, data, "--unknown", unknown, "--out", out, "--workers", "0")
-    assert_one_line_error(proc, "--unknown", "none of its 2 image files could be read")
+    assert_one_line_error(proc, "--unknown", "none of its 2 images could be read")
     assert not out.exists()
 
     shutil.copy(sorted((FASHION_TEST / "sneaker").glob("*.png"))[0], unknown / "c.png")

@@ -29,6 +29,7 @@ def test_fit_json_logs_are_one_json_object_per_line(tmp_path):
 
 
 def test_predict_json_logs_and_quiet(trained_run, tmp_path):
+    before = logs.log_mode()
     proc = run_here("predict", trained_run.model, str(trained_run.data / "bag"), "--out", tmp_path / "p.csv",
                     "--json-logs")
     assert proc.code == 0, proc.err
@@ -37,7 +38,7 @@ def test_predict_json_logs_and_quiet(trained_run, tmp_path):
     quiet = run_here("predict", trained_run.model, str(trained_run.data / "bag"), "--out", tmp_path / "q.csv",
                      "--quiet")
     assert quiet.code == 0 and quiet.out == "" and (tmp_path / "q.csv").is_file()
-    assert logs.log_mode() == "bars"  # the command's mode does not outlive it
+    assert logs.log_mode() == before  # the command's mode does not outlive it
 
 
 def test_json_errors_are_json(tmp_path):
