@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .audio import AudioError, MelConfig, render_windows, window_pil
-from .backbones import forward_features
+from .features import forward_features
 from .errors import ItfitsError
 from .images import ImagePreprocessing, default_workers, load_image, loader_workers
 from .logs import progress

@@ -11,7 +11,8 @@ from pathlib import Path
 from torch import nn
 
 from .audio import MelConfig
-from .backbones import WithReference, create_body, get_spec
+from .backbones import create_body, get_spec
+from .features import WithReference
 from .errors import ItfitsError
 from .io import atomic_dir
 from .modality import Modality, get_modality, modalities
@@ -38,7 +39,7 @@ class Bundle:
     meta: dict
     model: nn.Module  # in eval mode
     calibration: Calibration | None  # None for regression: no classes, no unknown flags
-    # what prediction runs: `model`, or backbones.WithReference of it and the pretrained body it was fine-tuned
+    # what prediction runs: `model`, or features.WithReference of it and the pretrained body it was fine-tuned
     # from (image and audio bundles since the pretrained_mahalanobis score)
     scoring_model: nn.Module | None = None
 

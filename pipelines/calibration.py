@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from .backbones import WithReference, get_spec
+from .backbones import get_spec
+from .features import WithReference
 from .batches import file_outputs, unknown_outputs
 from .errors import ItfitsError, ItfitsWarning
 from .tabular import tabular_outputs
@@ -42,7 +43,7 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
     `modality` (with its `options`), whose outputs are computed exactly as prediction computes them (audio: a
     clip's are the mean over its windows).
     `precision`: the training's (a precision.Precision), so image outputs match the Learner's validation.
-    `model`: the fine-tuned model, or backbones.WithReference of it and its pretrained body.
+    `model`: the fine-tuned model, or features.WithReference of it and its pretrained body.
     Returns (Calibration, report, validation outputs {logits, features, targets, paths, ref_dim}, with the features
     and paths of the training items used: train_features, train_paths)."""
     fast = {"precision": precision, "channels_last": get_spec(config.arch).channels_last}

@@ -4,7 +4,7 @@
 The file holds the network that prediction runs (the fine-tuned model beside its pretrained reference body, the
 BatchNorms folded as predict.fast_path folds them): input `image`, a normalised (B, 3, size, size) float batch;
 outputs `logits` (B, C) and `features` (B, F), the features every unknown score reads
-(backbones.forward_features). Its metadata (ONNX metadata_props; TorchScript `_extra_files`) holds `itfits.json`
+(features.forward_features). Its metadata (ONNX metadata_props; TorchScript `_extra_files`) holds `itfits.json`
 (the bundle's, with the classes, preprocessing constants and calibration: temperature, score, threshold), the
 same three parts under their own keys for readers without itfits, and `itfits.unknown_stats`: the unknown
 scores' statistics (Mahalanobis++ means and precision of the reference features, kNN banks, ...) as a base64
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import fold_batchnorm, forward_features
+from .features import fold_batchnorm, forward_features
 from .batches import file_outputs
 from .bundle import Bundle, invalid_bundle, load_bundle, meta_problem
 from .errors import ItfitsError
@@ -71,7 +71,7 @@ class GraphOutputs(nn.Module):
 
 class ExportedModel(nn.Module):
     """An exported file's network as the batch engine (batches.py) runs it: its forward gives (logits, features)
-    through `run` (an onnxruntime session's, or a loaded TorchScript module's), which backbones.forward_features
+    through `run` (an onnxruntime session's, or a loaded TorchScript module's), which features.forward_features
     passes on as they are."""
     returns_features = True
 
@@ -115,7 +115,7 @@ def _write_onnx(graph: nn.Module, example: torch.Tensor, metadata: dict[str, str
     onnx, _ = _onnx_modules()
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated; the torch.export one cannot
-        # follow the forward pre-hooks that backbones.forward_features reads the last stage's input with
+        # follow the forward pre-hooks that features.forward_features reads the last stage's input with
         warnings.simplefilter("ignore")
         torch.onnx.export(graph, (example,), buf, input_names=[INPUT], output_names=list(OUTPUTS),
                           dynamic_axes={n: {0: "batch"} for n in (INPUT, *OUTPUTS)}, opset_version=OPSET,

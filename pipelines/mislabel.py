@@ -1,6 +1,6 @@
 """Likely mislabelled files: confident learning (Northcutt, Jiang & Chuang 2021, "Confident Learning: Estimating
 Uncertainty in Dataset Labels") on out-of-fold probabilities of a logistic regression on the pretrained body's
-pooled features, the features the unknown score uses (backbones.stage_features of the reference body).
+pooled features, the features the unknown score uses (features.stage_features of the reference body).
 
 The pretrained body never trained on these files, and each file's probabilities come from a regression fitted on
 the other folds, so a file cannot vouch for its own label. The count is written here in numpy (about 40 lines)
@@ -14,7 +14,8 @@ import time
 import numpy as np
 import torch
 
-from .backbones import create_body, get_spec, stage_features
+from .backbones import create_body, get_spec
+from .features import stage_features
 from .batches import ImageFiles
 from .images import ImagePreprocessing
 

@@ -11,7 +11,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from .backbones import fold_batchnorm, get_spec
+from .backbones import get_spec
+from .features import fold_batchnorm
 from .batches import TTA_IMAGES_ONLY
 from .bundle import Bundle, load_bundle
 from .errors import ItfitsError
@@ -101,7 +102,7 @@ def fast_path(bundle: Bundle, prep: ImagePreprocessing, precision: str = "auto")
     for conv nets. Why not bf16 for every model: BatchNorm subtracts running means from bf16 convolution outputs,
     and on low-contrast images that cancellation moved logits of an fp32-trained model by half their range.
     The bundle's model moves to the GPU where there is one; the model returned has its BatchNorms folded into its
-    convolutions (backbones.fold_batchnorm: the same outputs, faster)."""
+    convolutions (features.fold_batchnorm: the same outputs, faster)."""
     arch, model = bundle.meta["backbone"], bundle.scoring_model
     if torch.cuda.is_available():
         model.cuda()

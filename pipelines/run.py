@@ -14,7 +14,8 @@ from fastai.torch_core import set_seed
 
 from .audio import MelConfig
 from .balance import check_balance
-from .backbones import WithReference, check_size, check_weights, create_body, get_spec
+from .backbones import check_size, check_weights, create_body, get_spec
+from .features import WithReference
 from .bundle import save_bundle
 from .calibration import calibrate_images, calibrate_table, calibration_line, unknown_rows
 from .check import CheckResult, check_at_fit, mislabelled_at_fit

@@ -2,7 +2,7 @@
 the calibration of a fit: calibration.py).
 
 Every score is "higher = more likely one of the known classes". The features a model gives for the scores are
-[the head's penultimate features | the pooled input of the body's last stage] (backbones.forward_features;
+[the head's penultimate features | the pooled input of the body's last stage] (features.forward_features;
 tabular models give the first part only). What a score needs besides the logits (banks of training features for
 kNN, class means and a precision matrix for Mahalanobis, the standardisation of the combined score) is kept in
 `UnknownStats` and saved into the bundle's safetensors file; the JSON keeps the scalars.

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from pipelines import backbones
+from pipelines import backbones, features
 from pipelines.backbones import create_backbone, get_spec, list_backbones, register_backbone
 from pipelines.errors import ItfitsError
 
@@ -228,7 +228,7 @@ def test_batchnorm_folding_keeps_the_outputs(name, weights, n_bn):
     original model untouched, and folding a folded model is a no-op. Running statistics are randomised so that
     the folding has real work to do (fresh BatchNorms are the identity)."""
     from torch import nn
-    from pipelines.backbones import fold_batchnorm, forward_features
+    from pipelines.features import fold_batchnorm, forward_features
     torch.manual_seed(0)
     model = create_backbone(name, num_classes=4, weights=weights).eval()
     for m in model.modules():
@@ -262,7 +262,7 @@ def test_timm_names_with_a_pretrained_tag_are_backbones():
         backbones.check_size("test_vit.r160_in1k", 40)
     model = create_backbone("test_vit.r160_in1k", num_classes=3, weights="none").eval()
     with torch.inference_mode():
-        logits, feats = backbones.forward_features(model, torch.randn(2, 3, 32, 32))
+        logits, feats = features.forward_features(model, torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 3) and feats.shape[0] == 2
     with pytest.raises(ItfitsError, match=r"no pretrained tag 'nope'.*convnext_tiny\.fb_in22k"):
         get_spec("convnext_tiny.nope")

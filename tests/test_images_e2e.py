@@ -312,7 +312,7 @@ def test_tta_averages_each_image_with_its_mirror_and_keeps_the_calibration(train
     """--tta: the same rows and columns; each row's outputs are the bundle's calibration applied to the mean of the
     model's outputs on the image and on its mirror image (computed here on the unfolded model); off by default."""
     from pipelines.audio import MelConfig
-    from pipelines.backbones import forward_features
+    from pipelines.features import forward_features
     from pipelines.bundle import load_bundle
     from pipelines.errors import ItfitsError
     from pipelines.images import ImagePreprocessing, load_image
