@@ -85,6 +85,10 @@ class Modality:
         return items
 
     # ---- how its items appear to people
+    def describe(self, config: FitConfig) -> str:
+        """The model a fit trains, in a few words (run.json's resolved.model, the report's first line)."""
+        return config.arch
+
     def preview(self, path: Path) -> str | None:
         """A small picture of one input as a data URI (the web page's rows, the report), or None."""
         return None

@@ -165,7 +165,7 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
     guarded(notes, "losses.png", plot_losses, history, run / "losses.png")
     top = top_losses(valid, resolved["classes"])
     guarded(notes, "top_losses.csv", write_table, top.drop("index"), run / "top_losses.csv")
-    model = f"a tabular model of '{config['target']}'" if config.get("target") else config.get("arch", "")
+    model = resolved.get("model", config.get("arch", ""))  # what the modality calls it (runs before it: the arch)
     task = ("regression" if valid.regression else
             f"{len(resolved['classes'])} classes ({', '.join(resolved['classes'])})")
     look, part = (_regression_part(run, config.get("target", ""), valid, top, notes) if valid.regression else

@@ -265,7 +265,8 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
     if main:
         write_table(history, run / "history.csv")
     ema, compiler = find_ema(learn), next((cb for cb in learn.cbs if type(cb).__name__ == "TorchCompile"), None)
-    resolved = {"lr": lr, "lr_suggestions": suggestions, "bs": bs, "accum": config.accum,
+    resolved = {"model": modality.describe(config), "lr": lr, "lr_suggestions": suggestions, "bs": bs,
+                "accum": config.accum,
                 "effective_bs": effective_batch(bs, config.accum, world), "size": prep.size, "classes": classes,
                 "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds), "n_skipped": int(n_skipped),
                 "precision": precision.json(),
@@ -385,7 +386,8 @@ def fit_table(modality: Modality, config: FitConfig, log=print) -> dict:
     spec = TabularModelSpec.for_data(prep, config.layers)
     summary = {
         "config": asdict(config),
-        "resolved": {"epochs": epochs, "lr": lr, "lr_suggestions": suggestions, "bs": bs, "task": prep.task, "classes": prep.classes,
+        "resolved": {"model": modality.describe(config), "epochs": epochs, "lr": lr, "lr_suggestions": suggestions,
+                     "bs": bs, "task": prep.task, "classes": prep.classes,
                      "cat": prep.cat, "cont": prep.cont, "na_flags": prep.na, "dates": prep.dates,
                      "ignore": prep.ignore, "kept_epoch": kept, "layers": list(spec.layers),
                      "emb_szs": spec.json()["emb_szs"], "n_rows": data.n_rows, "n_train": len(learn.dls.train_ds),

@@ -23,6 +23,9 @@ class TableModality(Modality):
     def claims(self, data: Path, target: str | None) -> bool:
         return target is not None
 
+    def describe(self, config) -> str:
+        return f"a tabular model of '{config.target}'"
+
     def fit(self, config, log) -> dict:
         from .run import fit_table  # the training stages import fastai: prediction must not pay for it at start-up
         return fit_table(self, config, log)
