@@ -234,11 +234,7 @@ def predict(
                                concurrency=concurrency, gpus_per_worker=gpus_per_worker)
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ItfitsError(f"--out must end in .csv or .parquet, got {out}")
-    if topk < 1 or batch_size < 1:
-        raise ItfitsError("--topk and --batch-size must be at least 1")
-    if threshold is not None and not math.isfinite(threshold):
-        raise ItfitsError(f"--threshold must be a finite number on the score's scale, got {threshold}")
-    check_workers(workers)
+    _check_predict_options(topk=topk, batch_size=batch_size, threshold=threshold, workers=workers)
     check_output(out, folder=False, inputs=inputs)
     sweep_temps(out)  # what a killed predict left beside --out
     bundle = load_model(model)
@@ -250,6 +246,15 @@ def predict(
     counts = write_predictions(rows, out)
     say(f"{counts['files']} {bundle.modality.counted}, {counts['unknown']} unknown, {counts['errors']} errors; "
         f"written to {out}", "done", **counts, out=str(out))
+
+
+def _check_predict_options(*, topk: int, batch_size: int, threshold: Optional[float], workers: Optional[int]) -> None:
+    """predict's checks of its numbers, the same for both engines."""
+    if topk < 1 or batch_size < 1:
+        raise ItfitsError("--topk and --batch-size must be at least 1")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ItfitsError(f"--threshold must be a finite number on the score's scale, got {threshold}")
+    check_workers(workers)
 
 
 def _predict_on_ray(model: Path, inputs: list[str], out: Path, *, topk, threshold, batch_size, workers, precision, tta,
@@ -265,11 +270,7 @@ def _predict_on_ray(model: Path, inputs: list[str], out: Path, *, topk, threshol
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if out.suffix.lower() == ".csv":
         raise ItfitsError(f"--engine ray writes Parquet: --out a folder (part files) or a .parquet file, got {out}")
-    if topk < 1 or batch_size < 1:
-        raise ItfitsError("--topk and --batch-size must be at least 1")
-    if threshold is not None and not math.isfinite(threshold):
-        raise ItfitsError(f"--threshold must be a finite number on the score's scale, got {threshold}")
-    check_workers(workers)
+    _check_predict_options(topk=topk, batch_size=batch_size, threshold=threshold, workers=workers)
     single = out.suffix.lower() == ".parquet"
     check_output(out, folder=not single, inputs=inputs)
     sweep_temps(out)
