@@ -112,9 +112,10 @@ def thumbnail(img) -> np.ndarray:
     return np.asarray(img.convert("L").resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
 
 
-def _file_facts(path: str, picture: str | None) -> tuple[str | None, np.ndarray | None, int | None]:
+def _file_facts(path: str, picture: str | None, load=None) -> tuple[str | None, np.ndarray | None, int | None]:
     """(content hash, thumbnail of `picture` (the image itself, or an audio clip's first window), the image's
-    shorter side in pixels) of one file; Nones for what cannot be read (the items table has its error)."""
+    shorter side in pixels) of one file; Nones for what cannot be read (the items table has its error). `load`:
+    the modality's reader (path -> PIL image), for files PIL does not open itself."""
     try:
         with open(os_path(path), "rb") as f:
             digest = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
@@ -126,15 +127,20 @@ def _file_facts(path: str, picture: str | None) -> tuple[str | None, np.ndarray 
             im.draft("L", (4 * THUMB, 4 * THUMB))  # a JPEG decodes at a fraction of its size: enough here
             return digest, thumbnail(im), side
     except Exception:  # the items table says why a file is unusable; it just has no thumbnail here
+        pass
+    try:
+        img = load(path) if load is not None and picture is None else None
+        return digest, (None if img is None else thumbnail(img)), (None if img is None else min(img.size))
+    except Exception:
         return digest, None, None
 
 
-def file_facts(paths: list[str], pictures: list[str | None] | None = None, *, workers: int = 8):
+def file_facts(paths: list[str], pictures: list[str | None] | None = None, *, workers: int = 8, load=None):
     """(content hashes, thumbnails (N, THUMB, THUMB) uint8, readable mask, shorter sides in pixels (images; -1
     unknown)) of `paths`, read in threads (I/O and PIL's decoding release the GIL)."""
     pictures = pictures or [None] * len(paths)
     with ThreadPoolExecutor(workers) as ex:
-        facts = list(ex.map(_file_facts, paths, pictures))
+        facts = list(ex.map(_file_facts, paths, pictures, [load] * len(paths)))
     thumbs = np.zeros((len(paths), THUMB, THUMB), np.uint8)
     ok = np.zeros(len(paths), bool)
     for i, (_, t, _) in enumerate(facts):
@@ -223,7 +229,7 @@ def class_rows(counts: dict[str, int]) -> list[tuple]:
             for c, n in sorted(counts.items()) if n * IMBALANCE < most]
 
 
-def check_items(items: pl.DataFrame, *, workers: int = 8) -> CheckResult:
+def check_items(items: pl.DataFrame, *, workers: int = 8, load=None) -> CheckResult:
     """The hash pass of a check on an items table (path, label, split, error; clips rendered for training have
     `image`, their first mel window's PNG): unreadable files, exact and near duplicates, tiny files, class
     counts. Reads each file once (plus a clip's first window PNG and its header)."""
@@ -234,7 +240,7 @@ def check_items(items: pl.DataFrame, *, workers: int = 8) -> CheckResult:
     rows = [(p, "unreadable", None, lab, None, None, err) for p, lab, err in bad.select("path", "label", "error").iter_rows()]
     paths = ok["path"].to_list()
     pictures = ok["image"].to_list() if audio else None
-    digests, thumbs, readable, sides = file_facts(paths, pictures, workers=workers)
+    digests, thumbs, readable, sides = file_facts(paths, pictures, workers=workers, load=load)
     exact = exact_pairs(digests)
     same = {(i, j) for i, j, _ in exact}
     dup_of = {j for _, j, _ in exact}  # a byte copy's near pairs are its original's: said once
@@ -287,7 +293,7 @@ def check_data(data: str | Path, *, arch: str = "efficientnet_lite0", weights: s
     items, windows, _ = modality.read_items(config, lambda line: emit(log, "note", line))
     if not split_given(data):
         items = items.with_columns(split=pl.lit(None, pl.String))
-    result = check_items(items)
+    result = check_items(items, load=modality.load)
     emit(log, "check", f"duplicate pass: {items.height} files, {result.seconds['hashes']:.1f} s", seconds=result.seconds)
     if not mislabel:
         return result
@@ -313,9 +319,9 @@ def check_data(data: str | Path, *, arch: str = "efficientnet_lite0", weights: s
 
 # ---- at fit: the duplicate pass before training, the mislabel pass on calibration's features after it -------------
 
-def check_at_fit(files: pl.DataFrame, run: Path, *, log=print) -> CheckResult:
+def check_at_fit(files: pl.DataFrame, run: Path, *, load=None, log=print) -> CheckResult:
     """The duplicate pass on a run's files (with the split fit made): RUN/check.csv and its line."""
-    result = check_items(files)
+    result = check_items(files, load=load)
     result.write(Path(run) / "check.csv")
     emit(log, "check", f"{result.line()}; {Path(run) / 'check.csv'}", **result.json())
     return result

@@ -234,7 +234,7 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
         + (f" x {world} processes" if world > 1 else "")
         + (f" = {effective_batch(bs, config.accum, world)} per step" if config.accum > 1 or world > 1 else "")
         + f", size {prep.size}")
-    checked = check_at_fit(items, run, log=log) if main else None
+    checked = check_at_fit(items, run, load=modality.load, log=log) if main else None
     # a resumed run keeps the precision it started with: the CPU probe could choose otherwise today
     precision = resolve_precision(state["precision"] if state else config.precision, arch=config.arch, size=prep.size)
     log(f"precision {precision.name} ({precision.reason})")

@@ -56,8 +56,10 @@ def test_a_modality_registered_in_a_test_fits_predicts_and_evaluates(npy, tmp_pa
     from pipelines.run import FitConfig, fit
 
     train = _as_arrays(REPO / "data" / "fashion", tmp_path / "train", 30)
-    test = _as_arrays(REPO / "data" / "fashion_test", tmp_path / "test", 6)
+    test = _as_arrays(REPO / "data" / "fashion_test", tmp_path / "test", 20)
     (train / "bag" / "broken.npy").write_bytes(b"not an array")  # a file of the modality that cannot be read
+    original = sorted((train / "sneaker").glob("*.npy"))[0]  # a near copy: the data check reads it with `load`
+    np.save(train / "sneaker" / "near_copy.npy", np.clip(np.load(original).astype(int) + 3, 0, 255).astype(np.uint8))
     config = FitConfig(data=str(train), out=str(tmp_path / "run"), epochs=2, freeze_epochs=1, size=48, lr=3e-3,
                        num_workers=0, precision="fp32", seed=0)
     assert registry.modality_for(train) is npy
@@ -65,23 +67,27 @@ def test_a_modality_registered_in_a_test_fits_predicts_and_evaluates(npy, tmp_pa
     assert summary["resolved"]["n_skipped"] == 1
     skipped = pl.read_csv(tmp_path / "run" / "skipped.csv")
     assert skipped["path"].to_list() == [str(train / "bag" / "broken.npy")]
+    near = pl.read_csv(tmp_path / "run" / "check.csv").filter(pl.col("kind") == "near_duplicate")
+    assert {str(original), str(train / "sneaker" / "near_copy.npy")} in [{a, b} for a, b in near.select(
+        "path", "other_path").iter_rows()], near
 
     bundle = load_bundle(tmp_path / "run" / "model")
     assert bundle.meta["modality"] == "npy-arrays" and bundle.modality is npy and bundle.input_exts == {".npy"}
     (test / "bag" / "empty.npy").write_bytes(b"")
     rows = list(predict(bundle, [str(test)], PredictConfig(num_workers=0, precision="fp32")))
-    assert len(rows) == 13 and all(r["path"].endswith(".npy") for r in rows)
+    n = len(list(test.rglob("*.npy")))
+    assert len(rows) == n and all(r["path"].endswith(".npy") for r in rows)
     errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
     assert list(errors) == ["empty.npy"] and "No data left" in errors["empty.npy"]
     labelled = [r for r in rows if not r["error"]]
     right = sum(Path(r["path"]).parent.name == r["top1"] for r in labelled)
-    assert right >= 10, f"{right} of {len(labelled)} test arrays classified right: the model learnt nothing"
+    assert right >= 0.7 * len(labelled), f"{right} of {len(labelled)} test arrays right: the model learnt nothing"
     counts = write_predictions(iter(rows), tmp_path / "predictions.csv")
-    assert counts["files"] == 13 and counts["errors"] == 1
+    assert counts["files"] == n and counts["errors"] == 1
 
     (test / "bag" / "empty.npy").unlink()
     metrics = evaluate(tmp_path / "run" / "model", test, out=tmp_path / "evaluate", num_workers=0)
-    assert metrics["n_known"] == 12 and metrics["accuracy"] == right / 12
+    assert metrics["n_known"] == n - 1 and metrics["accuracy"] == right / (n - 1)
 
 
 def test_the_registry_names_the_modalities_and_refuses_unknown_ones(tmp_path):
