@@ -10,8 +10,6 @@ in one split, so a test item is never a near copy of a training item.
 Debian packages are fetched with `apt-get download` and unpacked under ~/.cache/itfits-bench (ITFITS_BENCH_CACHE);
 espeak-ng and fluidsynth are installed with apt-get when missing. A set is rebuilt only when its recipe changes
 (its VERSION, counts or seed), so running it again is cheap.
-Reserved for independent evaluation and never used here: tuxpaint-stamps-*, hydrogen-drumkits, openclipart-*,
-vega_datasets.
 """
 from __future__ import annotations
 
