@@ -64,7 +64,8 @@ class Bundle:
     @property
     def mel(self):
         """The MelConfig of an audio bundle (its options); None for other bundles."""
-        return self.options if isinstance(self.options, MelConfig) else None
+        options = self.options
+        return options if isinstance(options, MelConfig) else None
 
     @property
     def input_exts(self) -> frozenset[str]:

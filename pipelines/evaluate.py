@@ -25,7 +25,7 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     each image's outputs averaged with its mirror image's (predict.image_batches)."""
     bundle = load_bundle(model)
     modality = bundle.modality
-    if not modality.evaluable:
+    if not modality.row_per_file:  # evaluate runs labelled files through batches.file_outputs
         raise ItfitsError(f"{model} is a {modality.name} model; itfits evaluate takes models of labelled files for now. "
                           "Its validation figures are in the run's run.json; for new inputs, itfits predict MODEL "
                           "INPUT --out FILE")

@@ -37,7 +37,6 @@ class Modality:
     exts: frozenset[str] = frozenset()  # file extensions it takes in folders (lower case, with the dot)
     options: type | None = None  # its options dataclass (checks itself in __post_init__), FitConfig's field of it
     row_per_file: bool = True  # predict yields one row per input file (False: rows of input tables)
-    evaluable: bool = True  # `itfits evaluate` takes labelled files of it (batches.file_outputs)
     tta: bool = False  # test-time augmentation (--tta) has a view to average for its inputs
 
     # ---- which inputs it claims

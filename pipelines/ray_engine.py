@@ -16,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
+from .batches import TTA_IMAGES_ONLY
 from .bundle import load_bundle
 from .errors import ItfitsError
 from .io import atomic_dir, atomic_path
@@ -204,8 +205,8 @@ def predict_on_ray(model: str | Path, inputs: list[str], out: str | Path, config
     Ray instance started here (default: all)."""
     bundle = load_bundle(model)  # here first: a bad bundle is one error line, not a failure in every actor
     tabular = not bundle.modality.row_per_file  # rows of tables, not files
-    if config.tta and not bundle.modality.tta:
-        Predictor(bundle, **asdict(config))  # raises the same error as the local engine
+    if config.tta and not bundle.modality.tta:  # before starting Ray; the local engine's words
+        raise ItfitsError(TTA_IMAGES_ONLY)
     if concurrency is not None and concurrency < 1 or gpus_per_worker < 0:
         raise ItfitsError("--concurrency must be at least 1 and --gpus-per-worker at least 0")
     out = Path(out)

@@ -18,7 +18,6 @@ class TableModality(Modality):
     counted = "rows"
     exts = frozenset(TABLE_EXTS)
     row_per_file = False
-    evaluable = False  # its validation figures are in run.json; evaluate takes labelled files
 
     def claims(self, data: Path, target: str | None) -> bool:
         return target is not None
