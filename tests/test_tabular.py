@@ -736,3 +736,10 @@ def test_a_table_trains_for_the_tables_default_epochs_printed_and_in_run_json(tm
     assert proc.returncode == 0 and "the default for tables" not in proc.stdout
     assert json.loads((tmp_path / "two" / "run.json").read_text())["resolved"]["epochs"] == 2
     assert pl.read_csv(tmp_path / "two" / "history.csv").height == 2
+
+
+def test_evaluate_of_a_tabular_model_says_where_its_figures_are(table_run, tmp_path):
+    """evaluate runs labelled files; a model of table rows gets one line naming run.json and predict instead."""
+    ran = run_here("evaluate", table_run / "model", PENGUINS, "--out", tmp_path / "evaluate")
+    assert ran.code == 1 and "is a tabular model; itfits evaluate takes models of labelled files" in ran.err
+    assert "run.json" in ran.err and "Traceback" not in ran.err and not (tmp_path / "evaluate").exists()
