@@ -1,6 +1,7 @@
 """Images end to end: fit -> run folder -> bundle -> predict, and the bundle predicting exactly as the Learner."""
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 from dataclasses import fields
@@ -43,6 +44,16 @@ def test_history_has_a_row_per_epoch(trained_run):
         assert history["phase"].to_list() == ["frozen", "unfrozen", "unfrozen"]
     assert history.select(pl.col("train_loss", "valid_loss").is_finite().all()).row(0) == (True, True)
     assert history["train_loss"][-1] < history["train_loss"][0], "training loss did not go down"
+
+
+def test_arch_auto_is_chosen_printed_and_recorded(trained_run):
+    summary = trained_run.summary
+    assert summary["config"]["arch"] == "auto"  # the default: what was asked for, beside what it became
+    assert summary["resolved"]["arch"] == "efficientnet_lite0", "about 150 training images take the smallest body"
+    assert summary["resolved"]["arch_why"].endswith("training images")
+    assert f"backbone efficientnet_lite0 (--arch auto: {summary['resolved']['arch_why']})" in trained_run.stdout
+    meta = json.loads((trained_run.run / "model" / "itfits.json").read_text())
+    assert meta["backbone"] == "efficientnet_lite0"
 
 
 def test_valid_accuracy_clearly_above_chance(trained_run):
@@ -261,7 +272,16 @@ def test_large_photos_are_decoded_in_threads_with_the_same_rows(small_learner, t
             super().__init__(*args, **kwargs)
             pools.append(self)
 
+    ticks = itertools.count()
+
+    class Clock:  # each batch: decoding 1 s, the model 0.01 s, as on any machine however loaded (no timing asserted)
+        @staticmethod
+        def perf_counter():
+            i = next(ticks)
+            return i // 3 * 10 + (0.0, 1.0, 1.01)[i % 3]  # began, decoded, after the model
+
     monkeypatch.setattr(pipelines.batches, "ThreadPoolExecutor", Spy)
+    monkeypatch.setattr(pipelines.batches, "time", Clock)
     config = dict(batch_size=2, topk=len(classes), precision="fp32")
     threads = list(P.predict(bundle, paths, P.PredictConfig(num_workers=0, **config)))
     assert len(pools) == 1, "decoding should have moved to threads after the first batch"
