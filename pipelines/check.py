@@ -17,6 +17,7 @@ import polars as pl
 import torch
 
 from .audio import MelConfig
+from .backbones import DEFAULT_BACKBONE
 from .io import write_table
 from .logs import Progress, emit
 from .mislabel import mislabel_rows, reference_features
@@ -277,13 +278,14 @@ def split_given(data: Path) -> bool:
     return data.suffix.lower() in TABLE_EXTS and bool({"split", "is_valid"} & set(table_columns(data)))
 
 
-def check_data(data: str | Path, *, arch: str = "efficientnet_lite0", weights: str = "auto", size: int | None = None,
+def check_data(data: str | Path, *, arch: str = "auto", weights: str = "auto", size: int | None = None,
                mislabel: bool = True, mel: MelConfig | None = None, num_workers: int = 0, seed: int = 42,
                log=print) -> CheckResult:
     """`itfits check DATA`: the hash pass, then (`mislabel`) the mislabel pass on `arch`'s pretrained features at
     `size` (default: the backbone's). Audio clips are rendered to mel windows as fit renders them (cached); a
     clip's features are the mean of its windows'. Leakage is looked for only where DATA gives a split."""
     data = Path(data)
+    arch = DEFAULT_BACKBONE if arch == "auto" else arch  # the smallest body finds swapped labels as well (mislabel.py)
     from .run import FitConfig  # run imports this module: the fit's own check
     modality = modality_for(data)
     config = FitConfig(data=str(data), arch=arch, weights=weights, size=size, mel=mel, num_workers=num_workers,

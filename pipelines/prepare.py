@@ -13,7 +13,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import default_device, set_seed
 
-from .backbones import get_spec
+from .backbones import auto_arch, get_spec
 from .balance import Balance, choose_balance
 from .distributed import is_main
 from .errors import ItfitsError
@@ -36,6 +36,8 @@ class Prepared:
     prep: ImagePreprocessing
     bs: int
     dls: object  # fastai DataLoaders over the images the Learner sees (audio: one per window of a clip)
+    arch: str  # the backbone: --arch, or what `--arch auto` chose
+    arch_why: str | None  # why auto chose it (None: --arch named it)
     options: object = None  # the modality's options resolved from the data (audio: the MelConfig), for the bundle
     n_outliers: int = 0  # --outlier-exposure: training items of none of the classes (audio: windows)
     balance: Balance | None = None  # what the run does about its class counts (--balance)
@@ -44,7 +46,8 @@ class Prepared:
 def prepare_data(modality: Modality, config: FitConfig, run: Path, log=print) -> Prepared:
     """Read, check (audio: render) and split config.data, files of `modality`; skipped files listed in
     run/skipped.csv."""
-    spec = get_spec(config.arch)  # fail on a wrong name before reading any file
+    if config.arch != "auto":
+        get_spec(config.arch)  # fail on a wrong name before reading any file
     modality.check_config(config)
     files, items, options = modality.read_items(config, log)
     if config.unknown and not has_files(Path(config.unknown), modality.exts):  # before training
@@ -54,9 +57,11 @@ def prepare_data(modality: Modality, config: FitConfig, run: Path, log=print) ->
     if is_main():  # data-parallel runs: rank 0 alone writes the run folder
         write_table(files.filter(pl.col("error").is_not_null()).select("path", "label", "error"), run / "skipped.csv")
     classes = require_classes(files)
-    prep = ImagePreprocessing(size=config.size or spec.input_size, mean=spec.mean, std=spec.std)
     train = items.filter(pl.col("error").is_null() & (pl.col("split") == "train"))
     n_train = train.height
+    arch, arch_why = auto_arch(n_train, config.weights) if config.arch == "auto" else (config.arch, None)
+    spec = get_spec(arch)
+    prep = ImagePreprocessing(size=config.size or spec.input_size, mean=spec.mean, std=spec.std)
     bs = config.bs or choose_batch_size(n_train)
     # counted on what the Learner trains on: images, or audio windows (a long clip gives many)
     counts = dict(train.group_by("label").len().iter_rows())
@@ -64,7 +69,8 @@ def prepare_data(modality: Modality, config: FitConfig, run: Path, log=print) ->
     dls = image_dataloaders(items, classes=classes, prep=prep, bs=bs, augment=modality.augment,
                             num_workers=config.num_workers, outliers=outliers, load=modality.load,
                             weigh=balance.item_weights)
-    return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, options=options,
+    return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, arch=arch, arch_why=arch_why,
+                    options=options,
                     n_outliers=0 if outliers is None else outliers.height, balance=balance)
 
 

