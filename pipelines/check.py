@@ -229,6 +229,14 @@ def class_rows(counts: dict[str, int]) -> list[tuple]:
             for c, n in sorted(counts.items()) if n * IMBALANCE < most]
 
 
+def _class_counts(ok: pl.DataFrame) -> pl.DataFrame:
+    """(class, files) of usable items; multi-label items (a `labels` column) count once per class they show, and
+    not at all when they show none."""
+    if "labels" not in ok.columns:
+        return ok.group_by("label").len()
+    return ok.select("labels").explode("labels").drop_nulls().group_by("labels").len()
+
+
 def check_items(items: pl.DataFrame, *, workers: int = 8, load=None) -> CheckResult:
     """The hash pass of a check on an items table (path, label, split, error; clips rendered for training have
     `image`, their first mel window's PNG): unreadable files, exact and near duplicates, tiny files, class
@@ -256,7 +264,7 @@ def check_items(items: pl.DataFrame, *, workers: int = 8, load=None) -> CheckRes
     else:
         rows += [(p, "too_small", None, lab, None, float(s), f"{s} px on its shorter side, under {MIN_SIDE} px")
                  for p, lab, s in zip(paths, ok["label"], sides) if 0 <= s < MIN_SIDE]
-    counts = dict(sorted(ok.group_by("label").len().iter_rows()))
+    counts = dict(sorted(_class_counts(ok).iter_rows()))
     rows += class_rows(counts)
     return CheckResult(findings=findings_frame(rows), counts={k: int(v) for k, v in counts.items()},
                        seconds={"hashes": time.perf_counter() - t0})
