@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -303,6 +303,9 @@ def check_data(data: str | Path, *, arch: str = "efficientnet_lite0", weights: s
         items = items.with_columns(split=pl.lit(None, pl.String))
     result = check_items(items, load=modality.load)
     emit(log, "check", f"duplicate pass: {items.height} files, {result.seconds['hashes']:.1f} s", seconds=result.seconds)
+    if mislabel and "labels" in items.columns:  # confident learning takes one class per file
+        return replace(result, notes=result.notes + ("no mislabel pass: it is for single-label data, and this is "
+                                                     "multi-label",))
     if not mislabel:
         return result
     ok = items.filter(pl.col("error").is_null())

@@ -240,3 +240,11 @@ def test_multi_label_flag_on_class_folders_trains_a_multi_label_model(tmp_path):
     assert ran.code == 0, ran.err
     meta = json.loads((run / "model" / "itfits.json").read_text())
     assert meta["multi_label"] and meta["classes"] == CLASSES and len(meta["calibration"]["thresholds"]) == 4
+
+
+def test_check_of_a_labels_table_counts_classes_not_combinations(tmp_path):
+    ran = run_here("check", SAMPLE, "--out", tmp_path / "check.csv")
+    assert ran.code == 0, ran.err
+    counts = pl.read_csv(SAMPLE).with_columns(pl.col("labels").fill_null("").str.split(" ")).explode("labels")
+    assert f"bag {counts.filter(pl.col('labels') == 'bag').height}" in ran.out  # a file counts once per class
+    assert "no mislabel pass" in ran.out  # confident learning takes one class per file
