@@ -129,6 +129,8 @@ def calibrate_multilabel(config: FitConfig, classes: list[str], *, valid: tuple,
         v_logits, v_feats, stats, t, np.ones(len(v_y), dtype=bool), report, keep=config.keep, score=config.score,
         threshold=None if config.threshold == "auto" else float(config.threshold), unknown_logits=u_logits,
         unknown_features=u_feats, default_score=default_score, known_scores=known)
+    if report["threshold_chosen_on"].endswith("correctly classified validation items"):  # every one counts here
+        report["threshold_chosen_on"] = f"{len(v_y)} validation items"
     return Calibration(temperature=t, score=score, threshold=threshold, keep=config.keep,
                        thresholds=thresholds.tolist(), stats=stats), report
 

@@ -196,7 +196,8 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
             *[P(note, cls="wrong") for note in notes],  # at the top: a reader must see what is missing
             P(f"{model} on {config.get('data', '')}: {task}, {resolved.get('n_train')} train / "
               f"{resolved.get('n_valid')} valid items."),
-            H2("Summary"), _kv_table({k.replace("_", " "): v for k, v in results.items()}),
+            H2("Summary"), _kv_table({k.replace("_", " "): v for k, v in results.items()
+                                      if k != "valid_per_class"}),  # multi-label: the per-class table shows it
             P("What to look at:"), Ul(*[Li(line) for line in look]),
             *part,
             H2("Loss and metrics"), _figure(run / "losses.png", "loss and metric curves"),
