@@ -18,7 +18,7 @@ from pipelines.logs import event_json, log_mode, progress, say, set_log_mode
 from pipelines.runtime import reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
 
-from .options import (ARCH, BS, CAT, CONT, DURATION, FMAX, FMIN, HOP_LENGTH, IGNORE, JSON_LOGS, LAYERS, N_FFT, N_MELS, QUIET,
+from .options import (ARCH, BS, CAT, CONT, DURATION, FMAX, FMIN, HOP_LENGTH, IGNORE, JSON_LOGS, LAYERS, MULTI_LABEL, N_FFT, N_MELS, QUIET,
                       SAMPLE_RATE, SEED, SIZE, TARGET, TOP_DB, VALID_PCT, WEIGHTS, WORKERS, WORKERS_HELP,
                       parse_layers, parse_mel, parse_names, path_text, set_logging)
 
@@ -72,6 +72,7 @@ def fit(
     cont: Optional[list[str]] = CONT,
     ignore: Optional[list[str]] = IGNORE,
     layers: Optional[str] = LAYERS,
+    multi_label: bool = MULTI_LABEL,
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16. auto: bf16 on GPUs that have it, else fp16 with loss scaling; on a CPU bf16 where it runs this backbone faster, else fp32."),
     accum: int = typer.Option(1, help="Accumulate gradients over this many batches of --bs per optimizer step; --lr is the lr of the batch of bs x accum."),
     ema: bool = typer.Option(False, "--ema", help="Validate and save an exponential moving average of the weights."),
@@ -102,7 +103,7 @@ def fit(
                        threshold=threshold, keep=keep, score=score, unknown=path_text(unknown), num_workers=workers,
                        mel=mel, target=target, cat=parse_names(cat), cont=parse_names(cont), ignore=parse_names(ignore),
                        layers=parse_layers(layers), precision=precision, accum=accum, ema=ema, ema_decay=ema_decay,
-                       compile=compile, outlier_exposure=outlier_exposure, balance=balance)
+                       compile=compile, outlier_exposure=outlier_exposure, balance=balance, multi_label=multi_label)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     created = main and claim_run_folder(out, overwrite=overwrite, log=say)
     try:
@@ -132,6 +133,7 @@ def lr_find(
     cont: Optional[list[str]] = CONT,
     ignore: Optional[list[str]] = IGNORE,
     layers: Optional[str] = LAYERS,
+    multi_label: bool = MULTI_LABEL,
     quiet: bool = QUIET,
     json_logs: bool = JSON_LOGS,
 ):
@@ -143,7 +145,8 @@ def lr_find(
                       duration=duration, top_db=top_db)
     config = FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, bs=bs, size=size,
                        valid_pct=valid_pct, seed=seed, num_workers=workers, mel=mel, target=target, cat=parse_names(cat),
-                       cont=parse_names(cont), ignore=parse_names(ignore), layers=parse_layers(layers))
+                       cont=parse_names(cont), ignore=parse_names(ignore), layers=parse_layers(layers),
+                       multi_label=multi_label)
     check_output(out, folder=True, inputs=[data])
     lr, suggestions = run_lr_find(config)
     if log_mode() == "json":
@@ -299,6 +302,8 @@ def evaluate(
     check_workers(workers)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
+    if m.get("multi_label"):
+        return _echo_multilabel(m, out)
     rule, plain = m["unknown_rule"], m["plain_rule"]
     typer.echo(f"accuracy {m['accuracy']:.3f} (balanced {m['balanced_accuracy']:.3f}; recall per class "
                + ", ".join(f"{c} {v['recall']:.2f}" for c, v in m["per_class"].items())
@@ -312,6 +317,22 @@ def evaluate(
         typer.echo(f"AUROC known vs {m['n_unknown']} unknown files ({m['n_unknown_skipped']} unreadable skipped): "
                    + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in m["scores"].items()))
     typer.echo(f"written to {out}/ (metrics.json, reliability.png, risk_coverage.png)")
+
+
+def _echo_multilabel(m: dict, out: Path) -> None:
+    """evaluate's lines for a multi-label model."""
+    rule, fmt = m["unknown_rule"], lambda v: "n/a" if v is None else f"{v:.3f}"
+    typer.echo(f"macro F1 {m['macro_f1']:.3f}, micro F1 {m['micro_f1']:.3f}, mAP {fmt(m['map'])} (F1 per class "
+               + ", ".join(f"{c} {v['f1']:.2f}" for c, v in m["per_class"].items())
+               + f"); every class right on {m['subset_accuracy']:.1%} of {m['n_known']} files ({m['n_skipped']} "
+               "unreadable skipped)")
+    typer.echo(f"unknown: {rule['none_above']:.1%} of the files have no class above its threshold; {rule['score']} >= "
+               f"{rule['threshold']:.4g} accepts {rule['coverage']:.1%} of them in all"
+               + (f", and flags {rule['unknown_flagged']:.1%} of the unknowns" if "unknown_flagged" in rule else ""))
+    if "scores" in m:
+        typer.echo(f"AUROC known vs {m['n_unknown']} unknown files: "
+                   + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in m["scores"].items()))
+    typer.echo(f"written to {out}/metrics.json")
 
 
 @app.command()

@@ -23,6 +23,7 @@ class AudioModality(ImageModality):
     augment = False  # no flips, rotations or warps on spectrograms: time runs one way and a frequency has one height
     train_unit = " windows"
     tta = False  # a spectrogram has a time direction: no mirror image (a clip's windows are averaged already)
+    multi_label = False  # not yet: windows would need a clip's labels
 
     def claims(self, data: Path, target: str | None) -> bool:
         if target is not None:
@@ -35,8 +36,9 @@ class AudioModality(ImageModality):
                               "audio-to-images IN_DIR OUT_DIR")
         return bool(audio)
 
-    def check_config(self, config) -> None:
-        pass  # MelConfig checks itself
+    def check_config(self, config) -> None:  # MelConfig checks itself
+        if config.multi_label:
+            raise ItfitsError("--multi-label is for images for now; audio trains one class per clip")
 
     def read_items(self, config, log):
         """Clips -> window images, each window in its clip's split; the window length chosen from the clips when

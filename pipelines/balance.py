@@ -62,6 +62,11 @@ class Balance:
         return [self.weights.get(label, 1.0 / n[label]) for label in labels]
 
 
+def no_balance(counts: dict[str, int], reason: str) -> Balance:
+    """The Balance of a run that balances nothing, and why."""
+    return Balance(method="none", reason=reason, counts=dict(counts), weights={c: 1.0 for c in counts})
+
+
 def choose_balance(counts: dict[str, int], mode: str = "auto") -> Balance:
     """The Balance for training items of `counts` per class under --balance `mode`."""
     check_balance(mode)

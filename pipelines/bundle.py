@@ -52,6 +52,11 @@ class Bundle:
         return self.meta["classes"]
 
     @property
+    def multi_label(self) -> bool:
+        """Whether a file may have several classes, or none (sigmoids and per-class thresholds: multilabel.py)."""
+        return bool(self.meta.get("multi_label", False))
+
+    @property
     def modality(self) -> Modality:
         """The registered modality of meta["modality"] (checked when the bundle was read)."""
         return get_modality(self.meta.get("modality", "image"))
@@ -123,11 +128,26 @@ def meta_problem(meta) -> str | None:
         return "preprocessing and training must be JSON objects"
     if calib is not None:
         if not isinstance(calib, dict) or not {"temperature", "score", "threshold"} <= set(calib) <= {
-                "temperature", "score", "threshold", "keep"}:
+                "temperature", "score", "threshold", "keep", "thresholds"}:
             return "calibration must hold temperature, score and threshold"
         if calibration_problem(calib):
             return calibration_problem(calib)
-    return modality.meta_problem(meta)
+    return multi_label_problem(meta) or modality.meta_problem(meta)
+
+
+def multi_label_problem(meta: dict) -> str | None:
+    """What is wrong with a bundle's multi_label flag and per-class thresholds (older bundles have neither: a
+    single-label model), or None."""
+    multi, calib = meta.get("multi_label", False), meta["calibration"]
+    if not isinstance(multi, bool):
+        return f"multi_label must be true or false, got {multi!r}"
+    thresholds = (calib or {}).get("thresholds")
+    if not multi:
+        return "calibration.thresholds belong to a multi-label model (multi_label: true)" if thresholds else None
+    if not (isinstance(thresholds, list) and len(thresholds) == len(meta["classes"])):
+        return (f"a multi-label model needs calibration.thresholds, one per class ({len(meta['classes'])}), got "
+                f"{thresholds!r}"[:300])
+    return next(filter(None, (out_of_range("calibration.thresholds", t, 0, 1) for t in thresholds)), None)
 
 
 # ---- bounds of the numbers and enums of a bundle (the modalities check their own with these)

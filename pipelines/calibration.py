@@ -4,6 +4,7 @@ feature statistics (unknown.calibrate) for the bundle."""
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -13,6 +14,7 @@ from .backbones import get_spec
 from .features import WithReference
 from .batches import file_outputs, unknown_outputs
 from .errors import ItfitsError, ItfitsWarning
+from .multilabel import calibrate_multilabel, label_matrix
 from .tabular import tabular_outputs
 from .unknown import DEFAULT_SCORE, TABLE_DEFAULT_SCORE, UnknownStats, calibrate, crossfit_reference_scores
 
@@ -44,6 +46,7 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
     clip's are the mean over its windows).
     `precision`: the training's (a precision.Precision), so image outputs match the Learner's validation.
     `model`: the fine-tuned model, or features.WithReference of it and its pretrained body.
+    Multi-label items (a `labels` column): targets are (N, C) 0/1 and multilabel.calibrate_multilabel chooses.
     Returns (Calibration, report, validation outputs {logits, features, targets, paths, ref_dim}, with the features
     and paths of the training items used: train_features, train_paths)."""
     fast = {"precision": precision, "channels_last": get_spec(config.arch).channels_last}
@@ -59,7 +62,12 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
     train = train.sample(min(max_train, train.height), seed=config.seed) if train.height > max_train else train
     v_logits, v_feats, _ = outputs(valid["path"].to_list())
     _, t_feats, _ = outputs(train["path"].to_list())
-    v_targets = np.array([index[c] for c in valid["label"]])
+    multi = "labels" in items.columns
+
+    def targets(part: pl.DataFrame) -> np.ndarray:
+        return (label_matrix(part["labels"].to_list(), classes) if multi else
+                np.array([index[c] for c in part["label"]], dtype=np.int64))
+    v_targets = targets(valid)
     core = model.model if isinstance(model, WithReference) else model
     head_dim = core[1][-1].in_features
     # the reference is the same architecture: its last-stage input is as wide as the model's own
@@ -73,9 +81,10 @@ def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, confi
             warnings.warn(f"--unknown {config.unknown}: {len(unreadable)} of its {len(unreadable) + len(u_logits)} "
                           f"files could not be read and were left out (the first, {path}: {error})", ItfitsWarning)
         unknown = (u_logits, u_feats)
-    calibration, report = calibrate_outputs(config, len(classes), valid=(v_logits, v_feats, v_targets),
-                                     train=(t_feats, np.array([index[c] for c in train["label"]])), unknown=unknown,
-                                     head_dim=head_dim, ref_dim=ref_dim, default_score=DEFAULT_SCORE)
+    calibrated = partial(calibrate_multilabel, config, classes) if multi else partial(calibrate_outputs, config,
+                                                                                       len(classes))
+    calibration, report = calibrated(valid=(v_logits, v_feats, v_targets), train=(t_feats, targets(train)),
+                                     unknown=unknown, head_dim=head_dim, ref_dim=ref_dim, default_score=DEFAULT_SCORE)
     return calibration, report, {"logits": v_logits, "features": v_feats, "targets": v_targets,
                                  "paths": valid["path"].to_list(), "ref_dim": ref_dim,
                                  # the training items' too, for the check's mislabel pass (check.py)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +230,14 @@ def class_rows(counts: dict[str, int]) -> list[tuple]:
             for c, n in sorted(counts.items()) if n * IMBALANCE < most]
 
 
+def _class_counts(ok: pl.DataFrame) -> pl.DataFrame:
+    """(class, files) of usable items; multi-label items (a `labels` column) count once per class they show, and
+    not at all when they show none."""
+    if "labels" not in ok.columns:
+        return ok.group_by("label").len()
+    return ok.select("labels").explode("labels").drop_nulls().group_by("labels").len()
+
+
 def check_items(items: pl.DataFrame, *, workers: int = 8, load=None) -> CheckResult:
     """The hash pass of a check on an items table (path, label, split, error; clips rendered for training have
     `image`, their first mel window's PNG): unreadable files, exact and near duplicates, tiny files, class
@@ -257,7 +265,7 @@ def check_items(items: pl.DataFrame, *, workers: int = 8, load=None) -> CheckRes
     else:
         rows += [(p, "too_small", None, lab, None, float(s), f"{s} px on its shorter side, under {MIN_SIDE} px")
                  for p, lab, s in zip(paths, ok["label"], sides) if 0 <= s < MIN_SIDE]
-    counts = dict(sorted(ok.group_by("label").len().iter_rows()))
+    counts = dict(sorted(_class_counts(ok).iter_rows()))
     rows += class_rows(counts)
     return CheckResult(findings=findings_frame(rows), counts={k: int(v) for k, v in counts.items()},
                        seconds={"hashes": time.perf_counter() - t0})
@@ -297,6 +305,9 @@ def check_data(data: str | Path, *, arch: str = "auto", weights: str = "auto", s
         items = items.with_columns(split=pl.lit(None, pl.String))
     result = check_items(items, load=modality.load)
     emit(log, "check", f"duplicate pass: {items.height} files, {result.seconds['hashes']:.1f} s", seconds=result.seconds)
+    if mislabel and "labels" in items.columns:  # confident learning takes one class per file
+        return replace(result, notes=result.notes + ("no mislabel pass: it is for single-label data, and this is "
+                                                     "multi-label",))
     if not mislabel:
         return result
     ok = items.filter(pl.col("error").is_null())

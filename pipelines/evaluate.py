@@ -11,6 +11,7 @@ from .bundle import load_bundle
 from .errors import ItfitsError
 from .images import ImagePreprocessing
 from .io import write_json
+from .multilabel import evaluate_multilabel
 from .metrics import accepted_at_rate, auroc, balanced_accuracy, expected_calibration_error, fpr_at_tpr, nll, per_class, softmax
 from .plots import plot_reliability, plot_risk_coverage
 from .sources import read_source
@@ -30,10 +31,11 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
                           "Its validation figures are in the run's run.json; for new inputs, itfits predict MODEL "
                           "INPUT --out FILE")
     classes, calib = bundle.classes, bundle.calibration
-    items = modality.check_files(read_source(data, exts=modality.exts))
+    items = modality.check_files(read_source(data, exts=modality.exts, multi_label=bundle.multi_label))
     n_files = items.height
     items = items.filter(pl.col("error").is_null())
-    foreign = sorted(set(items["label"]) - set(classes))
+    given = set(items["labels"].explode().drop_nulls()) if bundle.multi_label else set(items["label"])
+    foreign = sorted(given - set(classes))
     if foreign:
         raise ItfitsError(f"classes in {data} that the model does not know: {', '.join(foreign)}; "
                           f"pass examples of none of its classes with --unknown DIR instead")
@@ -53,6 +55,12 @@ def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: s
     if not good.any():
         raise ItfitsError(f"none of the files in {data} could be read; the first: {errors[0]}")
     items, logits, feats = items.filter(pl.Series(good)), logits[good], feats[good]
+    if bundle.multi_label:  # several classes per file, or none: F1 and mAP instead of accuracy
+        metrics = {"tta": tta, **evaluate_multilabel(calib, classes, items["labels"].to_list(), logits, feats,
+                                                     unknown=(u_logits, u_feats) if unknown is not None else None),
+                   "n_skipped": n_files - items.height}
+        write_json(metrics, Path(out) / "metrics.json")
+        return metrics
     targets = np.array([classes.index(c) for c in items["label"]])
     probs = softmax(logits, calib.temperature)
     preds = probs.argmax(1)

@@ -27,6 +27,7 @@ class ImageModality(Modality):
     augment = True  # flips, rotations, warps and lighting in training (fastai's aug_transforms)
     train_unit = ""  # what the training items are called in the run's log, when they are not the files
     tta = True  # the left-right mirror image, which training's augmentation shows the model
+    multi_label = True
 
     def claims(self, data: Path, target: str | None) -> bool:
         return target is None  # files of any kind: read_source then says what is missing
@@ -51,7 +52,7 @@ class ImageModality(Modality):
     def read_items(self, config, log):
         """(files, training items, resolved options) of config.data: one row per file, checked and split."""
         files = read_source(config.data, exts=self.exts, valid_pct=config.valid_pct, seed=config.seed,
-                            check=self.check_file)
+                            check=self.check_file, multi_label=config.multi_label)
         return files, files, None
 
     def usable(self, items: pl.DataFrame, options, config) -> pl.DataFrame:

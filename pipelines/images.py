@@ -119,6 +119,7 @@ class _Row:  # not a tuple: fastai transforms map over tuples element by element
     path: str
     label: str
     is_valid: bool
+    labels: tuple = ()  # multi-label: every class of the file
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,10 @@ def _label(row: _Row):
     return row.label
 
 
+def _labels(row: _Row):
+    return list(row.labels)
+
+
 def _is_valid(row: _Row):
     return row.is_valid
 
@@ -170,24 +175,27 @@ OUTLIER = "\x00none of the classes"  # the label of --outlier-exposure examples:
 
 def image_dataloaders(items: pl.DataFrame, *, classes: list[str], prep: ImagePreprocessing, bs: int,
                       augment: bool = True, num_workers: int | None = None, cache: bool | None = None,
-                      outliers: pl.DataFrame | None = None, load=load_image, weigh=None):
+                      outliers: pl.DataFrame | None = None, load=load_image, weigh=None, multi_label: bool = False):
     """fastai DataLoaders over the usable rows of an items table (rows with an error are left out), files read
     with `load` (path, gray=...) -> PIL image (the modality's).
     cache: decode and resize every image once, up front (DecodedImages); None: when they fit in CACHE_MAX_BYTES.
     num_workers None: see loader_workers. outliers: training items of none of the classes (label OUTLIER), which
     become the vocabulary's last entry, after `classes`. weigh: the items' labels -> a sampling weight per item
-    (balance.Balance.item_weights), or None: the training set is drawn by fastai's WeightedDL with them."""
+    (balance.Balance.item_weights), or None: the training set is drawn by fastai's WeightedDL with them.
+    multi_label: the targets are the items' `labels` (fastai's MultiCategoryBlock: one yes/no per class)."""
     if outliers is not None and outliers.height:
         items = pl.concat([items.select("path", "label", "split", "error"),
                            outliers.select("path", "label", "split", "error")])
         classes = [*classes, OUTLIER]
-    from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
+    from fastai.data.block import CategoryBlock, DataBlock, MultiCategoryBlock, TransformBlock
     from fastai.data.transforms import FuncSplitter, IntToFloatTensor, Normalize
     from fastai.vision.augment import Resize, aug_transforms
     from fastai.vision.data import ImageBlock
 
     ok = items.filter(pl.col("error").is_null())
-    rows = [_Row(*r) for r in zip(ok["path"].to_list(), ok["label"].to_list(), (ok["split"] == "valid").to_list())]
+    labels = ok["labels"].to_list() if multi_label else [()] * ok.height
+    rows = [_Row(*r, labels=tuple(names)) for r, names in
+            zip(zip(ok["path"].to_list(), ok["label"].to_list(), (ok["split"] == "valid").to_list()), labels)]
     batch_tfms = (aug_transforms() if augment else []) + [Normalize.from_stats(prep.mean, prep.std)]
     if cache is None:
         cache = DecodedImages.fits(len(rows), prep.size)
@@ -196,7 +204,8 @@ def image_dataloaders(items: pl.DataFrame, *, classes: list[str], prep: ImagePre
         get_x = DecodedImages([r.path for r in rows], prep, load=load)
     else:
         x_block, get_x, item_tfms = ImageBlock, _PILItems(load), [Resize(prep.size, method=prep.resize)]
-    block = DataBlock(blocks=(x_block, CategoryBlock(vocab=classes, sort=False)), get_x=get_x, get_y=_label,
+    y_block = MultiCategoryBlock(vocab=classes) if multi_label else CategoryBlock(vocab=classes, sort=False)
+    block = DataBlock(blocks=(x_block, y_block), get_x=get_x, get_y=_labels if multi_label else _label,
                       splitter=FuncSplitter(_is_valid), item_tfms=item_tfms, batch_tfms=batch_tfms)
     n_train = sum(not r.is_valid for r in rows)
     workers = loader_workers(cached=cache) if num_workers is None else num_workers

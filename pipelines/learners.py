@@ -18,6 +18,7 @@ from torch.optim.adamw import adamw
 from .backbones import create_backbone, get_spec
 from .balance import balance_metrics
 from .errors import ItfitsError, ItfitsWarning
+from .multilabel import multilabel_fit_metrics
 from .precision import Precision
 from .tabular import create_tabular_model
 
@@ -238,14 +239,15 @@ def uncompile(model) -> None:
 
 def image_learner(dls, arch: str, *, weights: str = "auto", path: Path | str = ".", precision: Precision | None = None,
                   accum: int = 1, ema: bool = False, ema_decay: float | None = None, compile: bool = False,
-                  class_weights: torch.Tensor | None = None):
+                  class_weights: torch.Tensor | None = None, multi_label: bool = False):
     """A fastai Learner for image classification on `dls` with the registered backbone `arch`, with the training
     controls as callbacks: `precision` (None: fp32; see precision.resolve_precision), channels-last for conv nets,
     `accum` micro-batches per step, an EMA of the weights, torch.compile; fastai's Adam, multi-tensor.
     `class_weights`: cross-entropy weights per class (balance.Balance.loss_weights). Metrics: accuracy, balanced
-    accuracy and per-class recall (balance.balance_metrics)."""
+    accuracy and per-class recall (balance.balance_metrics). `multi_label`: one sigmoid per class, fastai's
+    BCEWithLogitsLossFlat, metrics accuracy_multi and F1 (multilabel.multilabel_fit_metrics)."""
     from fastai.learner import Learner
-    from fastai.losses import CrossEntropyLossFlat
+    from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat
     from fastai.metrics import accuracy
 
     from .images import OUTLIER
@@ -259,6 +261,9 @@ def image_learner(dls, arch: str, *, weights: str = "auto", path: Path | str = "
     if ema:
         cbs.append(ema_callback(final_decay=ema_decay))
     classes = list(dls.vocab)[:len(dls.vocab) - exposure]
+    if multi_label:
+        return Learner(dls, model, loss_func=BCEWithLogitsLossFlat(), metrics=multilabel_fit_metrics(),
+                       splitter=body_head_split, path=Path(path), model_dir="checkpoints", cbs=cbs, opt_func=FusedAdam)
     if class_weights is not None:  # the Learner moves the model to the data's device, not the loss
         class_weights = class_weights.to(dls.device)
     loss = (OutlierExposureLoss(len(classes), class_weights=class_weights) if exposure else

@@ -94,3 +94,78 @@ def regression_metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
     err = pred - truth
     return {"valid_rmse": float(np.sqrt((err ** 2).mean())), "valid_mae": float(np.abs(err).mean()),
             "valid_r2": float(1 - (err ** 2).sum() / max(((truth - truth.mean()) ** 2).sum(), 1e-12))}
+
+
+# ---- multi-label: targets and decisions are (N, C) 0/1 matrices, one column per class
+
+def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """(N, C) independent probabilities of (N, C) logits divided by `temperature` (a multi-label model's)."""
+    return 1.0 / (1.0 + np.exp(-np.clip(logits / temperature, -80, 80)))
+
+
+def binary_nll(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean binary cross-entropy over every item and class (fastai's BCEWithLogitsLossFlat)."""
+    p = np.clip(probs, 1e-12, 1 - 1e-12)
+    return float(-(targets * np.log(p) + (1 - targets) * np.log(1 - p)).mean())
+
+
+def binary_ece(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
+    """ECE of every (item, class) probability as a yes/no forecast: mean |share of yes - mean probability| over
+    equal-width bins, weighted by bin size."""
+    p, y = probs.ravel(), targets.ravel().astype(float)
+    idx = np.clip(np.digitize(p, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    return float(sum(abs(y[idx == b].mean() - p[idx == b].mean()) * (idx == b).mean()
+                     for b in range(bins) if (idx == b).any()))
+
+
+def average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the precision-recall steps of one class (scikit-learn's average_precision_score): the sum over
+    distinct score thresholds, highest first, of precision there times the recall it adds. NaN without positives."""
+    y = np.asarray(targets, dtype=bool)
+    if not y.any():
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], y[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # the last item of each group of tied scores
+    tp = np.cumsum(y)[last]
+    precision, recall = tp / (last + 1), tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def multilabel_metrics(targets: np.ndarray, decisions: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """Per-class precision, recall, F1 and support; macro F1 (mean over the classes), micro F1 (over all counts),
+    mAP (mean average precision over the classes with a positive item), subset accuracy (every class right) and
+    label accuracy (share of right (item, class) decisions, fastai's accuracy_multi). A ratio with nothing to
+    count is 0, as scikit-learn's zero_division=0."""
+    y, d = np.asarray(targets, dtype=bool), np.asarray(decisions, dtype=bool)
+    tp, fp, fn = (y & d).sum(0), (~y & d).sum(0), (y & ~d).sum(0)
+    ratio = lambda a, b: np.divide(a, b, out=np.zeros(len(a)), where=b > 0)  # noqa: E731
+    precision, recall, f1 = ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
+    ap = np.array([average_precision(y[:, j], probs[:, j]) for j in range(y.shape[1])])
+    micro = 2 * tp.sum() / max(1, 2 * tp.sum() + fp.sum() + fn.sum())
+    return {"per_class": {c: {"precision": float(precision[j]), "recall": float(recall[j]), "f1": float(f1[j]),
+                              "average_precision": None if np.isnan(ap[j]) else float(ap[j]),
+                              "support": int(y[:, j].sum())} for j, c in enumerate(classes)},
+            "macro_f1": float(f1.mean()), "micro_f1": float(micro),
+            "map": float(np.nanmean(ap)) if not np.isnan(ap).all() else None,
+            "subset_accuracy": float((y == d).all(1).mean()), "label_accuracy": float((y == d).mean())}
+
+
+def best_f1_thresholds(targets: np.ndarray, probs: np.ndarray, default: float = 0.5) -> np.ndarray:
+    """(C,) per-class thresholds on `probs` maximising each class's F1 on these items: halfway between the
+    lowest probability the best cut accepts and the next lower one (a margin both ways), or `default` for a
+    class without a positive item. Ties in F1 go to the higher threshold (fewer false alarms)."""
+    y = np.asarray(targets, dtype=bool)
+    out = np.full(y.shape[1], default, dtype=np.float64)
+    for j in range(y.shape[1]):
+        if not y[:, j].any():
+            continue
+        order = np.argsort(-probs[:, j], kind="stable")
+        p, yj = probs[order, j], y[order, j]
+        last = np.r_[np.flatnonzero(p[1:] != p[:-1]), len(p) - 1]  # accepting down to each distinct probability
+        tp = np.cumsum(yj)[last]
+        f1 = 2 * tp / (last + 1 + yj.sum())
+        k = int(np.argmax(f1))  # the first best: the highest cut
+        below = p[last[k] + 1] if last[k] + 1 < len(p) else 0.0
+        out[j] = (p[last[k]] + below) / 2
+    return out

@@ -38,6 +38,7 @@ class Modality:
     options: type | None = None  # its options dataclass (checks itself in __post_init__), FitConfig's field of it
     row_per_file: bool = True  # predict yields one row per input file (False: rows of input tables)
     tta: bool = False  # test-time augmentation (--tta) has a view to average for its inputs
+    multi_label: bool = False  # trains on files of several classes (a path,labels table; multilabel.py)
 
     # ---- which inputs it claims
     def claims(self, data: Path, target: str | None) -> bool:

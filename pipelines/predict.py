@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -50,6 +51,21 @@ def prediction_frame(probs: np.ndarray, scores: np.ndarray, unknown: np.ndarray,
         cols[f"top{j + 1}_prob"] = top_p[:, j]
     ok = errors.is_null()
     return pl.DataFrame(cols).with_columns(pl.when(ok).then(pl.col(c)).alias(c) for c in cols if c != "error")
+
+
+def multilabel_frame(probs: np.ndarray, scores: np.ndarray, unknown: np.ndarray, errors, classes, *,
+                     thresholds, topk: int) -> pl.DataFrame:
+    """`prediction_frame` of a multi-label model (sigmoid probabilities): `labels` after `label` holds every class
+    above its threshold, joined by ';' (empty: none); `label` is the same, or `unknown` where the row is flagged
+    (no class above its threshold, or the unknown score below its threshold). top-k: the most probable classes."""
+    frame = prediction_frame(probs, scores, unknown, errors, classes, topk=topk)
+    above = np.asarray(probs) >= np.asarray(thresholds, dtype=np.float64)
+    names = [";".join(c for c, on in zip(classes, row) if on) for row in above]
+    ok, flagged = frame["error"].is_null().to_list(), np.asarray(unknown, bool).tolist()
+    labels = pl.Series("labels", [n if good else None for n, good in zip(names, ok)], dtype=pl.String)
+    label = pl.Series("label", [("unknown" if f else n) if good else None for n, f, good in zip(names, flagged, ok)],
+                      dtype=pl.String)
+    return frame.with_columns(label).insert_column(frame.columns.index("label") + 1, labels)
 
 
 def regression_frame(values: np.ndarray, errors) -> pl.DataFrame:
@@ -131,6 +147,10 @@ class Predictor:
         if self.config.tta and not self.modality.tta:
             raise ItfitsError(TTA_IMAGES_ONLY)
         self.prep = self.modality.preprocessing(self.bundle.meta)
+        calib = self.bundle.calibration
+        # the predictions table's columns from (probabilities, scores, unknown flags, errors)
+        self.frame = (partial(multilabel_frame, thresholds=calib.thresholds) if calib is not None and calib.multi_label
+                      else prediction_frame)
         # files: the model, precision and memory format its batches run with (images: the folded fast path)
         self.fast = self.modality.scoring(self.bundle, self.prep, self.config.precision) if self.files else None
 
@@ -148,7 +168,7 @@ class Predictor:
                                                                      batch_size=c.batch_size,
                                                                      num_workers=c.num_workers, tta=c.tta, **self.fast):
             probs, scores, unknown = self.bundle.calibration.apply(logits, features, threshold=c.threshold)
-            frame = prediction_frame(probs, scores, unknown, errors, self.bundle.classes, topk=c.topk)
+            frame = self.frame(probs, scores, unknown, errors, self.bundle.classes, topk=c.topk)
             # file names that are not UTF-8 too
             yield frame.insert_column(0, pl.Series("path", [text_path(p) for p in paths], dtype=pl.String))
 
@@ -167,7 +187,7 @@ class Predictor:
         errs = [e or (None if ok else "the model's outputs are not finite numbers: values far outside the training "
                       "data's range") for e, ok in zip(errors.to_list(), finite)]
         out = (regression_frame(values, errs) if prep.task == "regression" else
-               prediction_frame(probs, values, unknown, errs, bundle.classes, topk=self.config.topk))
+               self.frame(probs, values, unknown, errs, bundle.classes, topk=self.config.topk))
         return _rename_inputs(table, prep.classes).hstack(out)
 
     def __call__(self, batch):
@@ -187,8 +207,8 @@ class Predictor:
     def frames_schema(self) -> pl.DataFrame:
         """The columns `frames` yields, with no rows (an empty batch)."""
         k = min(self.config.topk, len(self.bundle.classes))
-        frame = prediction_frame(np.zeros((0, len(self.bundle.classes))), np.zeros(0), np.zeros(0, bool), [],
-                                 self.bundle.classes, topk=k)
+        frame = self.frame(np.zeros((0, len(self.bundle.classes))), np.zeros(0), np.zeros(0, bool), [],
+                           self.bundle.classes, topk=k)
         return frame.insert_column(0, pl.Series("path", [], dtype=pl.String))
 
 

@@ -14,12 +14,13 @@ from fastai.data.load import DataLoader
 from fastai.torch_core import default_device, set_seed
 
 from .backbones import auto_arch, get_spec
-from .balance import Balance, choose_balance
+from .balance import Balance, choose_balance, no_balance
 from .distributed import is_main
 from .errors import ItfitsError
 from .images import OUTLIER, ImagePreprocessing, choose_batch_size, image_dataloaders
 from .io import write_table
 from .learners import OUTLIER_WEIGHT, tabular_learner
+from .multilabel import label_classes, label_counts
 from .sources import expand_inputs, has_files, require_classes
 from .tabular import TabularData, TabularModelSpec, prepare_table
 
@@ -41,6 +42,7 @@ class Prepared:
     options: object = None  # the modality's options resolved from the data (audio: the MelConfig), for the bundle
     n_outliers: int = 0  # --outlier-exposure: training items of none of the classes (audio: windows)
     balance: Balance | None = None  # what the run does about its class counts (--balance)
+    multi_label: bool = False  # files may have several classes, or none (multilabel.py)
 
 
 def prepare_data(modality: Modality, config: FitConfig, run: Path, log=print) -> Prepared:
@@ -50,13 +52,21 @@ def prepare_data(modality: Modality, config: FitConfig, run: Path, log=print) ->
         get_spec(config.arch)  # fail on a wrong name before reading any file
     modality.check_config(config)
     files, items, options = modality.read_items(config, log)
+    multi = "labels" in files.columns
+    if multi and not modality.multi_label:
+        raise ItfitsError(f"multi-label training (a labels column, or --multi-label) is for images; {config.data} "
+                          f"holds {modality.what}")
+    if multi and (config.outlier_exposure or config.balance in ("weights", "sampler")):
+        raise ItfitsError(f"{'--outlier-exposure' if config.outlier_exposure else '--balance ' + config.balance} is "
+                          "for single-label runs; a multi-label run learns none of the classes from files with an "
+                          "empty labels cell")
     if config.unknown and not has_files(Path(config.unknown), modality.exts):  # before training
         raise ItfitsError(f"--unknown {config.unknown} holds no {modality.what}; it takes examples of the same kind as "
                           f"DATA, {config.data}")
     outliers = outlier_items(modality, config, options, log) if config.outlier_exposure else None
     if is_main():  # data-parallel runs: rank 0 alone writes the run folder
         write_table(files.filter(pl.col("error").is_not_null()).select("path", "label", "error"), run / "skipped.csv")
-    classes = require_classes(files)
+    classes = label_classes(files) if multi else require_classes(files)
     train = items.filter(pl.col("error").is_null() & (pl.col("split") == "train"))
     n_train = train.height
     arch, arch_why = auto_arch(n_train, config.weights) if config.arch == "auto" else (config.arch, None)
@@ -65,13 +75,14 @@ def prepare_data(modality: Modality, config: FitConfig, run: Path, log=print) ->
     bs = config.bs or choose_batch_size(n_train)
     # counted on what the Learner trains on: images, or audio windows (a long clip gives many)
     counts = dict(train.group_by("label").len().iter_rows())
-    balance = choose_balance({c: counts.get(c, 0) for c in classes}, config.balance)
+    balance = (no_balance(label_counts(items, classes), "multi-label: each class is a yes/no output of its own")
+               if multi else choose_balance({c: counts.get(c, 0) for c in classes}, config.balance))
     dls = image_dataloaders(items, classes=classes, prep=prep, bs=bs, augment=modality.augment,
                             num_workers=config.num_workers, outliers=outliers, load=modality.load,
-                            weigh=balance.item_weights)
+                            weigh=balance.item_weights, multi_label=multi)
     return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, arch=arch, arch_why=arch_why,
-                    options=options,
-                    n_outliers=0 if outliers is None else outliers.height, balance=balance)
+                    options=options, n_outliers=0 if outliers is None else outliers.height, balance=balance,
+                    multi_label=multi)
 
 
 def outlier_items(modality: Modality, config: FitConfig, options, log=print) -> pl.DataFrame:

@@ -17,7 +17,8 @@ from fastcore.xml import (H1, H2, H3, Body, Details, Div, Head, Html, Img, Li, M
 from .errors import ItfitsWarning
 from .images import load_image
 from .io import atomic_path, write_table
-from .metrics import balanced_accuracy, confusion_matrix, item_losses, per_class, softmax
+from .metrics import (balanced_accuracy, confusion_matrix, item_losses, multilabel_metrics, per_class, sigmoid,
+                      softmax)
 from .plots import plot_losses, plot_predicted_vs_actual, plot_reliability, plot_risk_coverage, write_confusion_matrix
 
 
@@ -51,6 +52,7 @@ class Validation:
     scores: np.ndarray | None = None  # (N,) unknown score of each item (higher = known); None: no risk-coverage plot
     images: list[str] | None = None  # a picture of each item (image file, spectrogram PNG) for the thumbnails
     rows: pl.DataFrame | None = None  # tabular: each item's input columns, shown instead of thumbnails
+    thresholds: np.ndarray | None = None  # multi-label: (C,) per-class thresholds; targets are then (N, C) 0/1
 
     def __post_init__(self):
         if (self.logits is None) == (self.predictions is None):
@@ -60,11 +62,24 @@ class Validation:
     def regression(self) -> bool:
         return self.predictions is not None
 
+    @property
+    def multi_label(self) -> bool:
+        return self.thresholds is not None
+
 
 def top_losses(valid: Validation, classes: list[str], k: int = TOP_LOSSES) -> pl.DataFrame:
     """The k validation items with the highest loss: index, name, actual, predicted, then probability and loss;
     regression: the largest absolute errors, then error (predicted - actual)."""
-    if valid.regression:
+    if valid.multi_label:  # each item's binary cross-entropy, summed over the classes
+        probs = np.clip(valid.probs if valid.probs is not None else sigmoid(valid.logits), 1e-12, 1 - 1e-12)
+        losses = -(valid.targets * np.log(probs) + (1 - valid.targets) * np.log(1 - probs)).sum(1)
+        order = np.argsort(-losses, kind="stable")[:k]
+        names = lambda row: ";".join(c for c, on in zip(classes, row) if on) or "(none)"  # noqa: E731
+        above = probs >= valid.thresholds
+        columns = {"actual": [names(valid.targets[i] > 0.5) for i in order],
+                   "predicted": [names(above[i]) for i in order],
+                   "probability": probs[order].max(1).astype(float), "loss": losses[order].astype(float)}
+    elif valid.regression:
         error = valid.predictions - valid.targets
         order = np.argsort(-np.abs(error), kind="stable")[:k]
         columns = {"actual": valid.targets[order].astype(float), "predicted": valid.predictions[order].astype(float),
@@ -167,8 +182,10 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
     guarded(notes, "top_losses.csv", write_table, top.drop("index"), run / "top_losses.csv")
     model = resolved.get("model", config.get("arch", ""))  # what the modality calls it (runs before it: the arch)
     task = ("regression" if valid.regression else
-            f"{len(resolved['classes'])} classes ({', '.join(resolved['classes'])})")
+            f"{len(resolved['classes'])} classes ({', '.join(resolved['classes'])})"
+            + (", multi-label" if valid.multi_label else ""))
     look, part = (_regression_part(run, config.get("target", ""), valid, top, notes) if valid.regression else
+                  _multilabel_part(run, summary, valid, top, notes) if valid.multi_label else
                   _classification_part(run, summary, valid, top, notes))
     skipped_part, n_skipped = _skipped_part(run)
     check_part, check_look = _check_part(run, summary.get("check"))
@@ -179,7 +196,8 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
             *[P(note, cls="wrong") for note in notes],  # at the top: a reader must see what is missing
             P(f"{model} on {config.get('data', '')}: {task}, {resolved.get('n_train')} train / "
               f"{resolved.get('n_valid')} valid items."),
-            H2("Summary"), _kv_table({k.replace("_", " "): v for k, v in results.items()}),
+            H2("Summary"), _kv_table({k.replace("_", " "): v for k, v in results.items()
+                                      if k != "valid_per_class"}),  # multi-label: the per-class table shows it
             P("What to look at:"), Ul(*[Li(line) for line in look]),
             *part,
             H2("Loss and metrics"), _figure(run / "losses.png", "loss and metric curves"),
@@ -291,6 +309,41 @@ def _classification_part(run: Path, summary: dict, valid: Validation, top: pl.Da
                   H2("Calibration and unknowns"), *_calibration_part(run, calib, risk=valid.scores is not None)]
 
 
+def _multilabel_part(run: Path, summary: dict, valid: Validation, top: pl.DataFrame,
+                     notes: list[str]) -> tuple[list[str], list]:
+    """(lines of what to look at, sections) of a multi-label run: per-class precision/recall/F1/AP at the chosen
+    thresholds (per_class.csv), macro/micro F1 and mAP, top losses, calibration and unknown figures."""
+    classes, calib = summary["resolved"]["classes"], summary.get("calibration") or {}
+    probs = valid.probs if valid.probs is not None else sigmoid(valid.logits)
+    m = multilabel_metrics(valid.targets, probs >= valid.thresholds, probs, classes)
+    pc_table = pl.DataFrame([{"class": c, "threshold": float(t), **v}
+                             for (c, v), t in zip(m["per_class"].items(), valid.thresholds)])
+    guarded(notes, "per_class.csv", write_table, pc_table, run / "per_class.csv")
+    if valid.scores is not None:  # "correct" here: every class of the item decided right
+        guarded(notes, "risk_coverage.png", plot_risk_coverage, valid.scores,
+                ((probs >= valid.thresholds) == (valid.targets > 0.5)).all(1), run / "risk_coverage.png",
+                threshold=calib.get("threshold"))
+    worst = pc_table.sort("f1").row(0, named=True)
+    look = [f"macro F1 {m['macro_f1']:.3f}, micro F1 {m['micro_f1']:.3f}, mAP {_fmt(m['map'])}, every class right on "
+            f"{m['subset_accuracy']:.1%} of {len(probs)} validation items; lowest F1: {worst['class']} "
+            f"{worst['f1']:.2f} (the per-class table below)",
+            f"{float((probs < valid.thresholds).all(1).mean()):.1%} of the validation items have no class above its "
+            "threshold: predicted unknown (none of the classes)"]
+    if top.height:
+        w = top.row(0, named=True)
+        look.append(f"worst item: {Path(w['name']).name}, {w['actual']} predicted {w['predicted']} (loss "
+                    f"{w['loss']:.3f}); the top losses below")
+    if calib:
+        look.append(f"unknown operating point: {calib.get('score')} >= {_fmt(calib.get('threshold'))} accepts "
+                    + _share(calib.get("valid_correct_accepted")) + " of the validation items")
+    return look, [H2("Per class (validation, at each class's threshold)"), _frame_table(pc_table),
+                  _kv_table({"macro F1": m["macro_f1"], "micro F1": m["micro_f1"], "mAP": m["map"],
+                             "subset accuracy": m["subset_accuracy"], "label accuracy": m["label_accuracy"]}),
+                  H2(f"Top {top.height} losses (validation)"), _top_losses_part(top, valid),
+                  H2("Calibration and unknowns"), *_calibration_part(run, calib, risk=valid.scores is not None,
+                                                                      reliability=False)]
+
+
 def _share(v) -> str:
     return f"{v:.1%}" if isinstance(v, (int, float)) else _fmt(v)
 
@@ -328,7 +381,7 @@ def _top_losses_part(top: pl.DataFrame, valid: Validation):
     return Div(*cards, cls="grid")
 
 
-def _calibration_part(run: Path, calib: dict, *, risk: bool) -> list:
+def _calibration_part(run: Path, calib: dict, *, risk: bool, reliability: bool = True) -> list:
     if not calib:
         return [P("No calibration in this run.", cls="muted")]
     part = [_kv_table({"temperature": calib.get("temperature"),
@@ -340,7 +393,7 @@ def _calibration_part(run: Path, calib: dict, *, risk: bool) -> list:
                        "correct valid items accepted": calib.get("valid_correct_accepted"),
                        **({"unknown examples accepted": calib["unknown_examples_accepted"]}
                           if "unknown_examples_accepted" in calib else {})}),
-            _figure(run / "reliability.png", "reliability diagram")]
+            *([_figure(run / "reliability.png", "reliability diagram")] if reliability else [])]
     if risk:  # not an older run's file left in RUN
         part.append(_figure(run / "risk_coverage.png", "risk-coverage curve"))
     if calib.get("unknown_examples"):

@@ -28,6 +28,7 @@ from .learners import check_accumulation, effective_batch, find_ema, image_learn
 from .logs import emit
 from .metrics import balanced_accuracy, per_class, regression_metrics
 from .modality import Modality, file_exts, modalities, modality_for
+from .multilabel import finish_multilabel
 from .precision import check_precision, resolve_precision
 from .prepare import prepare_data, prepare_tabular
 from .reports import Validation, guarded, write_report
@@ -74,6 +75,8 @@ class FitConfig:
     cont: list[str] | None = None  # tabular: columns to treat as continuous; None: inferred
     ignore: list[str] | None = None  # tabular: columns not to use (ids, leaks)
     layers: list[int] | None = None  # tabular: hidden layer sizes; None: [200, 100] as fastai's tabular_learner
+    multi_label: bool = False  # images: a label cell may hold several classes (space or ';'); a path,labels table
+    # is multi-label without it (multilabel.py)
 
     def __post_init__(self):
         """The checks `itfits fit` makes of its options, in its words, for a FitConfig made anywhere (a notebook:
@@ -112,6 +115,9 @@ class FitConfig:
                               f"{', '.join(SCORES)}")
         if self.layers is not None and (not self.layers or min(self.layers) < 1):
             raise ItfitsError(f"--layers sizes must be at least 1, got {','.join(map(str, self.layers))!r}")
+        if self.multi_label and self.target is not None:
+            raise ItfitsError("--multi-label is for images (a path,label or path,labels table, or class folders); "
+                              "a table with --target trains one class per row")
         if self.target is not None and self.balance not in ("auto", "none"):
             raise ItfitsError(f"--balance {self.balance} is for images and audio for now; a table trains unbalanced")
         if self.outlier_exposure and (self.unknown is None or self.target is not None):
@@ -189,6 +195,7 @@ class TrainedImages:
     started: float  # time.perf_counter() at the start
     options: object = None  # the modality's options resolved from the data (audio: the MelConfig)
     check: CheckResult | None = None  # the data check's duplicate pass (rank 0)
+    multi_label: bool = False  # files of several classes, or none (multilabel.py finishes the run)
 
 
 def write_run_config(config: FitConfig, run: Path) -> None:
@@ -247,7 +254,7 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
     log(data.balance.line())
     learn = image_learner(dls, data.arch, weights=config.weights, path=run, precision=precision, accum=config.accum,
                           ema=config.ema, ema_decay=config.ema_decay, compile=config.compile,
-                          class_weights=data.balance.loss_weights(classes))
+                          class_weights=data.balance.loss_weights(classes), multi_label=data.multi_label)
     if not main:  # one progress bar and log, from rank 0
         learn.remove_cb(ProgressCallback)
         learn.logger = lambda *a, **k: None
@@ -284,12 +291,14 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
                 "world_size": world, "resumed_after_epoch": state["epoch"] if state else None,
                 "n_outlier_exposure": data.n_outliers, "balance": data.balance.json()}
     return TrainedImages(learn=learn, arch=data.arch, items=items, classes=classes, prep=prep, history=history,
-                         resolved=resolved,
-                         precision=precision, started=t0, options=data.options, check=checked)
+                         resolved=resolved, precision=precision, started=t0, options=data.options, check=checked,
+                         multi_label=data.multi_label)
 
 
 def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, *, log=print) -> dict:
     """Calibration, confusion matrix, the bundle and run.json of a trained run (rank 0's work). Returns run.json."""
+    if trained.multi_label:
+        return finish_multilabel(modality, trained, config, log=log, defaults=config_defaults())
     run, learn, classes, history = Path(config.out), trained.learn, trained.classes, trained.history
     # the pretrained body training started from, unchanged: the default unknown score works on its features
     reference = create_body(get_spec(trained.arch), weights=config.weights)[0].to(next(learn.model.parameters()).device)
@@ -428,7 +437,8 @@ def lr_find_files(modality: Modality, config: FitConfig) -> tuple[float, dict[st
     precision = resolve_precision(config.precision, arch=data.arch, size=data.prep.size)
     set_seed(config.seed)
     learn = image_learner(data.dls, data.arch, weights=config.weights, path=run, precision=precision,
-                          class_weights=data.balance.loss_weights(data.classes))  # the loss fit trains with
+                          class_weights=data.balance.loss_weights(data.classes),  # the loss fit trains with
+                          multi_label=data.multi_label)
     return find_lr(learn, run, num_it=config.lr_find_iters)
 
 

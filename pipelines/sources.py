@@ -228,12 +228,50 @@ def _class_folder(folder: Path, exts: set[str], split: str | None) -> pl.DataFra
     return pl.DataFrame(rows, schema={"path": pl.String, "label": pl.String, "split": pl.String}, orient="row")
 
 
-def _from_table(path: Path) -> pl.DataFrame:
-    df = read_table(path)
-    missing = {"path", "label"} - set(df.columns)
+def _label_column(path: Path, columns: list[str]) -> str:
+    """`label`, or `labels` (a multi-label table), the column of `path`'s classes; an ItfitsError without one."""
+    if "label" in columns and "labels" in columns:
+        raise ItfitsError(f"{path} has both a label and a labels column; keep label (one class per file) or labels "
+                          "(several, for a multi-label model)")
+    missing = ({"path"} - set(columns)) | ({"label"} if not {"label", "labels"} & set(columns) else set())
     if missing:
-        raise ItfitsError(f"{path} needs columns path,label (missing: {', '.join(sorted(missing))}; has: "
-                          f"{', '.join(df.columns)}). For a tabular model, pass --target COLUMN")
+        raise ItfitsError(f"{path} needs columns path,label (or path,labels: multi-label) (missing: "
+                          f"{', '.join(sorted(missing))}; has: {', '.join(columns)}). For a tabular model, pass "
+                          "--target COLUMN")
+    return "labels" if "labels" in columns else "label"
+
+
+LABEL_SEPARATORS = (";", " ")  # between the labels of a multi-label cell: ';' where any cell has one, else spaces
+NOT_SEPARATORS = (",", "|")
+
+
+def split_labels(cells: list[str | None], *, where: str) -> list[list[str]]:
+    """Each multi-label cell (line i + 2 of the table `where`) as its sorted distinct class names; an empty cell is
+    [] (a file of none of the classes). The separator is ';' where any cell holds one (class names may then hold
+    spaces), else whitespace. An ItfitsError names the cell for ',' or '|', and for a cell of a ';' table whose
+    spaces separate names that other cells hold (the two separators mixed)."""
+    text = ["" if c is None else str(c).strip() for c in cells]
+    for i, t in enumerate(text):
+        bad = next((s for s in NOT_SEPARATORS if s in t), None)
+        if bad:
+            raise ItfitsError(f"{where}: line {i + 2}: labels cell {t!r} holds {bad!r}; separate labels with a space "
+                              "or ';'")
+    if not any(";" in t for t in text):
+        return [sorted(set(t.split())) for t in text]
+    lists = [sorted({n.strip() for n in t.split(";") if n.strip()}) for t in text]
+    names = {n for names in lists for n in names}
+    for i, found in enumerate(lists):
+        mixed = next((n for n in found if len(n.split()) > 1 and all(p in names for p in n.split())), None)
+        if mixed:
+            raise ItfitsError(f"{where}: line {i + 2}: labels cell {text[i]!r} separates {mixed!r} with spaces where "
+                              "other cells use ';'; use one separator in the whole table")
+    return lists
+
+
+def _from_table(path: Path, multi_label: bool = False) -> pl.DataFrame:
+    df = read_table(path)
+    column = _label_column(path, df.columns)
+    multi, df = multi_label or column == "labels", df.rename({column: "label"}) if column == "labels" else df
     split = pl.col("split").cast(pl.String) if "split" in df.columns else (
         pl.when(pl.col("is_valid").cast(pl.Boolean)).then(pl.lit("valid")).otherwise(pl.lit("train"))
         if "is_valid" in df.columns else pl.lit(None, pl.String))
@@ -243,19 +281,30 @@ def _from_table(path: Path) -> pl.DataFrame:
     row = (pl.int_range(pl.len()) + 2).cast(pl.String)  # the line in the file, counting the header as line 1
     error = (pl.when((given == "") | given.is_null()).then(pl.lit("empty path cell (line ") + row + ")")
              .when((label == "") | label.is_null()).then(pl.lit("empty label cell (line ") + row + ")"))
-    return df.select(
+    items = df.select(
         pl.when(given != "").then(given).map_elements(lambda p: text_path(str((Path(base) / p).resolve())),
                                                       return_dtype=pl.String).alias("path"),
         pl.when(label != "").then(label).alias("label"), split.alias("split"), error.alias("error"))
+    if not multi:
+        return items
+    # multi-label: an empty cell is a file of none of the classes, not a row to skip
+    lists = split_labels(df["label"].cast(pl.String).to_list(), where=str(path))
+    return items.with_columns(
+        label=pl.Series([";".join(names) for names in lists], dtype=pl.String),
+        labels=pl.Series(lists, dtype=pl.List(pl.String)),
+        error=pl.when(given.is_null() | (given == "")).then(pl.col("error")))
 
 
 def read_source(data: str | Path, *, exts: set[str] = IMAGE_EXTS, valid_pct: float = 0.2, seed: int = 42,
-                check: Callable[[str], str | None] | None = None) -> pl.DataFrame:
+                check: Callable[[str], str | None] | None = None, multi_label: bool = False) -> pl.DataFrame:
     """Items table from a class-per-folder tree, a folder with train/ and valid/, or a path,label table.
 
     Without a given split, a seeded stratified split puts `valid_pct` of each class in "valid". With `check`
     (e.g. check_image), `error` is filled first (see check_files) and the split is made among the usable files,
     so that every class with 2 or more of them is in both splits (an unusable file gets "train").
+    Multi-label (a path,labels table, or `multi_label`: a label cell may hold several, see `split_labels`): the
+    items have `labels` too (a list of class names; `label` holds them joined by ';') and the split is a seeded
+    random `valid_pct` of the usable files (a file has several classes, so there is no class to stratify by).
     """
     data = Path(data)
     if not data.exists():
@@ -264,7 +313,7 @@ def read_source(data: str | Path, *, exts: set[str] = IMAGE_EXTS, valid_pct: flo
     if data.is_file():
         if data.suffix.lower() not in TABLE_EXTS:
             raise ItfitsError(f"{data} is a file, not a folder or a .csv/.parquet table")
-        items = _from_table(data)
+        items = _from_table(data, multi_label)
     elif (data / "train").is_dir() and (data / "valid").is_dir():
         items = pl.concat([_class_folder(data / s, exts, s) for s in ("train", "valid")])
     else:
@@ -276,13 +325,16 @@ def read_source(data: str | Path, *, exts: set[str] = IMAGE_EXTS, valid_pct: flo
         raise ItfitsError(f"split values must be train or valid, got {bad_split['split'][0]!r}")
     if "error" not in items.columns:
         items = items.with_columns(error=pl.lit(None, pl.String))
+    if multi_label and "labels" not in items.columns:  # class folders: one label each
+        items = items.with_columns(labels=pl.concat_list(pl.col("label")))
     if check is not None:  # before the split: an unusable file takes no class's place in valid
         items = check_files(items, check)
     if items["split"].null_count():
         usable = items["error"].is_null().to_numpy()
         split = np.full(items.height, "train", dtype=object)
-        split[usable] = stratified_split(items.filter(pl.Series(usable))["label"].to_list(), valid_pct=valid_pct,
-                                         seed=seed)
+        labels = items.filter(pl.Series(usable))["label"].to_list()
+        split[usable] = (random_split(len(labels), valid_pct=valid_pct, seed=seed) if "labels" in items.columns else
+                         stratified_split(labels, valid_pct=valid_pct, seed=seed))
         items = items.with_columns(split=pl.Series(split.tolist(), dtype=pl.String))
     return items
 
@@ -302,6 +354,13 @@ def stratified_split(labels: list[str], *, valid_pct: float, seed: int) -> list[
     """'train'/'valid' per item: per class, a seeded shuffle puts round(n * valid_pct) (at least 1) in valid."""
     _, codes = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
     return np.where(stratified_valid(codes, valid_pct=valid_pct, seed=seed), "valid", "train").tolist()
+
+
+def random_split(n: int, *, valid_pct: float, seed: int) -> list[str]:
+    """'train'/'valid' per item: a seeded shuffle puts round(n * valid_pct) (at least 1, at most n - 1) in valid."""
+    valid = np.zeros(n, dtype=bool)
+    valid[np.random.default_rng(seed).permutation(n)[:min(n - 1, max(1, round(n * valid_pct)))]] = True
+    return np.where(valid, "valid", "train").tolist()
 
 
 def stratified_valid(codes: np.ndarray, *, valid_pct: float, seed: int) -> np.ndarray:

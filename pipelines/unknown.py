@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .errors import ItfitsError
-from .metrics import auroc, expected_calibration_error, fpr_at_tpr, nll, softmax, threshold_for_share
+from .metrics import auroc, expected_calibration_error, fpr_at_tpr, nll, sigmoid, softmax, threshold_for_share
 
 SCORES = ("max_softmax", "max_logit", "energy", "knn", "mahalanobis", "combined", "pretrained_mahalanobis")
 REFERENCE_SCORES = ("pretrained_mahalanobis",)  # the scores on the pretrained reference body's features
@@ -62,14 +62,16 @@ class UnknownStats:
     @classmethod
     def fit(cls, features: np.ndarray, targets: np.ndarray, n_classes: int, *, head_dim: int, ref_dim: int = 0,
             seed: int = 0) -> "UnknownStats":
-        """From training features [head (head_dim) | stage | reference (ref_dim)]."""
+        """From training features [head (head_dim) | stage | reference (ref_dim)] and their targets: class indices
+        (N,), or (N, C) 0/1 of a multi-label run, where an item counts for each of its classes."""
         stage = features[:, head_dim:features.shape[1] - ref_dim].astype(np.float32)
         feats = features[:, :head_dim].astype(np.float64)
         rng = np.random.default_rng(seed)
         keep = rng.permutation(len(feats))[:KNN_BANK_MAX]
-        means = _class_means(feats, targets, n_classes)
-        centred = feats - means[targets]
-        cov = centred.T @ centred / max(1, len(feats) - 1)
+        rows, classes = class_pairs(targets)
+        means = _class_means(feats[rows], classes, n_classes)
+        centred = feats[rows] - means[classes]
+        cov = centred.T @ centred / max(1, len(rows) - 1)
         cov += np.eye(cov.shape[0]) * (1e-3 * np.trace(cov) / cov.shape[0] + 1e-8)  # shrinkage: D can exceed N
         ref_means, ref_precision = (mahalanobis_pp_fit(features[:, -ref_dim:], targets, n_classes) if ref_dim else
                                     (np.zeros((0, 0), np.float32),) * 2)
@@ -132,6 +134,16 @@ class UnknownStats:
         return cls(**fields)
 
 
+def class_pairs(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(item rows, class indices): the items themselves for (N,) class indices; for (N, C) 0/1 multi-label targets
+    one pair per class an item shows (an item of none: no pair)."""
+    targets = np.asarray(targets)
+    if targets.ndim == 1:
+        return np.arange(len(targets)), targets
+    rows, classes = np.nonzero(targets > 0.5)
+    return rows, classes
+
+
 def _class_means(x: np.ndarray, targets: np.ndarray, n_classes: int) -> np.ndarray:
     return np.stack([x[targets == c].mean(0) if (targets == c).any() else np.zeros(x.shape[1])
                      for c in range(n_classes)])
@@ -142,8 +154,9 @@ REF_SHRINK = 0.1  # share of the scaled identity in the shared covariance: R (19
 
 def mahalanobis_pp_fit(x: np.ndarray, targets: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Mahalanobis++ (Mueller & Hein 2025): class means and the precision of the shared within-class covariance of
-    L2-normalised features, shrunk toward a multiple of the identity."""
-    x = _l2(x.astype(np.float64))
+    L2-normalised features, shrunk toward a multiple of the identity. `targets` as UnknownStats.fit takes them."""
+    rows, targets = class_pairs(targets)
+    x = _l2(x[rows].astype(np.float64))
     means = _class_means(x, targets, n_classes)
     centred = x - means[targets]
     cov = centred.T @ centred / max(1, len(x) - 1)
@@ -166,7 +179,8 @@ def crossfit_reference_scores(ref_features: np.ndarray, targets: np.ndarray, n_c
                               folds: int = 5, seed: int = 0) -> np.ndarray:
     """Out-of-fold pretrained_mahalanobis scores of known items: each fold scored by statistics of the others.
     The reference body never trained on these items, so they are fair stand-ins for new known inputs: the
-    threshold is chosen from all the training items, not the few that validation holds."""
+    threshold is chosen from all the training items, not the few that validation holds. Folds are of items (a
+    multi-label item's classes all in one fold)."""
     fold = np.random.default_rng(seed).permutation(len(targets)) % folds
     out = np.empty(len(targets), np.float32)
     for f in range(folds):
@@ -242,10 +256,16 @@ class Calibration:
     score: str = DEFAULT_SCORE
     threshold: float = float("-inf")
     keep: float = 0.95
+    thresholds: list[float] | None = None  # multi-label: one per class on its sigmoid; None: single-label (softmax)
     stats: UnknownStats | None = field(default=None, repr=False)
 
     def json(self) -> dict:
-        return {"temperature": self.temperature, "score": self.score, "threshold": self.threshold, "keep": self.keep}
+        out = {"temperature": self.temperature, "score": self.score, "threshold": self.threshold, "keep": self.keep}
+        return out if self.thresholds is None else {**out, "thresholds": list(self.thresholds)}
+
+    @property
+    def multi_label(self) -> bool:
+        return self.thresholds is not None
 
     @property
     def scores(self) -> tuple[str, ...]:
@@ -253,10 +273,15 @@ class Calibration:
         return self.stats.scores if self.stats is not None else LOGIT_SCORES
 
     def apply(self, logits: np.ndarray, features: np.ndarray | None, *, threshold: float | None = None):
-        """(calibrated probabilities, score, unknown flag) per row."""
+        """(calibrated probabilities, score, unknown flag) per row. Multi-label: probabilities are sigmoids, and a
+        row with no class above its threshold is unknown too (none of the classes)."""
         score = compute_scores(logits, features, temperature=self.temperature, stats=self.stats, names=[self.score])[self.score]
         t = self.threshold if threshold is None else threshold
-        return softmax(logits, self.temperature), score, ~(score >= t)  # a NaN score is no reason to trust a row
+        unknown = ~(score >= t)  # a NaN score is no reason to trust a row
+        if not self.multi_label:
+            return softmax(logits, self.temperature), score, unknown
+        probs = sigmoid(logits, self.temperature)
+        return probs, score, unknown | ~(probs >= np.asarray(self.thresholds)).any(1)
 
 
 def calibrate(valid_logits: np.ndarray, valid_targets: np.ndarray, valid_features: np.ndarray, stats: UnknownStats, *,
@@ -275,11 +300,25 @@ def calibrate(valid_logits: np.ndarray, valid_targets: np.ndarray, valid_feature
     correct = valid_logits.argmax(1) == valid_targets
     # with no validation mistakes the NLL keeps falling as T -> 0: no evidence to recalibrate on, keep T = 1
     t = fit_temperature(valid_logits, valid_targets) if not correct.all() else 1.0
-    stats = stats.with_combine(valid_logits, valid_features, t)
     report = {"temperature": t,
               "valid_nll": {"before": nll(valid_logits, valid_targets), "after": nll(valid_logits, valid_targets, t)},
               "valid_ece": {"before": expected_calibration_error(softmax(valid_logits), valid_targets),
                             "after": expected_calibration_error(softmax(valid_logits, t), valid_targets)}}
+    score, threshold, stats = choose_unknown_rule(valid_logits, valid_features, stats, t, correct, report, keep=keep,
+                                                  score=score, threshold=threshold, unknown_logits=unknown_logits,
+                                                  unknown_features=unknown_features, default_score=default_score,
+                                                  known_scores=known_scores)
+    return Calibration(temperature=t, score=score, threshold=threshold, keep=keep, stats=stats), report
+
+
+def choose_unknown_rule(valid_logits: np.ndarray, valid_features: np.ndarray, stats: UnknownStats, t: float,
+                        correct: np.ndarray, report: dict, *, keep: float, score: str | None, threshold: float | None,
+                        unknown_logits: np.ndarray | None, unknown_features: np.ndarray | None, default_score: str,
+                        known_scores: dict[str, np.ndarray] | None) -> tuple[str, float, UnknownStats]:
+    """The unknown score and its threshold as `calibrate` chooses them, at temperature `t`, with `correct` the
+    validation items whose share `keep` the threshold accepts; adds its figures to `report`. Returns (score,
+    threshold, the statistics with the combined score's standardisation)."""
+    stats = stats.with_combine(valid_logits, valid_features, t)
     if score is not None and score not in stats.scores:
         compute_scores(valid_logits, valid_features, temperature=t, stats=stats, names=[score])  # its error
     valid_scores = compute_scores(valid_logits, valid_features, temperature=t, stats=stats, names=stats.scores)
@@ -307,4 +346,4 @@ def calibrate(valid_logits: np.ndarray, valid_targets: np.ndarray, valid_feature
                   valid_correct_accepted=float(accepted[correct].mean()) if correct.any() else None)
     if "unknown_examples" in report:
         report["unknown_examples_accepted"] = float((unk[score] >= threshold).mean())
-    return Calibration(temperature=t, score=score, threshold=threshold, keep=keep, stats=stats), report
+    return score, threshold, stats
