@@ -97,6 +97,10 @@ def _stats_blob(calibration: Calibration | None) -> str:
 def export_metadata(bundle: Bundle, fmt: str, widths: tuple[int, int]) -> dict[str, str]:
     """The file's metadata: every value text (ONNX metadata_props are strings)."""
     prep = bundle.meta["preprocessing"]
+    multi = bundle.calibration is not None and bundle.calibration.multi_label
+    probabilities = ("sigmoid(logits / calibration.temperature), a class present where its probability is at least "
+                     "its calibration.thresholds entry (none: unknown)" if multi else
+                     "softmax(logits / calibration.temperature)")
     meta = {**bundle.meta, "exported": {"format": fmt, "from": str(bundle.path), "input": INPUT,
                                         "outputs": list(OUTPUTS), "widths": list(widths)}}
     return {META_KEY: json.dumps(meta, default=str), STATS_KEY: _stats_blob(bundle.calibration),
@@ -106,7 +110,7 @@ def export_metadata(bundle: Bundle, fmt: str, widths: tuple[int, int]) -> dict[s
                      f"to {prep['size']} px, scaled to [0, 1], then (x - mean) / std per channel "
                      f"(preprocessing.mean, .std)" + (" ; audio: the mel-spectrogram window image "
                                                       "(preprocessing.mel)" if "mel" in prep else ""),
-            "outputs": f"logits (batch, {widths[0]}): probabilities = softmax(logits / calibration.temperature); "
+            "outputs": f"logits (batch, {widths[0]}): probabilities = {probabilities}; "
                        f"features (batch, {widths[1]}): what calibration.score reads (unknown when the score is "
                        f"below calibration.threshold), with the statistics in {STATS_KEY}"}
 

@@ -79,7 +79,7 @@ def test_run_json_records_every_setting(trained_run):
     config = summary["config"]
     from pipelines.run import FitConfig
     assert set(config) == {f.name for f in fields(FitConfig)}, "run.json must hold every FitConfig field"
-    assert config["arch"] == "efficientnet_lite0" and config["weights"] == "auto"
+    assert config["arch"] == "auto" and config["weights"] == "auto"
     assert (config["epochs"], config["freeze_epochs"], config["size"], config["bs"]) == (2, 1, 48, 16)
     assert config["lr"] == pytest.approx(3e-3) and summary["resolved"]["lr"] == pytest.approx(3e-3)
     assert summary["resolved"]["classes"] == CLASSES

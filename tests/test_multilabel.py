@@ -248,3 +248,20 @@ def test_check_of_a_labels_table_counts_classes_not_combinations(tmp_path):
     counts = pl.read_csv(SAMPLE).with_columns(pl.col("labels").fill_null("").str.split(" ")).explode("labels")
     assert f"bag {counts.filter(pl.col('labels') == 'bag').height}" in ran.out  # a file counts once per class
     assert "no mislabel pass" in ran.out  # confident learning takes one class per file
+
+
+def test_onnx_export_of_a_multi_label_model_predicts_the_same_labels(ml_run, tmp_path):
+    import onnx
+    onnx_file = tmp_path / "model.onnx"
+    ran = run_here("export", ml_run / "model", "--format", "onnx", "--out", onnx_file)
+    assert ran.code == 0, ran.err[-3000:]
+    props = {p.key: p.value for p in onnx.load(str(onnx_file), load_external_data=False).metadata_props}
+    assert "sigmoid" in props["outputs"] and "thresholds" in json.loads(props["calibration"])
+    tables = {}
+    for name, model in (("bundle", ml_run / "model"), ("onnx", onnx_file)):
+        ran = run_here("predict", model, SAMPLE_TEST.parent / "images", "--out", tmp_path / f"{name}.csv")
+        assert ran.code == 0, ran.err[-3000:]
+        tables[name] = pl.read_csv(tmp_path / f"{name}.csv").sort("path")
+    assert tables["onnx"].columns == tables["bundle"].columns
+    for column in ("path", "label", "labels", "unknown"):
+        assert tables["onnx"][column].to_list() == tables["bundle"][column].to_list(), column
