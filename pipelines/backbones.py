@@ -156,8 +156,9 @@ def list_weights(pattern: str = "*", *, timm_models: bool = True) -> list[Weight
 
 
 def check_size(name: str, size: int) -> None:
-    """An ItfitsError unless backbone `name` can take images of `size` pixels (MIN_SIZE, and its size_step)."""
-    spec = get_spec(name)
+    """An ItfitsError unless backbone `name` can take images of `size` pixels (MIN_SIZE, and its size_step); `auto`
+    chooses among EfficientNet-Lites, which take any size the default does."""
+    spec = get_spec(DEFAULT_BACKBONE if name == "auto" else name)
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise ItfitsError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}")
     if spec.fixed_size and size != spec.input_size:

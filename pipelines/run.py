@@ -14,7 +14,7 @@ from fastai.torch_core import set_seed
 
 from .audio import MelConfig
 from .balance import check_balance
-from .backbones import DEFAULT_BACKBONE, WEIGHT_KEYWORDS, check_size, check_weights, create_body, get_spec
+from .backbones import WEIGHT_KEYWORDS, check_size, check_weights, create_body, get_spec
 from .features import WithReference
 from .bundle import save_bundle
 from .calibration import calibrate_images, calibrate_table, calibration_line, unknown_rows
@@ -95,8 +95,8 @@ class FitConfig:
         if self.bs is not None and self.bs < 2:
             raise ItfitsError(f"--bs must be at least 2, got {self.bs}: BatchNorm layers normalise each training batch "
                               "by its own statistics, which takes two or more items")
-        if self.size is not None:  # auto chooses among EfficientNet-Lites, which take the sizes the default does
-            check_size(DEFAULT_BACKBONE if self.arch == "auto" else self.arch, self.size)
+        if self.size is not None:
+            check_size(self.arch, self.size)
         if self.target is None:  # a weights file that is not there fails now, not after the file checks and the probe
             check_weights(self.weights)
             if self.arch == "auto" and self.weights not in WEIGHT_KEYWORDS:
