@@ -298,6 +298,9 @@ def main():
     ap.add_argument("--plain", action="store_true", help="also train the plain fastai recipe (issue 16) on each split")
     ap.add_argument("--arch", default="auto", help="itfits fit --arch")
     ap.add_argument("--per-class", type=int, default=None, help="train on the first N files of each class")
+    ap.add_argument("--known-per-class", type=int, default=None,
+                    help="build the sets with N train+valid files of each known class (default: suite_sets.COUNTS; "
+                         "give another ITFITS_BENCH_CACHE, or the standard sets are rebuilt)")
     ap.add_argument("--suggestion", default=None, help="the lr_find suggestion fit uses (default: itfits')")
     ap.add_argument("--out", default="runs/unknown_suite")
     args = ap.parse_args()
@@ -309,7 +312,8 @@ def main():
     pools: dict = {}
     runs = {}
     for name in args.sets.split(","):
-        set_dir = subset(suite_sets.build(name, pools=pools), args.per_class)
+        counts = {**suite_sets.COUNTS, "train": args.known_per_class or suite_sets.COUNTS["train"]}
+        set_dir = subset(suite_sets.build(name, counts=counts, pools=pools), args.per_class)
         for size in map(int, args.sizes.split(",")):
             for seed in map(int, args.seeds.split(",")):
                 tags = ((f"-{args.arch}" if args.arch != "auto" else "")

@@ -197,10 +197,10 @@ for _i, _size in enumerate((224, 240, 260)):  # EfficientNet-Lite0/1/2: ImageNet
                                                   f"EfficientnetLite{_i}ModelFile")))
 
 DEFAULT_BACKBONE = "efficientnet_lite0"  # what `--arch auto` falls back to: its weights are a dependency
-# `--arch auto`: (least training images, backbone), the largest first. The sizes come from the suite
-# (bench/unknown_suite.py --arch; bench/BENCHMARKS.md, "--arch auto"): a larger body pays only past them.
-AUTO_LITE1, AUTO_LITE2 = 10**9, 10**9  # TODO measured
-AUTO_ARCHS = ((AUTO_LITE2, "efficientnet_lite2"), (AUTO_LITE1, "efficientnet_lite1"), (0, DEFAULT_BACKBONE))
+# `--arch auto`: (least training images, backbone), the largest first. On the suite (bench/BENCHMARKS.md, "--arch
+# auto": 120-576 training items a set) Lite1 and Lite2 lost to Lite0 on the mean or the worst set, for more time:
+# they start past every size measured there.
+AUTO_ARCHS = ((20_000, "efficientnet_lite2"), (5_000, "efficientnet_lite1"), (0, DEFAULT_BACKBONE))
 
 
 def weights_at_hand(spec: BackboneSpec, weights: str) -> bool:
