@@ -24,7 +24,9 @@ from .io import write_json
 from .logs import emit
 from .metrics import auroc, best_f1_thresholds, binary_ece, binary_nll, multilabel_metrics, sigmoid
 from .reports import Validation, guarded, write_report
-from .unknown import Calibration, UnknownStats, choose_unknown_rule, compute_scores, crossfit_reference_scores
+from .sources import require_counts, require_splits
+from .unknown import (Calibration, UnknownStats, choose_unknown_rule, compute_scores, crossfit_reference_scores,
+                      fit_temperature)
 
 if TYPE_CHECKING:
     from .run import FitConfig, TrainedImages
@@ -35,20 +37,12 @@ def label_classes(items: pl.DataFrame) -> list[str]:
     ok = items.filter(pl.col("error").is_null())
     pairs = ok.select("labels", "split").explode("labels").drop_nulls("labels")
     counts = pairs.group_by("labels").len().sort("labels")
-    if counts.height < 2:
-        raise ItfitsError(f"need at least 2 classes with usable files, found {counts.height} "
-                          f"({', '.join(counts['labels'].to_list()) or 'none'})")
-    small = counts.filter(pl.col("len") < 2)
-    if small.height:
-        raise ItfitsError("every class needs at least 2 usable files; too few in: " + ", ".join(
-            f"{r['labels']} ({r['len']})" for r in small.iter_rows(named=True)))
+    require_counts(counts, "labels")
     untrained = sorted(set(counts["labels"]) - set(pairs.filter(pl.col("split") == "train")["labels"]))
     if untrained:
         raise ItfitsError(f"no training files of {', '.join(untrained)}: every file of theirs is in the valid split; "
                           "give more files, or a split column that puts some in train")
-    for split in ("train", "valid"):
-        if ok.filter(pl.col("split") == split).height == 0:
-            raise ItfitsError(f"no usable files in the {split} split")
+    require_splits(ok)
     return counts["labels"].to_list()
 
 
@@ -87,22 +81,6 @@ def multilabel_fit_metrics() -> list:
 
 # ---- calibration
 
-def fit_binary_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Temperature T minimising the binary cross-entropy of sigmoid(logits / T) on held-out data."""
-    x, y = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(targets, dtype=torch.float64)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x / log_t.exp(), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
-
-
 def calibrate_multilabel(config: FitConfig, classes: list[str], *, valid: tuple, train: tuple, unknown: tuple | None,
                          head_dim: int, ref_dim: int, default_score: str) -> tuple[Calibration, dict]:
     """calibration.calibrate_outputs for (N, C) 0/1 targets: the temperature of the sigmoids, a threshold per class
@@ -113,7 +91,7 @@ def calibrate_multilabel(config: FitConfig, classes: list[str], *, valid: tuple,
     stats = UnknownStats.fit(t_feats, t_y, n, head_dim=head_dim, ref_dim=ref_dim, seed=config.seed)
     known = {"pretrained_mahalanobis": crossfit_reference_scores(t_feats[:, -ref_dim:], t_y, n, seed=config.seed)
              } if ref_dim else None
-    t = fit_binary_temperature(v_logits, v_y)
+    t = fit_temperature(v_logits, v_y, binary=True)
     probs = sigmoid(v_logits, t)
     thresholds = best_f1_thresholds(v_y, probs)
     decided = multilabel_metrics(v_y, probs >= thresholds, probs, classes)

@@ -443,17 +443,27 @@ def require_classes(items: pl.DataFrame) -> list[str]:
     """Sorted class names of the usable items; an ItfitsError when training cannot work with them."""
     ok = items.filter(pl.col("error").is_null())
     counts = ok.group_by("label").len().sort("label")
+    require_counts(counts, "label")
+    require_splits(ok)
+    return counts["label"].to_list()
+
+
+def require_counts(counts: pl.DataFrame, column: str) -> None:
+    """An ItfitsError unless (`column`: class, len: usable files) has 2 or more classes of 2 or more files each."""
     if counts.height < 2:
         raise ItfitsError(f"need at least 2 classes with usable files, found {counts.height} "
-                          f"({', '.join(counts['label'].to_list()) or 'none'})")
+                          f"({', '.join(counts[column].to_list()) or 'none'})")
     small = counts.filter(pl.col("len") < 2)
     if small.height:
         raise ItfitsError("every class needs at least 2 usable files; too few in: " + ", ".join(
-            f"{r['label']} ({r['len']})" for r in small.iter_rows(named=True)))
+            f"{r[column]} ({r['len']})" for r in small.iter_rows(named=True)))
+
+
+def require_splits(ok: pl.DataFrame) -> None:
+    """An ItfitsError unless the usable items `ok` fill both the train and the valid split."""
     for split in ("train", "valid"):
         if ok.filter(pl.col("split") == split).height == 0:
             raise ItfitsError(f"no usable files in the {split} split")
-    return counts["label"].to_list()
 
 
 def expand_inputs(inputs: Iterable[str], exts: set[str] = IMAGE_EXTS) -> list[tuple[str, str | None]]:

@@ -30,15 +30,18 @@ KNN_K = 5
 KNN_BANK_MAX = 2048  # training features kept for kNN (fp16): at most 2048 x D, a few MB for D = 512-1280
 
 
-def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Temperature T minimising the NLL of softmax(logits / T) on held-out data (Guo et al. 2017)."""
-    x, y = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(targets, dtype=torch.long)
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, *, binary: bool = False) -> float:
+    """Temperature T minimising the NLL of softmax(logits / T) on held-out data (Guo et al. 2017); `binary`: the
+    binary cross-entropy of sigmoid(logits / T) against (N, C) 0/1 targets (multi-label)."""
+    x = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(targets, dtype=torch.float64 if binary else torch.long)
+    nll = torch.nn.functional.binary_cross_entropy_with_logits if binary else torch.nn.functional.cross_entropy
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
+        loss = nll(x / log_t.exp(), y)
         loss.backward()
         return loss
 
