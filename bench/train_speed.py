@@ -20,6 +20,8 @@ Prediction (images/s over --predict-images files; interpreter start-up excluded 
   itfits predict  pipelines.predict.predict + write_predictions on the bundle that round's fit wrote
   itfits predict, no reference  the same bundle without its pretrained reference body (combined score): what
                   the default unknown score costs
+  itfits predict, whole reference  the same bundle with the whole pretrained body as its reference (bundles
+                  before the shared stem): what sharing the frozen stages saves
   bare model      forward passes on tensors made beforehand, batches of 64, the model as predict runs it (its
                   precision, memory format, BatchNorms folded: predict.fast_path)
   fastai predict  learn.predict(file) per file, the loop fastai's docs show
@@ -160,6 +162,18 @@ def worker_predict_no_reference(a) -> dict:
     return worker_predict(a, replace(bundle, calibration=calibration, scoring_model=bundle.model))
 
 
+def worker_predict_whole_reference(a) -> dict:
+    """worker_predict on the same bundle with the whole pretrained body as its reference, as bundles were before the
+    shared stem (features.WithReference): what sharing the frozen stages saves."""
+    from dataclasses import replace
+    from pipelines.backbones import create_body, get_spec
+    from pipelines.bundle import load_bundle
+    from pipelines.features import WithReference
+    bundle = load_bundle(a.bundle)
+    whole = WithReference(bundle.model, create_body(get_spec(bundle.meta["backbone"]))[0]).eval()
+    return worker_predict(a, replace(bundle, scoring_model=whole))
+
+
 def worker_bare_inference(a) -> dict:
     import torch
     from pipelines.bundle import load_bundle
@@ -205,6 +219,7 @@ def worker_fastai_predict(a) -> dict:
 
 WORKERS = {"model_only": worker_model_only, "fastai_fp32": worker_fastai, "itfits_predict": worker_predict,
            "itfits_predict_no_reference": worker_predict_no_reference,
+           "itfits_predict_whole_reference": worker_predict_whole_reference,
            "bare_inference": worker_bare_inference, "fastai_predict": worker_fastai_predict}
 
 
@@ -293,7 +308,8 @@ def main():
         tmp = Path(tmp)
         inputs = _inputs(tmp, a.predict_images)
         train_names = ["itfits_fit", "model_only", "fastai_fp32"]
-        predict_names = ["itfits_predict", "itfits_predict_no_reference", "bare_inference", "fastai_predict"]
+        predict_names = ["itfits_predict", "itfits_predict_no_reference", "itfits_predict_whole_reference",
+                         "bare_inference", "fastai_predict"]
         for r in range(a.rounds):
             run = tmp / f"run{r}"
             order = train_names[r % 3:] + train_names[: r % 3]
@@ -301,7 +317,8 @@ def main():
                 res = _run_fit(a, run) if name == "itfits_fit" else _run_worker(name, a)
                 results.setdefault(name, []).append(res)
                 print(f"round {r + 1} {name}: {res['images_per_s']:.1f} images/s", flush=True)
-            order = predict_names[r % 4:] + predict_names[: r % 4]
+            k = r % len(predict_names)
+            order = predict_names[k:] + predict_names[:k]
             for name in order:
                 res = _run_worker(name, a, bundle=run / "model", inputs=inputs, tmp=tmp)
                 results.setdefault(name, []).append(res)
@@ -316,6 +333,8 @@ def main():
             ("itfits predict", "itfits_predict", None, None),
             ("itfits predict without the reference body (combined score, bundles before it)",
              "itfits_predict_no_reference", "itfits_predict", None),
+            ("itfits predict with the whole reference body (bundles before the shared stem)",
+             "itfits_predict_whole_reference", "itfits_predict", None),
             ("bare model inference (with the reference body)", "bare_inference", "itfits_predict", 0.85),
             ("fastai learn.predict loop", "fastai_predict", "itfits_predict", 10)]
     for label, key, ours, target in rows:

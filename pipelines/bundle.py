@@ -79,16 +79,19 @@ class Bundle:
 
 
 def save_bundle(model: nn.Module, meta: dict, calibration: Calibration | None, out_dir: Path, *,
-                reference: nn.Module | None = None) -> None:
+                reference: WithReference | None = None) -> None:
     """Write the bundle folder atomically: a crash leaves the previous bundle (or none), never half of one.
     The unknown scores' feature statistics go into the safetensors file beside the weights, and so does the
-    `reference` body (the pretrained body of an image model, for the pretrained_mahalanobis score: `reference.*`)."""
+    pretrained body of `reference` (an image model's, for the pretrained_mahalanobis score: `reference.*`), less
+    the stages it shares with `model`."""
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if reference is not None:
-        state.update({f"{REFERENCE}.{k}": v.detach().cpu().contiguous() for k, v in reference.state_dict().items()})
+        state.update({f"{REFERENCE}.{k}": v.detach().cpu().contiguous()
+                      for k, v in reference.reference.state_dict().items()})
         meta = {**meta, REFERENCE: {"body": meta["backbone"], "weights": "pretrained, not fine-tuned",
-                                    "features": "input of the last stage, averaged over positions"}}
+                                    "features": "input of the last stage, averaged over positions",
+                                    "shared_stages": reference.shared_stages}}
     if calibration is not None and calibration.stats is not None:
         state.update(calibration.stats.tensors())
     meta = {**meta, "calibration": calibration.json() if calibration is not None else None}
@@ -132,7 +135,16 @@ def meta_problem(meta) -> str | None:
             return "calibration must hold temperature, score and threshold"
         if calibration_problem(calib):
             return calibration_problem(calib)
-    return multi_label_problem(meta) or modality.meta_problem(meta)
+    return multi_label_problem(meta) or reference_problem(meta) or modality.meta_problem(meta)
+
+
+def reference_problem(meta: dict) -> str | None:
+    """What is wrong with the description of a bundle's reference body (older bundles have none), or None."""
+    ref = meta.get(REFERENCE, {})
+    if not isinstance(ref, dict):
+        return f"{REFERENCE} must be a JSON object, got {ref!r}"[:300]
+    return "shared_stages" in ref and out_of_range(f"{REFERENCE}.shared_stages", ref["shared_stages"], 0, 64,
+                                                   whole=True) or None
 
 
 def multi_label_problem(meta: dict) -> str | None:
@@ -219,10 +231,10 @@ def load_bundle(path: Path | str) -> Bundle:
     try:
         stats = UnknownStats.from_tensors(tensors) if "unknown.bank" in tensors else None
         model.load_state_dict(own, strict=True)
-        if ref:
-            body = create_body(get_spec(meta["backbone"]), weights="none")[0]
-            body.load_state_dict(ref, strict=True)
-            scoring = WithReference(model, body).eval()
+        if ref:  # bundles from before the shared stem have no shared_stages: the whole body
+            shared = meta.get(REFERENCE, {}).get("shared_stages", 0)
+            scoring = WithReference(model, create_body(get_spec(meta["backbone"]), weights="none")[0], shared).eval()
+            scoring.reference.load_state_dict(ref, strict=True)
     except (RuntimeError, KeyError) as e:  # torch lists every mismatch on its own line: keep the first
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
         raise ItfitsError(f"the weights in {path / WEIGHTS} do not fit the model in {META}: {first}") from e

@@ -9,7 +9,7 @@ import copy
 import torch
 from torch import nn
 
-from .backbones import TorchvisionBody
+from .backbones import TorchvisionBody, create_body, get_spec, stem_names
 from .errors import ItfitsError
 
 
@@ -97,15 +97,31 @@ def stage_features(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class WithReference(nn.Module):
     """A fine-tuned `model` (body, head) beside `reference`, the pretrained body it started from, frozen: the
     unknown scores on the reference's features see what fine-tuning on a few classes forgets (bench/BENCHMARKS.md,
-    "Unknown-detection suite"). Its forward gives forward_features' two outputs side by side (for fold_batchnorm's
-    check)."""
+    "Unknown-detection suite"). With `shared_stages`, the model kept its stem and first stages pretrained
+    (backbones.freeze_stem): the reference drops them and goes on from the model's output of them, one pass over
+    the shared layers. Its forward gives forward_features' two outputs side by side (for fold_batchnorm's check)."""
 
-    def __init__(self, model: nn.Sequential, reference: nn.Module):
+    def __init__(self, model: nn.Sequential, reference: nn.Module, shared_stages: int = 0):
         super().__init__()
+        for name in stem_names(reference, shared_stages):
+            parent, _, attr = name.rpartition(".")
+            setattr(reference.get_submodule(parent), attr, nn.Identity())
+        self.shared_stages = shared_stages
         self.model, self.reference = model, reference.eval().requires_grad_(False)
 
     def forward(self, x):
         return torch.cat(forward_features(self, x), 1)
+
+
+def with_reference(model: nn.Sequential, arch: str, weights: str) -> WithReference:
+    """`model` beside the pretrained body of `arch` it was fine-tuned from (`weights` as at fit), sharing the stem
+    the model kept frozen where it is still the pretrained one (the EMA may move it by rounding only)."""
+    reference = create_body(get_spec(arch), weights=weights)[0].to(next(model.parameters()).device)
+    stages = getattr(model[0], "frozen_stages", 0)
+    ref_state = reference.state_dict()
+    same = all(torch.allclose(v.float(), ref_state[f"{name}.{k}"].float(), rtol=1e-5, atol=1e-6)
+               for name in stem_names(model[0], stages) for k, v in model[0].get_submodule(name).state_dict().items())
+    return WithReference(model, reference, stages if same else 0)
 
 
 def forward_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +132,17 @@ def forward_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     if getattr(model, "returns_features", False):  # an exported file's network (export.ExportedModel): both already
         return model(x)
     if isinstance(model, WithReference):
-        logits, features = forward_features(model.model, x)
-        return logits, torch.cat([features, stage_features(model.reference, x).to(features.dtype)], 1)
+        shared = []  # the output of the stem both share, where they do
+        names = stem_names(model.model[0], model.shared_stages)
+        hook = (model.model[0].get_submodule(names[-1]).register_forward_hook(lambda m, args, out: shared.append(out))
+                if names else None)
+        try:
+            logits, features = forward_features(model.model, x)
+        finally:
+            if hook is not None:
+                hook.remove()
+        reference = stage_features(model.reference, shared[0] if shared else x)
+        return logits, torch.cat([features, reference.to(features.dtype)], 1)
     seen = []
     hook = last_stage(model[0]).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:

@@ -15,7 +15,7 @@ from fastai.optimizer import Optimizer
 from fastai.torch_core import to_float
 from torch.optim.adamw import adamw
 
-from .backbones import create_backbone, get_spec
+from .backbones import create_backbone, freeze_stem, frozen_stem, get_spec
 from .balance import balance_metrics
 from .errors import ItfitsError, ItfitsWarning
 from .multilabel import multilabel_fit_metrics
@@ -28,9 +28,22 @@ TINY_BN_BATCH = 8  # BatchNorm statistics from fewer samples than this are noisy
 
 
 def body_head_split(model):
-    """Two parameter groups, body and head: `freeze()` trains the head alone, discriminative lrs follow."""
+    """Two parameter groups, body and head: `freeze()` trains the head alone, discriminative lrs follow. A frozen
+    stem (backbones.freeze_stem) is in neither: `unfreeze()` leaves it pretrained."""
     from fastai.torch_core import params
-    return [params(model[0]), params(model[1])]
+    stem = {id(p) for m in frozen_stem(model[0]) for p in m.parameters()}
+    return [[p for p in model[0].parameters() if id(p) not in stem], params(model[1])]
+
+
+class FrozenStem(Callback):
+    """Keeps the frozen stem's BatchNorms in eval mode while the rest trains: its output stays the pretrained
+    body's, which the reference body then shares at prediction."""
+    order = 1  # after TrainEvalCallback's model.train()
+
+    def before_train(self):
+        from fastai.torch_core import get_model
+        for module in frozen_stem(get_model(self.learn.model)[0]):
+            module.eval()
 
 
 class CpuAutocast(Callback):
@@ -255,6 +268,9 @@ def image_learner(dls, arch: str, *, weights: str = "auto", path: Path | str = "
     exposure = dls.vocab[-1] == OUTLIER  # --outlier-exposure: the last entry is no class and has no output
     model = create_backbone(arch, num_classes=len(dls.vocab) - exposure, weights=weights)
     cbs = precision_callbacks(precision, channels_last=spec.channels_last) if precision else []
+    if weights != "none" and spec.frozen_stages:  # a stem of random weights would stay random
+        freeze_stem(model[0], spec.frozen_stages)
+        cbs.append(FrozenStem())
     cbs += accumulation(accum=accum, bs=dls.train.bs, model=model)
     if compile:
         cbs.append(TorchCompile(precision=precision, channels_last=spec.channels_last))

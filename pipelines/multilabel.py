@@ -16,10 +16,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from .backbones import create_body, get_spec
 from .bundle import save_bundle
 from .errors import ItfitsError
-from .features import WithReference
+from .features import with_reference
 from .io import write_json
 from .logs import emit
 from .metrics import auroc, best_f1_thresholds, binary_ece, binary_nll, multilabel_metrics, sigmoid
@@ -119,8 +118,8 @@ def finish_multilabel(modality, trained: TrainedImages, config: FitConfig, *, lo
     """run.finish_files for a multi-label run (rank 0's work). Returns run.json."""
     from .calibration import calibrate_images, calibration_line  # calibration imports this module
     run, learn, classes = Path(config.out), trained.learn, trained.classes
-    reference = create_body(get_spec(trained.arch), weights=config.weights)[0].to(next(learn.model.parameters()).device)
-    calibration, calib_report, valid = calibrate_images(WithReference(learn.model, reference), trained.items, classes,
+    reference = with_reference(learn.model, trained.arch, config.weights)
+    calibration, calib_report, valid = calibrate_images(reference, trained.items, classes,
                                                         trained.prep, replace(config, arch=trained.arch),
                                                         modality=modality,
                                                         options=trained.options, precision=trained.precision)

@@ -14,8 +14,8 @@ from fastai.torch_core import set_seed
 
 from .audio import MelConfig
 from .balance import check_balance
-from .backbones import WEIGHT_KEYWORDS, check_size, check_weights, create_body, get_spec
-from .features import WithReference
+from .backbones import WEIGHT_KEYWORDS, check_size, check_weights
+from .features import with_reference
 from .bundle import save_bundle
 from .calibration import calibrate_images, calibrate_table, calibration_line, unknown_rows
 from .check import CheckResult, check_at_fit, mislabelled_at_fit
@@ -301,8 +301,8 @@ def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, 
         return finish_multilabel(modality, trained, config, log=log, defaults=config_defaults())
     run, learn, classes, history = Path(config.out), trained.learn, trained.classes, trained.history
     # the pretrained body training started from, unchanged: the default unknown score works on its features
-    reference = create_body(get_spec(trained.arch), weights=config.weights)[0].to(next(learn.model.parameters()).device)
-    calibration, calib_report, valid = calibrate_images(WithReference(learn.model, reference), trained.items, classes,
+    reference = with_reference(learn.model, trained.arch, config.weights)
+    calibration, calib_report, valid = calibrate_images(reference, trained.items, classes,
                                                         trained.prep, replace(config, arch=trained.arch),
                                                         modality=modality,
                                                         options=trained.options, precision=trained.precision)

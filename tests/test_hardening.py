@@ -142,6 +142,7 @@ TAMPERED = [(("preprocessing", "size"), 100000, "preprocessing.size must be a wh
             (("calibration", "score"), "vibes", "calibration.score must be one of"),
             (("training", "precision"), "fp8", "training.precision must be one of fp32, bf16, fp16"),
             (("backbone",), "resnet9000", "backbone: 'resnet9000' is not a backbone"),
+            (("reference", "shared_stages"), -1, "reference.shared_stages must be a whole number in [0, 64]"),
             (("modality",), "smell", "modality 'smell' is not one of image, audio, tabular")]
 
 

@@ -201,6 +201,39 @@ def test_ema_short_run_learns_and_is_what_validation_and_the_bundle_use(data, tm
     learn.remove_cb(ema)
     acc = learn.validate()[1]  # the plain Learner now validates the weights the bundle saves (loss, accuracy, ...)
     assert acc == pytest.approx(history["accuracy"][-1], abs=1e-6)
+    assert_stem_pretrained(learn.model[0])
+
+
+def assert_stem_pretrained(body):
+    """The frozen stem (backbones.freeze_stem) of a trained Lite is still the pretrained one, BatchNorm statistics
+    included (the EMA may move it by rounding only), and the stage after it trained."""
+    from pipelines.backbones import create_body, get_spec, stem_names
+    pretrained = create_body(get_spec(ARCH))[0].state_dict()
+    names = stem_names(body, body.frozen_stages)
+    assert body.frozen_stages == get_spec(ARCH).frozen_stages > 0 and "blocks.0" in names
+    for name in names:
+        for k, v in body.get_submodule(name).state_dict().items():
+            torch.testing.assert_close(v, pretrained[f"{name}.{k}"], rtol=1e-5, atol=1e-6)
+    after = f"blocks.{body.frozen_stages}"
+    assert any(not torch.allclose(v, pretrained[f"{after}.{k}"])
+               for k, v in body.get_submodule(after).state_dict().items()), "the stages after the stem train"
+
+
+def test_frozen_stem_is_in_no_parameter_group_and_not_frozen_from_scratch(data, tmp_path):
+    """fine_tune's unfreeze() sets every parameter group trainable: the stem is in none. Random weights (--weights
+    none) are never frozen."""
+    from pipelines.backbones import frozen_stem
+    from pipelines.learners import body_head_split, image_learner
+    dls = data[3]
+    learn = learner(dls, tmp_path)
+    stem = {id(p) for m in frozen_stem(learn.model[0]) for p in m.parameters()}
+    groups = body_head_split(learn.model)
+    assert stem and not stem & {id(p) for g in groups for p in g}
+    assert len(stem) + sum(map(len, groups)) == len(list(learn.model.parameters()))
+    learn.unfreeze()
+    assert not any(p.requires_grad for m in frozen_stem(learn.model[0]) for p in m.parameters())
+    scratch = image_learner(dls, ARCH, weights="none", path=tmp_path)
+    assert frozen_stem(scratch.model[0]) == [] and all(p.requires_grad for p in scratch.model.parameters())
 
 
 def test_ema_batchnorm_statistics_follow_the_model(data, tmp_path):
@@ -212,8 +245,12 @@ def test_ema_batchnorm_statistics_follow_the_model(data, tmp_path):
     start = {k: v.clone() for k, v in learn.model.state_dict().items() if "running_var" in k}
     learn.fit_one_cycle(1, 1e-3)
     ema = find_ema(learn).ema_model.state_dict()
+    from pipelines.backbones import stem_names
+    stem = tuple(f"0.{n}." for n in stem_names(learn.model[0], learn.model[0].frozen_stages))
     moved = [k for k in start if not torch.allclose(ema[k], start[k])]
-    assert len(moved) > 0.9 * len(start), "the EMA model's BatchNorm statistics stayed where they started"
+    trained = [k for k in start if not k.startswith(stem)]
+    assert set(moved) <= set(trained), "the frozen stem's statistics moved"
+    assert len(moved) > 0.9 * len(trained), "the EMA model's BatchNorm statistics stayed where they started"
 
 
 # ---- torch.compile ------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_bundle_round_trip_keeps_calibration(trained_run, tmp_path):
     cal = bundle.calibration
     changed = Calibration(temperature=1.7, score="mahalanobis", threshold=-12.5, keep=0.9, stats=cal.stats)
     save_bundle(bundle.model, {k: v for k, v in bundle.meta.items() if k not in ("calibration", "reference")}, changed,
-                tmp_path / "b", reference=bundle.scoring_model.reference)
+                tmp_path / "b", reference=bundle.scoring_model)
     again = load_bundle(tmp_path / "b")
     assert again.calibration.json() == changed.json() and again.meta["reference"] == bundle.meta["reference"]
     for name in ("bank", "means", "precision", "stage_bank", "combine", "ref_means", "ref_precision"):
@@ -197,6 +197,44 @@ def test_threshold_is_chosen_on_cross_fitted_training_items(trained_run, test_ou
     in_sample = compute_scores(logits, feats, temperature=1.0, stats=stats, names=["pretrained_mahalanobis"])
     # scored by statistics that saw them, items look more typical than they are: that is what cross-fitting avoids
     assert np.median(out_of_fold) < np.median(in_sample["pretrained_mahalanobis"])
+
+
+def test_reference_body_shares_the_frozen_stem_and_gives_the_whole_bodys_features(trained_run, tmp_path):
+    """fit keeps the Lite's stem and first stages pretrained, so the bundle's reference body goes on from the
+    model's output of them (one pass over the shared layers) and stores none of their weights. Its features are
+    those of the whole pretrained body; a bundle from before the shared stem (the whole body, no shared_stages)
+    loads and gives the same."""
+    import torch
+    from safetensors import safe_open
+    from pipelines.backbones import create_body, get_spec, stem_names
+    from pipelines.features import WithReference
+    bundle = load_bundle(trained_run.model)
+    shared = bundle.meta["reference"]["shared_stages"]
+    assert shared == get_spec(bundle.meta["backbone"]).frozen_stages > 0
+    assert bundle.scoring_model.shared_stages == shared
+    with safe_open(str(trained_run.model / "model.safetensors"), "pt") as f:
+        stored = [k for k in f.keys() if k.startswith("reference.")]
+    assert stored and not [k for k in stored for n in stem_names(bundle.model[0], shared) if k.startswith(f"reference.{n}.")]
+    whole = WithReference(bundle.model, create_body(get_spec(bundle.meta["backbone"]))[0]).eval()
+    paths = [str(p) for p in sorted(FASHION_TEST.rglob("*.png"))[:12]]
+    prep = ImagePreprocessing.from_json(bundle.meta["preprocessing"])
+    logits, feats, _ = file_outputs(bundle.scoring_model, prep, paths, num_workers=0)
+    want_logits, want, _ = file_outputs(whole, prep, paths, num_workers=0)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(feats, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+    meta = {k: v for k, v in bundle.meta.items() if k not in ("calibration", "reference")}
+    save_bundle(bundle.model, meta, bundle.calibration, tmp_path / "old", reference=whole)
+    meta = json.loads((tmp_path / "old" / "itfits.json").read_text())
+    assert meta["reference"].pop("shared_stages") == 0
+    (tmp_path / "old" / "itfits.json").write_text(json.dumps(meta))
+    old = load_bundle(tmp_path / "old")
+    assert old.scoring_model.shared_stages == 0
+    np.testing.assert_allclose(file_outputs(old.scoring_model, prep, paths, num_workers=0)[1], want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+    rows = list(predict(old, paths, PredictConfig(num_workers=0)))
+    assert [r["top1"] for r in rows] == [bundle.classes[i] for i in logits.argmax(1)]
+    assert torch.equal(old.scoring_model.reference.conv_stem.weight, whole.reference.conv_stem.weight)
 
 
 def test_bundle_from_before_the_reference_body_still_predicts(trained_run, tmp_path):
