@@ -50,7 +50,7 @@ def fit(
     out: Path = typer.Option(Path("runs/itfits"), "--out", help="Run folder for the model, plots and tables."),
     arch: str = ARCH,
     weights: str = WEIGHTS,
-    epochs: Optional[int] = typer.Option(None, help="Unfrozen epochs of fine_tune, default 5 (tabular: epochs of fit_one_cycle, default 20)."),
+    epochs: Optional[int] = typer.Option(None, help="Unfrozen epochs of fine_tune; default by the data size: 8 below 250 training items (audio: windows), else 5 (tabular: epochs of fit_one_cycle, default 20)."),
     freeze_epochs: int = typer.Option(1, help="Head-only epochs before unfreezing."),
     lr: Optional[float] = typer.Option(None, help="Learning rate; without it lr_find chooses one."),
     bs: Optional[int] = BS,

@@ -22,6 +22,7 @@ from .io import write_table
 from .learners import OUTLIER_WEIGHT, tabular_learner
 from .multilabel import label_classes, label_counts
 from .sources import expand_inputs, has_files, require_classes
+from .training import auto_epochs
 from .tabular import TabularData, TabularModelSpec, prepare_table
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ class Prepared:
     dls: object  # fastai DataLoaders over the images the Learner sees (audio: one per window of a clip)
     arch: str  # the backbone: --arch, or what `--arch auto` chose
     arch_why: str | None  # why auto chose it (None: --arch named it)
+    epochs: int  # unfrozen epochs: --epochs, or training.auto_epochs by the data size
+    epochs_why: str | None  # why (None: --epochs gave them)
     options: object = None  # the modality's options resolved from the data (audio: the MelConfig), for the bundle
     n_outliers: int = 0  # --outlier-exposure: training items of none of the classes (audio: windows)
     balance: Balance | None = None  # what the run does about its class counts (--balance)
@@ -70,6 +73,7 @@ def prepare_data(modality: Modality, config: FitConfig, run: Path, log=print) ->
     train = items.filter(pl.col("error").is_null() & (pl.col("split") == "train"))
     n_train = train.height
     arch, arch_why = auto_arch(n_train, config.weights) if config.arch == "auto" else (config.arch, None)
+    epochs, epochs_why = auto_epochs(n_train) if config.epochs is None else (config.epochs, None)
     spec = get_spec(arch)
     prep = ImagePreprocessing(size=config.size or spec.input_size, mean=spec.mean, std=spec.std)
     bs = config.bs or choose_batch_size(n_train)
@@ -81,6 +85,7 @@ def prepare_data(modality: Modality, config: FitConfig, run: Path, log=print) ->
                             num_workers=config.num_workers, outliers=outliers, load=modality.load,
                             weigh=balance.item_weights, multi_label=multi)
     return Prepared(files=files, classes=classes, prep=prep, bs=bs, dls=dls, arch=arch, arch_why=arch_why,
+                    epochs=epochs, epochs_why=epochs_why,
                     options=options, n_outliers=0 if outliers is None else outliers.height, balance=balance,
                     multi_label=multi)
 

@@ -294,19 +294,27 @@ def _classification_part(run: Path, summary: dict, valid: Validation, top: pl.Da
         i, j = np.unravel_index(np.argmax(off), off.shape)
         look.append(f"most confused: {classes[i]} predicted as {classes[j]} ({off[i, j]} of {cm[i].sum()} "
                     f"{classes[i]} items); the confusion matrix below")
-    if top.height:
-        worst = top.row(0, named=True)
-        look.append(f"worst item: {Path(worst['name']).name}, a {worst['actual']} predicted {worst['predicted']} "
-                    f"(loss {worst['loss']:.3f}); the top losses below")
-    if calib:
-        look.append(f"unknown operating point: {calib.get('score')} >= {_fmt(calib.get('threshold'))} accepts "
-                    + _share(calib.get("valid_correct_accepted")) + " of the correct validation items"
-                    + (f" and {_share(calib['unknown_examples_accepted'])} of the --unknown examples"
-                       if "unknown_examples_accepted" in calib else ""))
+    look += _worst_and_operating_point(top, calib, "the correct validation items")
     return look, [H2("Confusion matrix (validation)"), _figure(run / "confusion_matrix.png", "confusion matrix"),
                   H2("Per class (validation)"), _frame_table(pc_table),
                   H2(f"Top {top.height} losses (validation)"), _top_losses_part(top, valid),
                   H2("Calibration and unknowns"), *_calibration_part(run, calib, risk=valid.scores is not None)]
+
+
+def _worst_and_operating_point(top: pl.DataFrame, calib: dict, accepted: str) -> list[str]:
+    """The summary's lines on the worst validation item and on the unknown threshold (what share of `accepted` it
+    accepts, and of the --unknown examples where there were some)."""
+    look = []
+    if top.height:
+        w = top.row(0, named=True)
+        look.append(f"worst item: {Path(w['name']).name}, {w['actual']} predicted {w['predicted']} "
+                    f"(loss {w['loss']:.3f}); the top losses below")
+    if calib:
+        look.append(f"unknown operating point: {calib.get('score')} >= {_fmt(calib.get('threshold'))} accepts "
+                    + _share(calib.get("valid_correct_accepted")) + f" of {accepted}"
+                    + (f" and {_share(calib['unknown_examples_accepted'])} of the --unknown examples"
+                       if "unknown_examples_accepted" in calib else ""))
+    return look
 
 
 def _multilabel_part(run: Path, summary: dict, valid: Validation, top: pl.DataFrame,
@@ -329,13 +337,7 @@ def _multilabel_part(run: Path, summary: dict, valid: Validation, top: pl.DataFr
             f"{worst['f1']:.2f} (the per-class table below)",
             f"{float((probs < valid.thresholds).all(1).mean()):.1%} of the validation items have no class above its "
             "threshold: predicted unknown (none of the classes)"]
-    if top.height:
-        w = top.row(0, named=True)
-        look.append(f"worst item: {Path(w['name']).name}, {w['actual']} predicted {w['predicted']} (loss "
-                    f"{w['loss']:.3f}); the top losses below")
-    if calib:
-        look.append(f"unknown operating point: {calib.get('score')} >= {_fmt(calib.get('threshold'))} accepts "
-                    + _share(calib.get("valid_correct_accepted")) + " of the validation items")
+    look += _worst_and_operating_point(top, calib, "the validation items")
     return look, [H2("Per class (validation, at each class's threshold)"), _frame_table(pc_table),
                   _kv_table({"macro F1": m["macro_f1"], "micro F1": m["micro_f1"], "mAP": m["map"],
                              "subset accuracy": m["subset_accuracy"], "label accuracy": m["label_accuracy"]}),

@@ -38,7 +38,6 @@ from .training import CHOSEN_SUGGESTION, best_epoch, find_lr, train
 from .unknown import SCORES
 
 
-IMAGE_EPOCHS = 5  # --epochs of images and audio when not given
 
 @dataclass
 class FitConfig:
@@ -46,8 +45,8 @@ class FitConfig:
     out: str = "runs/itfits"  # the run folder
     arch: str = "auto"  # a name from `itfits backbones`, or auto: by the data size (backbones.auto_arch)
     weights: str = "auto"  # auto | hub | none | path to .safetensors/.pth
-    epochs: int | None = None  # unfrozen epochs of fine_tune (tables: of fit_one_cycle); None: IMAGE_EPOCHS, or
-    # tabular.TABLE_EPOCHS for a table
+    epochs: int | None = None  # unfrozen epochs of fine_tune (tables: of fit_one_cycle); None: by the data size
+    # (training.auto_epochs), or tabular.TABLE_EPOCHS for a table
     freeze_epochs: int = 1  # head-only epochs first
     lr: float | None = None  # None: run lr_find and use its CHOSEN_SUGGESTION (minimum)
     bs: int | None = None  # None: chosen from the data size
@@ -222,18 +221,22 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
     run = Path(config.out)
     main = is_main()
     state = load_checkpoint(run) if config.resume else None
-    total = config.freeze_epochs + config.epochs
-    if state is not None and state["epoch"] >= total and (run / "model").is_dir():
-        raise ItfitsError(f"{run} has finished all {total} epochs; nothing to resume. Its bundle is {run / 'model'}")
+    # a resumed run's stored config has the epochs its start resolved
+    if state is not None and state["epoch"] >= config.freeze_epochs + config.epochs and (run / "model").is_dir():
+        raise ItfitsError(f"{run} has finished all {config.freeze_epochs + config.epochs} epochs; nothing to resume. "
+                          f"Its bundle is {run / 'model'}")
     if main:
         run.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)  # the DataLoaders draw their shuffling seed from python's random when they are made
     data = prepare_data(modality, config, run, log)
+    epochs = data.epochs
+    total = config.freeze_epochs + epochs
     # data-parallel: each process steps on its shard, about 1/world of the batches
     check_accumulation(accum=config.accum, batches=len(data.dls.train) // world_size(), bs=data.dls.train.bs,
-                       phase_epochs=[config.freeze_epochs, config.epochs])
+                       phase_epochs=[config.freeze_epochs, epochs])
     if main and state is None:  # after the data checks: a run that failed on its data is no run to resume
-        write_run_config(replace(config, arch=data.arch), run)  # a resumed run keeps the backbone auto chose
+        # a resumed run keeps the backbone and epochs auto chose
+        write_run_config(replace(config, arch=data.arch, epochs=epochs), run)
     items, classes, prep, bs, dls = data.files, data.classes, data.prep, data.bs, data.dls
     n_skipped = items["error"].is_not_null().sum()
     world = world_size()
@@ -245,7 +248,8 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
         + (f" x {world} processes" if world > 1 else "")
         + (f" = {effective_batch(bs, config.accum, world)} per step" if config.accum > 1 or world > 1 else "")
         + f", size {prep.size}")
-    log(f"backbone {data.arch}" + (f" (--arch auto: {data.arch_why})" if data.arch_why else ""))
+    log(f"backbone {data.arch}" + (f" (--arch auto: {data.arch_why})" if data.arch_why else "")
+        + f"; {epochs} epochs" + (f" (no --epochs: {data.epochs_why})" if data.epochs_why else ""))
     checked = check_at_fit(items, run, load=modality.load, log=log) if main else None
     # a resumed run keeps the precision it started with: the CPU probe could choose otherwise today
     precision = resolve_precision(state["precision"] if state else config.precision, arch=data.arch, size=prep.size)
@@ -271,14 +275,14 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
         emit(log, "lr_find", _lr_line(lr, suggestions, run), lr=lr, suggestions=suggestions)
     if world > 1:
         learn.add_cb(DataParallel())
-    history = train(learn, epochs=config.epochs, lr=lr, freeze_epochs=config.freeze_epochs,
+    history = train(learn, epochs=epochs, lr=lr, freeze_epochs=config.freeze_epochs,
                     checkpoints=run / "checkpoints", resume=state,
                     checkpoint_meta={"lr": lr, "lr_suggestions": suggestions, "precision": precision.name})
     if main:
         write_table(history, run / "history.csv")
     ema, compiler = find_ema(learn), next((cb for cb in learn.cbs if type(cb).__name__ == "TorchCompile"), None)
     resolved = {"model": modality.describe(replace(config, arch=data.arch)), "arch": data.arch,
-                "arch_why": data.arch_why, "lr": lr, "lr_suggestions": suggestions, "bs": bs,
+                "arch_why": data.arch_why, "epochs": epochs, "epochs_why": data.epochs_why, "lr": lr, "lr_suggestions": suggestions, "bs": bs,
                 "accum": config.accum,
                 "effective_bs": effective_batch(bs, config.accum, world), "size": prep.size, "classes": classes,
                 "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds), "n_skipped": int(n_skipped),
@@ -351,8 +355,6 @@ def fit(config: FitConfig, log=print) -> dict:
 def fit_files(modality: Modality, config: FitConfig, log=print) -> dict:
     """The recipe of modalities of files: fine-tune a pretrained backbone. Under `accelerate launch` / `torchrun`,
     every process trains its shard; rank 0 returns the summary, the others an empty dict."""
-    if config.epochs is None:
-        config = replace(config, epochs=IMAGE_EPOCHS)
     with process_group():
         trained = train_files(modality, config, log=log if is_main() else (lambda *a, **k: None))
         return finish_files(modality, trained, config, log=log) if is_main() else {}

@@ -24,6 +24,19 @@ from .learners import OutlierExposureLoss, find_ema, uncompile
 from .logs import PROGRESS_SECONDS, log_mode, say
 from .plots import plot_lr_find
 
+# `--epochs` not given (images and audio): (least training items, unfrozen epochs), the largest first. On the suite
+# (bench/BENCHMARKS.md, "Epochs by the data size") 8 epochs beat 5 on every set at 120-158 training items; at
+# 445-576, 5 beat 3 on the mean but not on every set, and more epochs there cost time for less.
+AUTO_EPOCHS = ((250, 5), (0, 8))
+
+
+def auto_epochs(n_train: int) -> tuple[int, str]:
+    """(unfrozen epochs, why) for a run of `n_train` training items (audio: windows) when --epochs is not given."""
+    least, epochs = next((least, e) for least, e in AUTO_EPOCHS if n_train >= least)
+    bound = f"at least {least}" if least else f"fewer than {min(n for n, _ in AUTO_EPOCHS if n)}"
+    return epochs, f"{n_train} training items, {bound}"
+
+
 LR_SUGGESTIONS = ("minimum", "steep", "valley", "slide")
 CHOSEN_SUGGESTION = "minimum"  # lr at the loss minimum / 10 (fastai's lr_min): valley (4e-4) trained
 # Fashion-MNIST to 0.71 test accuracy in bench/unknown_scores.py settings, minimum (2.8e-3) to 0.85, steep (6e-3) 0.79

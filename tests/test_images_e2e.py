@@ -54,6 +54,28 @@ def test_arch_auto_is_chosen_printed_and_recorded(trained_run):
     assert f"backbone efficientnet_lite0 (--arch auto: {summary['resolved']['arch_why']})" in trained_run.stdout
     meta = json.loads((trained_run.run / "model" / "itfits.json").read_text())
     assert meta["backbone"] == "efficientnet_lite0"
+    # --epochs given (FIT_ARGS): used as given, with no reason of auto's
+    assert summary["resolved"]["epochs"] == summary["config"]["epochs"] == 2
+    assert summary["resolved"]["epochs_why"] is None and "; 2 epochs\n" in trained_run.stdout
+
+
+def test_epochs_by_the_data_size(tmp_path):
+    """Without --epochs, small data trains longer (training.AUTO_EPOCHS): chosen in the data stage, said why."""
+    from pipelines.modality import get_modality
+    from pipelines.prepare import prepare_data
+    from pipelines.run import FitConfig
+    from pipelines.training import AUTO_EPOCHS, auto_epochs
+    (many, usual), (_, small_data) = AUTO_EPOCHS
+    assert auto_epochs(many - 1)[0] == small_data > usual == auto_epochs(many)[0] == auto_epochs(10 * many)[0]
+    assert auto_epochs(many)[1] == f"{many} training items, at least {many}"
+    assert auto_epochs(12)[1] == f"12 training items, fewer than {many}"
+    data = prepare_data(get_modality("image"), FitConfig(data=str(FASHION), out=str(tmp_path), num_workers=0),
+                        tmp_path, log=lambda *a: None)
+    n_train = len(data.dls.train_ds)
+    assert (data.epochs, data.epochs_why) == auto_epochs(n_train)
+    given = prepare_data(get_modality("image"), FitConfig(data=str(FASHION), out=str(tmp_path), num_workers=0,
+                                                          epochs=3), tmp_path, log=lambda *a: None)
+    assert (given.epochs, given.epochs_why) == (3, None)
 
 
 def test_valid_accuracy_clearly_above_chance(trained_run):
