@@ -38,7 +38,6 @@ from .training import CHOSEN_SUGGESTION, best_epoch, find_lr, train
 from .unknown import SCORES
 
 
-
 @dataclass
 class FitConfig:
     data: str  # folder of class sub-folders, folder with train/ valid/, or a path,label table
@@ -282,8 +281,8 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
         write_table(history, run / "history.csv")
     ema, compiler = find_ema(learn), next((cb for cb in learn.cbs if type(cb).__name__ == "TorchCompile"), None)
     resolved = {"model": modality.describe(replace(config, arch=data.arch)), "arch": data.arch,
-                "arch_why": data.arch_why, "epochs": epochs, "epochs_why": data.epochs_why, "lr": lr, "lr_suggestions": suggestions, "bs": bs,
-                "accum": config.accum,
+                "arch_why": data.arch_why, "epochs": epochs, "epochs_why": data.epochs_why, "lr": lr,
+                "lr_suggestions": suggestions, "bs": bs, "accum": config.accum,
                 "effective_bs": effective_batch(bs, config.accum, world), "size": prep.size, "classes": classes,
                 "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds), "n_skipped": int(n_skipped),
                 "precision": precision.json(),

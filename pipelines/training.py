@@ -25,8 +25,9 @@ from .logs import PROGRESS_SECONDS, log_mode, say
 from .plots import plot_lr_find
 
 # `--epochs` not given (images and audio): (least training items, unfrozen epochs), the largest first. On the suite
-# (bench/BENCHMARKS.md, "Epochs by the data size") 8 epochs beat 5 on every set at 120-158 training items; at
-# 445-576, 5 beat 3 on the mean but not on every set, and more epochs there cost time for less.
+# (bench/BENCHMARKS.md, "Epochs by the data size"), at 120-158 training items 8 epochs beat 5 on every set with the
+# whole body trained and on the means with the Lites' last stage only; at 445-576, 5 beat 3 on the means but not
+# on every set: the gain of more epochs shrinks as data grows.
 AUTO_EPOCHS = ((250, 5), (0, 8))
 
 
