@@ -14,8 +14,9 @@ rule the candidate would ship with. Then the mean over sets and the worst set.
     python bench/unknown_suite.py --sizes 128 --seeds 0 --epochs 3 --arch efficientnet_lite2 --per-class 24
 
 --arch, --per-class (the first N training files of each class, and N/4 validation files), --suggestion (the
-lr_find suggestion fit trains with) and --frozen-stages (how many stages fine-tuning keeps pretrained) give the runs that choose `--arch auto`'s data sizes (backbones.AUTO_ARCHS)
-and check the epochs, lr and frozen-stem defaults (bench/BENCHMARKS.md).
+lr_find suggestion fit trains with) and --frozen-stages (how many stages fine-tuning keeps pretrained) give the
+runs that choose `--arch auto`'s data sizes (backbones.AUTO_ARCHS) and check the epochs, lr and frozen-stem
+defaults (bench/BENCHMARKS.md).
 
 Results: RUNS/summary.json and markdown tables on stdout (bench/BENCHMARKS.md keeps them with the command).
 """
