@@ -1,6 +1,7 @@
 """Model bundle: a folder with model.safetensors + itfits.json. Saving and loading never pickle anything."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -79,11 +80,12 @@ class Bundle:
 
 
 def save_bundle(model: nn.Module, meta: dict, calibration: Calibration | None, out_dir: Path, *,
-                reference: WithReference | None = None) -> None:
+                reference: WithReference | None = None, files: dict[str, bytes] | None = None) -> None:
     """Write the bundle folder atomically: a crash leaves the previous bundle (or none), never half of one.
     The unknown scores' feature statistics go into the safetensors file beside the weights, and so does the
     pretrained body of `reference` (an image model's, for the pretrained_mahalanobis score: `reference.*`), less
-    the stages it shares with `model`."""
+    the stages it shares with `model`. `files`: more files of the model, in its library's own format (a LightGBM
+    model's text), written beside them with their SHA-256 in itfits.json's `files` (checked when read)."""
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if reference is not None:
@@ -95,8 +97,12 @@ def save_bundle(model: nn.Module, meta: dict, calibration: Calibration | None, o
     if calibration is not None and calibration.stats is not None:
         state.update(calibration.stats.tensors())
     meta = {**meta, "calibration": calibration.json() if calibration is not None else None}
+    if files:
+        meta["files"] = {name: sha256(data) for name, data in files.items()}
     with atomic_dir(Path(out_dir)) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
@@ -135,7 +141,40 @@ def meta_problem(meta) -> str | None:
             return "calibration must hold temperature, score and threshold"
         if calibration_problem(calib):
             return calibration_problem(calib)
-    return multi_label_problem(meta) or reference_problem(meta) or modality.meta_problem(meta)
+    return (multi_label_problem(meta) or reference_problem(meta) or files_problem(meta)
+            or modality.meta_problem(meta))
+
+
+def files_problem(meta: dict) -> str | None:
+    """What is wrong with a bundle's list of model files (name -> SHA-256; older bundles have none), or None."""
+    files = meta.get("files", {})
+    if not isinstance(files, dict):
+        return f"files must be a JSON object of file name -> SHA-256, got {files!r}"[:300]
+    for name, digest in files.items():
+        if name in (WEIGHTS, META) or Path(name).name != name or name.startswith("."):
+            return f"files names {name!r}, which is not a plain file name of its own"[:300]
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            return f"files[{name!r}] must be a SHA-256 in hex, got {digest!r}"[:300]
+    return None
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_files(path: Path, meta: dict) -> dict[str, bytes]:
+    """The bundle's model files (itfits.json's `files`), each checked against its SHA-256."""
+    out = {}
+    for name, digest in meta.get("files", {}).items():
+        try:
+            data = (path / name).read_bytes()
+        except OSError as e:
+            raise invalid_bundle(path, f"{name} cannot be read ({e.strerror or e})") from e
+        if sha256(data) != digest:
+            raise invalid_bundle(path, f"{name} is not the file itfits wrote (its SHA-256 differs from the one in "
+                                       f"{META}): it was changed or damaged after the fit")
+        out[name] = data
+    return out
 
 
 def reference_problem(meta: dict) -> str | None:
@@ -217,10 +256,14 @@ def load_bundle(path: Path | str) -> Bundle:
     from safetensors.torch import load_file
     meta = read_meta(Path(path))
     path = Path(meta.pop("_path"))
+    files = read_files(path, meta)
     try:
         model = get_modality(meta.get("modality", "image")).rebuild(meta)
+        if files:  # a model kept in its library's own format (gbdt.GBDTModel: LightGBM's text)
+            model.load_files(files)
     except (KeyError, TypeError, ValueError) as e:  # a tabular model spec with keys missing or of the wrong type
-        raise invalid_bundle(path, f"its model description in {META} is incomplete ({type(e).__name__}: {e})") from e
+        raise invalid_bundle(path, f"its model description in {META} is incomplete or does not fit its files "
+                                   f"({type(e).__name__}: {e})") from e
     try:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:  # truncated, or not a safetensors file at all

@@ -1,5 +1,5 @@
 """Calibration at fit time, beside unknown.py's methods: the fine-tuned model's outputs on validation, training and
---unknown items (batches.py for files, tabular_outputs for rows) -> temperature, unknown score, threshold and
+--unknown items (batches.py for files, the table learner's `outputs` for rows) -> temperature, unknown score, threshold and
 feature statistics (unknown.calibrate) for the bundle."""
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from .features import WithReference
 from .batches import file_outputs, unknown_outputs
 from .errors import ItfitsError, ItfitsWarning
 from .multilabel import calibrate_multilabel, label_matrix
-from .tabular import tabular_outputs
 from .unknown import DEFAULT_SCORE, TABLE_DEFAULT_SCORE, UnknownStats, calibrate, crossfit_reference_scores
 
 if TYPE_CHECKING:
@@ -106,22 +105,24 @@ def unknown_rows(config: FitConfig, prep) -> pl.DataFrame | None:
     return parsed
 
 
-def calibrate_table(model, data, config: FitConfig, *, unknown: pl.DataFrame | None = None, max_train: int = 4096):
+def calibrate_table(outputs, model, data, config: FitConfig, *, unknown: pl.DataFrame | None = None,
+                    default_score: str = TABLE_DEFAULT_SCORE, max_train: int = 4096):
     """As calibrate_images, for a table: temperature, score and threshold from the validation rows, feature
     statistics from (up to `max_train`) training rows, score choice from `unknown` (rows of none of the classes,
-    from `unknown_rows`) when given. Returns (Calibration, report, validation logits, features)."""
+    from `unknown_rows`) when given. `outputs(model, x_cat, x_cont)` -> (logits, features): the learner's
+    (table_learners.py). Returns (Calibration, report, validation logits, features)."""
     t_cat, t_cont, t_y = data.part(False)
     if len(t_y) > max_train:
         keep = np.random.default_rng(config.seed).choice(len(t_y), max_train, replace=False)
         t_cat, t_cont, t_y = t_cat[keep], t_cont[keep], t_y[keep]
     v_cat, v_cont, v_y = data.part(True)
-    v_logits, v_feats = tabular_outputs(model, v_cat, v_cont)
+    v_logits, v_feats = outputs(model, v_cat, v_cont)
     if unknown is not None:
-        unknown = tabular_outputs(model, *data.prep.encode(unknown))
+        unknown = outputs(model, *data.prep.encode(unknown))
     calibration, report = calibrate_outputs(config, len(data.prep.classes), valid=(v_logits, v_feats, v_y),
-                                     train=(tabular_outputs(model, t_cat, t_cont)[1], t_y), unknown=unknown,
-                                     head_dim=v_feats.shape[1],  # tabular features are the head's only
-                                     default_score=TABLE_DEFAULT_SCORE)
+                                            train=(outputs(model, t_cat, t_cont)[1], t_y), unknown=unknown,
+                                            head_dim=v_feats.shape[1],  # tabular features are the head's only
+                                            default_score=default_score)
     return calibration, report, v_logits, v_feats
 
 

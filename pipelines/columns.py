@@ -286,10 +286,10 @@ def _text_ids(s: pl.Series) -> tuple[list[str], np.ndarray]:
     return values, s.to_physical().fill_null(len(values)).to_numpy()
 
 
-def _text_vocab(s: pl.Series) -> list[str]:
-    """The distinct strings of a text column, sorted."""
+def _text_vocab(s: pl.Series, least: int = 1) -> list[str]:
+    """The distinct strings of a text column seen at least `least` times, sorted."""
     values, ids = _text_ids(s)
-    return sorted(v for v, n in zip(values, np.bincount(ids, minlength=len(values) + 1)) if n)
+    return sorted(v for v, n in zip(values, np.bincount(ids, minlength=len(values) + 1)) if n >= least)
 
 
 def _text_codes(s: pl.Series, codes: dict[str, int], missing: int) -> np.ndarray:

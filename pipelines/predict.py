@@ -21,7 +21,7 @@ from .images import ImagePreprocessing
 from .io import atomic_path, csv_unwritable, escape_formulas
 from .precision import prediction_precision, resolve_precision
 from .sources import expand_inputs, text_path
-from .tabular import tabular_outputs
+from .table_learners import learner_of
 
 
 @dataclass
@@ -176,7 +176,7 @@ class Predictor:
         """Rows of a table (as read, the model's columns parsed, per-row errors: TabularPreprocessing.read_rows)
         -> the table's columns, then `prediction_frame` (classification) or `regression_frame` columns."""
         prep, bundle = self.prep, self.bundle
-        logits, feats = tabular_outputs(bundle.model, *prep.encode(parsed))
+        logits, feats = learner_of(bundle.meta["model"]).outputs(bundle.model, *prep.encode(parsed))
         if prep.task == "regression":
             values = prep.decode_target(logits[:, 0])
             finite = np.isfinite(values)

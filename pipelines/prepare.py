@@ -101,18 +101,30 @@ def outlier_items(modality: Modality, config: FitConfig, options, log=print) -> 
     return items
 
 
-def prepare_tabular(config: FitConfig, run: Path):
-    """(TabularData, bs, learner) for a tabular run (fit and lr-find); skipped rows listed in run/skipped.csv, the
-    first file written into `run`: a table that fails its checks leaves no run folder."""
+def read_training_table(config: FitConfig, run: Path) -> TabularData:
+    """The rows of a tabular run (fit and lr-find) read, split and encoded once for every learner; skipped rows
+    listed in run/skipped.csv, the first file written into `run`: a table that fails its checks leaves no run
+    folder."""
     data = prepare_table(config.data, target=config.target, cat=config.cat or (), cont=config.cont or (),
                          ignore=config.ignore or (), valid_pct=config.valid_pct, seed=config.seed)
     write_table(data.skipped, run / "skipped.csv")
+    return data
+
+
+def nn_learner(data: TabularData, config: FitConfig, run: Path):
+    """(batch size, fastai Learner) of fastai's TabularModel on `data`."""
     bs = config.bs or choose_batch_size(int((~data.valid).sum()), largest=1024)
     set_seed(config.seed)
     dls = tabular_dataloaders(data, bs=bs, device=default_device())  # fastai's default; None kept it on the CPU
     learn = tabular_learner(dls, TabularModelSpec.for_data(data.prep, config.layers), path=run,
                             regression=data.prep.task == "regression", target_std=data.prep.target_std)
-    return data, bs, learn
+    return bs, learn
+
+
+def prepare_tabular(config: FitConfig, run: Path):
+    """(TabularData, bs, learner): `read_training_table`, then `nn_learner`."""
+    data = read_training_table(config, run)
+    return (data, *nn_learner(data, config, run))
 
 
 class TabularTensors(torch.utils.data.Dataset):

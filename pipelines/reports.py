@@ -197,7 +197,9 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
             P(f"{model} on {config.get('data', '')}: {task}, {resolved.get('n_train')} train / "
               f"{resolved.get('n_valid')} valid items."),
             H2("Summary"), _kv_table({k.replace("_", " "): v for k, v in results.items()
-                                      if k != "valid_per_class"}),  # multi-label: the per-class table shows it
+                                      if k not in ("valid_per_class", "models")}),  # multi-label: the per-class
+            # table shows it; tables trained by several learners: the table below
+            *_models_part(results.get("models"), resolved),
             P("What to look at:"), Ul(*[Li(line) for line in look]),
             *part,
             H2("Loss and metrics"), _figure(run / "losses.png", "loss and metric curves"),
@@ -211,9 +213,21 @@ def write_report(run: Path, summary: dict, history: pl.DataFrame, valid: Validat
     return out
 
 
+def _models_part(models: dict | None, resolved: dict) -> list:
+    """A table trained by several learners (--model auto): each one's validation figures, the kept one first."""
+    if not models:
+        return []
+    kept = resolved.get("learner")
+    rows = [{"model": k + (" (kept)" if k == kept else ""), **v} for k, v in sorted(models.items(), key=lambda kv:
+                                                                                     kv[0] != kept)]
+    return [P(f"Models trained on the same split ({resolved.get('learner_why', '')}):"),
+            _frame_table(pl.DataFrame(rows))]
+
+
 def _lr_part(run: Path, resolved: dict) -> list:
     if not resolved.get("lr_suggestions"):
-        return [P(f"lr_find did not run: the learning rate was given ({resolved.get('lr')}).", cls="muted")]
+        return [P("lr_find did not run: " + (f"the learning rate was given ({resolved['lr']})." if resolved.get("lr")
+                                             else "the model takes no learning-rate search."), cls="muted")]
     return [_figure(run / "lr_find.png", "lr_find plot"),
             _kv_table({f"suggestion: {k}": v for k, v in resolved["lr_suggestions"].items()})]
 

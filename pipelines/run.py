@@ -1,6 +1,6 @@
 """A run of `itfits fit` / `itfits lr-find`: FitConfig, which checks itself, and the recipes that chain the stages
 (prepare -> learner -> training -> calibration -> bundle, run.json, report) for images and audio, or a table
-(`target` given: fastai's TabularModel)."""
+(`target` given: table_fit.py)."""
 from __future__ import annotations
 
 import math
@@ -17,7 +17,7 @@ from .balance import check_balance
 from .backbones import WEIGHT_KEYWORDS, check_size, check_weights
 from .features import with_reference
 from .bundle import save_bundle
-from .calibration import calibrate_images, calibrate_table, calibration_line, unknown_rows
+from .calibration import calibrate_images, calibration_line
 from .check import CheckResult, check_at_fit, mislabelled_at_fit
 from .checkpoints import CONFIG, load_checkpoint, read_run_config
 from .distributed import DataParallel, broadcast_object, is_main, process_group, world_size
@@ -26,15 +26,16 @@ from .images import check_workers
 from .io import write_json, write_table
 from .learners import check_accumulation, effective_batch, find_ema, image_learner
 from .logs import emit
-from .metrics import balanced_accuracy, per_class, regression_metrics
+from .metrics import balanced_accuracy, per_class
 from .modality import Modality, file_exts, modalities, modality_for
 from .multilabel import finish_multilabel
 from .precision import check_precision, resolve_precision
-from .prepare import prepare_data, prepare_tabular
+from .prepare import prepare_data
 from .reports import Validation, guarded, write_report
-from .sources import TABLE_EXTS, has_files, read_table
-from .tabular import TABLE_EPOCHS, TabularModelSpec, tabular_outputs
-from .training import CHOSEN_SUGGESTION, best_epoch, find_lr, train
+from .sources import TABLE_EXTS, has_files
+from .table_fit import lr_line
+from .table_learners import AUTO, check_model
+from .training import find_lr, train
 from .unknown import SCORES
 
 
@@ -73,6 +74,7 @@ class FitConfig:
     cont: list[str] | None = None  # tabular: columns to treat as continuous; None: inferred
     ignore: list[str] | None = None  # tabular: columns not to use (ids, leaks)
     layers: list[int] | None = None  # tabular: hidden layer sizes; None: [200, 100] as fastai's tabular_learner
+    model: str = AUTO  # tabular: nn (fastai's TabularModel), gbdt (LightGBM), or auto: both, the better on validation
     multi_label: bool = False  # images: a label cell may hold several classes (space or ';'); a path,labels table
     # is multi-label without it (multilabel.py)
 
@@ -121,9 +123,10 @@ class FitConfig:
         if self.outlier_exposure and (self.unknown is None or self.target is not None):
             raise ItfitsError("--outlier-exposure trains on the --unknown examples of an image or audio fit: "
                               + ("give --unknown DIR" if self.target is None else "tables have no such training"))
+        check_model(self.model)
         if self.target is None:
-            if self.cat or self.cont or self.ignore or self.layers:
-                raise ItfitsError("--cat, --cont, --ignore and --layers are for tables: add --target COLUMN")
+            if self.cat or self.cont or self.ignore or self.layers or self.model != AUTO:
+                raise ItfitsError("--cat, --cont, --ignore, --layers and --model are for tables: add --target COLUMN")
             if self.unknown is not None:
                 _check_unknown_folder(Path(self.data), Path(self.unknown))
         else:
@@ -131,6 +134,10 @@ class FitConfig:
                 raise ItfitsError(f"with --target, --unknown takes a .csv/.parquet table of rows of none of the classes, "
                                   f"got {self.unknown}")
             _check_table_config(self)
+            nn_only = [f"--{n.replace('_', '-')}" for n in ("epochs", "lr", "bs", "layers") if getattr(self, n) is not None]
+            if self.model == "gbdt" and nn_only:
+                raise ItfitsError(f"{', '.join(nn_only)}: for the network (--model nn or auto); --model gbdt trains "
+                                  "LightGBM's trees, which would ignore them")
 
 
 IMAGE_ONLY = ("arch", "weights", "size", "freeze_epochs", "precision", "accum", "ema", "ema_decay", "compile", "mel")
@@ -271,7 +278,7 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
         # the suggestion is an lr for the effective batch
         lr, suggestions = find_lr(learn, run if main else None, num_it=config.lr_find_iters * config.accum)
         lr, suggestions = broadcast_object((lr, suggestions))  # every process trains with rank 0's choice
-        emit(log, "lr_find", _lr_line(lr, suggestions, run), lr=lr, suggestions=suggestions)
+        emit(log, "lr_find", lr_line(lr, suggestions, run), lr=lr, suggestions=suggestions)
     if world > 1:
         learn.add_cb(DataParallel())
     history = train(learn, epochs=epochs, lr=lr, freeze_epochs=config.freeze_epochs,
@@ -359,72 +366,6 @@ def fit_files(modality: Modality, config: FitConfig, log=print) -> dict:
         return finish_files(modality, trained, config, log=log) if is_main() else {}
 
 
-def fit_table(modality: Modality, config: FitConfig, log=print) -> dict:
-    """`itfits fit TABLE --target COLUMN`: fastai's TabularModel trained with fit_one_cycle; writes the run folder
-    as `fit` does for images. Returns the run summary (run.json)."""
-    t0 = time.perf_counter()
-    run = Path(config.out)
-    data, bs, learn = prepare_tabular(config, run)
-    prep, n_skipped = data.prep, data.skipped.height
-    unknown = unknown_rows(config, prep)
-    classify = prep.task == "classification"
-    log(f"{data.n_rows} rows: {len(learn.dls.train_ds)} train, {len(learn.dls.valid_ds)} valid, {n_skipped} skipped"
-        + (f" (listed in {run / 'skipped.csv'})" if n_skipped else "")
-        + f"; batch size {bs}{' (chosen from the data size)' if config.bs is None else ''}")
-    log(f"{prep.task} of '{prep.target}'" + (f" into {len(prep.classes)} classes" if classify else "")
-        + f"; categorical: {', '.join(prep.cat) or 'none'}; continuous: {', '.join(prep.cont) or 'none'}"
-        + (f"; missing-value flags for: {', '.join(prep.na)}" if prep.na else ""))
-    for note in data.notes:
-        log(f"note: {note}")
-    epochs = config.epochs or TABLE_EPOCHS
-    if config.epochs is None:
-        log(f"epochs {epochs} (the default for tables; --epochs sets it)")
-    lr, suggestions = _choose_lr(learn, config, run, log)
-    history = train(learn, epochs=epochs, lr=lr, fine_tune=False)
-    write_table(history, run / "history.csv")
-    kept = best_epoch(history["valid_loss"].to_list())  # the epoch whose weights train() kept
-    if kept != history.height - 1:
-        log(f"kept the weights of epoch {kept} (validation loss {history['valid_loss'][kept]:.4f}, the lowest; "
-            f"{history['valid_loss'][-1]:.4f} after the last)")
-
-    v_rows = data.rows[data.valid]
-    rows = read_table(Path(config.data))[v_rows.tolist()]  # the validation rows as the file has them
-    calibration = calib_report = None
-    if classify:
-        calibration, calib_report, v_logits, v_feats = calibrate_table(learn.model, data, config, unknown=unknown)
-        v_y, preds = data.y[data.valid], v_logits.argmax(1)
-        results = {"valid_accuracy": float((preds == v_y).mean())}
-        emit(log, "calibration", calibration_line(calibration, calib_report), **calib_report)
-        probs, scores, _ = calibration.apply(v_logits, v_feats)
-        outputs = dict(logits=v_logits, targets=v_y, probs=probs, scores=scores)
-    else:
-        v_cat, v_cont, _ = data.part(True)
-        v_pred = prep.decode_target(tabular_outputs(learn.model, v_cat, v_cont)[0][:, 0])
-        v_true = rows[prep.target].cast(pl.Float64).to_numpy()  # exact: data.y holds it normalised, in float32
-        results = regression_metrics(v_pred, v_true)
-        outputs = dict(predictions=v_pred, targets=v_true)
-    results.update(valid_loss=float(history["valid_loss"][kept]), seconds=round(time.perf_counter() - t0, 1))
-    spec = TabularModelSpec.for_data(prep, config.layers)
-    summary = {
-        "config": asdict(config),
-        "resolved": {"model": modality.describe(config), "epochs": epochs, "lr": lr, "lr_suggestions": suggestions,
-                     "bs": bs, "task": prep.task, "classes": prep.classes,
-                     "cat": prep.cat, "cont": prep.cont, "na_flags": prep.na, "dates": prep.dates,
-                     "ignore": prep.ignore, "kept_epoch": kept, "layers": list(spec.layers),
-                     "emb_szs": spec.json()["emb_szs"], "n_rows": data.n_rows, "n_train": len(learn.dls.train_ds),
-                     "n_valid": len(learn.dls.valid_ds), "n_skipped": n_skipped},
-        "results": results,
-        "calibration": calib_report,
-    }
-    save_bundle(learn.model, modality.bundle_meta(prep, spec, training=results), calibration, run / "model")
-    write_json(summary, run / "run.json")
-    report = guarded([], "report.html", write_report, run, summary, history,
-                     Validation(names=[f"row {r}" for r in v_rows], rows=rows, **outputs), defaults=config_defaults())
-    log(", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in results.items() if k.startswith("valid_"))
-        + f"; model bundle in {run / 'model'}; report: {report or 'not written'}")
-    return summary
-
-
 def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
     """`itfits lr-find`: lr_find.png / lr_find.csv in config.out, and the suggestions: those `fit` finds with the
     same settings (seeded in the same places, in the precision fit resolves)."""
@@ -441,23 +382,3 @@ def lr_find_files(modality: Modality, config: FitConfig) -> tuple[float, dict[st
                           class_weights=data.balance.loss_weights(data.classes),  # the loss fit trains with
                           multi_label=data.multi_label)
     return find_lr(learn, run, num_it=config.lr_find_iters)
-
-
-def lr_find_table(config: FitConfig) -> tuple[float, dict[str, float]]:
-    return find_lr(prepare_tabular(config, Path(config.out))[2], Path(config.out), num_it=config.lr_find_iters)
-
-
-def _choose_lr(learn, config: FitConfig, run: Path, log) -> tuple[float, dict[str, float] | None]:
-    """config.lr, or lr_find's chosen suggestion (plot and table written into the run folder)."""
-    if config.lr is not None:
-        return config.lr, None
-    lr, suggestions = find_lr(learn, run, num_it=config.lr_find_iters)
-    emit(log, "lr_find", _lr_line(lr, suggestions, run), lr=lr, suggestions=suggestions)
-    return lr, suggestions
-
-
-def _lr_line(lr: float, suggestions: dict[str, float], run: Path) -> str:
-    return ("lr_find suggestions: " + ", ".join(f"{k} {v:.2e}" for k, v in suggestions.items())
-            + f"; using {CHOSEN_SUGGESTION} {lr:.2e} (plot: {run / 'lr_find.png'})")
-
-

@@ -1,6 +1,6 @@
 """The table modality: a CSV/Parquet table and a target column (`--target`), trained as fastai's TabularModel
-(tabular.py: the column schema; prepare.prepare_tabular: rows -> DataLoaders), predicted chunk by chunk with
-the input columns in front (predict.table_predictions)."""
+and/or LightGBM's trees (table_learners.py; the recipe: table_fit.py; the column schema: tabular.py), predicted
+chunk by chunk with the input columns in front (predict.table_predictions)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,8 @@ from .bundle import FORMAT_VERSION, library_versions
 from .modality import Modality, register_modality
 from .predict import table_predictions
 from .sources import TABLE_EXTS
-from .tabular import TabularModelSpec, TabularPreprocessing, create_tabular_model
+from .table_learners import LEARNERS, learner_of
+from .tabular import TabularPreprocessing
 
 
 class TableModality(Modality):
@@ -26,11 +27,11 @@ class TableModality(Modality):
         return f"a tabular model of '{config.target}'"
 
     def fit(self, config, log) -> dict:
-        from .run import fit_table  # the training stages import fastai: prediction must not pay for it at start-up
+        from .table_fit import fit_table  # the training stages import fastai: prediction must not pay for it at start-up
         return fit_table(self, config, log)
 
     def lr_find(self, config):
-        from .run import lr_find_table
+        from .table_fit import lr_find_table
         return lr_find_table(config)
 
     def predict(self, bundle, inputs, config):
@@ -39,15 +40,15 @@ class TableModality(Modality):
     def preprocessing(self, meta: dict) -> TabularPreprocessing:
         return TabularPreprocessing.from_json(meta["preprocessing"])
 
-    def bundle_meta(self, prep, spec: TabularModelSpec, *, training: dict) -> dict:
+    def bundle_meta(self, prep, model: dict, *, training: dict) -> dict:
         """itfits.json for a tabular model: the column schema, vocabularies, fill values and normalisation
-        (`TabularPreprocessing`) and what rebuilds fastai's TabularModel (`TabularModelSpec`)."""
+        (`TabularPreprocessing`) and what rebuilds the model (`model`: a TabularModelSpec's or GBDTSpec's JSON)."""
         return {"format_version": FORMAT_VERSION, "modality": self.name, "task": prep.task,
-                "classes": list(prep.classes), "preprocessing": prep.json(), "model": spec.json(),
+                "classes": list(prep.classes), "preprocessing": prep.json(), "model": model,
                 "training": training, "versions": library_versions()}
 
     def rebuild(self, meta: dict):
-        return create_tabular_model(TabularModelSpec.from_json(meta["model"]))
+        return learner_of(meta["model"]).rebuild(meta["model"])
 
     def meta_problem(self, meta: dict) -> str | None:
         missing = [k for k in ("model", "task") if k not in meta]
@@ -59,7 +60,10 @@ class TableModality(Modality):
             return "classes must be a list of 2 or more class names"
         if meta["calibration"] is None and meta["task"] != "regression":
             return "calibration is missing (only a regression model has none)"
-        return None  # the schema is checked as it is rebuilt (load_bundle)
+        kind = meta["model"].get("kind", "nn")
+        if kind not in LEARNERS:
+            return f"model.kind must be one of {', '.join(LEARNERS)}, got {kind!r}"
+        return LEARNERS[kind].problem(meta["model"])  # the schema is checked as it is rebuilt (load_bundle)
 
 
 TABLES = register_modality(TableModality())

@@ -27,6 +27,11 @@ from .sources import NULL_VALUES, read_table, stratified_valid, table_columns
 # from the data size an epoch is 16-32 steps, and the best epoch's weights are kept): test accuracy over 5 tables,
 # mean / worst, 0.821 / 0.651 at 5 epochs, 0.838 / 0.660 at 10, 0.844 / 0.688 at 20; about 3x the seconds.
 TABLE_EPOCHS = 20
+# A text column of many values for its rows (a name: 199 values in 244 rows) tells little row by row: a category of
+# its own for each value would be a 199-level embedding (or as many tree splits) fitted to one or two rows each.
+# Past MANY_VALUES distinct values and a quarter of the training rows, the values seen fewer than RARE times in
+# training share code 0 with missing and unseen ones (a note says so).
+MANY_VALUES, RARE = 50, 3
 
 # ---- preprocessing ----------------------------------------------------------------------------------------------
 
@@ -82,6 +87,9 @@ class TabularPreprocessing:
         """Statistics from the `train` rows (a bool mask) of `df` (columns parsed by `parse_columns`)."""
         rows = pl.Series(_TRAIN, train)  # polars filters with it several times faster than numpy does
         vocab = {c: _text_vocab(df[c].filter(rows)) for c in cat if dtypes[c] == "String"}
+        n = int(train.sum())
+        vocab.update({c: _text_vocab(df[c].filter(rows), least=RARE) for c, v in vocab.items()
+                      if many_values(len(v), n)})
         t = pl.col(_TRAIN)
         stats = [pl.col(c).filter(t).drop_nulls().unique().sort().cast(pl.String).implode().alias(c)
                  for c in cat if c not in vocab]  # numbers and booleans: few values, no strings to hash
@@ -90,7 +98,6 @@ class TabularPreprocessing:
             stats += [y.mean().alias(_TRAIN + "y_mean"), y.std(ddof=0).alias(_TRAIN + "y_std")]
         row = df.with_columns(rows).select(stats).row(0, named=True) if stats else {}
         fill, mean, std, na = {}, {}, {}, []
-        n = int(train.sum())
         for c in cont:
             s = df[c].filter(rows)
             s = s.fill_nan(None) if s.dtype.is_float() else s
@@ -186,6 +193,11 @@ class TabularPreprocessing:
         return parsed, _join_errors([date_errors, errors], table.height), partly_bad
 
 
+def many_values(n_values: int, n_rows: int) -> bool:
+    """Whether a text column of `n_values` distinct values in `n_rows` training rows keeps its frequent ones only."""
+    return n_values > max(MANY_VALUES, n_rows / 4)
+
+
 # ---- the data stage of a run ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -256,14 +268,15 @@ def _skip(df: pl.DataFrame, drop: pl.Series, errors) -> tuple[pl.DataFrame, pl.D
     return df.filter(~drop), gone
 
 
-def _stray_words(prep: TabularPreprocessing) -> list[str]:
-    """Notes on text columns that hold numbers but for a few words (a typo, a unit, "unknown"): one word makes a
-    CSV column text, and so categorical, with every number a category of its own."""
+def _stray_words(values_of: dict[str, list[str]]) -> list[str]:
+    """Notes on text columns (name -> their distinct training values) that hold numbers but for a few words (a typo,
+    a unit, "unknown"): one word makes a CSV column text, and so categorical, with every number a category of its
+    own."""
     notes = []
-    for c in prep.cat:
-        if prep.dtypes[c] != "String" or len(prep.vocab[c]) <= 10:
+    for c, distinct in values_of.items():
+        if len(distinct) < 10:
             continue
-        values = pl.Series(prep.vocab[c][1:], dtype=pl.String)
+        values = pl.Series(distinct, dtype=pl.String)
         words = values.filter(values.str.strip_chars().cast(pl.Float64, strict=False).is_null())
         if 0 < words.len() <= values.len() // 10:
             notes.append(f"column '{c}' is read as categories because of {words.len()} value(s) that are not numbers "
@@ -345,9 +358,16 @@ def prepare_table(path: Path | str, *, target: str, cat=(), cont=(), ignore=(), 
         raise ItfitsError(f"the target '{target}' has one value in every training row: there is nothing to learn")
     prep = TabularPreprocessing.fit(df, ~valid, target=target, task=task, classes=classes, cat=cats,
                                     cont=conts, ignore=ignore, dtypes=dtypes, dates=dates)
-    notes += [f"column '{c}' has {len(prep.vocab[c]) - 1} distinct values in {n_train} training rows: if it is an "
-             f"id, --ignore {c}" for c in cats if len(prep.vocab[c]) > 100 and len(prep.vocab[c]) > n_train / 2]
-    notes += _stray_words(prep)
+    train_rows = pl.Series(~valid)
+    values_of = {c: _text_vocab(df[c].filter(train_rows)) for c in cats if dtypes[c] == "String"}
+    for c, values in values_of.items():
+        n_values = len(values)
+        if many_values(n_values, n_train):
+            notes.append(f"column '{c}' has {n_values} distinct values in {n_train} training rows: the "
+                         f"{len(prep.vocab[c]) - 1} seen {RARE} or more times are categories, the rest one category "
+                         f"with missing and unseen values (a category per value would fit one or two rows each); "
+                         f"if it is an id, --ignore {c}")
+    notes += _stray_words(values_of)
     x_cat, x_cont = prep.encode(df)
     y = codes if codes is not None else prep.encode_target(y)
     return TabularData(prep=prep, x_cat=x_cat, x_cont=x_cont, y=y, valid=valid, rows=df[_ROW].to_numpy(),

@@ -1,0 +1,135 @@
+"""The learners of tables, one entry each (as modalities are): how one kind of model trains on a TabularData, what
+it computes for encoded rows (logits and the unknown scores' features), and how it comes back from a bundle.
+`--model auto` trains every entry on the same split and keeps the better on validation (table_fit.py); prediction
+asks the entry named by the bundle's itfits.json `model.kind` (bundles before this registry: "nn").
+
+Importing this module imports neither fastai nor LightGBM: each entry imports its library when it trains or
+rebuilds a model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import polars as pl
+
+from .errors import ItfitsError, did_you_mean
+from .gbdt import GBDTModel, GBDTSpec
+from .tabular import TabularModelSpec, create_tabular_model, tabular_outputs
+from .unknown import TABLE_DEFAULT_SCORE
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class TableFit:
+    """One learner's training on a run's table."""
+    kind: str  # its TableLearner's name
+    model: object  # a torch Module in eval mode: fastai's TabularModel, or gbdt.GBDTModel
+    history: pl.DataFrame  # one row per epoch (nn) or boosting round (gbdt): epoch, train_loss, valid_loss, ...
+    resolved: dict  # what it chose (lr, epochs, rounds, ...), for run.json
+    model_json: dict  # itfits.json's `model`: what rebuilds it
+    seconds: float
+    files: dict[str, bytes] = field(default_factory=dict)  # bundle files beside model.safetensors (gbdt: its text)
+
+
+@dataclass(frozen=True)
+class TableLearner:
+    name: str  # --model NAME; itfits.json's model.kind
+    describe: str  # the model, for people
+    train: Callable  # (data: TabularData, config: FitConfig, run: Path, log) -> TableFit
+    outputs: Callable  # (model, x_cat, x_cont) -> (logits (N, n_out), features (N, F)), float32 numpy
+    rebuild: Callable  # (itfits.json's model) -> the model, its weights or files loaded after
+    problem: Callable  # (itfits.json's model) -> what makes it unusable, or None
+    default_score: str  # the unknown score when neither --score nor --unknown chooses one
+
+
+def _train_nn(data, config, run, log) -> TableFit:
+    from .table_fit import train_nn  # fastai: only where a network trains
+    return train_nn(data, config, run, log)
+
+
+def _train_gbdt(data, config, run, log) -> TableFit:
+    from .gbdt import train_gbdt
+    fit = train_gbdt(data, seed=config.seed)
+    return TableFit(kind="gbdt", model=fit.model, history=fit.history, resolved=fit.resolved,
+                    model_json=fit.model.spec.json(), seconds=fit.seconds, files=fit.model.bundle_files())
+
+
+def _nn_problem(spec: dict) -> str | None:
+    return None if spec.get("kind", "nn") == "nn" else f"model.kind {spec.get('kind')!r} is not nn"
+
+
+def _gbdt_problem(spec: dict) -> str | None:
+    need = {"n_cat", "n_cont", "n_out", "cat_sizes", "rounds", "file"}
+    if not need <= set(spec):
+        return f"a gbdt model needs {', '.join(sorted(need - set(spec)))} in itfits.json's model"
+    if spec.get("library") != "lightgbm":
+        return f"model.library must be lightgbm, got {spec.get('library')!r}"
+    if not (isinstance(spec["cat_sizes"], list) and len(spec["cat_sizes"]) == spec["n_cat"]
+            and all(isinstance(n, int) and n > 0 for n in spec["cat_sizes"])):
+        return "model.cat_sizes must list a positive vocabulary size for each of its n_cat columns"
+    return None
+
+
+LEARNERS: dict[str, TableLearner] = {
+    "nn": TableLearner(
+        name="nn", describe="fastai's TabularModel (embeddings and an MLP)", train=_train_nn,
+        outputs=lambda model, x_cat, x_cont: tabular_outputs(model, x_cat, x_cont),
+        rebuild=lambda spec: create_tabular_model(TabularModelSpec.from_json(spec)), problem=_nn_problem,
+        # Mahalanobis on the MLP's features caught each held-out penguin species best (README "Tabular")
+        default_score=TABLE_DEFAULT_SCORE),
+    "gbdt": TableLearner(
+        name="gbdt", describe="gradient-boosted trees (LightGBM)", train=_train_gbdt,
+        outputs=lambda model, x_cat, x_cont: model.outputs(x_cat, x_cont),
+        rebuild=lambda spec: GBDTModel(GBDTSpec.from_json(spec)), problem=_gbdt_problem,
+        default_score=TABLE_DEFAULT_SCORE),
+}
+MODEL_CHOICES = (AUTO, *LEARNERS)
+
+
+def check_model(name: str) -> None:
+    if name not in MODEL_CHOICES:
+        raise ItfitsError(f"--model {name!r} is not one of {', '.join(MODEL_CHOICES)};"
+                          f"{did_you_mean(name, MODEL_CHOICES)} auto trains each and keeps the better on validation")
+
+
+def learners_for(name: str) -> list[TableLearner]:
+    """The learners `--model NAME` trains: every one for auto."""
+    check_model(name)
+    return list(LEARNERS.values()) if name == AUTO else [LEARNERS[name]]
+
+
+def learner_of(model_json: dict) -> TableLearner:
+    """The learner of a bundle's itfits.json `model` (no kind: a bundle from before the registry, fastai's model)."""
+    kind = model_json.get("kind", "nn")
+    if kind not in LEARNERS:
+        raise ItfitsError(f"model.kind {kind!r} is not one of {', '.join(LEARNERS)}")
+    return LEARNERS[kind]
+
+
+def valid_scores(learner: TableLearner, fit: TableFit, data) -> dict:
+    """A fit's outputs and figures on the validation rows: logits, features; accuracy and log-loss
+    (classification) or RMSE of the standardised target (regression), for the choice between learners."""
+    v_cat, v_cont, v_y = data.part(True)
+    logits, feats = learner.outputs(fit.model, v_cat, v_cont)
+    if data.prep.task != "classification":
+        rmse = float(np.sqrt(np.mean((logits[:, 0].astype(np.float64) - v_y) ** 2))) * data.prep.target_std
+        return {"logits": logits, "features": feats, "valid_rmse": rmse}
+    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return {"logits": logits, "features": feats, "valid_accuracy": float((logits.argmax(1) == v_y).mean()),
+            "valid_nll": float(-logp[np.arange(len(v_y)), v_y].mean())}
+
+
+def choose(scores: dict[str, dict]) -> tuple[str, str]:
+    """(the learner kept, why): the higher validation accuracy, ties broken by the lower log-loss; the lower RMSE
+    for regression."""
+    if len(scores) == 1:
+        return next(iter(scores)), "--model named it"
+    if "valid_rmse" in next(iter(scores.values())):
+        best = min(scores, key=lambda k: scores[k]["valid_rmse"])
+        return best, "the lower validation RMSE"
+    best = max(scores, key=lambda k: (scores[k]["valid_accuracy"], -scores[k]["valid_nll"]))
+    accs = {scores[k]["valid_accuracy"] for k in scores}
+    return best, "the higher validation accuracy" if len(accs) > 1 else "the same validation accuracy, the lower log-loss"
