@@ -85,9 +85,10 @@ def run_itfits(train_csv: Path, test_csv: Path, target: str, task: str, seed: in
     truth = pl.read_csv(test_csv, infer_schema=False)[target]
     summary = json.loads((run / "run.json").read_text())
     got = p["top1"] if task == "classification" else p["prediction"]
+    resolved = summary["resolved"]
     return {**scores(task, got.to_list(), truth.to_list()), "seconds": summary["results"]["seconds"],
-            "epochs": summary["resolved"].get("epochs", summary["config"]["epochs"]), "kept_epoch": summary["resolved"]["kept_epoch"],
-            "lr": summary["resolved"]["lr"], "bs": summary["resolved"]["bs"]}
+            "model": resolved.get("learner", "nn"), "models": summary["results"].get("models"),
+            **{k: resolved.get(k) for k in ("epochs", "kept_epoch", "lr", "bs", "rounds")}}
 
 
 def validation_rows(train_csv: Path, target: str, seed: int) -> np.ndarray:

@@ -312,3 +312,15 @@ def test_outlier_exposure_lowers_confidence_on_unseen_items_of_the_exposed_class
     assert confidence["exposure"] < confidence["plain"] - 0.05, confidence
     rows = list(predict(load_bundle(tmp_path / "run" / "model"), trousers[:4]))
     assert all(r["label"] in ("bag", "sneaker", "tshirt", "unknown") for r in rows)
+
+
+def test_temperature_is_the_minimum_of_the_nll_on_a_fine_grid():
+    rng = np.random.default_rng(0)
+    logits, targets = rng.normal(size=(300, 5)) * 3, rng.integers(0, 5, 300)
+    logits[np.arange(300), targets] += 2.0  # right more often than not, overconfident
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 20001))
+    best = grid[np.argmin([nll(logits, targets, t) for t in grid])]
+    assert fit_temperature(logits, targets) == pytest.approx(best, rel=1e-3)
+    y = (rng.random((300, 5)) < 0.3).astype(float)  # multi-label: sigmoids against 0/1 targets
+    bce = [float((np.logaddexp(0, logits / t) - y * logits / t).mean()) for t in grid]
+    assert fit_temperature(logits, y, binary=True) == pytest.approx(grid[np.argmin(bce)], rel=1e-3)
