@@ -225,6 +225,8 @@ def _models_part(models: dict | None, resolved: dict) -> list:
 
 
 def _lr_part(run: Path, resolved: dict) -> list:
+    # a table's run: the learner that searched (the network), kept or not
+    resolved = next((r for r in resolved.get("learners", {}).values() if r.get("lr_suggestions")), resolved)
     if not resolved.get("lr_suggestions"):
         return [P("lr_find did not run: " + (f"the learning rate was given ({resolved['lr']})." if resolved.get("lr")
                                              else "the model takes no learning-rate search."), cls="muted")]

@@ -50,6 +50,8 @@ def train_nn(data, config, run: Path, log) -> TableFit:
     t0 = time.perf_counter()
     bs, learn = nn_learner(data, config, run)
     epochs = config.epochs or TABLE_EPOCHS
+    log(f"nn: batch size {bs}{' (chosen from the data size)' if config.bs is None else ''}; epochs {epochs}"
+        + (" (the default for tables; --epochs sets it)" if config.epochs is None else ""))
     lr, suggestions = choose_lr(learn, config, run, log)
     history = train(learn, epochs=epochs, lr=lr, fine_tune=False)
     kept = best_epoch(history["valid_loss"].to_list())  # the epoch whose weights train() kept
@@ -153,7 +155,7 @@ def _fit_learners(modality, config, data, unknown, run: Path, log, t0: float) ->
                      "na_flags": prep.na, "dates": prep.dates, "ignore": prep.ignore, "n_rows": data.n_rows,
                      "n_train": int((~data.valid).sum()), "n_valid": int(data.valid.sum()),
                      "n_skipped": data.skipped.height,
-                     **{f"{k}_resolved": f.resolved for k, f in fits.items() if k != kind}},
+                     "learners": {k: f.resolved for k, f in fits.items()}},
         "results": results,
         "calibration": calib_report,
     }

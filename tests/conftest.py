@@ -76,11 +76,12 @@ def trained_run(tmp_path_factory) -> TrainedRun:
 
 @pytest.fixture(scope="session")
 def table_run(tmp_path_factory) -> Path:
-    """A tabular run folder: fastai's tabular model on data/penguins.csv (species), one quick epoch, in-process."""
+    """A tabular run folder: LightGBM's trees on data/penguins.csv (species), in-process, in a second (the network's
+    own predictions are tests/test_tabular.py's run)."""
     from helpers import REPO
     from pipelines.run import FitConfig, fit
     out = tmp_path_factory.mktemp("table") / "run"
-    fit(FitConfig(data=str(REPO / "data" / "penguins.csv"), target="species", ignore=["year"], epochs=1, lr=1e-2,
+    fit(FitConfig(data=str(REPO / "data" / "penguins.csv"), target="species", ignore=["year"], model="gbdt",
                   out=str(out)), log=lambda *a: None)
     return out
 

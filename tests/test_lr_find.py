@@ -61,7 +61,7 @@ def test_short_lr_find_drops_the_suggestions_it_cannot_make(tmp_path):
     crash the fit; the other suggestions still come, and the chosen one is used."""
     from pipelines.run import FitConfig, fit
     summary = fit(FitConfig(data=str(REPO / "data" / "penguins.csv"), target="body_mass_g", out=str(tmp_path / "run"),
-                            epochs=1, lr_find_iters=20), log=lambda *a: None)
+                            epochs=1, lr_find_iters=20, model="nn"), log=lambda *a: None)
     suggestions = summary["resolved"]["lr_suggestions"]
     assert "slide" not in suggestions and CHOSEN_SUGGESTION in suggestions
     assert summary["resolved"]["lr"] == suggestions[CHOSEN_SUGGESTION] > 0

@@ -36,7 +36,7 @@ def run(tmp_path_factory) -> Path:
     """`itfits fit data/penguins.csv --target species` as a user runs it, lr_find included."""
     out = tmp_path_factory.mktemp("tab") / "run"
     proc = run_here("fit", PENGUINS, "--target", "species", "--ignore", "year", "--cont",
-                   "body_mass_g,flipper_length_mm", "--epochs", "3", "--out", out)
+                   "body_mass_g,flipper_length_mm", "--epochs", "3", "--model", "nn", "--out", out)
     assert proc.returncode == 0, f"itfits fit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     (out / "stdout.txt").write_text(proc.stdout)
     return out
@@ -138,7 +138,7 @@ def test_bundle_predicts_exactly_what_the_learner_predicts(tmp_path):
     data, _, learn = prepare_tabular(config, tmp_path)
     train(learn, epochs=1, lr=1e-2, fine_tune=False)
     probs, _ = learn.get_preds(ds_idx=1)
-    meta = get_modality("tabular").bundle_meta(data.prep, TabularModelSpec.for_data(data.prep), training={})
+    meta = get_modality("tabular").bundle_meta(data.prep, TabularModelSpec.for_data(data.prep).json(), training={})
     save_bundle(learn.model, meta, Calibration(temperature=1.0, score="max_softmax"), tmp_path / "model")
     rows = penguins().with_row_index("row").filter(pl.col("row").is_in(data.rows[data.valid].tolist()))
     rows.drop("row").write_csv(tmp_path / "valid.csv")
@@ -479,7 +479,7 @@ def test_regression_on_a_float_target(tmp_path):
     from pipelines.bundle import load_bundle
     from pipelines.run import FitConfig, fit
     summary = fit(FitConfig(data=str(PENGUINS), target="bill_length_mm", out=str(tmp_path / "run"), epochs=5,
-                            lr=1e-2), **QUIET)
+                            lr=1e-2, model="nn"), **QUIET)
     res = summary["results"]
     assert summary["resolved"]["task"] == "regression" and summary["resolved"]["classes"] == []
     assert summary["resolved"]["n_skipped"] == 2, "the two rows without a bill length"
@@ -622,8 +622,8 @@ def test_a_dated_table_fits_and_predicts_its_date_parts_from_csv_and_parquet(tmp
     from pipelines.run import FitConfig, fit
     csv = dated_penguins(tmp_path)
     lines = []
-    summary = fit(FitConfig(data=str(csv), target="species", out=str(tmp_path / "run"), epochs=2, lr=1e-2),
-                  log=lines.append)
+    summary = fit(FitConfig(data=str(csv), target="species", out=str(tmp_path / "run"), epochs=2, lr=1e-2,
+                            model="nn"), log=lines.append)
     assert any("note: column 'bird'" in line for line in lines) and any("'seen' read as dates" in x for x in lines)
     assert summary["resolved"]["dates"] == {"seen": {"format": "%Y-%m-%d", "time": False}}
     assert "bird" in summary["resolved"]["ignore"]
@@ -656,7 +656,7 @@ def test_tabular_training_keeps_the_epoch_of_lowest_validation_loss(tmp_path):
     from pipelines.run import FitConfig, fit
     csv = dated_penguins(tmp_path)
     config = FitConfig(data=str(csv), target="sex", cat=["bird"], ignore=["seen"], valid_pct=0.5, bs=16, epochs=10,
-                       lr=1e-2, out=str(tmp_path / "run"), seed=0)
+                       lr=1e-2, out=str(tmp_path / "run"), seed=0, model="nn")
     lines = []
     summary = fit(config, log=lines.append)
     losses = pl.read_csv(tmp_path / "run" / "history.csv")["valid_loss"]
@@ -710,7 +710,8 @@ def test_a_datetime_column_gives_the_time_parts_too_at_fit_and_predict(tmp_path)
         np.testing.assert_array_equal(ours[c].to_numpy().astype(float), theirs[c].to_numpy().astype(float), err_msg=c)
     assert ours["at_Hour"].n_unique() == 24 and ours["at_Minute"].n_unique() > 1
 
-    summary = fit(FitConfig(data=str(csv), target="species", out=str(tmp_path / "run"), epochs=1, lr=1e-2), **QUIET)
+    summary = fit(FitConfig(data=str(csv), target="species", out=str(tmp_path / "run"), epochs=1, lr=1e-2,
+                            model="nn"), **QUIET)
     assert summary["resolved"]["dates"] == data.prep.dates and "tag" in summary["resolved"]["ignore"]
     bundle = load_bundle(tmp_path / "run" / "model")
     logits, _ = tabular_outputs(bundle.model, *data.part(True)[:2])
@@ -726,13 +727,14 @@ def test_a_table_trains_for_the_tables_default_epochs_printed_and_in_run_json(tm
     says so, and records it; --epochs still sets it, and then nothing is said."""
     from pipelines.tabular import TABLE_EPOCHS
     out = tmp_path / "run"
-    proc = run_here("fit", PENGUINS, "--target", "species", "--lr", "1e-2", "--out", out)
+    proc = run_here("fit", PENGUINS, "--target", "species", "--lr", "1e-2", "--model", "nn", "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"epochs {TABLE_EPOCHS} (the default for tables; --epochs sets it)" in proc.stdout
     summary = json.loads((out / "run.json").read_text())
     assert summary["config"]["epochs"] is None and summary["resolved"]["epochs"] == TABLE_EPOCHS == 20
     assert pl.read_csv(out / "history.csv").height == TABLE_EPOCHS
-    proc = run_here("fit", PENGUINS, "--target", "species", "--lr", "1e-2", "--epochs", "2", "--out", tmp_path / "two")
+    proc = run_here("fit", PENGUINS, "--target", "species", "--lr", "1e-2", "--epochs", "2", "--model", "nn",
+                    "--out", tmp_path / "two")
     assert proc.returncode == 0 and "the default for tables" not in proc.stdout
     assert json.loads((tmp_path / "two" / "run.json").read_text())["resolved"]["epochs"] == 2
     assert pl.read_csv(tmp_path / "two" / "history.csv").height == 2
