@@ -123,7 +123,7 @@ def test_auto_keeps_the_learner_that_validates_better(tmp_path):
     stripes, slope = stripes_and_slope(tmp_path)
     kept = {}
     for name, table in (("stripes", stripes), ("slope", slope)):
-        summary = fit_table(tmp_path / name, data=table, target="y", ignore=[])
+        summary = fit_table(tmp_path / name, data=table, target="y", ignore=[], epochs=8, lr=1e-2)
         models, results = summary["results"]["models"], summary["results"]
         assert set(models) == {"nn", "gbdt"} and results["model"] == summary["resolved"]["learner"]
         best = max(models, key=lambda k: models[k]["valid_accuracy"])
