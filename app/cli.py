@@ -18,7 +18,8 @@ from pipelines.logs import event_json, log_mode, progress, say, set_log_mode
 from pipelines.runtime import reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
 
-from .options import (ARCH, BS, CAT, CONT, DURATION, FMAX, FMIN, HOP_LENGTH, IGNORE, JSON_LOGS, LAYERS, MODEL, MULTI_LABEL, N_FFT, N_MELS, QUIET,
+from .options import (ARCH, BS, CAT, CONT, DURATION, FMAX, FMIN, HOP_LENGTH, IGNORE, JSON_LOGS, LAYERS, MODEL,
+                      MULTI_LABEL, N_FFT, N_MELS, QUIET,
                       SAMPLE_RATE, SEED, SIZE, TARGET, TOP_DB, VALID_PCT, WEIGHTS, WORKERS, WORKERS_HELP,
                       parse_layers, parse_mel, parse_names, path_text, set_logging)
 
@@ -85,7 +86,8 @@ def fit(
     json_logs: bool = JSON_LOGS,
 ):
     """Fine-tune a pretrained backbone on DATA (images, or audio rendered to mel spectrograms; with --target, train
-    fastai's tabular model and LightGBM's trees on a table, --model); writes OUT/model, plots, history, report.html and run.json."""
+    fastai's tabular model and LightGBM's trees on a table, --model); writes OUT/model, plots, history, report.html
+    and run.json."""
     from pipelines.run import FitConfig, fit as run_fit
     set_logging(quiet, json_logs)
     main = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate, rank 0 alone owns the run folder
@@ -104,7 +106,8 @@ def fit(
                        threshold=threshold, keep=keep, score=score, unknown=path_text(unknown), num_workers=workers,
                        mel=mel, target=target, cat=parse_names(cat), cont=parse_names(cont), ignore=parse_names(ignore),
                        layers=parse_layers(layers), model=model, precision=precision, accum=accum, ema=ema,
-                       ema_decay=ema_decay, compile=compile, outlier_exposure=outlier_exposure, balance=balance, multi_label=multi_label)
+                       ema_decay=ema_decay, compile=compile, outlier_exposure=outlier_exposure, balance=balance,
+                       multi_label=multi_label)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     created = main and claim_run_folder(out, overwrite=overwrite, log=say)
     try:

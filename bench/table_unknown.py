@@ -73,8 +73,12 @@ def shifted(rows: pl.DataFrame, data_csv: Path, target: str, seed: int) -> pl.Da
     rng = np.random.default_rng(seed)
     cols = rng.choice(numeric, size=min(2, len(numeric)), replace=False)
     typed = pl.read_csv(io.BytesIO(rows.write_csv().encode()), infer_schema_length=None, null_values=NULL_VALUES)
-    return typed.with_columns((pl.col(c).cast(pl.Float64) + float(rng.choice([-4, 4])) * train[c].std()).alias(c)
-                              for c in cols)
+    moved = []
+    for c in cols:
+        step = float(rng.choice([-4, 4])) * train[c].std()
+        whole = typed.schema[c].is_integer()  # whole numbers stay whole: the model reads them so
+        moved.append((pl.col(c) + (round(step) if whole else step)).alias(c))
+    return typed.with_columns(moved)
 
 
 def main():
@@ -106,7 +110,8 @@ def main():
                     results["held-out class"].setdefault(name, []).append(r)
                 print(name, seed, "done", flush=True)
     for kind, tables in results.items():
-        print(f"\n**{kind}** ({args.learner}; AUROC mean over tables / worst table; correct known test rows accepted)\n")
+        print(f"\n**{kind}** ({args.learner}; AUROC mean over tables / worst table; correct known test rows "
+              "accepted)\n")
         print("| score | AUROC mean | AUROC worst | accepted mean | accepted min | accepted max |")
         print("|---|---|---|---|---|---|")
         for s in SCORES:

@@ -1,6 +1,6 @@
 """Calibration at fit time, beside unknown.py's methods: the fine-tuned model's outputs on validation, training and
---unknown items (batches.py for files, the table learner's `outputs` for rows) -> temperature, unknown score, threshold and
-feature statistics (unknown.calibrate) for the bundle."""
+--unknown items (batches.py for files, the table learner's `outputs` for rows) -> temperature, unknown score,
+threshold and feature statistics (unknown.calibrate) for the bundle."""
 from __future__ import annotations
 
 import warnings

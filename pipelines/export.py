@@ -237,7 +237,8 @@ def export_bundle(model: Path | str, out: Path | str, *, fmt: str, check: list[s
     bundle = load_bundle(model)
     if not bundle.modality.row_per_file:
         raise ItfitsError(f"{model} is a {bundle.modality.name} model: itfits export takes models of files, images and "
-                          "audio (a table's column encoding happens outside the network); predict rows with the "
+                          "audio (a table's column encoding happens outside the network; a gbdt table model's trees "
+                          "are its bundle's model.lgb.txt, LightGBM's own text format); predict rows with the "
                           "bundle folder instead")
     size = bundle.meta["preprocessing"]["size"]
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))

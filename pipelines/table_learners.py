@@ -132,4 +132,5 @@ def choose(scores: dict[str, dict]) -> tuple[str, str]:
         return best, "the lower validation RMSE"
     best = max(scores, key=lambda k: (scores[k]["valid_accuracy"], -scores[k]["valid_nll"]))
     accs = {scores[k]["valid_accuracy"] for k in scores}
-    return best, "the higher validation accuracy" if len(accs) > 1 else "the same validation accuracy, the lower log-loss"
+    return best, ("the higher validation accuracy" if len(accs) > 1 else
+                  "the same validation accuracy, the lower log-loss")
