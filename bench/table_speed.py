@@ -81,9 +81,10 @@ def main():
         if args.profile:
             import pstats
             import io
-            fit_once(table, Path(tmp) / "prof", args.fit_args.split(), profile=Path(tmp) / "prof.out")
+            print(fit_once(table, Path(tmp) / "prof", args.fit_args.split(), profile=Path(tmp) / "prof.out"),
+                  "(under cProfile)")
             s = io.StringIO()
-            pstats.Stats(str(Path(tmp) / "prof.out"), stream=s).sort_stats("cumulative").print_stats(60)
+            pstats.Stats(str(Path(tmp) / "prof.out"), stream=s).sort_stats("cumulative").print_stats(90)
             args.profile.write_text(s.getvalue())
             print(f"profile: {args.profile}")
     print(f"load after {os.getloadavg()[0]:.2f}")

@@ -110,27 +110,24 @@ def learner_of(model_json: dict) -> TableLearner:
 
 def valid_scores(learner: TableLearner, fit: TableFit, data) -> dict:
     """A fit's outputs and figures on the validation rows: logits, features; accuracy and log-loss
-    (classification) or RMSE of the standardised target (regression), for the choice between learners."""
+    (classification) or RMSE in the target's units (regression); `rank`, what `choose` compares (higher is
+    better), and `rank_by`, its words."""
     v_cat, v_cont, v_y = data.part(True)
     logits, feats = learner.outputs(fit.model, v_cat, v_cont)
     if data.prep.task != "classification":
         rmse = float(np.sqrt(np.mean((logits[:, 0].astype(np.float64) - v_y) ** 2))) * data.prep.target_std
-        return {"logits": logits, "features": feats, "valid_rmse": rmse}
+        return {"logits": logits, "features": feats, "valid_rmse": rmse, "rank": (-rmse,),
+                "rank_by": "the lower validation RMSE"}
     z = logits.astype(np.float64) - logits.max(1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    return {"logits": logits, "features": feats, "valid_accuracy": float((logits.argmax(1) == v_y).mean()),
-            "valid_nll": float(-logp[np.arange(len(v_y)), v_y].mean())}
+    accuracy, nll = float((logits.argmax(1) == v_y).mean()), float(-logp[np.arange(len(v_y)), v_y].mean())
+    return {"logits": logits, "features": feats, "valid_accuracy": accuracy, "valid_nll": nll,
+            "rank": (accuracy, -nll), "rank_by": "the higher validation accuracy, then the lower log-loss"}
 
 
 def choose(scores: dict[str, dict]) -> tuple[str, str]:
-    """(the learner kept, why): the higher validation accuracy, ties broken by the lower log-loss; the lower RMSE
-    for regression."""
+    """(the learner kept, why): the highest `rank` of `valid_scores`."""
     if len(scores) == 1:
         return next(iter(scores)), "--model named it"
-    if "valid_rmse" in next(iter(scores.values())):
-        best = min(scores, key=lambda k: scores[k]["valid_rmse"])
-        return best, "the lower validation RMSE"
-    best = max(scores, key=lambda k: (scores[k]["valid_accuracy"], -scores[k]["valid_nll"]))
-    accs = {scores[k]["valid_accuracy"] for k in scores}
-    return best, ("the higher validation accuracy" if len(accs) > 1 else
-                  "the same validation accuracy, the lower log-loss")
+    best = max(scores, key=lambda k: scores[k]["rank"])
+    return best, scores[best]["rank_by"]
