@@ -5,6 +5,7 @@
   (birds, sea creatures and bugs, sweets and drinks, aircraft and boats, unhappy faces).
 - icon_categories: 12 kinds of desktop icon named by the freedesktop naming spec (folder, battery, mail, ...) from
   10 icon themes; near: user places, media files, printers, zoom.
+- icon_categories_noisy: icon_categories with a fifth of its training and validation labels swapped at random.
 - speakers: 12 synthetic voices (espeak-ng, flite, festival), each saying 60 random phrases; the class is the voice,
   never the words; near: 4 other espeak-ng voices.
 
@@ -220,5 +221,8 @@ HARDER_SETS = {
     "icon_categories": ("icon_categories", list(ICON_CATEGORIES)[:12], list(ICON_CATEGORIES)[12:], "sprites", None),
     "speakers": ("speakers", _voices[:12], _voices[12:], "samples", None),
 }
-HARDER_SET_COUNTS = {"emoji": HARDER_COUNTS, "icon_categories": HARDER_COUNTS, "speakers": SPEAKER_COUNTS}
+HARDER_SETS["icon_categories_noisy"] = HARDER_SETS["icon_categories"]  # the same items and splits, but:
+HARDER_SET_COUNTS = {"emoji": HARDER_COUNTS, "icon_categories": HARDER_COUNTS, "speakers": SPEAKER_COUNTS,
+                     # a fifth of the train + valid items filed under another known class at random (test stays clean)
+                     "icon_categories_noisy": {**HARDER_COUNTS, "label_noise": 0.2}}
 HARDER_AUDIO_SETS = {"speakers"}

@@ -10,6 +10,8 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("ITFITS_BENCH_CACHE", Path.home() / ".cache" / "itfits-bench"))
 ROOT = CACHE / "root"  # Debian packages unpacked here (dpkg -x), never installed
+# the harder sets' packages, apart: the glyphs set draws every font under ROOT, so emoji fonts there would change it
+HARDER_ROOT = CACHE / "root-harder"
 SR = 22050
 PACKAGES = {
     "fashion": ["dataset-fashion-mnist"],
@@ -20,7 +22,8 @@ PACKAGES = {
     "samples": ["sonic-pi-samples"],
     "penguins_raw": ["r-cran-palmerpenguins"],  # the tables of bench/table_sets.py
     "mlbench": ["r-cran-mlbench"],
-    # the harder sets of bench/suite_harder.py
+}
+HARDER_PACKAGES = {  # unpacked into HARDER_ROOT
     "emoji": ["fonts-noto-color-emoji", "ruby-gemojione", "fonts-symbola", "fonts-unifont", "unicode-data"],
     "icon_categories": ["oxygen-icon-theme", "gnome-icon-theme", "mate-icon-theme", "tango-icon-theme",
                         "lxde-icon-theme", "faenza-icon-theme", "elementary-xfce-icon-theme", "adwaita-icon-theme",
@@ -29,19 +32,21 @@ PACKAGES = {
 
 
 def unpack(source: str) -> Path:
-    """ROOT, with the Debian packages of `source` unpacked into it (downloaded once, kept in CACHE/debs)."""
+    """ROOT (HARDER_ROOT for a harder set), with the Debian packages of `source` unpacked into it (downloaded once,
+    kept in CACHE/debs)."""
     debs = CACHE / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    for pkg in PACKAGES.get(source, []):
-        marker = ROOT / ".unpacked" / pkg
+    root = HARDER_ROOT if source in HARDER_PACKAGES else ROOT
+    for pkg in {**PACKAGES, **HARDER_PACKAGES}.get(source, []):
+        marker = root / ".unpacked" / pkg
         if marker.exists():
             continue
         if not list(debs.glob(f"{pkg}_*.deb")):
             subprocess.run(["apt-get", "download", "-q", pkg], cwd=debs, check=True, capture_output=True)
-        subprocess.run(["dpkg", "-x", str(next(debs.glob(f"{pkg}_*.deb"))), str(ROOT)], check=True)
+        subprocess.run(["dpkg", "-x", str(next(debs.glob(f"{pkg}_*.deb"))), str(root)], check=True)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
-    return ROOT
+    return root
 
 
 def need_program(name: str, *packages: str) -> None:

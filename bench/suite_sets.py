@@ -1,10 +1,11 @@
 """The data sets of bench/unknown_suite.py, built from packages that install offline (licences: bench/SUITE_DATA.md).
 
-Five image sets and two audio sets, and three harder ones (bench/suite_harder.py: emoji, icon_categories, speakers:
-categories drawn by many sources, a few dozen items a class). Each has KNOWN classes (train / valid / test splits), NEAR held-out classes
-(look-alikes from the same source) and FAR held-out items (another source). Items that share a group (one font,
-one game unit's animation frames, one icon name across themes, one synthesised voice, one instrument note) stay
-in one split, so a test item is never a near copy of a training item.
+Five image sets and two audio sets, and the harder ones of bench/suite_harder.py (emoji, icon_categories and its
+noisy-label twin, speakers: categories drawn by many sources, a few dozen items a class). Each has KNOWN classes
+(train / valid / test splits), NEAR held-out classes (look-alikes from the same source) and FAR held-out items
+(another source). Items that share a group (one font, one game unit's animation frames, one icon name across
+themes, one synthesised voice, one instrument note, one emoji in every source) stay in one split, so a test item
+is never a near copy of a training item.
 
     python bench/suite_sets.py [--sets fashion,digits,...]   # builds what is missing; prints where
 
@@ -265,6 +266,7 @@ def build(name: str, *, counts: dict | None = None, seed: int = 0, pools: dict |
             pools[src] = SOURCES[src](np.random.default_rng(seed))
     shutil.rmtree(out, ignore_errors=True)
     pool = pools[source]
+    noise, flips = counts.get("label_noise", 0), np.random.default_rng(seed + 1)  # its own rng: the splits stay
     for cls in known:
         # shares of train+valid vs test, then itfits' own 80/20 on the first part; groups kept whole
         n_fit, n_test = counts["train"], counts["test"]
@@ -273,7 +275,10 @@ def build(name: str, *, counts: dict | None = None, seed: int = 0, pools: dict |
         for split, part, n in (("train", train_part, int(n_fit * 0.8)), ("valid", valid_part, n_fit - int(n_fit * 0.8)),
                                ("test", test_part, n_test)):
             for i, (_, item) in enumerate(_take(part, n, rng)):
-                _write(item, out / ("fit" if split != "test" else "") / split / cls / f"{i:04d}")
+                if noise and split != "test" and flips.random() < noise:  # filed under another known class
+                    _write(item, out / "fit" / split / flips.choice([c for c in known if c != cls]) / f"{cls}_{i:04d}")
+                else:
+                    _write(item, out / ("fit" if split != "test" else "") / split / cls / f"{i:04d}")
     for cls in near:
         for i, item in enumerate(_take([x for _, x in pool[cls]], counts["near"], rng)):
             _write(item, out / "near" / cls / f"{i:04d}")
