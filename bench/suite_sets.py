@@ -1,26 +1,27 @@
 """The data sets of bench/unknown_suite.py, built from packages that install offline (licences: bench/SUITE_DATA.md).
 
-Five image sets and two audio sets. Each has KNOWN classes (train / valid / test splits), NEAR held-out classes
-(look-alikes from the same source) and FAR held-out items (another source). Items that share a group (one font,
-one game unit's animation frames, one icon name across themes, one synthesised voice, one instrument note) stay
-in one split, so a test item is never a near copy of a training item.
+Five image sets and two audio sets, and the harder ones of bench/suite_harder.py (emoji, icon_categories and its
+noisy-label twin, speakers: categories drawn by many sources, a few dozen items a class). Each has KNOWN classes
+(train / valid / test splits), NEAR held-out classes (look-alikes from the same source) and FAR held-out items
+(another source). Items that share a group (one font, one game unit's animation frames, one icon name across
+themes, one synthesised voice, one instrument note, one emoji in every source) stay in one split, so a test item
+is never a near copy of a training item.
 
     python bench/suite_sets.py [--sets fashion,digits,...]   # builds what is missing; prints where
 
 Debian packages are fetched with `apt-get download` and unpacked under ~/.cache/itfits-bench (ITFITS_BENCH_CACHE);
-espeak-ng and fluidsynth are installed with apt-get when missing. A set is rebuilt only when its recipe changes
-(its VERSION, counts or seed), so running it again is cheap.
+espeak-ng, fluidsynth, flite and festival are installed with apt-get when missing. A set is rebuilt only when its
+recipe changes (its VERSION, counts or seed; a harder set's source version), so running it again is cheap.
 """
 from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
-import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,43 +29,13 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw, ImageFont
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suite_packages import CACHE, SR, need_program, unpack  # noqa: E402
+import suite_harder  # noqa: E402
+
 VERSION = 3
-CACHE = Path(os.environ.get("ITFITS_BENCH_CACHE", Path.home() / ".cache" / "itfits-bench"))
-ROOT = CACHE / "root"  # Debian packages unpacked here (dpkg -x), never installed
-SR = 22050
 # per class: training + validation items (0.8 / 0.2, as itfits' own split), test items; near items per class; far items
 COUNTS = {"train": 120, "test": 40, "near": 40, "far": 160}
-PACKAGES = {
-    "fashion": ["dataset-fashion-mnist"],
-    "glyphs": ["fonts-noto-core", "fonts-urw-base35", "fonts-liberation", "fonts-freefont-ttf", "fonts-dejavu-core"],
-    "icons": ["oxygen-icon-theme", "gnome-icon-theme", "mate-icon-theme", "tango-icon-theme", "lxde-icon-theme"],
-    "sprites": ["wesnoth-1.16-data"],
-    "instruments": ["fluid-soundfont-gm"],
-    "samples": ["sonic-pi-samples"],
-    "penguins_raw": ["r-cran-palmerpenguins"],  # the tables of bench/table_sets.py
-    "mlbench": ["r-cran-mlbench"],
-}
-
-
-def unpack(source: str) -> Path:
-    """ROOT, with the Debian packages of `source` unpacked into it (downloaded once, kept in CACHE/debs)."""
-    debs = CACHE / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    for pkg in PACKAGES.get(source, []):
-        marker = ROOT / ".unpacked" / pkg
-        if marker.exists():
-            continue
-        if not list(debs.glob(f"{pkg}_*.deb")):
-            subprocess.run(["apt-get", "download", "-q", pkg], cwd=debs, check=True, capture_output=True)
-        subprocess.run(["dpkg", "-x", str(next(debs.glob(f"{pkg}_*.deb"))), str(ROOT)], check=True)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    return ROOT
-
-
-def need_program(name: str, package: str) -> None:
-    if shutil.which(name) is None:
-        subprocess.run(["apt-get", "install", "-y", "-q", package], check=True, capture_output=True)
 
 
 # ---- sources: {class: [(group, item)]}; an item is a PIL image or a mono float32 clip at SR ------------------
@@ -236,6 +207,14 @@ SETS = {
                     "samples", None),
 }
 AUDIO_SETS = {"speech", "instruments"}
+SOURCES.update(suite_harder.HARDER_SOURCES)
+SETS.update(suite_harder.HARDER_SETS)
+AUDIO_SETS |= suite_harder.HARDER_AUDIO_SETS
+
+
+def counts_of(name: str) -> dict:
+    """The set's numbers of items (COUNTS, or fewer for the harder sets)."""
+    return suite_harder.HARDER_SET_COUNTS.get(name, COUNTS)
 
 
 def _split_groups(items: list, rng, shares: tuple[float, ...]) -> list[list]:
@@ -267,12 +246,15 @@ def _take(items: list, n: int, rng) -> list:
     return [items[i] for i in sorted(rng.permutation(len(items))[:n])]
 
 
-def build(name: str, *, counts: dict = COUNTS, seed: int = 0, pools: dict | None = None) -> Path:
+def build(name: str, *, counts: dict | None = None, seed: int = 0, pools: dict | None = None) -> Path:
     """CACHE/sets/NAME with fit/train/ fit/valid/ (the DATA of itfits fit), test/, near/ and far/, each with class
-    sub-folders; built unless up to date."""
+    sub-folders; built unless up to date. `counts`: counts_of(name) unless given."""
     source, known, near, far_source, far_classes = SETS[name]
+    counts = counts or counts_of(name)
     out = CACHE / "sets" / name
     recipe = {"version": VERSION, "counts": counts, "seed": seed, "set": SETS[name]}
+    if source in suite_harder.SOURCE_VERSIONS:  # the easy sets' recipes stay as they were
+        recipe["source_version"] = suite_harder.SOURCE_VERSIONS[source]
     stamp = out / "recipe.json"
     if stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(recipe)):
         return out
@@ -283,6 +265,7 @@ def build(name: str, *, counts: dict = COUNTS, seed: int = 0, pools: dict | None
             pools[src] = SOURCES[src](np.random.default_rng(seed))
     shutil.rmtree(out, ignore_errors=True)
     pool = pools[source]
+    noise, flips = counts.get("label_noise", 0), np.random.default_rng(seed + 1)  # its own rng: the splits stay
     for cls in known:
         # shares of train+valid vs test, then itfits' own 80/20 on the first part; groups kept whole
         n_fit, n_test = counts["train"], counts["test"]
@@ -291,7 +274,10 @@ def build(name: str, *, counts: dict = COUNTS, seed: int = 0, pools: dict | None
         for split, part, n in (("train", train_part, int(n_fit * 0.8)), ("valid", valid_part, n_fit - int(n_fit * 0.8)),
                                ("test", test_part, n_test)):
             for i, (_, item) in enumerate(_take(part, n, rng)):
-                _write(item, out / ("fit" if split != "test" else "") / split / cls / f"{i:04d}")
+                if noise and split != "test" and flips.random() < noise:  # filed under another known class
+                    _write(item, out / "fit" / split / flips.choice([c for c in known if c != cls]) / f"{cls}_{i:04d}")
+                else:
+                    _write(item, out / ("fit" if split != "test" else "") / split / cls / f"{i:04d}")
     for cls in near:
         for i, item in enumerate(_take([x for _, x in pool[cls]], counts["near"], rng)):
             _write(item, out / "near" / cls / f"{i:04d}")

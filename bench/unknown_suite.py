@@ -1,11 +1,11 @@
 """Unknown detection (and accuracy) with itfits' defaults on a suite of data sets nobody tuned them for.
 
-Each set of bench/suite_sets.py (5 image, 2 audio) is trained with `itfits fit`'s defaults at each --size and
-seed. The trained bundle and the un-fine-tuned pretrained body (the same backbone, weights=auto) then give
-logits and features of the training, validation and test items of the known classes, and of near and far
+Each set of bench/suite_sets.py (5 image, 2 audio, and the 3 harder ones) is trained with `itfits fit`'s defaults at
+each --size and seed. The trained bundle and the un-fine-tuned pretrained body (the same backbone, weights=auto)
+then give logits and features of the training, validation and test items of the known classes, and of near and far
 held-out items; these are cached (RUN/outputs.npz), so the candidate scores are all scored on the same models and
-new candidates cost no training. Per set and candidate: AUROC and FPR95 for near and far unknowns, and the
-operating point (share of correctly classified known test items kept, of unknowns rejected) at the threshold
+new candidates cost no training. Per set and candidate: AUROC and FPR95 for near and far unknowns, and the operating
+point (share of correctly classified known test items kept, of unknowns rejected) at the threshold
 rule the candidate would ship with. Then the mean over sets and the worst set.
 
     python bench/unknown_suite.py                   # full: sizes 64,128, seeds 0,1, 5 epochs (about an hour)
@@ -320,7 +320,7 @@ def main():
     pools: dict = {}
     runs = {}
     for name in args.sets.split(","):
-        counts = {**suite_sets.COUNTS, "train": args.known_per_class or suite_sets.COUNTS["train"]}
+        counts = {**suite_sets.counts_of(name), "train": args.known_per_class or suite_sets.counts_of(name)["train"]}
         set_dir = subset(suite_sets.build(name, counts=counts, pools=pools), args.per_class)
         for size in map(int, args.sizes.split(",")):
             for seed in map(int, args.seeds.split(",")):
