@@ -14,17 +14,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,ray,export]'  # ray, export: the tests of --engine ray and itfits export
 	touch $(STAMP)
 
+# Each `make demo` writes a new set of run folders (runs/demo-TIME/images, audio, tabular), so it runs any number of times.
+DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
 demo: install
-	$(BIN)/itfits fit data/fashion --out runs/demo --epochs 3 --size 64
-	$(BIN)/itfits predict runs/demo/model data/fashion_test data/fashion_unknown --out runs/demo/predictions.csv
-	$(BIN)/itfits evaluate runs/demo/model data/fashion_test --unknown data/fashion_unknown --out runs/demo/evaluate
-	@echo "Results in runs/demo: report.html (open it first), run.json, history.csv, lr_find.png, confusion_matrix.png, model/, predictions.csv, evaluate/"
-	$(BIN)/itfits fit data/audio --out runs/demo_audio --epochs 4 --size 96 --duration 1 --lr 3e-3 --unknown data/audio_unknown
-	$(BIN)/itfits predict runs/demo_audio/model data/audio_unknown data/audio/kick --out runs/demo_audio/predictions.csv
-	@echo "Audio results: runs/demo_audio (the same files; clips rendered to mel spectrograms, cached in ~/.cache/itfits/mel)"
-	$(BIN)/itfits fit data/penguins.csv --target species --ignore year --out runs/demo_tabular
-	$(BIN)/itfits predict runs/demo_tabular/model data/penguins.csv --out runs/demo_tabular/predictions.parquet
-	@echo "Tabular results: runs/demo_tabular (report.html, run.json, history.csv, lr_find.png, confusion_matrix.png, model/, predictions.parquet)"
+	$(BIN)/itfits fit data/fashion --out $(DEMO)/images --epochs 3 --size 64
+	$(BIN)/itfits predict $(DEMO)/images/model data/fashion_test data/fashion_unknown --out $(DEMO)/images/predictions.csv
+	$(BIN)/itfits evaluate $(DEMO)/images/model data/fashion_test --unknown data/fashion_unknown --out $(DEMO)/images/evaluate
+	@echo "Results in $(DEMO)/images: report.html (open it first), run.json, history.csv, lr_find.png, confusion_matrix.png, model/, predictions.csv, evaluate/"
+	$(BIN)/itfits fit data/audio --out $(DEMO)/audio --epochs 4 --size 96 --duration 1 --lr 3e-3 --unknown data/audio_unknown
+	$(BIN)/itfits predict $(DEMO)/audio/model data/audio_unknown data/audio/kick --out $(DEMO)/audio/predictions.csv
+	@echo "Audio results: $(DEMO)/audio (the same files; clips rendered to mel spectrograms, cached in ~/.cache/itfits/mel)"
+	$(BIN)/itfits fit data/penguins.csv --target species --ignore year --out $(DEMO)/tabular
+	$(BIN)/itfits predict $(DEMO)/tabular/model data/penguins.csv --out $(DEMO)/tabular/predictions.parquet
+	@echo "Tabular results: $(DEMO)/tabular (report.html, run.json, history.csv, lr_find.png, confusion_matrix.png, model/, predictions.parquet)"
 
 # The browser test (tests/test_web.py) drives the system Chromium: Debian chromium + chromium-driver, installed
 # here with apt-get when missing and we are root (browser downloads do not work on these machines). Never fails:

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +14,7 @@ import typer
 
 from pipelines.errors import ItfitsError
 from pipelines.images import check_workers
-from pipelines.io import check_output, claim_run_folder, remove_failed_run, sweep_temps
+from pipelines.io import check_output, claim_run_folder, new_run_folder, remove_failed_run, sweep_temps
 from pipelines.logs import event_json, log_mode, progress, say, set_log_mode
 from pipelines.runtime import reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
@@ -48,7 +49,7 @@ def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int]):
 def fit(
     ctx: typer.Context,
     data: Optional[Path] = typer.Argument(None, help="Folder with a sub-folder per class (or train/ and valid/), a CSV/Parquet with path,label, or a table with --target."),
-    out: Path = typer.Option(Path("runs/itfits"), "--out", help="Run folder for the model, plots and tables."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder for the model, plots and tables; default: a new folder runs/fit, runs/fit2, ... (printed)."),
     arch: str = ARCH,
     weights: str = WEIGHTS,
     epochs: Optional[int] = typer.Option(None, help="Unfrozen epochs of fine_tune; default by the data size: 8 below 250 training items (audio: windows), else 5 (tabular: epochs of fit_one_cycle, default 20)."),
@@ -95,33 +96,69 @@ def fit(
         config = _resume_config(ctx, resume, workers)
         if main:
             sweep_temps(resume, inside=True)  # what a killed run left half-written
-        run_fit(config, log=say)
+        try:
+            run_fit(config, log=say)
+        except BaseException:
+            if main:
+                _say_resumable(resume)
+            raise
         return
     if data is None:
         raise ItfitsError("fit needs DATA (a folder or a table), or --resume RUN to continue a run")
     mel = parse_mel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
                       duration=duration, top_db=top_db)
-    config = FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, epochs=epochs,
+    config = FitConfig(data=str(data), out=str(out or AUTO_RUN), arch=arch, weights=weights, epochs=epochs,
                        freeze_epochs=freeze_epochs, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
                        threshold=threshold, keep=keep, score=score, unknown=path_text(unknown), num_workers=workers,
                        mel=mel, target=target, cat=parse_names(cat), cont=parse_names(cont), ignore=parse_names(ignore),
                        layers=parse_layers(layers), model=model, precision=precision, accum=accum, ema=ema,
                        ema_decay=ema_decay, compile=compile, outlier_exposure=outlier_exposure, balance=balance,
                        multi_label=multi_label)
-    check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
-    created = main and claim_run_folder(out, overwrite=overwrite, log=say)
+    check_output(out or AUTO_RUN, folder=True, inputs=[data] + ([unknown] if unknown else []))
+    made = out is None  # the folder is this command's: a failed run takes it away
+    if made:
+        if os.environ.get("WORLD_SIZE", "1") != "1":
+            raise ItfitsError("a data-parallel fit needs --out: every process writes into the same run folder")
+        out = _new_folder("fit")
+        config = replace(config, out=str(out))
+    elif main:
+        made = claim_run_folder(out, overwrite=overwrite, log=say)
+    # a user's empty folder: what the run wrote there goes too when it fails (the folder stays)
+    fresh = made or (main and out.is_dir() and not any(out.iterdir()))
     try:
         run_fit(config, log=say)
-    except Exception:
-        if created:  # a run that failed leaves no folder behind, unless a checkpoint lets --resume go on
+    except BaseException:  # Ctrl-C and SIGTERM too: never a folder that refuses both fit and --resume
+        if main and not _say_resumable(out) and fresh:
             remove_failed_run(out)
+            if not made:
+                out.mkdir(exist_ok=True)
         raise
+
+
+AUTO_RUN = Path("runs") / "fit"  # fit without --out: runs/fit, runs/fit2, ... (io.new_run_folder)
+
+
+def _new_folder(kind: str) -> Path:
+    """A new runs/KIND, runs/KIND2, ... for a command given no --out; printed."""
+    folder = new_run_folder(kind)
+    say(f"run folder: {folder}", "run", run=str(folder))
+    return folder
+
+
+def _say_resumable(run: Path) -> bool:
+    """After a fit stopped (an error, Ctrl-C, SIGTERM): where its folder holds a checkpoint and no finished run,
+    say how to go on (stderr) and return True."""
+    if not (run / "checkpoints" / "last.pt").is_file() or (run / "run.json").is_file():
+        return False
+    message = f"the run keeps its last finished epoch; continue it with: itfits fit --resume {run}"
+    typer.echo(event_json("resumable", message, run=str(run)) if log_mode() == "json" else message, err=True)
+    return True
 
 
 @app.command("lr-find")
 def lr_find(
     data: Path = typer.Argument(..., help="Same as for fit."),
-    out: Path = typer.Option(Path("runs/lr_find"), "--out", help="Folder for lr_find.png and lr_find.csv."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for lr_find.png and lr_find.csv; default: a new folder runs/lr_find, runs/lr_find2, ..."),
     arch: str = ARCH,
     weights: str = WEIGHTS,
     bs: Optional[int] = BS,
@@ -147,12 +184,21 @@ def lr_find(
     set_logging(quiet, json_logs)
     mel = parse_mel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
                       duration=duration, top_db=top_db)
-    config = FitConfig(data=str(data), out=str(out), arch=arch, weights=weights, bs=bs, size=size,
+    config = FitConfig(data=str(data), out=str(out or "runs/lr_find"), arch=arch, weights=weights, bs=bs, size=size,
                        valid_pct=valid_pct, seed=seed, num_workers=workers, mel=mel, target=target, cat=parse_names(cat),
                        cont=parse_names(cont), ignore=parse_names(ignore), layers=parse_layers(layers),
                        multi_label=multi_label)
-    check_output(out, folder=True, inputs=[data])
-    lr, suggestions = run_lr_find(config)
+    check_output(out or Path("runs") / "lr_find", folder=True, inputs=[data])
+    made = out is None
+    if made:
+        out = _new_folder("lr_find")
+        config = replace(config, out=str(out))
+    try:
+        lr, suggestions = run_lr_find(config)
+    except BaseException:
+        if made:
+            remove_failed_run(out)
+        raise
     if log_mode() == "json":
         say(f"lr_find: {CHOSEN_SUGGESTION} {lr:.2e}", "lr_find", lr=lr, suggestions=suggestions, plot=str(out / "lr_find.png"))
         return
@@ -294,7 +340,7 @@ def evaluate(
     model: Path = typer.Argument(..., help="Model bundle folder (RUN/model) or a run folder."),
     data: Path = typer.Argument(..., help="Labelled data in any layout fit takes; every file is used."),
     unknown: Optional[Path] = typer.Option(None, help="Folder of examples of none of the classes."),
-    out: Path = typer.Option(Path("runs/evaluate"), "--out", help="Folder for metrics.json and plots."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for metrics.json and plots; default: a new folder runs/evaluate, runs/evaluate2, ..."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
@@ -304,8 +350,16 @@ def evaluate(
     if unknown is not None and not unknown.is_dir():
         raise ItfitsError(f"--unknown {unknown} is not a folder")
     check_workers(workers)
-    check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
-    m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
+    check_output(out or Path("runs") / "evaluate", folder=True, inputs=[data] + ([unknown] if unknown else []))
+    made = out is None
+    if made:
+        out = _new_folder("evaluate")
+    try:
+        m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
+    except BaseException:
+        if made:
+            remove_failed_run(out)
+        raise
     if m.get("multi_label"):
         return _echo_multilabel(m, out)
     rule, plain = m["unknown_rule"], m["plain_rule"]
@@ -437,13 +491,19 @@ def _format_warning(message, category, filename, lineno, line=None):
 _python_format_warning = warnings.formatwarning
 
 
+_signals: list[int] = []  # the signal that stopped the command (typer turns a KeyboardInterrupt into exit 130)
+
+
 def _stop(signum, frame):
-    """SIGTERM, SIGHUP: unwind as Ctrl-C does, so that every temporary file is removed (atomic writes)."""
-    raise SystemExit(128 + signum)
+    """SIGINT, SIGTERM, SIGHUP: one path, Ctrl-C's KeyboardInterrupt, so that every temporary file is removed
+    (atomic writes) and a run folder stays only where a checkpoint lets --resume go on; exit 128 + the signal."""
+    _signals.append(signum)
+    raise KeyboardInterrupt
 
 
 def main():
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    _signals.clear()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _stop)
     reuse_freed_memory()
     warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")  # timm internals, not ours
@@ -457,9 +517,12 @@ def main():
         message = " ".join(str(e).split())  # one line, even for multi-line library errors
         typer.echo(event_json("error", message) if log_mode() == "json" else "error: " + message, err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit) and not _signals:
+            raise
+        signum = _signals[0] if _signals else signal.SIGINT
+        typer.echo(f"interrupted ({signal.Signals(signum).name})", err=True)
+        sys.exit(128 + signum)
     finally:
         set_log_mode(mode)
 

@@ -121,6 +121,21 @@ def remove_failed_run(run: Path | str) -> None:
         shutil.rmtree(run, ignore_errors=True)
 
 
+def new_run_folder(kind: str, *, root: Path | str = "runs") -> Path:
+    """A new, empty folder ROOT/KIND, else ROOT/KIND2, KIND3, ... (Ultralytics' runs/train, runs/train2): the first
+    name free, made with one mkdir, so that two commands started together never share one."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 100_000):
+        folder = root / (kind if i == 1 else f"{kind}{i}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise ItfitsError(f"{root} holds {kind} ... {kind}99999 already; give --out")
+
+
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as a formula (OWASP CSV injection)
 
 

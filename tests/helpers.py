@@ -142,7 +142,7 @@ def run_here(*args) -> Ran:
     import signal
     from unittest import mock
     from app.cli import main
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     out, err = io.StringIO(), io.StringIO()
     try:
         with mock.patch.object(sys, "argv", ["itfits", *map(str, args)]), contextlib.redirect_stdout(out), \
