@@ -15,13 +15,14 @@ import typer
 from pipelines.errors import ItfitsError
 from pipelines.images import check_workers
 from pipelines.io import check_output, claim_run_folder, new_run_folder, remove_failed_run, sweep_temps
-from pipelines.logs import event_json, log_mode, progress, say, set_log_mode
+from pipelines.logs import event_json, log_mode, progress, say, set_log_mode, set_verbose, verbose
 from pipelines.runtime import reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
 
-from .options import (ARCH, BS, CAT, CONT, DURATION, FMAX, FMIN, HOP_LENGTH, IGNORE, JSON_LOGS, LAYERS, MODEL,
+from .options import (ARCH, BS, CAT, CONT, DATA_PANEL, DURATION, MODEL_PANEL, OUTPUT_PANEL, TRAINING_PANEL,
+                      UNKNOWNS_PANEL, FMAX, FMIN, HOP_LENGTH, IGNORE, JSON_LOGS, LAYERS, MODEL,
                       MULTI_LABEL, N_FFT, N_MELS, QUIET,
-                      SAMPLE_RATE, SEED, SIZE, TARGET, TOP_DB, VALID_PCT, WEIGHTS, WORKERS, WORKERS_HELP,
+                      SAMPLE_RATE, SEED, SIZE, TARGET, TOP_DB, VALID_PCT, VERBOSE, WEIGHTS, WORKERS, WORKERS_HELP,
                       parse_layers, parse_mel, parse_names, path_text, set_logging)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -49,48 +50,57 @@ def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int]):
 def fit(
     ctx: typer.Context,
     data: Optional[Path] = typer.Argument(None, help="Folder with a sub-folder per class (or train/ and valid/), a CSV/Parquet with path,label, or a table with --target."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder for the model, plots and tables; default: a new folder runs/fit, runs/fit2, ... (printed)."),
-    arch: str = ARCH,
-    weights: str = WEIGHTS,
-    epochs: Optional[int] = typer.Option(None, help="Unfrozen epochs of fine_tune; default by the data size: 8 below 250 training items (audio: windows), else 5 (tabular: epochs of fit_one_cycle, default 20)."),
-    freeze_epochs: int = typer.Option(1, help="Head-only epochs before unfreezing."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate; without it lr_find chooses one."),
-    bs: Optional[int] = BS,
-    size: Optional[int] = SIZE,
+    # Data
     valid_pct: float = VALID_PCT,
     seed: int = SEED,
-    threshold: str = typer.Option("auto", help="Unknown threshold on the score: auto (chosen on validation data, see --keep) or a number."),
-    keep: float = typer.Option(0.95, help="Share of correctly classified validation items the auto threshold accepts."),
-    score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE}; tables: {TABLE_DEFAULT_SCORE})."),
-    unknown: Optional[Path] = typer.Option(None, help="Examples of none of the classes (a folder; tabular: a table): they choose the score and threshold."),
-    outlier_exposure: bool = typer.Option(False, "--outlier-exposure", help="Also train on the --unknown examples (images, audio), towards low confidence in every class."),
-    balance: str = typer.Option("auto", help="Imbalanced classes (images, audio): weights (class-weighted loss), sampler (fastai's weighted sampler), none, or auto: weights when the largest class has over 3x the training items of the smallest."),
+    multi_label: bool = MULTI_LABEL,
+    balance: str = typer.Option("auto", help="Imbalanced classes (images, audio): weights (class-weighted loss), sampler (fastai's weighted sampler), none, or auto: weights when the largest class has over 3x the training items of the smallest.", rich_help_panel=DATA_PANEL),
     workers: Optional[int] = WORKERS,
+    # Model
+    arch: str = ARCH,
+    weights: str = WEIGHTS,
+    size: Optional[int] = SIZE,
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16. auto: bf16 on GPUs that have it, else fp16 with loss scaling; on a CPU bf16 where it runs this backbone faster, else fp32.", rich_help_panel=MODEL_PANEL),
+    compile: bool = typer.Option(False, "--compile/--no-compile", metavar="", help="torch.compile the model (inductor); falls back to eager with a warning.", rich_help_panel=MODEL_PANEL),
+    # Training
+    epochs: Optional[int] = typer.Option(None, help="Unfrozen epochs of fine_tune; default by the data size: 8 below 250 training items (audio: windows), else 5 (tabular: epochs of fit_one_cycle, default 20).", rich_help_panel=TRAINING_PANEL),
+    freeze_epochs: int = typer.Option(1, help="Head-only epochs before unfreezing.", rich_help_panel=TRAINING_PANEL),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a lower validation loss (default: train every epoch). Either way the weights of the epoch of lowest validation loss are kept.", rich_help_panel=TRAINING_PANEL),
+    lr: Optional[float] = typer.Option(None, help="Learning rate; without it lr_find chooses one.", rich_help_panel=TRAINING_PANEL),
+    bs: Optional[int] = BS,
+    accum: int = typer.Option(1, help="Accumulate gradients over this many batches of --bs per optimizer step; --lr is the lr of the batch of bs x accum.", rich_help_panel=TRAINING_PANEL),
+    ema: bool = typer.Option(False, "--ema/--no-ema", metavar="", help="Validate and save an exponential moving average of the weights.", rich_help_panel=TRAINING_PANEL),
+    ema_decay: Optional[float] = typer.Option(None, help="EMA decay after warm-up (implies --ema); default: from the run length.", rich_help_panel=TRAINING_PANEL),
+    # Unknowns
+    unknown: Optional[Path] = typer.Option(None, help="Examples of none of the classes (a folder; tabular: a table): they choose the score and threshold.", rich_help_panel=UNKNOWNS_PANEL),
+    threshold: str = typer.Option("auto", help="Unknown threshold on the score: auto (chosen on validation data, see --keep) or a number.", rich_help_panel=UNKNOWNS_PANEL),
+    keep: float = typer.Option(0.95, help="Share of correctly classified validation items the auto threshold accepts.", rich_help_panel=UNKNOWNS_PANEL),
+    score: Optional[str] = typer.Option(None, help=f"Unknown score: {', '.join(SCORES)} (default: best on --unknown, else {DEFAULT_SCORE}; tables: {TABLE_DEFAULT_SCORE}).", rich_help_panel=UNKNOWNS_PANEL),
+    outlier_exposure: bool = typer.Option(False, "--outlier-exposure/--no-outlier-exposure", metavar="", help="Also train on the --unknown examples (images, audio), towards low confidence in every class.", rich_help_panel=UNKNOWNS_PANEL),
+    # Audio
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
+    # Tables
     target: Optional[str] = TARGET,
     cat: Optional[list[str]] = CAT,
     cont: Optional[list[str]] = CONT,
     ignore: Optional[list[str]] = IGNORE,
     layers: Optional[str] = LAYERS,
     model: str = MODEL,
-    multi_label: bool = MULTI_LABEL,
-    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16. auto: bf16 on GPUs that have it, else fp16 with loss scaling; on a CPU bf16 where it runs this backbone faster, else fp32."),
-    accum: int = typer.Option(1, help="Accumulate gradients over this many batches of --bs per optimizer step; --lr is the lr of the batch of bs x accum."),
-    ema: bool = typer.Option(False, "--ema", help="Validate and save an exponential moving average of the weights."),
-    ema_decay: Optional[float] = typer.Option(None, help="EMA decay after warm-up (implies --ema); default: from the run length."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (inductor); falls back to eager with a warning."),
-    resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this folder from its last checkpoint, with its own settings."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="When --out holds a run already: move it aside (renamed, kept) and start afresh."),
+    # Output
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder for the model, plots and tables; default: a new folder runs/fit, runs/fit2, ... (printed).", rich_help_panel=OUTPUT_PANEL),
+    resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this folder from its last checkpoint, with its own settings.", rich_help_panel=OUTPUT_PANEL),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="When --out holds a run already: move it aside (renamed, kept) and start afresh.", rich_help_panel=OUTPUT_PANEL),
     quiet: bool = QUIET,
     json_logs: bool = JSON_LOGS,
+    verbose: bool = VERBOSE,
 ):
     """Fine-tune a pretrained backbone on DATA (images, or audio rendered to mel spectrograms; with --target, train
     fastai's tabular model and LightGBM's trees on a table, --model); writes OUT/model, plots, history, report.html
     and run.json."""
     from pipelines.run import FitConfig, fit as run_fit
-    set_logging(quiet, json_logs)
+    set_logging(quiet, json_logs, verbose)
     main = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate, rank 0 alone owns the run folder
     if resume is not None:
         config = _resume_config(ctx, resume, workers)
@@ -108,7 +118,7 @@ def fit(
     mel = parse_mel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
                       duration=duration, top_db=top_db)
     config = FitConfig(data=str(data), out=str(out or AUTO_RUN), arch=arch, weights=weights, epochs=epochs,
-                       freeze_epochs=freeze_epochs, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
+                       freeze_epochs=freeze_epochs, patience=patience, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
                        threshold=threshold, keep=keep, score=score, unknown=path_text(unknown), num_workers=workers,
                        mel=mel, target=target, cat=parse_names(cat), cont=parse_names(cont), ignore=parse_names(ignore),
                        layers=parse_layers(layers), model=model, precision=precision, accum=accum, ema=ema,
@@ -264,7 +274,7 @@ def predict(
     batch_size: int = typer.Option(64, help="Files per batch through the model."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (images; audio and tables run fp32). auto: the precision the model was trained in where this machine has it in hardware, else fp32."),
-    tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
+    tta: bool = typer.Option(False, "--tta", metavar="", help=TTA_HELP),
     quiet: bool = QUIET,
     json_logs: bool = JSON_LOGS,
     engine: str = typer.Option("local", help="local (this process) or ray (Ray Data: this machine's cores, or a cluster with --address).", rich_help_panel="Many machines"),
@@ -342,7 +352,7 @@ def evaluate(
     unknown: Optional[Path] = typer.Option(None, help="Folder of examples of none of the classes."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for metrics.json and plots; default: a new folder runs/evaluate, runs/evaluate2, ..."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
-    tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
+    tta: bool = typer.Option(False, "--tta", metavar="", help=TTA_HELP),
 ):
     """Accuracy, calibration and unknown detection of a bundle on labelled data: metrics.json + plots."""
     from pipelines.evaluate import evaluate as run_evaluate
@@ -510,7 +520,7 @@ def main():
     warnings.filterwarnings("ignore", message=r"You are shadowing an attribute \(count\)")  # fastai's own accum
     warnings.filterwarnings("ignore", message=".*could be decompression bomb")  # PIL's; such files get an error
     warnings.formatwarning = _format_warning
-    mode = log_mode()  # set by the command; put back after it (tests run commands in one process)
+    mode, details = log_mode(), verbose()  # set by the command; put back after it (tests run commands in one process)
     try:
         app()
     except ItfitsError as e:
@@ -525,6 +535,7 @@ def main():
         sys.exit(128 + signum)
     finally:
         set_log_mode(mode)
+        set_verbose(details)
 
 
 if __name__ == "__main__":

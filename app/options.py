@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from pipelines.errors import ItfitsError
-from pipelines.logs import choose_mode, log_mode, set_log_mode
+from pipelines.logs import choose_mode, log_mode, set_log_mode, set_verbose
 
 ARCH_HELP = ("Backbone: auto (an EfficientNet-Lite chosen by the number of training images), a name from itfits "
              "backbones, or any timm model name (convnext_tiny.fb_in22k).")
@@ -40,48 +40,59 @@ def path_text(path: Optional[Path]) -> Optional[str]:
     return None if path is None else str(path)
 
 
-# Options that fit and lr-find share (typer needs them in each signature; one definition here)
-ARCH = typer.Option("auto", help=ARCH_HELP)
-WEIGHTS = typer.Option("auto", help=WEIGHTS_HELP)
-BS = typer.Option(None, help="Batch size; chosen from the data size when not given.")
-SIZE = typer.Option(None, help="Image size in pixels; the backbone's own when not given.")
-VALID_PCT = typer.Option(0.2, help="Share of each class held out when DATA has no split.")
-SEED = typer.Option(42, help="Seed of the split and the training.")
-WORKERS = typer.Option(None, help=WORKERS_HELP)
-TARGET = typer.Option(None, help=TARGET_HELP)
-CAT = typer.Option(None, help=CAT_HELP)
-CONT = typer.Option(None, help=CONT_HELP)
-IGNORE = typer.Option(None, help=IGNORE_HELP)
-LAYERS = typer.Option(None, help="Tabular: hidden layer sizes, e.g. 200,100 (fastai's default).")
-MODEL = typer.Option("auto", help="Tabular: nn (fastai's TabularModel), gbdt (LightGBM's gradient-boosted trees), or auto: both on the same split, the better on validation kept.")
-MULTI_LABEL = typer.Option(False, "--multi-label", help="Images: a file may have several classes, or none: a label cell holds them separated by a space or ';' (an empty cell: none). A path,labels table is multi-label without it.")
+# `fit --help` groups its options in these panels (typer's rich_help_panel), in this order
+DATA_PANEL, MODEL_PANEL, TRAINING_PANEL, UNKNOWNS_PANEL, AUDIO_PANEL, TABLES_PANEL, OUTPUT_PANEL = (
+    "Data", "Model", "Training", "Unknowns", "Audio", "Tables", "Output")
+
+# Options that fit and lr-find share (typer needs them in each signature; one definition here). Flags show no
+# value (metavar ""); the settings run.json records read --name/--no-name.
+ARCH = typer.Option("auto", help=ARCH_HELP, rich_help_panel=MODEL_PANEL)
+WEIGHTS = typer.Option("auto", help=WEIGHTS_HELP, rich_help_panel=MODEL_PANEL)
+BS = typer.Option(None, help="Batch size; chosen from the data size when not given.", rich_help_panel=TRAINING_PANEL)
+SIZE = typer.Option(None, help="Image size in pixels; the backbone's own when not given.", rich_help_panel=MODEL_PANEL)
+VALID_PCT = typer.Option(0.2, help="Share of each class held out when DATA has no split.", rich_help_panel=DATA_PANEL)
+SEED = typer.Option(42, help="Seed of the split and the training.", rich_help_panel=DATA_PANEL)
+WORKERS = typer.Option(None, help=WORKERS_HELP, rich_help_panel=DATA_PANEL)
+TARGET = typer.Option(None, help=TARGET_HELP, rich_help_panel=TABLES_PANEL)
+CAT = typer.Option(None, help=CAT_HELP, rich_help_panel=TABLES_PANEL)
+CONT = typer.Option(None, help=CONT_HELP, rich_help_panel=TABLES_PANEL)
+IGNORE = typer.Option(None, help=IGNORE_HELP, rich_help_panel=TABLES_PANEL)
+LAYERS = typer.Option(None, help="Tabular: hidden layer sizes, e.g. 200,100 (fastai's default).", rich_help_panel=TABLES_PANEL)
+MODEL = typer.Option("auto", help="Tabular: nn (fastai's TabularModel), gbdt (LightGBM's gradient-boosted trees), or auto: both on the same split, the better on validation kept.", rich_help_panel=TABLES_PANEL)
+MULTI_LABEL = typer.Option(False, "--multi-label/--no-multi-label", metavar="", rich_help_panel=DATA_PANEL, help="Images: a file may have several classes, or none: a label cell holds them separated by a space or ';' (an empty cell: none). A path,labels table is multi-label without it.")
 
 
 # Mel-spectrogram options of audio DATA (fit, lr-find, audio-to-images); None: MelConfig's default
-SAMPLE_RATE = typer.Option(None, "--sample-rate", help="Audio: Hz every clip is resampled to (default: 22050).", rich_help_panel="Audio")
-N_FFT = typer.Option(None, "--n-fft", help="Audio: STFT window in samples (default: 2048).", rich_help_panel="Audio")
-HOP_LENGTH = typer.Option(None, "--hop-length", help="Audio: samples between frames (default: 512).", rich_help_panel="Audio")
-N_MELS = typer.Option(None, "--n-mels", help="Audio: mel bands, the image height (default: 128).", rich_help_panel="Audio")
-FMIN = typer.Option(None, "--fmin", help="Audio: lowest frequency in Hz (default: 0).", rich_help_panel="Audio")
-FMAX = typer.Option(None, "--fmax", help="Audio: highest frequency in Hz (default: sample rate / 2).", rich_help_panel="Audio")
-DURATION = typer.Option(None, "--duration", metavar="auto|SECONDS", rich_help_panel="Audio",
+SAMPLE_RATE = typer.Option(None, "--sample-rate", help="Audio: Hz every clip is resampled to (default: 22050).", rich_help_panel=AUDIO_PANEL)
+N_FFT = typer.Option(None, "--n-fft", help="Audio: STFT window in samples (default: 2048).", rich_help_panel=AUDIO_PANEL)
+HOP_LENGTH = typer.Option(None, "--hop-length", help="Audio: samples between frames (default: 512).", rich_help_panel=AUDIO_PANEL)
+N_MELS = typer.Option(None, "--n-mels", help="Audio: mel bands, the image height (default: 128).", rich_help_panel=AUDIO_PANEL)
+FMIN = typer.Option(None, "--fmin", help="Audio: lowest frequency in Hz (default: 0).", rich_help_panel=AUDIO_PANEL)
+FMAX = typer.Option(None, "--fmax", help="Audio: highest frequency in Hz (default: sample rate / 2).", rich_help_panel=AUDIO_PANEL)
+DURATION = typer.Option(None, "--duration", metavar="auto|SECONDS", rich_help_panel=AUDIO_PANEL,
                         help="Audio: seconds per window; shorter clips padded, longer ones cut. auto (default): the median "
                              "clip length, rounded up to 0.25 s, within 0.5..10 s; printed and stored in the bundle.")
-TOP_DB = typer.Option(None, "--top-db", help="Audio: dB range below each window's peak shown (default: 80).", rich_help_panel="Audio")
+TOP_DB = typer.Option(None, "--top-db", help="Audio: dB range below each window's peak shown (default: 80).", rich_help_panel=AUDIO_PANEL)
 
 
-QUIET = typer.Option(False, "--quiet", help="Print nothing but warnings and errors (stderr).")
-JSON_LOGS = typer.Option(False, "--json-logs", help="One JSON object per line per event on stdout (epoch, lr_find, "
+QUIET = typer.Option(False, "--quiet", metavar="", help="Print nothing but warnings and errors (stderr).",
+                     rich_help_panel=OUTPUT_PANEL)
+JSON_LOGS = typer.Option(False, "--json-logs", metavar="", rich_help_panel=OUTPUT_PANEL, help="One JSON object per line per event on stdout (epoch, lr_find, "
                          "check, calibration, progress, done; warnings and errors on stderr), for programs.")
 
 
-def set_logging(quiet: bool = False, json_logs: bool = False) -> None:
+VERBOSE = typer.Option(False, "--verbose", metavar="", rich_help_panel=OUTPUT_PANEL, help="Details for the curious: per-class recall on each epoch's line, the "
+                       "precision probe's step times.")
+
+
+def set_logging(quiet: bool = False, json_logs: bool = False, verbose: bool = False) -> None:
     """The log mode (pipelines/logs.py): bars on a terminal; elsewhere one line per event (an epoch, lr_find, a
     line every few seconds of a long loop), never a redrawn bar; or --quiet, or --json-logs.
     fastprogress bars redraw their line at every step: in a file or a pipe, a screenful of bars per epoch.
     fastprogress means to draw them on terminals only, but its check tests that stdout has an `isatty` method,
     not what the method returns; with NO_BAR it still writes '\r' before each table row."""
     set_log_mode(choose_mode(quiet=quiet, json_logs=json_logs))
+    set_verbose(verbose)
     if log_mode() != "bars":
         from fastprogress import fastprogress
         fastprogress.NO_BAR = True

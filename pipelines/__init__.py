@@ -1,2 +1,2 @@
-"""itfits library: one module per stage of the path data takes (see DESIGN.md)."""
+"""itfits library: one module per stage of the path data takes (see docs/ARCHITECTURE.md)."""
 __version__ = "0.1.0"

@@ -195,3 +195,73 @@ class Checkpoint(Callback):
             return
         save_checkpoint(self.path, self.learn, epoch=self.first_epoch + self.epoch + 1, history=self.history.rows,
                         meta=self.meta)
+
+
+BEST, MONITOR = "best.pt", "valid_loss"  # the kept epoch: the lowest validation loss (first of equals)
+
+
+def lowest(values: list) -> int | None:
+    """Index of the first lowest finite value, or None when none is finite."""
+    finite = [(v, i) for i, v in enumerate(values) if v is not None and np.isfinite(v)]
+    return min(finite)[1] if finite else None
+
+
+class BestEpoch(Callback):
+    """The weights of the best validation epoch (lowest MONITOR over every fit of the Learner: fine_tune's phases
+    share one instance), kept in memory and written to `path` (checkpoints/best.pt) when given; `restore` loads
+    them at the end. With `patience`, the fit stops once that many epochs passed without a better one (the next
+    epoch's start raises CancelFitException; `train` skips the phases left). It reads the epochs from `history`
+    (a training.History), so it works whatever DataLoaders feed the Learner; `resume`: a checkpoint's history,
+    whose best epoch's weights are read back from `path`. Weights: what validation ran (the EMA's, where on)."""
+    order = Checkpoint.order + 1  # after History and Checkpoint: a stop leaves the last epoch's checkpoint
+
+    def __init__(self, history, *, path: Path | None = None, patience: int | None = None, resume: dict | None = None):
+        self.history, self.path, self.patience = history, None if path is None else Path(path), patience
+        self.seen, self.state = len(history.rows), None
+        kept = self.epoch_kept
+        if resume is None or kept is None:
+            return
+        saved = torch.load(self.path, map_location="cpu", weights_only=True) if self.path and self.path.is_file() \
+            else {}
+        if saved.get("epoch") == kept:
+            self.state = saved["model"]
+        elif kept == resume["epoch"] - 1:  # killed between last.pt and best.pt: the checkpoint's weights are the best
+            self.state = (resume.get("ema") or {}).get("model") or resume["model"]
+
+    @property
+    def epoch_kept(self) -> int | None:
+        return lowest([row.get(MONITOR) for row in self.history.rows])
+
+    @property
+    def stopped(self) -> bool:
+        """--patience epochs have passed since the best one."""
+        kept = self.epoch_kept
+        return self.patience is not None and kept is not None and len(self.history.rows) - 1 - kept >= self.patience
+
+    def before_epoch(self):
+        if self.stopped:
+            from fastai.callback.core import CancelFitException
+            raise CancelFitException()
+
+    def after_epoch(self):
+        rows = self.history.rows
+        if len(rows) == self.seen:  # an epoch a resumed run skipped: History added no row
+            return
+        self.seen = len(rows)
+        if self.epoch_kept != len(rows) - 1:
+            return
+        from fastai.torch_core import get_model
+        ema = find_ema(self.learn)
+        validated = ema.ema_model if ema is not None and getattr(ema, "ema_model", None) is not None else \
+            get_model(self.learn.model)
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in validated.state_dict().items()}
+        if self.path is not None and is_main():
+            with atomic_path(self.path) as tmp:
+                torch.save({"format": FORMAT, "epoch": len(rows) - 1, MONITOR: _plain(rows[-1][MONITOR]),
+                            "model": self.state}, tmp)
+
+    def restore(self, learn) -> None:
+        """Put the kept epoch's weights into `learn`'s model (nothing when no epoch had a finite MONITOR)."""
+        from fastai.torch_core import get_model
+        if self.state is not None:
+            get_model(learn.model).load_state_dict(self.state)

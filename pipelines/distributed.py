@@ -1,7 +1,7 @@
 """Data-parallel training in processes started by `accelerate launch`, `torchrun`, or any launcher that sets RANK,
 LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT: NCCL between GPUs, gloo between CPU processes.
 
-fastai's `distrib_ctx` does not run on CPUs (DESIGN.md): its DistributedTrainer asks the prepared model for a
+fastai's `distrib_ctx` does not run on CPUs: its DistributedTrainer asks the prepared model for a
 `.device` that only GPU models get, and its DistributedDL broadcasts the shuffled order through `.cuda()`. This
 is the thin replacement, the same code on CPUs and GPUs: DistributedDataParallel around the model for each fit,
 fastai's DistributedDL (with a broadcast on the process group's device) to give each process its own shard of

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from .errors import ItfitsError
 from .sources import open_image
 
-BACKGROUND = (255, 255, 255)  # transparent pixels become white, not black (DESIGN: RGBA lesson)
+BACKGROUND = (255, 255, 255)  # transparent pixels become white, not black (a black background reads as part of the object)
 
 
 def load_image(path: str, *, gray: bool = False) -> Image.Image:
@@ -107,7 +107,7 @@ def loader_workers(*, cached: bool = False) -> int:
 
 
 def choose_batch_size(n_train: int, *, largest: int = 64) -> int:
-    """Small data needs small batches (DESIGN lessons): about n/16, a power of two in [8, largest]."""
+    """Small data needs small batches (measured on the sample sets): about n/16, a power of two in [8, largest]."""
     bs = 8
     while bs * 2 <= min(largest, n_train / 16):
         bs *= 2

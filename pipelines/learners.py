@@ -113,7 +113,7 @@ def check_accumulation(*, accum: int, batches: int, bs: int, phase_epochs: list[
 
 def ema_decay_for(steps: float) -> float:
     """EMA decay that averages over about EMA_SHARE of `steps` optimizer steps, at least 2, at most EMA_DECAY_MAX.
-    DESIGN: a constant 0.9998 over a few dozen steps leaves the EMA near its starting point."""
+    A constant 0.9998 over a few dozen steps leaves the EMA near its starting point."""
     return min(EMA_DECAY_MAX, 1 - 1 / max(2.0, EMA_SHARE * steps))
 
 

@@ -32,6 +32,19 @@ def log_mode() -> str:
     return _mode
 
 
+_verbose = False  # --verbose: per-class recall on epoch lines, the precision probe's timings
+
+
+def set_verbose(on: bool) -> None:
+    """Set whether logs carry the details a newcomer does not need (the CLI's --verbose)."""
+    global _verbose
+    _verbose = bool(on)
+
+
+def verbose() -> bool:
+    return _verbose
+
+
 def choose_mode(*, quiet: bool = False, json_logs: bool = False, terminal: bool | None = None) -> str:
     """--json-logs wins over --quiet; otherwise bars on a terminal, lines elsewhere."""
     if json_logs:

@@ -119,7 +119,8 @@ def plot_losses(history: pl.DataFrame, path: Path) -> None:
 def losses_figure(history: pl.DataFrame):
     """Train/valid loss per epoch, then each validation metric on its own axis (accuracy 0..1 beside a loss of 2
     would be a flat line), the per-class recalls (balance.balance_metrics: `recall_<class>`) together on one;
-    throughput (images/s) left out. The frozen (head-only) epochs of fine_tune shaded."""
+    throughput (images/s) left out. The frozen (head-only) epochs of fine_tune shaded; the kept epoch (the first
+    lowest validation loss, whose weights training keeps: checkpoints.BestEpoch) marked by a dashed line."""
     epochs = history["epoch"].to_numpy()
     recalls = [c for c in history.columns if c.startswith("recall_")]
     metrics = [c for c in history.columns
@@ -137,9 +138,13 @@ def losses_figure(history: pl.DataFrame):
     if recalls:
         axes[-1].set(xlabel="epoch", ylabel="recall", title="validation recall per class")
     frozen = epochs[(history["phase"] == "frozen").to_numpy()] if "phase" in history.columns else []
+    valid = history["valid_loss"].to_numpy().astype(float) if "valid_loss" in history.columns else np.array([])
+    kept = epochs[np.nanargmin(np.where(np.isfinite(valid), valid, np.nan))] if np.isfinite(valid).any() else None
     for ax in axes:
         if len(frozen):
             ax.axvspan(frozen.min() - 0.5, frozen.max() + 0.5, color="gray", alpha=0.15, label="frozen (head only)")
+        if kept is not None:
+            ax.axvline(kept, color="C3", linestyle="--", linewidth=1, label=f"kept (epoch {kept})")
         ax.set_xticks(epochs)
         ax.legend()
     fig.tight_layout()

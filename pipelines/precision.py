@@ -44,6 +44,15 @@ class Precision:
     def json(self) -> dict:
         return {"precision": self.name, "requested": self.requested, "device": self.device, "reason": self.reason}
 
+    def line(self, *, timings: bool = False) -> str:
+        """`precision fp32 (CPU probe: the faster on this CPU)`; `timings` (--verbose): the probe's step times, as
+        run.json's reason holds them."""
+        probed = self.reason.startswith(PROBE) and not timings
+        return f"precision {self.name} ({f'{PROBE}: the faster on this CPU' if probed else self.reason})"
+
+
+PROBE = "CPU probe"  # how a reason from cpu_step_times starts
+
 
 def check_precision(name: str) -> str:
     if name not in PRECISIONS:
@@ -80,7 +89,7 @@ def resolve_precision(requested: str, *, arch: str, size: int, train: bool = Tru
     t32, t16 = cpu_step_times(arch, size, train=train)
     faster = t16 < BF16_MARGIN * t32
     return Precision("bf16" if faster else "fp32", requested, dev,
-                     f"CPU probe, {'training' if train else 'inference'} step at {size}px: bf16 {t16 * 1e3:.0f} ms "
+                     f"{PROBE}, {'training' if train else 'inference'} step at {size}px: bf16 {t16 * 1e3:.0f} ms "
                      f"vs fp32 {t32 * 1e3:.0f} ms")
 
 

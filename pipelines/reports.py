@@ -257,6 +257,8 @@ def _check_part(run: Path, check: dict | None) -> tuple[list, list[str]]:
              "the files are listed under Data check"] if serious else [])
     csv = run / "check.csv"
     table = pl.read_csv(csv, infer_schema_length=0) if csv.is_file() else pl.DataFrame()
+    if "score" in table.columns:  # a number, shown rounded (the rest stay text as written)
+        table = table.with_columns(pl.col("score").cast(pl.Float64, strict=False))
     part = [H2(f"Data check ({sum(found.values())} findings)"),
             _kv_table({"findings": found or "none", "class counts": check["class_counts"],
                        "imbalance (largest / smallest class)": check.get("imbalance"),

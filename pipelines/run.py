@@ -19,13 +19,13 @@ from .features import with_reference
 from .bundle import save_bundle
 from .calibration import calibrate_images, calibration_line
 from .check import CheckResult, check_at_fit, mislabelled_at_fit
-from .checkpoints import CONFIG, load_checkpoint, read_run_config
+from .checkpoints import CONFIG, MONITOR, load_checkpoint, read_run_config
 from .distributed import DataParallel, broadcast_object, is_main, process_group, world_size
 from .errors import ItfitsError, did_you_mean
 from .images import check_workers
 from .io import write_json, write_table
 from .learners import check_accumulation, effective_batch, find_ema, image_learner
-from .logs import emit
+from .logs import emit, verbose
 from .metrics import balanced_accuracy, per_class
 from .modality import Modality, file_exts, modalities, modality_for
 from .multilabel import finish_multilabel
@@ -35,7 +35,7 @@ from .reports import Validation, guarded, write_report
 from .sources import TABLE_EXTS, has_files
 from .table_fit import lr_line
 from .table_learners import AUTO, check_model
-from .training import find_lr, train
+from .training import best_epoch, find_lr, train
 from .unknown import SCORES
 
 
@@ -48,6 +48,7 @@ class FitConfig:
     epochs: int | None = None  # unfrozen epochs of fine_tune (tables: of fit_one_cycle); None: by the data size
     # (training.auto_epochs), or tabular.TABLE_EPOCHS for a table
     freeze_epochs: int = 1  # head-only epochs first
+    patience: int | None = None  # stop after this many epochs without a lower validation loss; None: every epoch
     lr: float | None = None  # None: run lr_find and use its CHOSEN_SUGGESTION (minimum)
     bs: int | None = None  # None: chosen from the data size
     size: int | None = None  # None: the backbone's pretrained input size
@@ -89,7 +90,7 @@ class FitConfig:
             raise ItfitsError(f"--ema-decay must be between 0 and 1, got {self.ema_decay}")
         self.ema = self.ema or self.ema_decay is not None  # a decay implies the EMA
         for name, value, least in [("--epochs", self.epochs, 1), ("--freeze-epochs", self.freeze_epochs, 0),
-                                   ("--accum", self.accum, 1)]:
+                                   ("--accum", self.accum, 1), ("--patience", self.patience, 1)]:
             if value is not None and value < least:
                 raise ItfitsError(f"{name} must be at least {least}, got {value}")
         if self.bs is not None and self.bs < 2:
@@ -134,7 +135,8 @@ class FitConfig:
                 raise ItfitsError(f"with --target, --unknown takes a .csv/.parquet table of rows of none of the classes, "
                                   f"got {self.unknown}")
             _check_table_config(self)
-            nn_only = [f"--{n.replace('_', '-')}" for n in ("epochs", "lr", "bs", "layers") if getattr(self, n) is not None]
+            nn_only = [f"--{n.replace('_', '-')}" for n in ("epochs", "lr", "bs", "layers", "patience")
+                       if getattr(self, n) is not None]
             if self.model == "gbdt" and nn_only:
                 raise ItfitsError(f"{', '.join(nn_only)}: for the network (--model nn or auto); --model gbdt trains "
                                   "LightGBM's trees, which would ignore them")
@@ -259,7 +261,7 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
     checked = check_at_fit(items, run, load=modality.load, log=log) if main else None
     # a resumed run keeps the precision it started with: the CPU probe could choose otherwise today
     precision = resolve_precision(state["precision"] if state else config.precision, arch=data.arch, size=prep.size)
-    log(f"precision {precision.name} ({precision.reason})")
+    log(precision.line(timings=verbose()))
     set_seed(config.seed)
     log(data.balance.line())
     learn = image_learner(dls, data.arch, weights=config.weights, path=run, precision=precision, accum=config.accum,
@@ -271,7 +273,7 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
     lr, suggestions = config.lr, None
     if state is not None:
         lr, suggestions = state["lr"], state.get("lr_suggestions")
-        log(f"resuming {run} after epoch {state['epoch']} of {total}" if state["epoch"] < total else
+        log(f"resuming {run}: {state['epoch']} of {total} epochs done" if state["epoch"] < total else
             f"{run} trained all {total} epochs but stopped before its bundle was written: finishing it")
     elif lr is None:
         # with --accum, lr_find's iterations are micro-batches: N x as many make its usual number of steps, so
@@ -281,15 +283,21 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
         emit(log, "lr_find", lr_line(lr, suggestions, run), lr=lr, suggestions=suggestions)
     if world > 1:
         learn.add_cb(DataParallel())
-    history = train(learn, epochs=epochs, lr=lr, freeze_epochs=config.freeze_epochs,
+    history = train(learn, epochs=epochs, lr=lr, freeze_epochs=config.freeze_epochs, patience=config.patience,
                     checkpoints=run / "checkpoints", resume=state,
                     checkpoint_meta={"lr": lr, "lr_suggestions": suggestions, "precision": precision.name})
     if main:
         write_table(history, run / "history.csv")
+    kept = best_epoch(history["valid_loss"].to_list())
+    if kept != history.height - 1 or history.height < total:
+        log(f"kept the weights of epoch {kept} (valid_loss {history['valid_loss'][kept]:.4f}, the lowest"
+            + (f"; stopped after {history.height} of {total} epochs, --patience {config.patience})"
+               if history.height < total else f"; {history['valid_loss'][-1]:.4f} after the last)"))
     ema, compiler = find_ema(learn), next((cb for cb in learn.cbs if type(cb).__name__ == "TorchCompile"), None)
     resolved = {"model": modality.describe(replace(config, arch=data.arch)), "arch": data.arch,
                 "arch_why": data.arch_why, "epochs": epochs, "epochs_why": data.epochs_why, "lr": lr,
-                "lr_suggestions": suggestions, "bs": bs, "accum": config.accum,
+                "lr_suggestions": suggestions, "kept_epoch": kept, "kept_metric": MONITOR,
+                "epochs_trained": history.height, "bs": bs, "accum": config.accum,
                 "effective_bs": effective_batch(bs, config.accum, world), "size": prep.size, "classes": classes,
                 "n_train": len(dls.train_ds), "n_valid": len(dls.valid_ds), "n_skipped": int(n_skipped),
                 "precision": precision.json(),
@@ -327,7 +335,7 @@ def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, 
         "config": asdict(config),
         "resolved": {**trained.resolved, **modality.resolved_json(trained.options, n_valid=len(valid["targets"]))},
         "results": {"valid_accuracy": accuracy, "valid_balanced_accuracy": balanced_accuracy(valid["targets"], preds),
-                    "valid_recall": recalls, "valid_loss": float(history["valid_loss"][-1]),
+                    "valid_recall": recalls, "valid_loss": float(history["valid_loss"][trained.resolved["kept_epoch"]]),
                     "seconds": round(time.perf_counter() - trained.started, 1)},
         "calibration": calib_report,
         **({"check": checked.json()} if checked else {}),

@@ -13,6 +13,7 @@ import polars as pl
 import torch
 
 from .bundle import save_bundle
+from .checkpoints import MONITOR
 from .calibration import calibrate_table, calibration_line, unknown_rows
 from .io import write_json, write_table
 from .logs import emit
@@ -53,14 +54,15 @@ def train_nn(data, config, run: Path, log) -> TableFit:
     log(f"nn: batch size {bs}{' (chosen from the data size)' if config.bs is None else ''}; epochs {epochs}"
         + (" (the default for tables; --epochs sets it)" if config.epochs is None else ""))
     lr, suggestions = choose_lr(learn, config, run, log)
-    history = train(learn, epochs=epochs, lr=lr, fine_tune=False)
+    history = train(learn, epochs=epochs, lr=lr, fine_tune=False, patience=config.patience)
     kept = best_epoch(history["valid_loss"].to_list())  # the epoch whose weights train() kept
     if kept != history.height - 1:
         log(f"nn: kept the weights of epoch {kept} (validation loss {history['valid_loss'][kept]:.4f}, the lowest; "
             f"{history['valid_loss'][-1]:.4f} after the last)")
     spec = TabularModelSpec.for_data(data.prep, config.layers)
     resolved = {"epochs": epochs, "epochs_why": None if config.epochs else "the default for tables", "lr": lr,
-                "lr_suggestions": suggestions, "bs": bs, "kept_epoch": kept, "layers": list(spec.layers),
+                "lr_suggestions": suggestions, "bs": bs, "kept_epoch": kept, "kept_metric": MONITOR,
+                "epochs_trained": history.height, "layers": list(spec.layers),
                 "emb_szs": spec.json()["emb_szs"]}
     return TableFit(kind="nn", model=learn.model.eval(), history=history, resolved=resolved,
                     model_json={"kind": "nn", **spec.json()},

@@ -11,17 +11,17 @@ import fastai.callback.schedule  # noqa: F401  fastai @patches fine_tune/fit_one
 import numpy as np
 import polars as pl
 from fastai.callback.core import Callback
-from fastai.callback.schedule import minimum, slide, steep, valley
+from fastai.callback.schedule import LRFinder, minimum, slide, steep, valley
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Recorder
 from fastai.torch_core import find_bs, get_model
 
-from .checkpoints import CHECKPOINT, Checkpoint, restore
+from .checkpoints import BEST, CHECKPOINT, BestEpoch, Checkpoint, lowest, restore
 from .errors import ItfitsError
 from .io import write_table
 from .distributed import is_main
 from .learners import OutlierExposureLoss, find_ema, uncompile
-from .logs import PROGRESS_SECONDS, log_mode, say
+from .logs import PROGRESS_SECONDS, log_mode, say, verbose
 from .plots import plot_lr_find
 
 # `--epochs` not given (images and audio): (least training items, unfrozen epochs), the largest first. On the suite
@@ -83,25 +83,37 @@ class History(Callback):
 def epoch_line(row: dict) -> str:
     """One epoch of the history as a line: `epoch 2 (unfrozen): train_loss 0.41, valid_loss 0.38, ... (3.2 s)`."""
     values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                       if k not in ("epoch", "phase", "seconds", "images", "images_per_s"))
+                       if k not in ("epoch", "phase", "seconds", "images", "images_per_s")
+                       and (verbose() or not k.startswith("recall_")))  # per-class recall: --verbose
     phase = f" ({row['phase']})" if "phase" in row else ""
     return f"epoch {row['epoch']}{phase}: {values} ({row['seconds']:.1f} s)"
 
 
 class BatchProgress(Callback):
     """Lines and json log modes: a line (event "progress") every PROGRESS_SECONDS within a long epoch or lr_find,
-    where fastai would redraw a bar."""
+    where fastai would redraw a bar. An epoch's line carries the number its History row gets (counted over
+    fine_tune's phases and a resumed run's epochs); lr_find's counts its iterations over all its passes."""
+
+    def before_fit(self):
+        self.last = self.fit_start = time.perf_counter()
 
     def before_epoch(self):
-        self.last = self.start = time.perf_counter()
+        self.start = time.perf_counter()
 
     def after_batch(self):
         now = time.perf_counter()
-        if self.training and now - self.last >= PROGRESS_SECONDS:
-            self.last = now
-            what = "lr_find" if hasattr(self.learn, "lr_finder") else f"epoch {self.epoch}"
-            say(f"{what}: batch {self.iter + 1}/{self.n_iter} ({now - self.start:.0f} s)", "progress", what=what,
-                done=self.iter + 1, total=self.n_iter, seconds=round(now - self.start, 1))
+        if not self.training or now - self.last < PROGRESS_SECONDS:
+            return
+        self.last = now
+        finder = next((cb for cb in self.learn.cbs if isinstance(cb, LRFinder)), None)
+        if finder is not None:
+            what, done, total, start = "lr_find", self.train_iter, finder.num_it, self.fit_start
+        else:
+            history = next((cb for cb in self.learn.cbs if isinstance(cb, History)), None)
+            what = f"epoch {len(history.rows) if history is not None else self.epoch}"
+            done, total, start = self.iter + 1, self.n_iter, self.start
+        say(f"{what}: batch {done}/{total} ({now - start:.0f} s)", "progress", what=what, done=done, total=total,
+            seconds=round(now - start, 1))
 
 
 def follow_log_mode(learn) -> None:
@@ -116,28 +128,8 @@ def follow_log_mode(learn) -> None:
 
 
 def best_epoch(losses: list) -> int | None:
-    """Index of the first lowest finite loss, or None when none is finite."""
-    finite = [(v, i) for i, v in enumerate(losses) if v is not None and np.isfinite(v)]
-    return min(finite)[1] if finite else None
-
-
-class KeepBest(Callback):
-    """Puts back the weights of the epoch with the lowest validation loss when the fit ends (fastai's
-    SaveModelCallback on valid_loss, in memory: a tabular model is small). Once a small table is learnt, further
-    epochs overfit it: the validation loss rises while the training loss falls."""
-    order = Recorder.order + 1  # after Recorder has this epoch's valid loss
-
-    def before_fit(self):
-        self.losses, self.state = [], None
-
-    def after_epoch(self):
-        self.losses.append(float(self.recorder.values[-1][self.recorder.metric_names[1:].index("valid_loss")]))
-        if best_epoch(self.losses) == len(self.losses) - 1:
-            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-    def after_fit(self):
-        if self.state is not None:
-            self.model.load_state_dict(self.state)
+    """Index of the first lowest finite loss, or None when none is finite (the epoch BestEpoch keeps)."""
+    return lowest(losses)
 
 
 def _tolerant(suggest):
@@ -198,24 +190,29 @@ def fine_tune_phases(*, epochs: int, lr: float, freeze_epochs: int = 1) -> list[
 
 
 def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints: Path | None = None,
-          resume: dict | None = None, checkpoint_meta: dict | None = None, fine_tune: bool = True) -> pl.DataFrame:
+          resume: dict | None = None, checkpoint_meta: dict | None = None, fine_tune: bool = True,
+          patience: int | None = None) -> pl.DataFrame:
     """fastai fine_tune: `freeze_epochs` on the head, then `epochs` unfrozen, one-cycle. Returns the history.
     With `checkpoints` (a folder), each epoch ends by writing checkpoints/last.pt; with `resume` (such a checkpoint,
     see checkpoints.load_checkpoint) training continues after its epoch, in its phase, at its one-cycle position.
-    With an EMA callback on the Learner, the model ends with the EMA weights. fine_tune=False (a table: no
-    pretrained body): one fit_one_cycle of `epochs`, no checkpoints, ending with the weights of the epoch of lowest
-    validation loss (`KeepBest`)."""
+    The model ends with the weights of the epoch of lowest validation loss (`BestEpoch`; with an EMA callback on
+    the Learner, the EMA's), also in checkpoints/best.pt; `patience`: stop after that many epochs without a lower
+    one. fine_tune=False (a table: no pretrained body): one fit_one_cycle of `epochs`, no checkpoints."""
     follow_log_mode(learn)
     if not fine_tune:
         history = History(phases=False)
-        learn.fit_one_cycle(epochs, lr, cbs=[history, KeepBest()])
+        best = BestEpoch(history, patience=patience)
+        learn.fit_one_cycle(epochs, lr, cbs=[history, best])
+        best.restore(learn)
         table = pl.DataFrame(history.rows).rename({"images": "rows", "images_per_s": "rows_per_s"})
-        return _check_finite(table, lr, row=best_epoch(table["valid_loss"].to_list()))
+        return _check_finite(table, lr, row=best.epoch_kept)
     history = History(resume["history"] if resume else None)
+    best = BestEpoch(history, path=None if checkpoints is None else Path(checkpoints) / BEST, patience=patience,
+                     resume=resume)
     done = resume["epoch"] if resume else 0  # epochs finished over both phases
     first = 0  # this phase's first epoch, counted over both phases
     for phase in fine_tune_phases(epochs=epochs, lr=lr, freeze_epochs=freeze_epochs):
-        if phase.epochs == 0 or done >= first + phase.epochs:
+        if phase.epochs == 0 or done >= first + phase.epochs or best.stopped:
             first += phase.epochs
             continue
         learn.freeze() if phase.name == "frozen" else learn.unfreeze()
@@ -229,7 +226,7 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
             if done > first:
                 smooth_loss, accum_count = resume.get("smooth_loss"), (resume.get("accum") or {}).get("count", 0)
             resume = None
-        cbs = [history]
+        cbs = [history, best]
         if checkpoints is not None:
             cbs.append(Checkpoint(Path(checkpoints) / CHECKPOINT, first_epoch=first, history=history,
                                   meta=checkpoint_meta or {}, smooth_loss=smooth_loss, accum_count=accum_count))
@@ -242,8 +239,9 @@ def train(learn, *, epochs: int, lr: float, freeze_epochs: int = 1, checkpoints:
                                                else resume["model"])
     elif ema is not None and getattr(learn, "model_ema", None) is not None:
         learn.model.load_state_dict(learn.model_ema.state_dict())  # calibration and the bundle use the EMA weights
+    best.restore(learn)  # the best epoch's (EMA) weights
     uncompile(learn.model)
-    return _check_finite(pl.DataFrame(history.rows), lr)
+    return _check_finite(pl.DataFrame(history.rows), lr, row=best.epoch_kept)
 
 
 def _check_finite(history: pl.DataFrame, lr: float, *, row: int | None = -1) -> pl.DataFrame:

@@ -64,7 +64,7 @@ def test_checkpoint_files_are_plain_tensors_and_values(resumed):
 def test_resumed_run_finishes_every_planned_epoch(resumed):
     run, killed_after, proc = resumed
     assert 1 <= killed_after < TOTAL
-    assert f"resuming {run} after epoch {killed_after} of {TOTAL}" in proc.stdout
+    assert f"resuming {run}: {killed_after} of {TOTAL} epochs done" in proc.stdout
     history = pl.read_csv(run / "history.csv")
     assert history["epoch"].to_list() == list(range(TOTAL))
     assert history["phase"].to_list() == ["frozen", "frozen", "unfrozen", "unfrozen"]

@@ -79,3 +79,13 @@ def test_sigterm_takes_the_path_of_ctrl_c(tmp_path):
     assert not (run / "run.json").exists(), "the run ended before the signal came"
     assert proc.returncode == 128 + signal.SIGTERM and "interrupted (SIGTERM)" in err, err[-3000:]
     assert f"itfits fit --resume {run}" in err and (run / "checkpoints" / "last.pt").exists()
+
+
+def test_fit_help_groups_its_options_in_panels():
+    import re
+    ran = run_here("fit", "--help")
+    assert ran.code == 0
+    panels = re.findall(r"╭─ (\w+) ─", ran.out)
+    assert panels == ["Arguments", "Options", "Data", "Model", "Training", "Unknowns", "Audio", "Tables", "Output"], panels
+    ema = next(line for line in ran.out.splitlines() if "--ema " in line)
+    assert "--no-ema" in ema and "<bool>" not in ema, ema

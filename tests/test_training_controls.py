@@ -178,7 +178,7 @@ def test_frozen_parameters_with_zero_gradients_are_not_stepped():
 # ---- EMA ----------------------------------------------------------------------------------------------------
 
 def test_fastxtend_modules_we_use_import():
-    # fastxtend 0.1.7 predates fastai 2.8 (DESIGN.md): only some of its modules import; these are the ones we use
+    # fastxtend 0.1.7 predates fastai 2.8: only some of its modules import; these are the ones we use
     from fastxtend.callback.ema import EMACallback, EMASchedule  # noqa: F401
     from pipelines.learners import ema_class
     assert issubclass(ema_class(), EMASchedule)
@@ -193,7 +193,7 @@ def test_ema_short_run_learns_and_is_what_validation_and_the_bundle_use(data, tm
     history = train(learn, epochs=2, lr=3e-3, freeze_epochs=1)
     steps = 2 * len(dls.train)
     assert ema.final_decay == pytest.approx(ema_decay_for(steps)) and ema.final_decay < 0.99, \
-        "a short run needs a short EMA (DESIGN: 0.9998 over a few dozen steps learns nothing)"
+        "a short run needs a short EMA (0.9998 over a few dozen steps learns nothing)"
     assert history["accuracy"][-1] > 0.5, f"EMA run: valid accuracy {history['accuracy'][-1]} (chance 0.25)"
     # the model ends with the EMA weights, BatchNorm statistics included (fastxtend 0.1.7 left them behind on CPUs)
     model, averaged = learn.model.state_dict(), learn.model_ema.state_dict()
