@@ -1,9 +1,11 @@
-# Quick start: `make demo`, then `make test`. Everything installs into .venv with pip (DESIGN.md: not uv/poetry,
+# Quick start: `make demo`, then `make test`. Everything installs into .venv with pip (not uv/poetry,
 # which would download torch again instead of taking it from the local disk).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# itfits and what it needs (all that make demo needs); then the extras the tests need (make test)
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install browser demo test bench clean
 
@@ -11,8 +13,12 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test,ray,export]'  # ray, export: the tests of --engine ray and itfits export
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,ray,export]'  # ray, export: the tests of --engine ray and itfits export
+	touch $(TEST_STAMP)
 
 # Each `make demo` writes a new set of run folders (runs/demo-TIME/images, audio, tabular), so it runs any number of times.
 DEMO := runs/demo-$(shell date +%Y%m%d-%H%M%S)
@@ -35,11 +41,11 @@ demo: install
 browser:
 	$(PYTHON) tests/browser.py
 
-test: install browser
+test: $(TEST_STAMP) browser
 	$(BIN)/python -m pytest -q -ra
 
 # Every benchmark with the command bench/BENCHMARKS.md gives for it (18 minutes on 2 cores); each prints its table.
-bench: install
+bench: $(TEST_STAMP)  # ray_predict.py and export_speed.py need the ray and export extras
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	OMP_NUM_THREADS=1 $(BIN)/python bench/unknown_scores.py --seeds 0,1
 	OMP_NUM_THREADS=1 $(BIN)/python bench/audio_render.py
