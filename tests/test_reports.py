@@ -94,7 +94,8 @@ def test_losses_plot_draws_each_metric_on_its_own_axis():
                             "seconds": [1.0, 1.0], "images": [100, 100], "images_per_s": [40.0, 41.0]})
     axes = losses_figure(history).axes
     curves = [sorted(line.get_label() for line in ax.get_lines()) for ax in axes]
-    assert curves == [["train loss", "valid loss"], ["accuracy"], ["error rate"]]  # no throughput, one metric each
+    kept = "kept (epoch 1)"  # the epoch of lowest valid loss, whose weights the run keeps, marked on every axis
+    assert curves == [[kept, "train loss", "valid loss"], ["accuracy", kept], ["error rate", kept]]  # no throughput
     assert axes[1].get_ylim()[1] < 1, "accuracy on a 0..1 axis, not squashed by images/s"
 
 
