@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import warnings
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,7 @@ import typer
 
 from pipelines.errors import ItfitsError
 from pipelines.images import check_workers
-from pipelines.io import check_output, claim_run_folder, new_run_folder, remove_failed_run, sweep_temps
+from pipelines.io import check_output, claim_run_folder, sweep_temps
 from pipelines.logs import event_json, log_mode, progress, say, set_log_mode, set_verbose, verbose
 from pipelines.runtime import reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
@@ -24,6 +25,7 @@ from .options import (ARCH, BS, CAT, CONT, DATA_PANEL, DURATION, MODEL_PANEL, OU
                       MULTI_LABEL, N_FFT, N_MELS, QUIET,
                       SAMPLE_RATE, SEED, SIZE, TARGET, TOP_DB, VALID_PCT, VERBOSE, WEIGHTS, WORKERS, WORKERS_HELP,
                       parse_layers, parse_mel, parse_names, path_text, set_logging)
+from .run_folders import kept_or_removed, new_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained models on a folder of labelled files; predict with unknown flags.")
@@ -106,12 +108,8 @@ def fit(
         config = _resume_config(ctx, resume, workers)
         if main:
             sweep_temps(resume, inside=True)  # what a killed run left half-written
-        try:
+        with kept_or_removed(resume, made=False) if main else nullcontext():
             run_fit(config, log=say)
-        except BaseException:
-            if main:
-                _say_resumable(resume)
-            raise
         return
     if data is None:
         raise ItfitsError("fit needs DATA (a folder or a table), or --resume RUN to continue a run")
@@ -129,40 +127,16 @@ def fit(
     if made:
         if os.environ.get("WORLD_SIZE", "1") != "1":
             raise ItfitsError("a data-parallel fit needs --out: every process writes into the same run folder")
-        out = _new_folder("fit")
+        out = new_folder("fit")
         config = replace(config, out=str(out))
     elif main:
         made = claim_run_folder(out, overwrite=overwrite, log=say)
-    # a user's empty folder: what the run wrote there goes too when it fails (the folder stays)
-    fresh = made or (main and out.is_dir() and not any(out.iterdir()))
-    try:
+    emptied = main and out.is_dir() and not any(out.iterdir())  # a user's empty folder: left empty if it fails
+    with kept_or_removed(out, made=made, emptied=emptied) if main else nullcontext():
         run_fit(config, log=say)
-    except BaseException:  # Ctrl-C and SIGTERM too: never a folder that refuses both fit and --resume
-        if main and not _say_resumable(out) and fresh:
-            remove_failed_run(out)
-            if not made:
-                out.mkdir(exist_ok=True)
-        raise
 
 
 AUTO_RUN = Path("runs") / "fit"  # fit without --out: runs/fit, runs/fit2, ... (io.new_run_folder)
-
-
-def _new_folder(kind: str) -> Path:
-    """A new runs/KIND, runs/KIND2, ... for a command given no --out; printed."""
-    folder = new_run_folder(kind)
-    say(f"run folder: {folder}", "run", run=str(folder))
-    return folder
-
-
-def _say_resumable(run: Path) -> bool:
-    """After a fit stopped (an error, Ctrl-C, SIGTERM): where its folder holds a checkpoint and no finished run,
-    say how to go on (stderr) and return True."""
-    if not (run / "checkpoints" / "last.pt").is_file() or (run / "run.json").is_file():
-        return False
-    message = f"the run keeps its last finished epoch; continue it with: itfits fit --resume {run}"
-    typer.echo(event_json("resumable", message, run=str(run)) if log_mode() == "json" else message, err=True)
-    return True
 
 
 @app.command("lr-find")
@@ -201,14 +175,10 @@ def lr_find(
     check_output(out or Path("runs") / "lr_find", folder=True, inputs=[data])
     made = out is None
     if made:
-        out = _new_folder("lr_find")
+        out = new_folder("lr_find")
         config = replace(config, out=str(out))
-    try:
+    with kept_or_removed(out, made=made):
         lr, suggestions = run_lr_find(config)
-    except BaseException:
-        if made:
-            remove_failed_run(out)
-        raise
     if log_mode() == "json":
         say(f"lr_find: {CHOSEN_SUGGESTION} {lr:.2e}", "lr_find", lr=lr, suggestions=suggestions, plot=str(out / "lr_find.png"))
         return
@@ -363,13 +333,9 @@ def evaluate(
     check_output(out or Path("runs") / "evaluate", folder=True, inputs=[data] + ([unknown] if unknown else []))
     made = out is None
     if made:
-        out = _new_folder("evaluate")
-    try:
+        out = new_folder("evaluate")
+    with kept_or_removed(out, made=made):
         m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
-    except BaseException:
-        if made:
-            remove_failed_run(out)
-        raise
     if m.get("multi_label"):
         return _echo_multilabel(m, out)
     rule, plain = m["unknown_rule"], m["plain_rule"]
