@@ -230,9 +230,11 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
     main = is_main()
     state = load_checkpoint(run) if config.resume else None
     # a resumed run's stored config has the epochs its start resolved
-    if state is not None and state["epoch"] >= config.freeze_epochs + config.epochs and (run / "model").is_dir():
-        raise ItfitsError(f"{run} has finished all {config.freeze_epochs + config.epochs} epochs; nothing to resume. "
-                          f"Its bundle is {run / 'model'}")
+    # finished: every epoch, or fewer where --patience stopped it (run.json is written after the bundle)
+    if state is not None and (run / "model").is_dir() and (
+            state["epoch"] >= config.freeze_epochs + config.epochs or (run / "run.json").is_file()):
+        raise ItfitsError(f"{run} is a finished run ({state['epoch']} of {config.freeze_epochs + config.epochs} "
+                          f"epochs trained); nothing to resume. Its bundle is {run / 'model'}")
     if main:
         run.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)  # the DataLoaders draw their shuffling seed from python's random when they are made

@@ -65,6 +65,16 @@ def test_the_kept_epoch_is_the_best_and_patience_stops(tmp_path, monkeypatch, ca
     head = [k for k in best["model"] if k.startswith("1.")][-1]  # the head's last layer
     assert not torch.equal(weights[head].cpu(), last["model"][head]), "the last epoch's weights were kept"
 
+    # killed after the stop, before the bundle: --resume trains no more epochs and ends with the kept weights
+    from pipelines.checkpoints import load_checkpoint
+    again = image_learner(dls, "efficientnet_lite0", path=tmp_path,
+                          precision=resolve_precision("fp32", arch="efficientnet_lite0", size=32))
+    resumed = train(again, epochs=4, lr=3e-3, freeze_epochs=1, checkpoints=tmp_path / "checkpoints", patience=1,
+                    resume=load_checkpoint(tmp_path))
+    assert resumed.height == 3
+    weights = again.model.state_dict()
+    assert all(torch.equal(weights[k].cpu(), v) for k, v in best["model"].items()), "resume lost the kept epoch"
+
     # each progress line names the epoch whose line follows it: 0 (frozen), then 1, 2 (unfrozen)
     numbers = [int(n) for n in re.findall(r"^epoch (\d+)", out, re.M)]
     assert numbers == sorted(numbers) and set(numbers) == {0, 1, 2}, out
