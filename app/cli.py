@@ -20,11 +20,10 @@ from pipelines.logs import event_json, log_mode, progress, say, set_log_mode, se
 from pipelines.runtime import reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
 
-from .options import (ARCH, BS, CAT, CONT, DATA_PANEL, DURATION, MODEL_PANEL, OUTPUT_PANEL, TRAINING_PANEL,
-                      UNKNOWNS_PANEL, FMAX, FMIN, HOP_LENGTH, IGNORE, JSON_LOGS, LAYERS, MODEL,
-                      MULTI_LABEL, N_FFT, N_MELS, QUIET,
-                      SAMPLE_RATE, SEED, SIZE, TARGET, TOP_DB, VALID_PCT, VERBOSE, WEIGHTS, WORKERS, WORKERS_HELP,
-                      parse_layers, parse_mel, parse_names, path_text, set_logging)
+from .options import (ARCH, BS, CAT, CONT, DATA_PANEL, DURATION, FMAX, FMIN, HOP_LENGTH, IGNORE, JSON_LOGS, LAYERS,
+                      MODEL, MODEL_PANEL, MULTI_LABEL, N_FFT, N_MELS, OUTPUT_PANEL, QUIET, SAMPLE_RATE, SEED, SIZE,
+                      TARGET, TOP_DB, TRAINING_PANEL, UNKNOWNS_PANEL, VALID_PCT, VERBOSE, WEIGHTS, WORKERS,
+                      WORKERS_HELP, parse_layers, parse_mel, parse_names, path_text, set_logging)
 from .run_folders import kept_or_removed, new_folder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -116,8 +115,9 @@ def fit(
     mel = parse_mel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
                       duration=duration, top_db=top_db)
     config = FitConfig(data=str(data), out=str(out or AUTO_RUN), arch=arch, weights=weights, epochs=epochs,
-                       freeze_epochs=freeze_epochs, patience=patience, lr=lr, bs=bs, size=size, valid_pct=valid_pct, seed=seed,
-                       threshold=threshold, keep=keep, score=score, unknown=path_text(unknown), num_workers=workers,
+                       freeze_epochs=freeze_epochs, patience=patience, lr=lr, bs=bs, size=size, valid_pct=valid_pct,
+                       seed=seed, threshold=threshold, keep=keep, score=score, unknown=path_text(unknown),
+                       num_workers=workers,
                        mel=mel, target=target, cat=parse_names(cat), cont=parse_names(cont), ignore=parse_names(ignore),
                        layers=parse_layers(layers), model=model, precision=precision, accum=accum, ema=ema,
                        ema_decay=ema_decay, compile=compile, outlier_exposure=outlier_exposure, balance=balance,

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from .errors import ItfitsError
 from .sources import open_image
 
-BACKGROUND = (255, 255, 255)  # transparent pixels become white, not black (a black background reads as part of the object)
+BACKGROUND = (255, 255, 255)  # transparent pixels become white, not black (black reads as part of the object)
 
 
 def load_image(path: str, *, gray: bool = False) -> Image.Image:

@@ -128,7 +128,8 @@ def finish_multilabel(modality, trained: TrainedImages, config: FitConfig, *, lo
     m = multilabel_metrics(valid["targets"], probs >= np.asarray(calibration.thresholds), probs, classes)
     results = {"valid_macro_f1": m["macro_f1"], "valid_micro_f1": m["micro_f1"], "valid_map": m["map"],
                "valid_subset_accuracy": m["subset_accuracy"], "valid_label_accuracy": m["label_accuracy"],
-               "valid_per_class": m["per_class"], "valid_loss": float(trained.history["valid_loss"][trained.resolved["kept_epoch"]]),
+               "valid_per_class": m["per_class"],
+               "valid_loss": float(trained.history["valid_loss"][trained.resolved["kept_epoch"]]),  # the kept epoch's
                "seconds": round(time.perf_counter() - trained.started, 1)}
     summary = {"config": asdict(config),
                "resolved": {**trained.resolved, "multi_label": True,
