@@ -1,4 +1,4 @@
-"""Batch prediction: inputs -> rows of the predictions table (README, `itfits predict`), streamed batch by batch.
+"""Batch prediction: inputs -> rows of the predictions table (see README), streamed batch by batch.
 Image bundles yield one dict per file; tabular bundles yield DataFrame chunks (input columns, then predictions)."""
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ class PredictConfig:
 
 def prediction_frame(probs: np.ndarray, scores: np.ndarray, unknown: np.ndarray, errors, classes, *,
                      topk: int) -> pl.DataFrame:
-    """The predictions table's columns (README, `itfits predict`) after the inputs': label, calibrated confidence,
-    unknown, error, score, top-k. Rows with an error (a non-empty string) have nulls in every other column."""
+    """The predictions table's columns (README) after the inputs': label, calibrated confidence, unknown, error,
+    score, top-k. Rows with an error (a non-empty string) have nulls in every other column."""
     k, n = min(topk, len(classes)), len(probs)
     order = np.argsort(-probs, axis=1)[:, :k]
     top_p = np.take_along_axis(probs, order, axis=1).astype(np.float64)
@@ -213,8 +213,8 @@ class Predictor:
 
 
 def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictConfig()) -> Iterator[dict | pl.DataFrame]:
-    """The predictions table's rows (README, `itfits predict`), yielded as batches finish, by the bundle's modality:
-    one dict per input file (an audio clip is rendered with the bundle's mel parameters and gets one row), or DataFrame chunks
+    """The predictions table's rows (README), yielded as batches finish, by the bundle's modality: one dict per
+    input file (an audio clip is rendered with the bundle's mel parameters and gets one row), or DataFrame chunks
     of an input table with its predictions (`table_predictions`). Runs `Predictor`, as the Ray engine does."""
     yield from bundle.modality.predict(bundle, inputs, config)
 
