@@ -2,7 +2,8 @@
 
 - Host: a page on another site can make its own name resolve to 127.0.0.1 (DNS rebinding) and then read this
   server's answers as its own; its requests still carry its name in the Host header. Only localhost's names and the
-  --host served are taken (a wildcard --host, 0.0.0.0 or ::, takes any IP address too: a rebinding needs a name).
+  --host served are taken (a wildcard --host, 0.0.0.0 or ::, takes any IP address too: a rebinding needs a name);
+  a request with no Host header (HTTP/1.0; never a browser's) is taken.
 - Origin: a cross-site form or fetch can POST here from any page the user visits; browsers say where it comes from
   in the Origin header. A POST with an Origin other than the page's own is refused. Without one (curl, scripts) it
   is taken: such clients can reach the server anyway.
@@ -69,8 +70,8 @@ class RequestChecks:
 
     def problem(self, request: Request) -> tuple[str, int] | None:
         """(message, HTTP status) of a request that is not taken, or None."""
-        header = request.headers.get("host", "")
-        host = _host_port(header)
+        header = request.headers.get("host")  # every browser sends one; an HTTP/1.0 client may not
+        host = _host_port(header or "127.0.0.1")
         if host is None or not (host[0] in self.hosts or self.any_ip and _is_ip(host[0])):
             return (f"this server answers requests for {', '.join(sorted(self.hosts))}, not for the host "
                     f"'{header[:100]}': open it as http://127.0.0.1:PORT/ (or start itfits serve with --host NAME)", 421)
