@@ -173,14 +173,14 @@ def _rows_frame(rows: list) -> pl.DataFrame:
     for x in rows:
         if isinstance(x, pl.DataFrame):
             frames.append(x)
-        elif _is_table(x):
-            frames.append(pl.from_pandas(x))
-        else:
-            row = dict(x) if isinstance(x, dict) else x.to_dict()
-            frames.append(pl.DataFrame([{str(k): v for k, v in row.items()}], infer_schema_length=None))
+            continue
+        # pandas: through Python values (pl.from_pandas would need pyarrow, which itfits does not install)
+        records = x.to_dict("records") if _is_table(x) else [dict(x) if isinstance(x, dict) else x.to_dict()]
+        frames.append(pl.DataFrame([{str(k): v for k, v in r.items()} for r in records], infer_schema_length=None))
     frame = pl.concat(frames, how="diagonal_relaxed")
-    # a column with no value in any row has no type: read it as a CSV's empty cells are
-    return frame.with_columns(pl.col(c).cast(pl.String) for c, t in frame.schema.items() if t == pl.Null)
+    # a column with no value in any row has no type: read it as a CSV's empty cells are; pandas' NaN is missing
+    return frame.with_columns([pl.col(c).cast(pl.String) for c, t in frame.schema.items() if t == pl.Null]
+                              + [pl.col(c).fill_nan(None) for c, t in frame.schema.items() if t.is_float()])
 
 
 class Model:
