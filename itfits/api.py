@@ -58,7 +58,7 @@ class Run:
     """A finished `itfits.fit`: the run folder, its run.json and the fastai Learner that trained the kept model."""
     path: Path  # the run folder (FitConfig.out)
     summary: dict  # run.json: config, resolved, results, calibration
-    learn: Any = None  # fastai's Learner (its model holds the bundle's weights); None for LightGBM's trees
+    learn: Any = None  # fastai's Learner (its model holds the bundle's weights); None for trees or the blend
 
     @property
     def bundle(self) -> Path:
