@@ -108,8 +108,7 @@ def create_app(target: Path | str, *, host: str = "127.0.0.1", max_files: int = 
             with tempfile.TemporaryDirectory(prefix="itfits-upload-") as folder:  # deleted after the prediction
                 uploads = await receive_files(request, Path(folder), site.limits)
                 if not uploads:
-                    raise UploadRefused(f"no files came with the upload: choose or drop {modality.what} first",
-                                        400 if as_json else 200)
+                    raise UploadRefused(f"no files came with the upload: choose or drop {modality.what} first")
                 rows, previews = await run_in_threadpool(_predict_uploads, site, uploads, previews=not as_json)
         except UploadRefused as e:
             return json_error(str(e), e.status) if as_json else _page(
@@ -134,7 +133,8 @@ def create_app(target: Path | str, *, host: str = "127.0.0.1", max_files: int = 
 def _how_to_post(site: Site) -> str:
     return ("multipart/form-data files in the field 'files' (curl -F files=@rows.csv), or a JSON array of rows "
             "(objects of column: value)" if not site.modality.row_per_file else
-            f"multipart/form-data files in the field 'files' (curl -F files=@photo{min(site.limits.exts)})")
+            f"multipart/form-data files in the field 'files' (curl -F files=@example"
+            f"{'.png' if '.png' in site.limits.exts else min(site.limits.exts)})")
 
 
 def _about(site: Site) -> Response:
