@@ -264,7 +264,8 @@ def test_a_foreign_host_header_is_refused(client, trained_run):
 def test_a_post_from_another_origin_is_refused(client):
     one = [(TEST_FILES[0].name, TEST_FILES[0].read_bytes())]
     files = [("files", (n, d, "image/png")) for n, d in one]
-    for origin in ("http://evil.example", "null", "http://localhost:9999", "https://localhost", "http://localhost.evil"):
+    for origin in ("http://evil.example", "null", "http://localhost:9999", "https://localhost",
+                   "http://localhost.evil"):
         refused = client.post("/predict", files=files, headers={"origin": origin})
         assert refused.status_code == 403 and "another site" in refused.text and "result" not in refused.text, origin
     for headers in ({"origin": "http://localhost"}, {}):  # the page's own origin; curl sends none

@@ -74,7 +74,8 @@ class RequestChecks:
         host = _host_port(header or "127.0.0.1")
         if host is None or not (host[0] in self.hosts or self.any_ip and _is_ip(host[0])):
             return (f"this server answers requests for {', '.join(sorted(self.hosts))}, not for the host "
-                    f"'{header[:100]}': open it as http://127.0.0.1:PORT/ (or start itfits serve with --host NAME)", 421)
+                    f"'{header[:100]}': open it as http://127.0.0.1:PORT/ (or start itfits serve with --host NAME)",
+                    421)
         origin = request.headers.get("origin")
         if request.method in SAFE_METHODS or origin is None:
             return None
