@@ -25,8 +25,9 @@ KEEPS = (0.80, 0.90, 0.95, 0.99)  # the --keep values the page's table shows, wi
 
 def evaluate(model: str | Path, data: str | Path, *, out: str | Path, unknown: str | Path | None = None,
              num_workers: int | None = None, tta: bool = False) -> dict:
-    """Metrics of a bundle on labelled DATA (every file, whatever its split) and optional unknown examples; `tta`:
-    each image's outputs averaged with its mirror image's (predict.image_batches)."""
+    """Metrics of a bundle on labelled DATA (every file, whatever its split) and optional unknown examples, written to
+    OUT/metrics.json, with OUT/report.html (evaluate_report) and its plots for a single-label model; `tta`: each
+    image's outputs averaged with its mirror image's (predict.image_batches). Returns the metrics."""
     bundle = load_bundle(model)
     modality = bundle.modality
     if not modality.row_per_file:  # evaluate runs labelled files through batches.file_outputs

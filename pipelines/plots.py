@@ -113,13 +113,15 @@ def plot_score_histograms(groups: dict[str, np.ndarray], path: Path, *, threshol
     """The unknown score's distribution in each group (e.g. correct known, wrong known, unknown items), on shared
     bins, with the threshold drawn: items left of it are flagged unknown."""
     values = [v for v in groups.values() if len(v)]
-    lo, hi = min(min(v.min() for v in values), threshold), max(max(v.max() for v in values), threshold)
+    drawn = [threshold] if np.isfinite(threshold) else []  # -inf: a bundle that flags nothing
+    lo, hi = min([v.min() for v in values] + drawn), max([v.max() for v in values] + drawn)
     bins = np.linspace(lo, hi if hi > lo else lo + 1, 31)
     fig, ax = _figure_axes(figsize=(6.5, 4))
     for (name, v), color in zip(groups.items(), ["C0", "C3", "C1", "C2"]):
         if len(v):
             ax.hist(v, bins=bins, alpha=0.5, color=color, label=f"{name} ({len(v)})")
-    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+    if drawn:
+        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
     ax.set(xlabel=f"{score} (higher = more like a known class)", ylabel="items",
            title="unknown score: known and unknown items")
     ax.legend()
