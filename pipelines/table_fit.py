@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -21,7 +22,7 @@ from .prepare import nn_learner, read_training_table
 from .reports import Validation, guarded, write_report
 from .sources import read_table
 from .tabular import TABLE_EPOCHS, TabularModelSpec
-from .table_learners import LEARNERS, TableFit, choose, learners_for, valid_scores
+from .table_learners import KINDS, TableFit, blend_fit, choose, learners_for, valid_scores, weighs_blend
 from .training import CHOSEN_SUGGESTION, best_epoch, find_lr, train
 
 
@@ -121,10 +122,14 @@ def _fit_learners(modality, config, data, unknown, run: Path, log, t0: float) ->
         fits[learner.name] = learner.train(data, config, run, log)
         scores[learner.name] = valid_scores(learner, fits[learner.name], data)
         log(_score_line(learner.name, scores[learner.name], fits[learner.name].seconds))
-    kind, why = choose(scores)
-    fit, learner, chosen = fits[kind], LEARNERS[kind], scores[kind]
+    if weighs_blend(config.model, prep.task):
+        fits["blend"] = blend_fit(fits["nn"], fits["gbdt"])
+        scores["blend"] = valid_scores(KINDS["blend"], fits["blend"], data)
+        log(_score_line("blend", scores["blend"], fits["blend"].seconds))
+    kind, why = choose(scores, config.model)
+    fit, learner, chosen = fits[kind], KINDS[kind], scores[kind]
     if len(fits) > 1:
-        log(f"model: {kind}, {learner.describe} ({why}; --model nn or gbdt trains one)")
+        log(f"model: {kind}, {learner.describe} ({why}; --model nn, gbdt or blend keeps one)")
     write_table(fit.history, run / "history.csv")
 
     v_rows = data.rows[data.valid]
@@ -143,7 +148,10 @@ def _fit_learners(modality, config, data, unknown, run: Path, log, t0: float) ->
         v_true = rows[prep.target].cast(pl.Float64).to_numpy()  # exact: data.y holds it normalised, in float32
         results = regression_metrics(v_pred, v_true)
         outputs = dict(predictions=v_pred, targets=v_true)
-    valid_loss = fit.history["valid_loss"].min()
+    # the kept epoch's or round's loss; the blend's own on the standardised target (its history is the network's)
+    valid_loss = (fit.history["valid_loss"].min() if kind != "blend" else
+                  float(np.mean((chosen["logits"][:, 0] - data.y[data.valid]) ** 2)) if prep.task != "classification"
+                  else chosen["valid_nll"])
     results.update(valid_loss=float(valid_loss), model=kind, seconds=round(time.perf_counter() - t0, 1))
     if len(fits) > 1:  # every learner's validation figures: the report shows the one not kept too
         results["models"] = {k: {**{n: v for n, v in s.items() if n.startswith("valid_")}, "seconds": fits[k].seconds}
