@@ -240,6 +240,13 @@ def predict_files(modality, bundle: Bundle, inputs: list[str], config: PredictCo
         yield from frame.iter_rows(named=True)
 
 
+def flagged_line(counts: dict[str, int], *, counted: str = "files") -> str:
+    """How many of the predicted rows (errors left out) were flagged unknown, as write_predictions counted them:
+    'flagged 12 of 240 files unknown (5.0%)'."""
+    done = counts["files"] - counts["errors"]
+    return f"flagged {counts['unknown']} of {done} {counted} unknown" + (f" ({counts['unknown'] / done:.1%})" if done else "")
+
+
 def write_predictions(rows: Iterator[dict | pl.DataFrame], out: Path, *, chunk: int = 1024) -> dict[str, int]:
     """Write rows (dicts, or DataFrame chunks) to CSV or Parquet (by extension) atomically, CSV in chunks as they
     come. Returns counts."""

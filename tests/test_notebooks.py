@@ -15,7 +15,8 @@ from helpers import REPO
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 KERNEL = "itfits-test-python"
 # Files each notebook must have written under ITFITS_RUNS (the notebooks of other modalities add theirs).
-EXPECTED = {"01_images.ipynb": ["01_images/report.html", "01_images/model/itfits.json", "01_images/evaluate/metrics.json"],
+EXPECTED = {"01_images.ipynb": ["01_images/report.html", "01_images/model/itfits.json", "01_images/evaluate/metrics.json",
+                                "01_images/evaluate/report.html"],
             "02_audio.ipynb": ["02_audio/report.html", "02_audio/model/itfits.json"],
             "03_tabular.ipynb": ["03_tabular/run/report.html", "03_tabular/run/model/itfits.json"],
             "04_python_api.ipynb": ["04_python_api/model/itfits.json", "04_python_api_table/model/itfits.json"]}
