@@ -19,6 +19,7 @@ from .calibration import calibrate_table, calibration_line, unknown_rows
 from .io import write_json, write_table
 from .logs import emit
 from .metrics import regression_metrics
+from .modality import Fitted
 from .prepare import nn_learner, read_training_table
 from .reports import Validation, guarded, write_report
 from .sources import read_table
@@ -67,7 +68,7 @@ def train_nn(data, config, run: Path, log) -> TableFit:
                 "emb_szs": spec.json()["emb_szs"]}
     return TableFit(kind="nn", model=learn.model.eval(), history=history, resolved=resolved,
                     model_json={"kind": "nn", **spec.json()},
-                    seconds=round(time.perf_counter() - t0, 2))
+                    seconds=round(time.perf_counter() - t0, 2), learn=learn)
 
 
 def choose_lr(learn, config, run: Path, log) -> tuple[float, dict[str, float] | None]:
@@ -103,9 +104,10 @@ def _score_line(kind: str, s: dict, seconds: float) -> str:
     return f"{kind}: validation {figures} ({seconds:.1f} s)"
 
 
-def fit_table(modality, config, log=print) -> dict:
+def fit_table(modality, config, log=print) -> Fitted:
     """`itfits fit TABLE --target COLUMN`: train the learners of --model on one split, keep the better on validation,
-    calibrate it and write the run folder as `fit` does for images. Returns the run summary (run.json)."""
+    calibrate it and write the run folder as `fit` does for images. Returns the run summary (run.json) and the
+    kept model's fastai Learner (None for LightGBM's trees)."""
     t0 = time.perf_counter()
     run = Path(config.out)
     data = read_training_table(config, run)
@@ -116,7 +118,7 @@ def fit_table(modality, config, log=print) -> dict:
         return _fit_learners(modality, config, data, unknown, run, log, t0)
 
 
-def _fit_learners(modality, config, data, unknown, run: Path, log, t0: float) -> dict:
+def _fit_learners(modality, config, data, unknown, run: Path, log, t0: float) -> Fitted:
     from .run import config_defaults  # run imports this module: no cycle at import
     prep = data.prep
     fits, scores = {}, {}
@@ -177,7 +179,7 @@ def _fit_learners(modality, config, data, unknown, run: Path, log, t0: float) ->
                      Validation(names=[f"row {r}" for r in v_rows], rows=rows, **outputs), defaults=config_defaults())
     log(", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in results.items() if k.startswith("valid_"))
         + f"; model bundle in {run / 'model'}; report: {report or 'not written'}")
-    return summary
+    return Fitted(summary, fit.learn)
 
 
 def lr_find_table(config) -> tuple[float, dict[str, float]]:

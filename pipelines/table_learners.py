@@ -35,6 +35,7 @@ class TableFit:
     model_json: dict  # itfits.json's `model`: what rebuilds it
     seconds: float
     files: dict[str, bytes] = field(default_factory=dict)  # bundle files beside model.safetensors (gbdt: its text)
+    learn: object = None  # the fastai Learner that trained it (nn), for itfits.fit's Run.learn; None for gbdt
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ class TableModality(Modality):
     def describe(self, config) -> str:
         return f"a tabular model of '{config.target}'"
 
-    def fit(self, config, log) -> dict:
+    def fit(self, config, log):
         from .table_fit import fit_table  # the training stages import fastai: prediction must not pay for it at start-up
         return fit_table(self, config, log)
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from helpers import FASHION, REPO, run_here
 
@@ -21,6 +22,9 @@ def test_two_fits_without_out_land_in_two_folders(tmp_path, monkeypatch):
     assert "run folder: runs/fit\n" in first.out and "run folder: runs/fit2\n" in second.out, second.out
     for run in ("fit", "fit2"):
         assert json.loads((tmp_path / "runs" / run / "run.json").read_text())["config"]["out"] == f"runs/{run}"
+    import itfits  # the Python API too
+    third = itfits.fit(PENGUINS, target="species", ignore=["year"], model="gbdt", log=lambda *a: None)
+    assert third.path == Path("runs/fit3") and (tmp_path / "runs" / "fit3" / "run.json").is_file()
 
 
 def test_a_failed_fit_without_out_leaves_no_folder(tmp_path, monkeypatch):
