@@ -12,10 +12,9 @@ from typing import Optional
 import typer
 
 from pipelines.errors import ItfitsError
-from pipelines.images import check_workers
 from pipelines.io import check_output, claim_run_folder, remove_failed_run, sweep_temps
 from pipelines.logs import event_json, log_mode, progress, say, set_log_mode
-from pipelines.runtime import reuse_freed_memory
+from pipelines.runtime import check_workers, reuse_freed_memory
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
 
 from .options import (ARCH, BS, CAT, CONT, DURATION, FMAX, FMIN, HOP_LENGTH, IGNORE, JSON_LOGS, LAYERS, MODEL,

@@ -13,7 +13,7 @@ import polars as pl
 import torch
 from PIL import Image, ImageOps
 
-from .errors import ItfitsError
+from .runtime import check_workers  # noqa: F401 (run.py's import of it)
 from .sources import open_image
 
 BACKGROUND = (255, 255, 255)  # transparent pixels become white, not black (DESIGN: RGBA lesson)
@@ -87,12 +87,6 @@ class ImagePreprocessing:
 
 def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
-
-
-def check_workers(workers: int | None) -> None:
-    """--workers: None (chosen, see loader_workers) or a count of 0 (no worker processes) or more."""
-    if workers is not None and workers < 0:
-        raise ItfitsError(f"--workers must be 0 (no worker processes) or more, got {workers}")
 
 
 def loader_workers(*, cached: bool = False) -> int:

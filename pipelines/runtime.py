@@ -5,6 +5,8 @@ import ctypes
 import ctypes.util
 import functools
 
+from .errors import ItfitsError
+
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value (64-bit): allocations below it come from the heap
 TRIM_THRESHOLD = 1 << 30  # free heap memory kept for reuse up to this much before any is returned to the OS
 
@@ -23,3 +25,9 @@ def reuse_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+
+
+def check_workers(workers: int | None) -> None:
+    """--workers: None (chosen, see images.loader_workers) or a count of 0 (no worker processes) or more."""
+    if workers is not None and workers < 0:
+        raise ItfitsError(f"--workers must be 0 (no worker processes) or more, got {workers}")
