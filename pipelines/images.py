@@ -13,7 +13,7 @@ import polars as pl
 import torch
 from PIL import Image, ImageOps
 
-from .runtime import check_workers  # noqa: F401 (run.py's import of it)
+from .runtime import check_workers, cpu_share  # noqa: F401 (check_workers: run.py's import of it)
 from .sources import open_image
 
 BACKGROUND = (255, 255, 255)  # transparent pixels become white, not black (DESIGN: RGBA lesson)
@@ -86,15 +86,16 @@ class ImagePreprocessing:
 
 
 def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+    return min(4, cpu_share()[0])
 
 
 def loader_workers(*, cached: bool = False) -> int:
     """DataLoader worker processes when the user sets none. With a GPU: up to 4, so decoding overlaps the GPU's
     work. Without one the model computes on the cores workers would take: none when the images come decoded
     from memory or the machine has 4 cores or fewer (measured on 2: workers cost more than they bring), else a
-    quarter of the cores, up to 4."""
-    cpus = os.cpu_count() or 1
+    quarter of the cores, up to 4. The cores: those this process may use (runtime.cpu_share: affinity, cgroup quota,
+    its share of a data-parallel run)."""
+    cpus = cpu_share()[0]
     if torch.cuda.is_available():
         return default_workers()
     return 0 if cached or cpus <= 4 else min(4, cpus // 4)

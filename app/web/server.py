@@ -74,14 +74,15 @@ def find_report(target: Path, bundle: Bundle) -> Path | None:
     return None
 
 
-def create_app(target: Path | str, *, max_files: int = 100, max_file_mb: float = 20.0, topk: int = 3) -> Starlette:
+def create_app(target: Path | str, *, max_files: int = 100, max_file_mb: float = 20.0, topk: int = 3,
+               workers: int = 0) -> Starlette:
     """The web app for the bundle in TARGET (a run folder or RUN/model); the bundle is loaded here, once."""
     if max_files < 1 or max_file_mb <= 0 or topk < 1:
         raise ItfitsError("--max-files and --topk must be at least 1 and --max-file-mb positive")
     bundle = load_bundle(target)
     modality = bundle.modality
     site = Site(bundle=bundle, modality=modality, limits=UploadLimits(modality.exts, max_files, max_file_mb),
-                config=PredictConfig(batch_size=32, num_workers=0, topk=topk),  # no worker processes per request
+                config=PredictConfig(batch_size=32, num_workers=workers, topk=topk),  # default: no worker processes per request
                 report=find_report(Path(target), bundle), lock=threading.Lock())
 
     async def home(request: Request) -> Response:
@@ -228,7 +229,7 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(target: Path | str, *, host: str = "127.0.0.1", port: int = 8000, log=print, **app_kwargs) -> None:
-    """Serve the page until Ctrl-C. app_kwargs go to create_app (max_files, max_file_mb, topk)."""
+    """Serve the page until Ctrl-C. app_kwargs go to create_app (max_files, max_file_mb, topk, workers)."""
     import uvicorn
     check_port(host, port)
     app = create_app(target, **app_kwargs)
