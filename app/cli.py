@@ -238,6 +238,9 @@ def predict(
         raise ItfitsError(f"--engine must be local or ray, got {engine!r}")
     if engine == "local" and (address or concurrency is not None or gpus_per_worker):
         raise ItfitsError("--address, --concurrency and --gpus-per-worker are options of --engine ray; add it")
+    if engine == "ray" and threads is not None:
+        raise ItfitsError("--threads is for --engine local: Ray gives each actor its share of the cores "
+                          "(OMP_NUM_THREADS); --concurrency sets how many actors")
     if engine == "ray":
         return _predict_on_ray(model, inputs, out, topk=topk, threshold=threshold, batch_size=batch_size,
                                workers=workers, precision=precision, tta=tta, address=address,
@@ -245,9 +248,9 @@ def predict(
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ItfitsError(f"--out must end in .csv or .parquet, got {out}")
     _check_predict_options(topk=topk, batch_size=batch_size, threshold=threshold, workers=workers)
+    cpu = cpu_policy(threads=threads, workers=workers)
     check_output(out, folder=False, inputs=inputs)
     sweep_temps(out)  # what a killed predict left beside --out
-    cpu = cpu_policy(threads=threads, workers=workers)
     bundle = load_model(model)
     from pipelines.precision import check_precision
     config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold,

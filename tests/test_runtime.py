@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 # every command's --help and two usage errors, in one fresh interpreter; the heavy packages imported after each
@@ -120,3 +122,17 @@ def test_threads_and_workers_flags(table_run, trained_run, tmp_path, monkeypatch
     assert proc.returncode == 0, proc.err[-2000:]
     assert during == [1] and "cpu: 1 thread (--threads), 1 inter-op, worker processes 1 (--workers)" in proc.out
     assert torch.get_num_threads() == before  # put back after the command
+
+
+def test_threads_below_one_fail_up_front(tmp_path, monkeypatch):
+    import pipelines.run
+    from app.cli import app
+    from pipelines.errors import ItfitsError
+    monkeypatch.setattr(pipelines.run, "fit", lambda *a, **k: pytest.fail("--threads 0 reached training"))
+    for args in (["fit", REPO / "data" / "fashion", "--out", tmp_path / "run"],
+                 ["predict", "model", "x.png", "--out", tmp_path / "p.csv"], ["evaluate", "model", "data"]):
+        with pytest.raises(ItfitsError, match="--threads must be at least 1, got 0"):
+            app([*map(str, args), "--threads", "0"], standalone_mode=False)
+    with pytest.raises(ItfitsError, match="--threads is for --engine local"):
+        app(["predict", "model", "x.png", "--out", str(tmp_path / "p"), "--engine", "ray", "--threads", "2"],
+            standalone_mode=False)

@@ -82,7 +82,7 @@ def create_app(target: Path | str, *, max_files: int = 100, max_file_mb: float =
     bundle = load_bundle(target)
     modality = bundle.modality
     site = Site(bundle=bundle, modality=modality, limits=UploadLimits(modality.exts, max_files, max_file_mb),
-                config=PredictConfig(batch_size=32, num_workers=workers, topk=topk),  # default: no worker processes per request
+                config=PredictConfig(batch_size=32, num_workers=workers, topk=topk),  # default 0: none per request
                 report=find_report(Path(target), bundle), lock=threading.Lock())
 
     async def home(request: Request) -> Response:
