@@ -22,12 +22,24 @@ def _umask() -> int:
     return mask
 
 
+TEMP_NAME_BYTES = 100  # of the output's name in its temporary file's: a 250-byte name must still leave room
+
+
+def temp_prefix(path: Path | str) -> str:
+    """`.NAME.PID.` : the start of a temporary file's or folder's name beside `path` (mkstemp adds random letters and
+    `.tmp`). The PID tells `sweep_temps` whether its owner still runs: a second command writing the same output must
+    not remove the first one's live file. A long NAME is cut, so that the temporary name stays a legal one."""
+    name = os.fsdecode(os.fsencode(Path(path).name)[:TEMP_NAME_BYTES])
+    return f".{name}.{os.getpid()}."
+
+
 @contextmanager
 def atomic_path(path: Path):
-    """Yields a temporary path in the same folder; renamed onto `path` only if the block succeeds."""
+    """Yields a temporary path in the same folder; renamed onto `path` only if the block succeeds. Two processes
+    writing one `path` each write their own temporary file: the last to finish wins, with a whole file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the output is an ordinary file
     try:
@@ -43,7 +55,7 @@ def atomic_dir(path: Path):
     """Yields a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the output is an ordinary folder
     try:
         yield tmp
@@ -80,14 +92,31 @@ def check_output(path: Path | str, *, folder: bool, inputs=()) -> None:
                               "data by the next run; put the run folder elsewhere")
 
 
+def _owner_gone(temp: Path) -> bool:
+    """Whether the process named in a temporary file's name (`temp_prefix`) has ended; a name without a PID (an
+    older itfits's) counts as ended."""
+    _, pid, _ = (temp.name[1:-len(".tmp")].rsplit(".", 2) + ["", ""])[:3]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's process: alive
+        return False
+    return False
+
+
 def sweep_temps(path: Path | str, *, inside: bool = False) -> int:
     """Remove what atomic_path/atomic_dir left of `path` when a process was killed (SIGKILL: no cleanup runs): the
-    `.NAME.*.tmp` files and folders beside it, and with `inside` (a run folder) every `.*.tmp` below it. Called
-    when a command starts on that output. Returns how many were removed."""
+    `.NAME.PID.*.tmp` files and folders beside it, and with `inside` (a run folder) every `.*.tmp` below it, whose
+    process PID has ended: another command writing the same output keeps its live file. Called when a command
+    starts on that output. Returns how many were removed."""
     path = Path(path)
-    found = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    found = list(path.parent.glob(glob.escape(temp_prefix(path).rsplit(".", 2)[0]) + ".*.tmp"))
     if inside and path.is_dir():
         found += list(path.rglob(".*.tmp"))
+    found = [t for t in found if _owner_gone(t)]
     for stale in found:
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
     return len(found)

@@ -1,0 +1,66 @@
+"""Faults of a second hardening round (issue 29): concurrent writers, full disks and unusable folders, inputs that
+lie about their size, odd tables, malformed bundles, hostile names. Each gives one clear `error:` line, an error row
+or a note, and loses nothing."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from helpers import FASHION_TEST, REPO, leftovers, run_here
+
+TEST_PNG = sorted(FASHION_TEST.glob("*/*.png"))[0]
+
+
+def error_line(ran) -> str:
+    assert ran.code == 1, f"exit {ran.code}; stdout {ran.out[-500:]} stderr {ran.err[-500:]}"
+    lines = [ln for ln in ran.err.strip().splitlines() if not ln.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), ran.err
+    return lines[0]
+
+
+# ---- 1: concurrent writers -----------------------------------------------------------------------------------
+
+def test_sweep_removes_only_temp_files_whose_owner_is_gone(tmp_path):
+    from pipelines.io import sweep_temps, temp_prefix
+    out = tmp_path / "p.csv"
+    live = tmp_path / f"{temp_prefix(out)}abc.tmp"  # this process's: alive
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    dead = tmp_path / f".p.csv.{ended.pid}.abc.tmp"
+    older = tmp_path / ".p.csv.abc123.tmp"  # an older itfits's name, without a PID
+    for p in (live, dead, older):
+        p.write_bytes(b"")
+    assert sweep_temps(out) == 2 and live.exists() and not dead.exists() and not older.exists()
+
+
+# a predict's writer in another process: write_predictions streams rows into its temporary file until told to end
+SLOW_WRITER = """
+import sys, polars as pl
+from pipelines.predict import write_predictions
+def rows():
+    for i in range(3):
+        yield pl.DataFrame({"path": [f"slow{i}.png"], "label": ["bag"], "unknown": [False], "error": [None]}, schema_overrides={"error": pl.String})
+        if i == 0:
+            print("writing", flush=True)
+            sys.stdin.readline()
+write_predictions(rows(), sys.argv[1])
+"""
+
+
+def test_two_predicts_writing_one_out_both_finish_and_the_last_wins(trained_run, tmp_path):
+    out = tmp_path / "p.csv"
+    first = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(out)], cwd=REPO, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert first.stdout.readline() == "writing\n", first.stderr.read()
+    second = run_here("predict", trained_run.model, TEST_PNG, "--out", out)  # its start-up sweep meets a live file
+    assert second.code == 0 and pl.read_csv(out).height == 1, second.err
+    _, err = first.communicate("go\n", timeout=60)
+    assert first.returncode == 0, err[-2000:]
+    assert pl.read_csv(out)["path"].to_list() == ["slow0.png", "slow1.png", "slow2.png"]  # whole: the last writer's
+    assert not leftovers(tmp_path)
