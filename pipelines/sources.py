@@ -37,7 +37,36 @@ def _check_table(path: Path) -> Path:
         raise ItfitsError(f"{path} does not exist or is not a file; a table is a .csv or .parquet file")
     if path.suffix.lower() not in TABLE_EXTS:
         raise ItfitsError(f"{path}: a table must be a .csv or .parquet file")
+    if path.suffix.lower() == ".csv":
+        _check_encoding(path)
     return path
+
+
+# byte order marks of the encodings a CSV is saved in besides UTF-8 (spreadsheets' "Unicode text" is UTF-16)
+BOMS = {b"\xff\xfe\x00\x00": "UTF-32 (little-endian)", b"\x00\x00\xfe\xff": "UTF-32 (big-endian)",
+        b"\xff\xfe": "UTF-16 (little-endian)", b"\xfe\xff": "UTF-16 (big-endian)"}
+ENCODING_HEAD = 1 << 16  # bytes of a CSV looked at before reading it; polars finds bad bytes past them
+
+
+def not_utf8(path: Path | str, where: str = "", encoding: str = "ENCODING") -> ItfitsError:
+    return ItfitsError(f"{path} is not UTF-8 text{where}; itfits reads CSV as UTF-8: save it as UTF-8 (a "
+                       f"spreadsheet's 'CSV UTF-8', or iconv -f {encoding} -t UTF-8 < old.csv > new.csv)")
+
+
+def _check_encoding(path: Path) -> None:
+    """An ItfitsError naming the encoding of a CSV that is not UTF-8 (UTF-16/32 by their byte order mark or NUL
+    bytes, else the first byte UTF-8 cannot read), instead of polars reading garbled column names."""
+    with open(path, "rb") as f:
+        head = f.read(ENCODING_HEAD)
+    bom = next((name for mark, name in BOMS.items() if head.startswith(mark)), None)
+    if bom or b"\x00" in head:
+        raise not_utf8(path, f": it is {bom or 'UTF-16 or UTF-32 (it holds NUL bytes)'}", (bom or "UTF-16")[:6])
+    import codecs
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < ENCODING_HEAD)
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, f": byte {head[e.start]:#04x} at offset {e.start} is not UTF-8 (Latin-1 or "
+                             "Windows-1252, maybe)", "CP1252") from e
 
 
 def table_columns(path: Path | str) -> list[str]:
@@ -77,6 +106,8 @@ def read_table(path: Path | str, columns: list[str] | None = None, *, strings=()
             schema = pl.scan_csv(path, infer_schema_length=infer_rows,
                                  schema_overrides={c: pl.String for c in strings}).collect_schema()
             lf = pl.scan_csv(path, schema=schema)
+            if _has_empty_lines(path):  # blank lines (and lines of commas only) are not rows; polars reads them so
+                lf = lf.filter(~pl.all_horizontal(pl.all().is_null()))
         lf = lf.select(columns) if columns is not None else lf
         if not categorical:
             return lf
@@ -92,10 +123,22 @@ def read_table(path: Path | str, columns: list[str] | None = None, *, strings=()
         if "more fields than defined" in str(e):  # polars' advice names one of its own options
             raise ItfitsError(f"cannot read table {path}: a row has more fields than the header (a comma in a field "
                               "that is not quoted?)") from e
+        if "invalid utf-8" in str(e):  # past the bytes _check_encoding looked at
+            raise not_utf8(path, " (past its first 64 KB)") from e
         raise ItfitsError(f"cannot read table {path}: {e}") from e
     if not parquet:
         _refuse_short_rows(path, df)
     return df if parquet else _missing_words(df, keep_text=strings)
+
+
+def _has_empty_lines(path: Path) -> bool:
+    """Whether a CSV has a line that is empty or holds only commas (a search of the bytes: no parsing)."""
+    import mmap
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return re.search(rb"\n,*\r?\n|\n,+\r?\Z", data) is not None
 
 
 def _refuse_short_rows(path: Path, df: pl.DataFrame) -> None:

@@ -190,7 +190,10 @@ class TabularPreprocessing:
     def _parse(self, table: pl.DataFrame, *, source) -> tuple[pl.DataFrame, pl.Series, set]:
         expanded, date_errors = expand_dates(table, self.dates, source=source)
         parsed, errors, partly_bad = parse_columns(expanded, self.parse_dtypes, source=source)
-        return parsed, _join_errors([date_errors, errors], table.height), partly_bad
+        # a row without a single value is no evidence of any class: an error row, never a confident label
+        empty = parsed.select(pl.all_horizontal(pl.all().is_null()) if parsed.width else pl.lit(False)).to_series()
+        empty = pl.select(pl.when(empty).then(pl.lit("every column the model reads is missing"))).to_series()
+        return parsed, _join_errors([date_errors, errors, empty], table.height), partly_bad
 
 
 def many_values(n_values: int, n_rows: int) -> bool:

@@ -64,3 +64,31 @@ def test_two_predicts_writing_one_out_both_finish_and_the_last_wins(trained_run,
     assert first.returncode == 0, err[-2000:]
     assert pl.read_csv(out)["path"].to_list() == ["slow0.png", "slow1.png", "slow2.png"]  # whole: the last writer's
     assert not leftovers(tmp_path)
+
+
+# ---- 4: tables -----------------------------------------------------------------------------------------------
+
+PENGUINS = REPO / "data" / "penguins.csv"
+
+
+def test_blank_lines_are_not_rows_and_a_row_without_values_is_an_error_row(table_run, tmp_path):
+    lines = PENGUINS.read_text().splitlines()
+    header, rows = lines[0], lines[1:4]
+    n_cols = header.count(",") + 1
+    table = tmp_path / "t.csv"
+    table.write_text("\n".join([header, rows[0], "", rows[1], "\r", "," * (n_cols - 1), rows[2],
+                                "Adelie" + "," * (n_cols - 2) + ",2007", "", ""]) + "\n")  # only the target and year
+    out = tmp_path / "p.csv"
+    assert run_here("predict", table_run / "model", table, "--out", out).code == 0
+    p = pl.read_csv(out)
+    assert p.height == 4, p  # the three rows and the one without a feature; no blank line
+    assert p["error"].null_count() == 3 and p["label"].null_count() == 1
+    assert "missing" in p["error"][3] and p["label"][3] is None
+
+
+@pytest.mark.parametrize("encoding,words", [("utf-16", "UTF-16"), ("latin-1", "0xe9")])
+def test_a_csv_not_in_utf8_is_refused_naming_its_encoding(table_run, tmp_path, encoding, words):
+    table = tmp_path / "t.csv"
+    table.write_bytes(PENGUINS.read_text().replace("Biscoe", "Bisc\u00e9", 1).encode(encoding))
+    line = error_line(run_here("predict", table_run / "model", table, "--out", tmp_path / "p.csv"))
+    assert "not UTF-8" in line and words in line and "iconv" in line, line
