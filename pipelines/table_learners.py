@@ -103,7 +103,7 @@ def learners_for(name: str) -> list[TableLearner]:
 def learner_of(model_json: dict) -> TableLearner:
     """The learner of a bundle's itfits.json `model` (no kind: a bundle from before the registry, fastai's model)."""
     kind = model_json.get("kind", "nn")
-    if kind not in LEARNERS:
+    if not isinstance(kind, str) or kind not in LEARNERS:
         raise ItfitsError(f"model.kind {kind!r} is not one of {', '.join(LEARNERS)}")
     return LEARNERS[kind]
 

@@ -92,3 +92,47 @@ def test_a_csv_not_in_utf8_is_refused_naming_its_encoding(table_run, tmp_path, e
     table.write_bytes(PENGUINS.read_text().replace("Biscoe", "Bisc\u00e9", 1).encode(encoding))
     line = error_line(run_here("predict", table_run / "model", table, "--out", tmp_path / "p.csv"))
     assert "not UTF-8" in line and words in line and "iconv" in line, line
+
+
+# ---- 5: bundles ------------------------------------------------------------------------------------------------
+
+def _retyped(model: Path, dest: Path, change) -> Path:
+    """A copy of the bundle `model` whose safetensors tensors went through `change(key, tensor)`."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(model, dest)
+    tensors = load_file(str(model / "model.safetensors"))
+    save_file({k: change(k, v).contiguous() for k, v in tensors.items()}, str(dest / "model.safetensors"))
+    return dest
+
+
+@pytest.mark.parametrize("kind,change,words", [
+    ("fp16", lambda k, v: v.half() if v.is_floating_point() else v, "float16, where the model needs float32"),
+    ("int64", lambda k, v: v.long(), "int64, where the model needs float32"),
+    ("bf16 stats", lambda k, v: v.bfloat16() if k.startswith("unknown.") else v, "unknown."),
+    ("nan", lambda k, v: v.clone().fill_(float("nan")) if v.is_floating_point() and v.ndim == 4 else v, "NaN"),
+    ("inf in reference", lambda k, v: v.clone().fill_(float("inf")) if k.startswith("reference.") and
+     v.is_floating_point() else v, "reference."),
+])
+def test_bundle_tensors_of_the_wrong_dtype_or_not_finite_are_refused(trained_run, tmp_path, kind, change, words):
+    from pipelines.bundle import load_bundle
+    from pipelines.errors import ItfitsError
+    bundle = _retyped(trained_run.model, tmp_path / "b", change)
+    with pytest.raises(ItfitsError, match="not a valid itfits bundle") as e:
+        load_bundle(bundle)
+    assert words in str(e.value), e.value
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
+                                  '{"format_version": 1, "classes": ' + "[" * 50_000 + "]" * 50_000 + "}",
+                                  "model.kind: []"])
+def test_malformed_bundle_json_is_a_clear_error(table_run, tmp_path, text):
+    import json
+    import shutil
+    bundle = tmp_path / "b"
+    shutil.copytree(table_run / "model", bundle)
+    if text == "model.kind: []":
+        meta = json.loads((bundle / "itfits.json").read_text())
+        text = json.dumps({**meta, "model": {**meta["model"], "kind": []}})
+    (bundle / "itfits.json").write_text(text)
+    assert "not a valid itfits bundle" in error_line(run_here("predict", bundle, PENGUINS, "--out", tmp_path / "p.csv"))
