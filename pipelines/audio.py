@@ -23,7 +23,7 @@ import polars as pl
 
 from . import logs  # as a module: _render_all has a `progress` flag
 from .errors import ItfitsError
-from .io import atomic_dir
+from .io import atomic_dir, write_csv
 from .sources import AUDIO_EXTS, expand_inputs, not_a_file, not_found, os_path, text_path
 
 RENDER_VERSION = 1  # part of the cache key: bump when the rendering below changes its output
@@ -358,6 +358,6 @@ def audio_to_images(in_dir: str | Path, out_dir: str | Path, cfg: MelConfig, *, 
             shutil.copyfile(png, tmp / name)
             rows.append((name, source, window))
         pl.DataFrame(rows, schema={"image": pl.String, "source": pl.String, "window": pl.Int64},
-                     orient="row").write_csv(tmp / "windows.csv")
-        windows.filter(pl.col("error").is_not_null()).select("source", "error").write_csv(tmp / "skipped.csv")
+                     orient="row").pipe(write_csv, tmp / "windows.csv")
+        write_csv(windows.filter(pl.col("error").is_not_null()).select("source", "error"), tmp / "skipped.csv")
     return windows

@@ -163,6 +163,15 @@ def escape_formulas(df: pl.DataFrame) -> pl.DataFrame:
                            for c in text)
 
 
+def write_csv(df: pl.DataFrame, dest, *, include_header: bool = True) -> None:
+    """The one way itfits writes CSV for people (predictions, the run folder's tables, check.csv): text cells and
+    column names (a class named like a formula heads a column of confusion_matrix.csv) escaped by escape_formulas.
+    `dest`: a path or an open binary file."""
+    df = escape_formulas(df)
+    df = df.rename({c: "'" + c for c in df.columns if c.startswith(FORMULA_STARTS)})
+    df.write_csv(dest, include_header=include_header)
+
+
 def csv_unwritable(df: pl.DataFrame) -> list[str]:
     """'name (type)' of each column a CSV cannot hold: lists, structs, arrays, binary, objects."""
     return [f"{c} ({t})" for c, t in df.schema.items() if t.is_nested() or t in (pl.Binary, pl.Object)]
@@ -174,10 +183,10 @@ def write_json(obj, path: Path) -> None:
 
 
 def write_table(df: pl.DataFrame, path: Path) -> None:
-    """CSV or Parquet by the file's extension, written atomically."""
+    """CSV (write_csv: formulas escaped) or Parquet by the file's extension, written atomically."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise ItfitsError(f"cannot write {path}: the extension must be .csv or .parquet")
     with atomic_path(path) as tmp:
-        df.write_parquet(tmp) if suffix == ".parquet" else df.write_csv(tmp)
+        df.write_parquet(tmp) if suffix == ".parquet" else write_csv(df, tmp)

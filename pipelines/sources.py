@@ -204,8 +204,14 @@ def _files_under(folder: Path, exts: set[str]) -> list[Path]:
     """Files with `exts` at any depth, and links to nothing and other non-folders (FIFOs, sockets) with them:
     reading one gives its error (not_a_file), so such a path is a skipped file or an error row, not one dropped
     without a word. Links to folders are not followed (pathlib's rglob), so a link loop ends."""
-    return sorted(p for p in folder.rglob("*") if not p.is_dir() and p.suffix.lower() in exts
-                  and not p.name.startswith("."))
+    return sorted(p for p in visible_under(folder) if not p.is_dir() and p.suffix.lower() in exts)
+
+
+def visible_under(folder: Path | str):
+    """Everything below `folder` at any depth, less hidden files and what hidden folders hold (.thumbs/,
+    .ipynb_checkpoints/): they are not data."""
+    folder = Path(folder)
+    return (p for p in folder.rglob("*") if not any(n.startswith(".") for n in p.relative_to(folder).parts))
 
 
 def not_found(path: Path) -> str:
@@ -256,7 +262,7 @@ def glob_files(pattern: str) -> list[str]:
 def has_files(folder: Path, exts: set[str]) -> bool:
     """Whether `folder` holds a file with one of `exts` at any depth; stops at the first. Unlike `_files_under`,
     a broken link does not count: there is nothing in it to use."""
-    return any(p.suffix.lower() in exts and not p.name.startswith(".") and p.is_file() for p in Path(folder).rglob("*"))
+    return any(p.suffix.lower() in exts and p.is_file() for p in visible_under(folder))
 
 
 def _class_folder(folder: Path, exts: set[str], split: str | None) -> pl.DataFrame:
@@ -386,7 +392,7 @@ def data_exts(data: str | Path) -> set[str]:
     """The file extensions (lower case) of DATA: of the files under a folder, or of a path,label table's paths."""
     data = Path(data)
     if data.is_dir():
-        return {p.suffix.lower() for p in data.rglob("*") if p.is_file() and not p.name.startswith(".")}
+        return {p.suffix.lower() for p in visible_under(data) if p.is_file()}
     if data.is_file() and data.suffix.lower() in TABLE_EXTS:
         df = read_table(data)
         return {Path(p).suffix.lower() for p in df["path"].cast(pl.String).drop_nulls()} if "path" in df.columns else set()
@@ -491,8 +497,21 @@ def require_classes(items: pl.DataFrame) -> list[str]:
     return counts["label"].to_list()
 
 
+UNKNOWN_LABEL = "unknown"  # the label predict gives a row the model should not trust
+
+
+def refuse_unknown_class(classes, *, rename: str = "its folder, or its label in the table") -> None:
+    """An ItfitsError when a class is named like predict's unknown label: its predictions could not be told from
+    rows the model does not trust."""
+    if UNKNOWN_LABEL in classes:
+        raise ItfitsError(f"a class is named '{UNKNOWN_LABEL}', the label predict gives what the model should not "
+                          f"trust, so the two could not be told apart; rename the class ({rename}), e.g. to 'other'")
+
+
 def require_counts(counts: pl.DataFrame, column: str) -> None:
-    """An ItfitsError unless (`column`: class, len: usable files) has 2 or more classes of 2 or more files each."""
+    """An ItfitsError unless (`column`: class, len: usable files) has 2 or more classes of 2 or more files each,
+    none named 'unknown'."""
+    refuse_unknown_class(counts[column].to_list())
     if counts.height < 2:
         raise ItfitsError(f"need at least 2 classes with usable files, found {counts.height} "
                           f"({', '.join(counts[column].to_list()) or 'none'})")

@@ -136,3 +136,66 @@ def test_malformed_bundle_json_is_a_clear_error(table_run, tmp_path, text):
         text = json.dumps({**meta, "model": {**meta["model"], "kind": []}})
     (bundle / "itfits.json").write_text(text)
     assert "not a valid itfits bundle" in error_line(run_here("predict", bundle, PENGUINS, "--out", tmp_path / "p.csv"))
+
+
+# ---- 7: names --------------------------------------------------------------------------------------------------
+
+FORMULA = "=cmd|' -C calc'!A0"
+
+
+def _penguins_with(tmp_path: Path, *, renamed: dict) -> Path:
+    table = tmp_path / "penguins.csv"
+    pl.read_csv(PENGUINS).with_columns(pl.col("species").replace(renamed)).write_csv(table)
+    return table
+
+
+def test_formulas_are_escaped_in_every_csv_of_a_run_folder(tmp_path):
+    from pipelines.io import FORMULA_STARTS
+    from pipelines.run import FitConfig, fit
+    table = _penguins_with(tmp_path, renamed={"Adelie": FORMULA, "Gentoo": "+SUM(A1)", "Chinstrap": "@x"})
+    run = tmp_path / "run"
+    fit(FitConfig(data=str(table), target="species", ignore=["year"], model="gbdt", out=str(run)), log=lambda *a: None)
+    written = sorted(run.rglob("*.csv"))
+    assert {"per_class.csv", "confusion_matrix.csv", "top_losses.csv"} <= {p.name for p in written}, written
+    for csv in written:
+        df = pl.read_csv(csv, infer_schema_length=0)
+        cells = [c for col in df.columns for c in df[col].drop_nulls().to_list()] + df.columns
+        live = [c for c in cells if c.startswith(FORMULA_STARTS) and not _is_number(c)]
+        assert not live, (csv.name, live[:5])
+    assert f"'{FORMULA}" in (run / "confusion_matrix.csv").read_text()  # escaped, not dropped
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def test_hidden_folders_inside_a_class_are_left_out_of_fit_and_predict(tmp_path):
+    from PIL import Image
+    from pipelines.sources import expand_inputs, read_source
+    for c in ("a", "b"):
+        for i in range(2):
+            (tmp_path / "data" / c / ".thumbs").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp_path / "data" / c / f"{i}.png")
+            Image.new("RGB", (4, 4)).save(tmp_path / "data" / c / ".thumbs" / f"{i}.png")
+    items = read_source(tmp_path / "data")
+    assert items.height == 4 and not items["path"].str.contains(".thumbs", literal=True).any(), items
+    assert len(expand_inputs([str(tmp_path / "data")])) == 4
+
+
+def test_a_class_named_unknown_is_refused_with_the_way_out(tmp_path):
+    from pipelines.errors import ItfitsError
+    from pipelines.run import FitConfig, fit
+    from pipelines.sources import read_source, require_classes
+    for c in ("unknown", "cat"):
+        for i in range(3):
+            (tmp_path / "data" / c).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "data" / c / f"{i}.png").write_bytes(TEST_PNG.read_bytes())
+    with pytest.raises(ItfitsError, match="named 'unknown'.*rename the class"):
+        require_classes(read_source(tmp_path / "data"))
+    table = _penguins_with(tmp_path, renamed={"Chinstrap": "unknown"})
+    with pytest.raises(ItfitsError, match="named 'unknown'.*rename the class"):
+        fit(FitConfig(data=str(table), target="species", model="gbdt", out=str(tmp_path / "run")), log=lambda *a: None)
