@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 import warnings
@@ -455,6 +456,7 @@ def main():
         app()
     except ItfitsError as e:
         message = " ".join(str(e).split())  # one line, even for multi-line library errors
+        message = re.sub(r"^Exception occured in `\w+` when calling event `\w+`: ", "", message)  # fastai's words
         typer.echo(event_json("error", message) if log_mode() == "json" else "error: " + message, err=True)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from . import logs  # as a module: _render_all has a `progress` flag
-from .errors import ItfitsError
+from .errors import ItfitsError, ItfitsWarning
 from .io import atomic_dir, write_csv
 from .sources import AUDIO_EXTS, expand_inputs, not_a_file, not_found, os_path, text_path
 
@@ -288,6 +288,32 @@ def _render_all(paths: list[str], cfg: MelConfig, folder: Path, max_windows: int
     return results
 
 
+def writable_cache(folder: Path) -> Path:
+    """`folder` if spectrograms can be written there, else (a file in its place, no permission, a full disk) a
+    temporary folder for this process, removed when it ends, with a warning that says how to keep them."""
+    import tempfile
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+        return folder
+    except OSError as e:
+        problem = e.strerror or str(e)
+    import atexit
+    import shutil
+    try:
+        fallback = Path(tempfile.mkdtemp(prefix="itfits-mel-"))
+    except OSError as e:
+        raise ItfitsError(f"cannot write spectrograms to the mel cache {folder} ({problem}) nor to a temporary folder "
+                          f"({e.strerror}); set ITFITS_CACHE to a folder with free space") from e
+    atexit.register(shutil.rmtree, fallback, ignore_errors=True)
+    warnings.warn(f"the mel cache {folder} cannot be written ({problem}): this run renders to {fallback}, removed "
+                  "when it ends; set ITFITS_CACHE to a folder with free space to keep them", ItfitsWarning)
+    return fallback
+
+
 def render_folder(items: pl.DataFrame, cfg: MelConfig, *, cache: Path | None = None, workers: int | None = None,
                   max_windows: int | None = MAX_TRAIN_WINDOWS, progress: bool = True) -> pl.DataFrame:
     """Render the audio files of an items table (path, label, split, error) to cached spectrogram PNGs, in
@@ -296,7 +322,7 @@ def render_folder(items: pl.DataFrame, cfg: MelConfig, *, cache: Path | None = N
     Returns one row per window: path (the PNG), label, split (the clip's: windows of one clip never straddle
     train and valid), error (null), source (the clip), window (0, 1, ...), cached (true if rendered before).
     A clip that cannot be used gets one row instead: path = source, its error, window null."""
-    folder = (cache or cache_dir()) / cfg.key()
+    folder = writable_cache((cache or cache_dir()) / cfg.key())
     todo = items.filter(pl.col("error").is_null())["path"].to_list()
     results = dict(zip(todo, _render_all(todo, cfg, folder, max_windows, workers or os.cpu_count() or 1, progress)))
     rows = []

@@ -66,6 +66,67 @@ def test_two_predicts_writing_one_out_both_finish_and_the_last_wins(trained_run,
     assert not leftovers(tmp_path)
 
 
+# ---- 2: full disks and unusable folders -----------------------------------------------------------------------
+
+FULL_DISK = """
+import sys, torch
+from pipelines.errors import ItfitsError
+from pipelines.io import atomic_path
+try:  # a checkpoint, as fit's Checkpoint callback writes it
+    with atomic_path(sys.argv[1]) as tmp:
+        torch.save({"w": torch.zeros(1 << 16)}, tmp)
+except ItfitsError as e:
+    print("checkpoint:", e)
+from app.cli import main
+sys.argv = ["itfits", "predict", *sys.argv[2:]]
+main()
+"""
+
+
+def _file_size_limit(limit: int):
+    import resource
+    import signal
+
+    def limited():  # a write past the limit fails with EFBIG (SIGXFSZ ignored), as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return limited
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_nothing_half_written(table_run, tmp_path):
+    out = tmp_path / "p.csv"
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "last.pt"), str(table_run / "model"),
+                           str(PENGUINS), "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_file_size_limit(20_000))
+    assert proc.stdout.startswith("checkpoint: cannot write") and "size limit" in proc.stdout, proc.stdout
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("warning:")]
+    assert lines == [lines[0]] and lines[0].startswith(f"error: cannot write {out}") and "ulimit" in lines[0]
+    assert not out.exists() and not (tmp_path / "last.pt").exists() and not leftovers(tmp_path)
+
+
+def test_long_out_names_and_fit_into_the_current_folder(table_run, tmp_path, monkeypatch):
+    out = tmp_path / ("p" * 246 + ".csv")  # 250 bytes: its temporary file's name must still be legal
+    assert run_here("predict", table_run / "model", PENGUINS, "--out", out).code == 0 and out.is_file()
+    line = error_line(run_here("predict", table_run / "model", PENGUINS, "--out", tmp_path / ("p" * 300 + ".csv")))
+    assert "300" not in line and "304 bytes" in line and "shorter name" in line
+    monkeypatch.chdir(tmp_path)  # not empty: it holds the predictions
+    line = error_line(run_here("fit", PENGUINS, "--target", "species", "--model", "gbdt", "--out", "."))
+    assert "current folder" in line and "--out runs/NAME" in line
+
+
+def test_an_unusable_mel_cache_falls_back_to_a_temporary_folder_with_a_warning(tmp_path):
+    from pipelines.audio import writable_cache
+    from pipelines.errors import ItfitsWarning
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder goes")
+    with pytest.warns(ItfitsWarning, match="mel cache .* cannot be written .*ITFITS_CACHE"):
+        folder = writable_cache(blocked / "mel")  # render_folder's first step
+    assert folder.is_dir() and not folder.is_relative_to(tmp_path)
+    (folder / "000.png").write_bytes(b"x")
+    assert writable_cache(tmp_path / "ok") == tmp_path / "ok"  # a usable one is used as it is
+
+
 # ---- 4: tables -----------------------------------------------------------------------------------------------
 
 PENGUINS = REPO / "data" / "penguins.csv"
