@@ -142,6 +142,44 @@ def _decode_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+MAX_DURATION = 7200.0  # seconds of a clip read at most by default (--max-duration): 2 h decode to about 0.6 GB
+# decoded samples (at the model's rate) one byte of a file may give: FLAC's silence packs about 500 into a byte; a WAV
+# whose header claims 1 Hz gives 22,050 (6 h from 44 KB), which the header check refuses before decoding
+MAX_SAMPLES_PER_BYTE = 4096
+_max_duration = [MAX_DURATION]
+
+
+def set_max_duration(seconds: float) -> None:
+    """The longest clip read (`--max-duration`); longer ones are refused from their header, before decoding."""
+    if not (isinstance(seconds, (int, float)) and 1 <= seconds <= 366 * 86400):
+        raise ItfitsError(f"--max-duration must be a number of seconds in [1, 31622400], got {seconds}")
+    _max_duration[0] = float(seconds)
+
+
+def _check_header(source, size: int, cfg: MelConfig, max_seconds: float | None) -> None:
+    """An AudioError for a clip whose header says it lasts longer than --max-duration, or that claims more samples
+    than a file of `size` bytes can give (a forged sample rate): refused before anything is decoded."""
+    import soundfile
+    try:
+        info = soundfile.info(source)
+        frames, rate = int(info.frames), float(info.samplerate)
+    except Exception:  # no header libsndfile reads: decoding gives the reason, and librosa stops at the duration
+        return
+    finally:
+        if hasattr(source, "seek"):
+            source.seek(0)
+    if frames <= 0 or rate <= 0 or frames > 2**62:  # an unknown length (a stream) or nonsense: decoding tells
+        return
+    seconds, limit = frames / rate, _max_duration[0]
+    if seconds > limit:
+        raise AudioError(f"the clip lasts {seconds:,.0f} s by its header ({frames:,} samples at {rate:g} Hz), over "
+                         f"--max-duration {limit:g} s; cut it, or raise --max-duration")
+    decoded = min(seconds, max_seconds or seconds) * cfg.sample_rate
+    if decoded > MAX_SAMPLES_PER_BYTE * max(size, 1):
+        raise AudioError(f"its header claims {frames:,} samples at {rate:g} Hz ({seconds:,.0f} s), more than a file of "
+                         f"{size:,} bytes can hold: a damaged or forged header")
+
+
 def load_audio(path: str | Path, cfg: MelConfig, *, max_seconds: float | None = None) -> np.ndarray:
     """Mono float32 samples at cfg.sample_rate (stereo averaged, any rate resampled), at most `max_seconds`.
     Raises AudioError with the reason when the file cannot be used."""
@@ -156,8 +194,10 @@ def load_audio(path: str | Path, cfg: MelConfig, *, max_seconds: float | None = 
     utf8 = text_path(str(p)) == str(p)
     with warnings.catch_warnings(), (nullcontext(p) if utf8 else open(p, "rb")) as source:
         warnings.simplefilter("ignore")  # "PySoundFile failed. Trying audioread instead." and its FutureWarning
+        _check_header(source, p.stat().st_size, cfg, max_seconds)
         try:
-            y, _ = librosa.load(source, sr=cfg.sample_rate, mono=True, duration=max_seconds)
+            y, _ = librosa.load(source, sr=cfg.sample_rate, mono=True,
+                                duration=min(max_seconds or _max_duration[0], _max_duration[0]))
         except Exception as e:  # libsndfile, audioread and librosa raise many types; the reason goes in the table
             reason = _decode_reason(e)
             if "possibly a pipe" in reason:  # libsndfile's words for a format it does not know; the file is regular

@@ -127,6 +127,39 @@ def test_an_unusable_mel_cache_falls_back_to_a_temporary_folder_with_a_warning(t
     assert writable_cache(tmp_path / "ok") == tmp_path / "ok"  # a usable one is used as it is
 
 
+# ---- 3: inputs bounded by what they are, not what they claim ---------------------------------------------------
+
+def _wav(path: Path, *, rate: int, samples: int) -> Path:
+    """A 16-bit mono WAV of `samples` samples whose header says `rate` Hz."""
+    import struct
+    import numpy as np
+    data = np.random.default_rng(0).integers(-3000, 3000, samples).astype("<i2").tobytes()
+    path.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt "
+                     + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16) + b"data" + struct.pack("<I", len(data))
+                     + data)
+    return path
+
+
+def test_audio_is_bounded_by_its_header_and_size_before_decoding(tmp_path, monkeypatch):
+    from pipelines import audio
+    from pipelines.audio import AudioError, MelConfig, load_audio, set_max_duration
+    cfg = MelConfig(duration=1.0)
+    monkeypatch.setattr(audio, "_max_duration", [audio.MAX_DURATION])  # the setter's state, put back after the test
+    lying = _wav(tmp_path / "1hz.wav", rate=1, samples=22_050)  # 44 KB whose header says 6.1 hours
+    with pytest.raises(AudioError, match="22,050 s by its header.*--max-duration 7200"):
+        load_audio(lying, cfg)
+    set_max_duration(86_400)  # under the cap, yet more samples than 44 KB can give
+    with pytest.raises(AudioError, match="more than a file of 44,.* bytes can hold"):
+        load_audio(lying, cfg)
+    clip = _wav(tmp_path / "3s.wav", rate=8000, samples=24_000)
+    assert load_audio(clip, cfg).shape == (66_150,)  # 3 s at 22,050 Hz
+    set_max_duration(2)
+    with pytest.raises(AudioError, match="lasts 3 s .*over --max-duration 2 s; cut it, or raise --max-duration"):
+        load_audio(clip, cfg)
+    line = error_line(run_here("predict", tmp_path, clip, "--out", tmp_path / "p.csv", "--max-duration", "0"))
+    assert "--max-duration must be" in line
+
+
 # ---- 4: tables -----------------------------------------------------------------------------------------------
 
 PENGUINS = REPO / "data" / "penguins.csv"
