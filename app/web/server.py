@@ -14,6 +14,7 @@ import logging
 import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -112,15 +113,38 @@ def create_app(target: Path | str, *, max_files: int = 100, max_file_mb: float =
                              Route("/report", report)])
 
 
+REQUEST_S = 120.0  # one upload's prediction at most, holding the one prediction lock; its other files: error rows
+LOCK_WAIT_S = 30.0  # how long an upload waits for another's prediction before it is answered "busy"
+SHUTDOWN_S = 3  # after SIGTERM or Ctrl-C, seconds given to requests in flight before the server stops
+STOPPING = threading.Event()  # set when the server stops: a prediction in flight ends after its current batch
+
+
 def _predict_uploads(site: Site, uploads: list[Upload]) -> tuple[list[dict], list[str | None]]:
     """Rows of the predictions table for the saved uploads, with the client's file names in place of the temp
     paths, then a row with `error` set for each refused upload; and a preview per row (or None)."""
     saved = [u for u in uploads if u.path is not None]
     names = {str(u.path): u.name for u in saved}
-    with site.lock:
+    if not site.lock.acquire(timeout=LOCK_WAIT_S):  # a client waits a while for another's upload, not forever
+        busy = (f"not predicted: the server was busy with another upload for {LOCK_WAIT_S:g} s; try again")
+        return [{"path": u.name, "label": None, "confidence": None, "unknown": None, "error": u.problem or busy,
+                 "score": None} for u in uploads], [None] * len(uploads)
+    try:
         # files: one prediction of every upload; tables: one each, so that a bad table is a row of its own
         rows_of = predict if site.modality.row_per_file else _table_rows
-        rows = list(rows_of(site.bundle, list(names), site.config)) if saved else []
+        rows, deadline = [], time.monotonic() + REQUEST_S
+        produced = rows_of(site.bundle, list(names), site.config) if saved else iter(())
+        for row in produced:  # rows come batch by batch: past the time limit, the rest is not predicted
+            rows.append(row)
+            if time.monotonic() > deadline or STOPPING.is_set():
+                break
+        getattr(produced, "close", lambda: None)()
+    finally:
+        site.lock.release()
+    done = {r.get("path") for r in rows}
+    late = (f"not predicted: the upload passed the server's time limit of {REQUEST_S:g} s; upload fewer or smaller "
+            "files, or use itfits predict")
+    rows += [{"path": p, "label": None, "confidence": None, "unknown": None, "error": late, "score": None}
+             for p in names if p not in done] if site.modality.row_per_file else []
     previews = []
     for row in rows:
         temp = row.get("path")
@@ -236,4 +260,7 @@ def serve(target: Path | str, *, host: str = "127.0.0.1", port: int = 8000, log=
         log(f"warning: listening on {host}: anyone who can reach this machine can upload files to it")
     url_host = f"[{host}]" if ":" in host else host
     log(f"itfits serve: http://{url_host}:{port}/ (Ctrl-C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_S)
+    finally:  # the interpreter waits for the prediction thread at exit: let it end after its current batch
+        STOPPING.set()
