@@ -59,7 +59,7 @@ def _check_encoding(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(ENCODING_HEAD)
     bom = next((name for mark, name in BOMS.items() if head.startswith(mark)), None)
-    if bom or b"\x00" in head:
+    if bom or head.count(b"\x00") > len(head) // 8:  # UTF-16 text without a BOM: every other byte NUL for ASCII
         raise not_utf8(path, f": it is {bom or 'UTF-16 or UTF-32 (it holds NUL bytes)'}", (bom or "UTF-16")[:6])
     import codecs
     try:

@@ -295,11 +295,17 @@ def test_a_class_named_unknown_is_refused_with_the_way_out(tmp_path):
         fit(FitConfig(data=str(table), target="species", model="gbdt", out=str(tmp_path / "run")), log=lambda *a: None)
 
 
-def test_an_upload_past_the_time_limit_answers_with_the_rest_not_predicted(trained_run, monkeypatch):
+@pytest.mark.parametrize("why", ["time limit", "stopping"])
+def test_an_upload_past_the_time_limit_answers_with_the_rest_not_predicted(trained_run, monkeypatch, why):
+    import threading
     from starlette.testclient import TestClient
     from app.web import create_app, server
-    monkeypatch.setattr(server, "REQUEST_S", 0.0)  # the limit passed after the first row
+    if why == "time limit":
+        monkeypatch.setattr(server, "REQUEST_S", 0.0)  # the limit passed after the first file
+    else:
+        monkeypatch.setattr(server, "STOPPING", threading.Event())
+        server.STOPPING.set()  # SIGTERM came: the file begun is finished, the others are not begun
     files = sorted(FASHION_TEST.glob("*/*.png"))[:3]
     with TestClient(create_app(trained_run.run)) as client:
         page = client.post("/predict", files=[("files", (f.name, f.read_bytes(), "image/png")) for f in files]).text
-    assert page.count("time limit of 0 s") == 2, page[-3000:]
+    assert page.count("not predicted: the upload passed the server") == 2, page[-3000:]

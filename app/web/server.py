@@ -131,20 +131,21 @@ def _predict_uploads(site: Site, uploads: list[Upload]) -> tuple[list[dict], lis
     try:
         # files: one prediction of every upload; tables: one each, so that a bad table is a row of its own
         rows_of = predict if site.modality.row_per_file else _table_rows
-        rows, deadline = [], time.monotonic() + REQUEST_S
+        rows, done, deadline = [], set(), time.monotonic() + REQUEST_S
         produced = rows_of(site.bundle, list(names), site.config) if saved else iter(())
-        for row in produced:  # rows come batch by batch: past the time limit, the rest is not predicted
-            rows.append(row)
-            if time.monotonic() > deadline or STOPPING.is_set():
+        for row in produced:  # rows come batch by batch (a table's all at once): past the time limit, or when the
+            # server stops, the files not begun are not predicted
+            if done and row.get("path") not in done and (time.monotonic() > deadline or STOPPING.is_set()):
                 break
+            done.add(row.get("path"))
+            rows.append(row)
         getattr(produced, "close", lambda: None)()
     finally:
         site.lock.release()
-    done = {r.get("path") for r in rows}
-    late = (f"not predicted: the upload passed the server's time limit of {REQUEST_S:g} s; upload fewer or smaller "
-            "files, or use itfits predict")
+    late = (f"not predicted: the upload passed the server's time limit of {REQUEST_S:g} s, or the server is "
+            "stopping; upload fewer or smaller files, or use itfits predict")
     rows += [{"path": p, "label": None, "confidence": None, "unknown": None, "error": late, "score": None}
-             for p in names if p not in done] if site.modality.row_per_file else []
+             for p in names if p not in done]
     previews = []
     for row in rows:
         temp = row.get("path")
