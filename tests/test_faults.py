@@ -309,3 +309,23 @@ def test_an_upload_past_the_time_limit_answers_with_the_rest_not_predicted(train
     with TestClient(create_app(trained_run.run)) as client:
         page = client.post("/predict", files=[("files", (f.name, f.read_bytes(), "image/png")) for f in files]).text
     assert page.count("not predicted: the upload passed the server") == 2, page[-3000:]
+
+
+def test_pixels_decoded_at_once_are_bounded_across_threads(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image, ImageOps
+    from pipelines import images, sources
+    paths = []
+    for i in range(16):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8 + i, 8), (i, 0, 0)).save(paths[-1])
+    monkeypatch.setattr(sources, "DECODE_PIXELS", 250)  # room for two or three of these at once, never all 16
+    seen, transpose = [], ImageOps.exif_transpose
+    monkeypatch.setattr(images.ImageOps, "exif_transpose", lambda im: (seen.append(sources._in_flight[0]),
+                                                                       time.sleep(0.01), transpose(im))[-1])
+    big = tmp_path / "big.png"
+    Image.new("RGB", (40, 40)).save(big)  # 1,600 pixels, over the budget: decoded alone, not refused
+    with ThreadPoolExecutor(8) as pool:
+        loaded = list(pool.map(images.load_image, paths + [str(big)]))
+    assert [im.size[0] for im in loaded] == [8 + i for i in range(16)] + [40]
+    assert max(seen) <= 250 and sources._in_flight[0] == 0, seen
