@@ -261,7 +261,15 @@ def serve(target: Path | str, *, host: str = "127.0.0.1", port: int = 8000, log=
         log(f"warning: listening on {host}: anyone who can reach this machine can upload files to it")
     url_host = f"[{host}]" if ":" in host else host
     log(f"itfits serve: http://{url_host}:{port}/ (Ctrl-C stops)")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=SHUTDOWN_S))
+    stop = server.handle_exit
+
+    def handle_exit(sig, frame):  # SIGTERM, Ctrl-C: a prediction in flight ends after its current batch
+        STOPPING.set()
+        stop(sig, frame)
+    server.handle_exit = handle_exit
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_S)
-    finally:  # the interpreter waits for the prediction thread at exit: let it end after its current batch
+        server.run()
+    finally:  # the interpreter waits for the prediction thread at exit
         STOPPING.set()
