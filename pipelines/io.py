@@ -140,7 +140,6 @@ def check_output(path: Path | str, *, folder: bool, inputs=()) -> None:
     written = path if exists else parent
     if not os.access(written, os.W_OK):
         raise ItfitsError(f"--out {path}: no permission to write in {written}")
-
     # a pattern among the inputs (predict "data/*.csv") counts as the files it matches, as expand_inputs reads it
     given_paths = [m for g in map(str, inputs)
                    for m in (glob_files(g) if glob.has_magic(g) and not os.path.exists(g) else [g])]
