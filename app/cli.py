@@ -230,7 +230,7 @@ def predict(
     model should not trust are labelled unknown."""
     set_logging(quiet, json_logs)
     from pipelines.export import load_model
-    from pipelines.predict import PredictConfig, predict as run_predict, write_predictions
+    from pipelines.predict import PredictConfig, flagged_line, predict as run_predict, write_predictions
     if engine not in ("local", "ray"):
         raise ItfitsError(f"--engine must be local or ray, got {engine!r}")
     if engine == "local" and (address or concurrency is not None or gpus_per_worker):
@@ -251,8 +251,8 @@ def predict(
     rows = progress(run_predict(bundle, inputs, config), total=None, what=f"predict ({bundle.modality.counted})",
                     log=say, count=lambda r: getattr(r, "height", 1))  # a table's predictions come as DataFrame chunks
     counts = write_predictions(rows, out)
-    say(f"{counts['files']} {bundle.modality.counted}, {counts['unknown']} unknown, {counts['errors']} errors; "
-        f"written to {out}", "done", **counts, out=str(out))
+    say(f"{counts['files']} {bundle.modality.counted}, {counts['errors']} errors; "
+        f"{flagged_line(counts, counted=bundle.modality.counted)}; written to {out}", "done", **counts, out=str(out))
 
 
 def _check_predict_options(*, topk: int, batch_size: int, threshold: Optional[float], workers: Optional[int]) -> None:
@@ -268,7 +268,7 @@ def _predict_on_ray(model: Path, inputs: list[str], out: Path, *, topk, threshol
                     address, concurrency, gpus_per_worker) -> None:
     """`itfits predict --engine ray`: pipelines.ray_engine, Parquet out."""
     from pipelines.precision import check_precision
-    from pipelines.predict import PredictConfig
+    from pipelines.predict import PredictConfig, flagged_line
     from pipelines.ray_engine import import_ray, predict_on_ray
     import_ray(local=address is None)  # first: without the extra, the one thing to say is how to install it
     import logging
@@ -285,7 +285,8 @@ def _predict_on_ray(model: Path, inputs: list[str], out: Path, *, topk, threshol
                            precision=check_precision(precision), tta=tta)
     counts = predict_on_ray(model, inputs, out, config, address=address, concurrency=concurrency,
                             gpus_per_worker=gpus_per_worker)
-    typer.echo(f"{counts['files']} rows, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}"
+    typer.echo(f"{counts['files']} rows, {counts['errors']} errors; {flagged_line(counts, counted='rows')}; "
+               f"written to {out}"
                + ("" if single else " (Parquet part files)"))
 
 
@@ -299,7 +300,7 @@ def evaluate(
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
     """Accuracy, calibration and unknown detection of a bundle on labelled data: metrics.json + plots."""
-    from pipelines.evaluate import evaluate as run_evaluate
+    from pipelines.evaluate import evaluate as run_evaluate, summary_line
     set_logging()  # its model outputs' progress: lines, not bars, outside a terminal
     if unknown is not None and not unknown.is_dir():
         raise ItfitsError(f"--unknown {unknown} is not a folder")
@@ -308,19 +309,16 @@ def evaluate(
     m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
     if m.get("multi_label"):
         return _echo_multilabel(m, out)
-    rule, plain = m["unknown_rule"], m["plain_rule"]
     typer.echo(f"accuracy {m['accuracy']:.3f} (balanced {m['balanced_accuracy']:.3f}; recall per class "
                + ", ".join(f"{c} {v['recall']:.2f}" for c, v in m["per_class"].items())
                + f") on {m['n_known']} files ({m['n_skipped']} unreadable skipped); ECE "
                f"{m['ece']['uncalibrated']:.3f} -> {m['ece']['calibrated']:.3f} calibrated")
-    typer.echo(f"{rule['score']} >= {rule['threshold']:.4g}: accepts {rule['correct_accepted']:.1%} of correct known items"
-               + (f", {rule['unknown_accepted']:.1%} of unknowns" if "unknown_accepted" in rule else "")
-               + f" (plain 0.95 rule: {plain['correct_accepted']:.1%}"
-               + (f", {plain['unknown_accepted']:.1%})" if "unknown_accepted" in plain else ")"))
+    typer.echo(summary_line(m))
     if "scores" in m:
         typer.echo(f"AUROC known vs {m['n_unknown']} unknown files ({m['n_unknown_skipped']} unreadable skipped): "
                    + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in m["scores"].items()))
-    typer.echo(f"written to {out}/ (metrics.json, reliability.png, risk_coverage.png)")
+    typer.echo(f"written to {out}/ (report.html: plots, thresholds to choose --keep from, worst items; metrics.json, "
+               "scores.csv)")
 
 
 def _echo_multilabel(m: dict, out: Path) -> None:
@@ -332,7 +330,7 @@ def _echo_multilabel(m: dict, out: Path) -> None:
                "unreadable skipped)")
     typer.echo(f"unknown: {rule['none_above']:.1%} of the files have no class above its threshold; {rule['score']} >= "
                f"{rule['threshold']:.4g} accepts {rule['coverage']:.1%} of them in all"
-               + (f", and flags {rule['unknown_flagged']:.1%} of the unknowns" if "unknown_flagged" in rule else ""))
+               + (f", and catches {rule['unknown_flagged']:.1%} of the unknowns" if "unknown_flagged" in rule else ""))
     if "scores" in m:
         typer.echo(f"AUROC known vs {m['n_unknown']} unknown files: "
                    + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in m["scores"].items()))

@@ -331,7 +331,7 @@ def test_serve_survives_bad_uploads(trained_run, table_run, tmp_path):
     tables = bad_tables(tmp_path / "tab", rng)
     before = _upload_dirs()
     n = 0
-    with TestClient(create_app(trained_run.run, max_files=50, max_file_mb=0.5)) as client:
+    with TestClient(create_app(trained_run.run, max_files=50, max_file_mb=0.5), base_url="http://localhost") as client:
         uploads = [(name, p.read_bytes()) for name, p in images.items() if p.is_file() and not p.is_symlink()
                    and not name.startswith("not_utf8")]
         uploads += [("../../etc/evil.png", GOOD_PNG.read_bytes()), ("no_extension", b"x"), (".hidden.png", b""),
@@ -345,7 +345,7 @@ def test_serve_survives_bad_uploads(trained_run, table_run, tmp_path):
             resp = client.post("/predict", content=body, headers={"content-type": ctype})
             assert resp.status_code in (200, 400, 413), (ctype, resp.status_code)
             n += 1
-    with TestClient(create_app(table_run)) as client:
+    with TestClient(create_app(table_run), base_url="http://localhost") as client:
         for name, path in tables.items():
             if path.is_file():
                 resp = client.post("/predict", files=[("files", (name, path.read_bytes(), "text/csv"))])
