@@ -225,13 +225,13 @@ def escape_formulas(df: pl.DataFrame) -> pl.DataFrame:
                            for c in text)
 
 
-def write_csv(df: pl.DataFrame, dest, *, include_header: bool = True) -> None:
-    """The one way itfits writes CSV for people (predictions, the run folder's tables, check.csv): text cells and
-    column names (a class named like a formula heads a column of confusion_matrix.csv) escaped by escape_formulas.
-    `dest`: a path or an open binary file."""
+def write_csv(df: pl.DataFrame, dest=None, *, include_header: bool = True) -> str | None:
+    """The one way itfits writes CSV for people (predictions, the run folder's tables, check.csv, serve's download):
+    text cells and column names (a class named like a formula heads a column of confusion_matrix.csv) escaped by
+    escape_formulas. `dest`: a path or an open binary file; None: the CSV is returned as text."""
     df = escape_formulas(df)
     df = df.rename({c: "'" + c for c in df.columns if c.startswith(FORMULA_STARTS)})
-    df.write_csv(dest, include_header=include_header)
+    return df.write_csv(dest, include_header=include_header)
 
 
 def csv_unwritable(df: pl.DataFrame) -> list[str]:

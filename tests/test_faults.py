@@ -306,7 +306,7 @@ def test_an_upload_past_the_time_limit_answers_with_the_rest_not_predicted(train
         monkeypatch.setattr(server, "STOPPING", threading.Event())
         server.STOPPING.set()  # SIGTERM came: the file begun is finished, the others are not begun
     files = sorted(FASHION_TEST.glob("*/*.png"))[:3]
-    with TestClient(create_app(trained_run.run)) as client:
+    with TestClient(create_app(trained_run.run), base_url="http://localhost") as client:  # a Host it answers
         page = client.post("/predict", files=[("files", (f.name, f.read_bytes(), "image/png")) for f in files]).text
     assert page.count("not predicted: the upload passed the server") == 2, page[-3000:]
 

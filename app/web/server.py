@@ -38,7 +38,7 @@ from starlette.routing import Route
 
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.errors import ItfitsError
-from pipelines.io import csv_unwritable, escape_formulas
+from pipelines.io import csv_unwritable, write_csv
 from pipelines.predict import PredictConfig, predict, predict_rows
 from pipelines.modality import Modality
 
@@ -273,7 +273,7 @@ def _page(site: Site, *, uploads: list[Upload] | None = None, rows: list[dict] |
 def _results(rows: list[dict], previews: list[str | None], topk: int) -> list:
     n_unknown = sum(bool(r.get("unknown")) for r in rows)
     n_error = sum(bool(r.get("error")) for r in rows)
-    csv = escape_formulas(pl.DataFrame(rows, infer_schema_length=None)).write_csv()
+    csv = write_csv(pl.DataFrame(rows, infer_schema_length=None))
     href = "data:text/csv;charset=utf-8;base64," + base64.b64encode(csv.encode("utf-8")).decode("ascii")
     head = Tr(*[Th(h) for h in ("", "file", "prediction", "confidence", f"top {topk}", "score")])
     return [P(f"{len(rows)} files: {len(rows) - n_unknown - n_error} predicted, {n_unknown} unknown, "
