@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 import warnings
@@ -25,6 +26,8 @@ from .options import (ARCH, BS, CAT, CONT, DURATION, FMAX, FMIN, HOP_LENGTH, IGN
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained models on a folder of labelled files; predict with unknown flags.")
 
+MAX_DURATION = typer.Option(7200.0, "--max-duration", help="Audio: the longest clip read, in seconds; a longer one (by its header, before decoding) is skipped with its reason.")
+
 
 def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int], threads: Optional[int] = None):
     """The stored settings of the run in RUN; flags given beside --resume are ignored, with a warning."""
@@ -32,7 +35,7 @@ def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int], thread
     from pipelines.run import resume_config
     check_workers(workers)
     # by name: typer 0.29 runs its own copy of click (typer._click), whose ParameterSource never equals click.core's
-    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "workers", "threads")
+    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "workers", "threads", "max_duration")
              and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"]
     if given:
         warnings.warn(f"--resume continues with the run's own settings ({run / 'checkpoints' / 'config.json'}); "
@@ -70,6 +73,7 @@ def fit(
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
+    max_duration: float = MAX_DURATION,
     target: Optional[str] = TARGET,
     cat: Optional[list[str]] = CAT,
     cont: Optional[list[str]] = CONT,
@@ -92,6 +96,7 @@ def fit(
     and run.json."""
     from pipelines.run import FitConfig, fit as run_fit
     set_logging(quiet, json_logs)
+    _set_max_duration(max_duration)
     main = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate, rank 0 alone owns the run folder
     if resume is not None:
         config = _resume_config(ctx, resume, workers, threads)
@@ -222,6 +227,7 @@ def predict(
     threads: Optional[int] = THREADS,
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (images; audio and tables run fp32). auto: the precision the model was trained in where this machine has it in hardware, else fp32."),
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
+    max_duration: float = MAX_DURATION,
     quiet: bool = QUIET,
     json_logs: bool = JSON_LOGS,
     engine: str = typer.Option("local", help="local (this process) or ray (Ray Data: this machine's cores, or a cluster with --address).", rich_help_panel="Many machines"),
@@ -232,6 +238,7 @@ def predict(
     """Predict INPUTS with a trained bundle (or an .onnx file from itfits export, through onnxruntime); rows the
     model should not trust are labelled unknown."""
     set_logging(quiet, json_logs)
+    _set_max_duration(max_duration)
     from pipelines.export import load_model
     from pipelines.predict import PredictConfig, flagged_line, predict as run_predict, write_predictions
     if engine not in ("local", "ray"):
@@ -264,6 +271,11 @@ def predict(
         counts = write_predictions(rows, out)
     say(f"{counts['files']} {bundle.modality.counted}, {counts['errors']} errors; "
         f"{flagged_line(counts, counted=bundle.modality.counted)}; written to {out}", "done", **counts, out=str(out))
+
+
+def _set_max_duration(seconds: float) -> None:
+    from pipelines.audio import set_max_duration
+    set_max_duration(seconds)
 
 
 def _check_predict_options(*, topk: int, batch_size: int, threshold: Optional[float], workers: Optional[int]) -> None:
@@ -384,12 +396,14 @@ def audio_to_images(
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
+    max_duration: float = MAX_DURATION,
     quiet: bool = QUIET,
     json_logs: bool = JSON_LOGS,
 ):
     """Render a folder of audio to mel-spectrogram PNGs, as fit does (cached), without training."""
     from pipelines.audio import MelConfig, audio_to_images as run_audio_to_images
     set_logging(quiet, json_logs)
+    _set_max_duration(max_duration)
     if max_windows < 1 or (workers is not None and workers < 1):
         raise ItfitsError("--max-windows and --workers must be at least 1")
     mel = parse_mel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
@@ -475,6 +489,7 @@ def main():
         app()
     except ItfitsError as e:
         message = " ".join(str(e).split())  # one line, even for multi-line library errors
+        message = re.sub(r"^Exception occured in `\w+` when calling event `\w+`: ", "", message)  # fastai's words
         typer.echo(event_json("error", message) if log_mode() == "json" else "error: " + message, err=True)
         sys.exit(1)
     except KeyboardInterrupt:
