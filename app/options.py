@@ -53,6 +53,9 @@ SIZE = typer.Option(None, help="Image size in pixels; the backbone's own when no
 VALID_PCT = typer.Option(0.2, help="Share of each class held out when DATA has no split.", rich_help_panel=DATA_PANEL)
 SEED = typer.Option(42, help="Seed of the split and the training.", rich_help_panel=DATA_PANEL)
 WORKERS = typer.Option(None, help=WORKERS_HELP, rich_help_panel=DATA_PANEL)
+THREADS = typer.Option(None, rich_help_panel=DATA_PANEL,
+                       help="torch's threads (default: one per core this process may use, of its CPU quota and "
+                       "share of a data-parallel run; a table: one; OMP_NUM_THREADS where set). Printed at the start.")
 TARGET = typer.Option(None, help=TARGET_HELP, rich_help_panel=TABLES_PANEL)
 CAT = typer.Option(None, help=CAT_HELP, rich_help_panel=TABLES_PANEL)
 CONT = typer.Option(None, help=CONT_HELP, rich_help_panel=TABLES_PANEL)
