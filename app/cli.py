@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 import warnings
@@ -12,28 +13,29 @@ from typing import Optional
 import typer
 
 from pipelines.errors import ItfitsError
-from pipelines.images import check_workers
 from pipelines.io import check_output, claim_run_folder, remove_failed_run, sweep_temps
 from pipelines.logs import event_json, log_mode, progress, say, set_log_mode
-from pipelines.runtime import reuse_freed_memory
+from pipelines.runtime import check_workers, cpu_policy, cpu_threads, reuse_freed_memory, set_wait_policy
 from pipelines.unknown import DEFAULT_SCORE, SCORES, TABLE_DEFAULT_SCORE
 
 from .options import (ARCH, BS, CAT, CONT, DURATION, FMAX, FMIN, HOP_LENGTH, IGNORE, JSON_LOGS, LAYERS, MODEL,
                       MULTI_LABEL, N_FFT, N_MELS, QUIET,
-                      SAMPLE_RATE, SEED, SIZE, TARGET, TOP_DB, VALID_PCT, WEIGHTS, WORKERS, WORKERS_HELP,
+                      SAMPLE_RATE, SEED, SIZE, TARGET, THREADS, TOP_DB, VALID_PCT, WEIGHTS, WORKERS, WORKERS_HELP,
                       parse_layers, parse_mel, parse_names, path_text, set_logging)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained models on a folder of labelled files; predict with unknown flags.")
 
+MAX_DURATION = typer.Option(7200.0, "--max-duration", help="Audio: the longest clip read, in seconds; a longer one (by its header, before decoding) is skipped with its reason.")
 
-def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int]):
+
+def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int], threads: Optional[int] = None):
     """The stored settings of the run in RUN; flags given beside --resume are ignored, with a warning."""
     from pipelines.errors import ItfitsWarning
     from pipelines.run import resume_config
     check_workers(workers)
     # by name: typer 0.29 runs its own copy of click (typer._click), whose ParameterSource never equals click.core's
-    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "workers")
+    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "workers", "threads", "max_duration")
              and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"]
     if given:
         warnings.warn(f"--resume continues with the run's own settings ({run / 'checkpoints' / 'config.json'}); "
@@ -41,6 +43,8 @@ def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int]):
     config = resume_config(run)
     if workers is not None:
         config.num_workers = workers
+    if threads is not None:
+        config.threads = threads
     return config
 
 
@@ -65,9 +69,11 @@ def fit(
     outlier_exposure: bool = typer.Option(False, "--outlier-exposure", help="Also train on the --unknown examples (images, audio), towards low confidence in every class."),
     balance: str = typer.Option("auto", help="Imbalanced classes (images, audio): weights (class-weighted loss), sampler (fastai's weighted sampler), none, or auto: weights when the largest class has over 3x the training items of the smallest."),
     workers: Optional[int] = WORKERS,
+    threads: Optional[int] = THREADS,
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
+    max_duration: float = MAX_DURATION,
     target: Optional[str] = TARGET,
     cat: Optional[list[str]] = CAT,
     cont: Optional[list[str]] = CONT,
@@ -90,9 +96,10 @@ def fit(
     and run.json."""
     from pipelines.run import FitConfig, fit as run_fit
     set_logging(quiet, json_logs)
+    _set_max_duration(max_duration)
     main = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate, rank 0 alone owns the run folder
     if resume is not None:
-        config = _resume_config(ctx, resume, workers)
+        config = _resume_config(ctx, resume, workers, threads)
         if main:
             sweep_temps(resume, inside=True)  # what a killed run left half-written
         run_fit(config, log=say)
@@ -107,7 +114,7 @@ def fit(
                        mel=mel, target=target, cat=parse_names(cat), cont=parse_names(cont), ignore=parse_names(ignore),
                        layers=parse_layers(layers), model=model, precision=precision, accum=accum, ema=ema,
                        ema_decay=ema_decay, compile=compile, outlier_exposure=outlier_exposure, balance=balance,
-                       multi_label=multi_label)
+                       multi_label=multi_label, threads=threads)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
     created = main and claim_run_folder(out, overwrite=overwrite, log=say)
     try:
@@ -217,8 +224,10 @@ def predict(
     threshold: Optional[float] = typer.Option(None, help="Override the bundle's unknown threshold (on its score's scale)."),
     batch_size: int = typer.Option(64, help="Files per batch through the model."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    threads: Optional[int] = THREADS,
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (images; audio and tables run fp32). auto: the precision the model was trained in where this machine has it in hardware, else fp32."),
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
+    max_duration: float = MAX_DURATION,
     quiet: bool = QUIET,
     json_logs: bool = JSON_LOGS,
     engine: str = typer.Option("local", help="local (this process) or ray (Ray Data: this machine's cores, or a cluster with --address).", rich_help_panel="Many machines"),
@@ -229,12 +238,16 @@ def predict(
     """Predict INPUTS with a trained bundle (or an .onnx file from itfits export, through onnxruntime); rows the
     model should not trust are labelled unknown."""
     set_logging(quiet, json_logs)
+    _set_max_duration(max_duration)
     from pipelines.export import load_model
     from pipelines.predict import PredictConfig, flagged_line, predict as run_predict, write_predictions
     if engine not in ("local", "ray"):
         raise ItfitsError(f"--engine must be local or ray, got {engine!r}")
     if engine == "local" and (address or concurrency is not None or gpus_per_worker):
         raise ItfitsError("--address, --concurrency and --gpus-per-worker are options of --engine ray; add it")
+    if engine == "ray" and threads is not None:
+        raise ItfitsError("--threads is for --engine local: Ray gives each actor its share of the cores "
+                          "(OMP_NUM_THREADS); --concurrency sets how many actors")
     if engine == "ray":
         return _predict_on_ray(model, inputs, out, topk=topk, threshold=threshold, batch_size=batch_size,
                                workers=workers, precision=precision, tta=tta, address=address,
@@ -242,17 +255,27 @@ def predict(
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ItfitsError(f"--out must end in .csv or .parquet, got {out}")
     _check_predict_options(topk=topk, batch_size=batch_size, threshold=threshold, workers=workers)
+    cpu = cpu_policy(threads=threads, workers=workers)
     check_output(out, folder=False, inputs=inputs)
     sweep_temps(out)  # what a killed predict left beside --out
     bundle = load_model(model)
     from pipelines.precision import check_precision
     config = PredictConfig(batch_size=batch_size, num_workers=workers, topk=topk, threshold=threshold,
                            precision=check_precision(precision), tta=tta)
+    if not bundle.modality.row_per_file:  # a table: its rows' batches are too small for threads to share
+        cpu = cpu_policy(threads=threads, workers=workers, table=True)
+    say(cpu.line(), "cpu", **cpu.json())
     rows = progress(run_predict(bundle, inputs, config), total=None, what=f"predict ({bundle.modality.counted})",
                     log=say, count=lambda r: getattr(r, "height", 1))  # a table's predictions come as DataFrame chunks
-    counts = write_predictions(rows, out)
+    with cpu_threads(cpu):
+        counts = write_predictions(rows, out)
     say(f"{counts['files']} {bundle.modality.counted}, {counts['errors']} errors; "
         f"{flagged_line(counts, counted=bundle.modality.counted)}; written to {out}", "done", **counts, out=str(out))
+
+
+def _set_max_duration(seconds: float) -> None:
+    from pipelines.audio import set_max_duration
+    set_max_duration(seconds)
 
 
 def _check_predict_options(*, topk: int, batch_size: int, threshold: Optional[float], workers: Optional[int]) -> None:
@@ -297,6 +320,7 @@ def evaluate(
     unknown: Optional[Path] = typer.Option(None, help="Folder of examples of none of the classes."),
     out: Path = typer.Option(Path("runs/evaluate"), "--out", help="Folder for metrics.json and plots."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    threads: Optional[int] = THREADS,
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
     """Accuracy, calibration and unknown detection of a bundle on labelled data: metrics.json + plots."""
@@ -304,9 +328,11 @@ def evaluate(
     set_logging()  # its model outputs' progress: lines, not bars, outside a terminal
     if unknown is not None and not unknown.is_dir():
         raise ItfitsError(f"--unknown {unknown} is not a folder")
-    check_workers(workers)
+    cpu = cpu_policy(threads=threads, workers=workers)
     check_output(out, folder=True, inputs=[data] + ([unknown] if unknown else []))
-    m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
+    typer.echo(cpu.line())
+    with cpu_threads(cpu):
+        m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
     if m.get("multi_label"):
         return _echo_multilabel(m, out)
     typer.echo(f"accuracy {m['accuracy']:.3f} (balanced {m['balanced_accuracy']:.3f}; recall per class "
@@ -370,12 +396,14 @@ def audio_to_images(
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
+    max_duration: float = MAX_DURATION,
     quiet: bool = QUIET,
     json_logs: bool = JSON_LOGS,
 ):
     """Render a folder of audio to mel-spectrogram PNGs, as fit does (cached), without training."""
     from pipelines.audio import MelConfig, audio_to_images as run_audio_to_images
     set_logging(quiet, json_logs)
+    _set_max_duration(max_duration)
     if max_windows < 1 or (workers is not None and workers < 1):
         raise ItfitsError("--max-windows and --workers must be at least 1")
     mel = parse_mel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
@@ -396,10 +424,17 @@ def serve(
     max_files: int = typer.Option(100, help="Most files per upload."),
     max_file_mb: float = typer.Option(20.0, help="Largest file taken, in MB."),
     topk: int = typer.Option(3, help="How many top classes to show per file."),
+    workers: int = typer.Option(0, help="DataLoader worker processes per upload (default: none, started per request "
+                                "they would cost more than they bring)."),
+    threads: Optional[int] = THREADS,
 ):
     """A web page to drop files on and see their predictions; results download as CSV."""
     from app.web import serve as run_server
-    run_server(model, host=host, port=port, log=typer.echo, max_files=max_files, max_file_mb=max_file_mb, topk=topk)
+    cpu = cpu_policy(threads=threads, workers=workers)
+    typer.echo(cpu.line())
+    with cpu_threads(cpu):
+        run_server(model, host=host, port=port, log=typer.echo, max_files=max_files, max_file_mb=max_file_mb,
+                   topk=topk, workers=workers)
 
 
 @app.command()
@@ -441,6 +476,7 @@ def _stop(signum, frame):
 
 
 def main():
+    set_wait_policy()  # first: OpenMP reads it once, when the command's first torch import loads it
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _stop)
     reuse_freed_memory()
@@ -453,6 +489,7 @@ def main():
         app()
     except ItfitsError as e:
         message = " ".join(str(e).split())  # one line, even for multi-line library errors
+        message = re.sub(r"^Exception occured in `\w+` when calling event `\w+`: ", "", message)  # fastai's words
         typer.echo(event_json("error", message) if log_mode() == "json" else "error: " + message, err=True)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -48,6 +48,8 @@ SIZE = typer.Option(None, help="Image size in pixels; the backbone's own when no
 VALID_PCT = typer.Option(0.2, help="Share of each class held out when DATA has no split.")
 SEED = typer.Option(42, help="Seed of the split and the training.")
 WORKERS = typer.Option(None, help=WORKERS_HELP)
+THREADS = typer.Option(None, help="torch's threads (default: one per core this process may use, of its CPU quota and "
+                       "share of a data-parallel run; a table: one; OMP_NUM_THREADS where set). Printed at the start.")
 TARGET = typer.Option(None, help=TARGET_HELP)
 CAT = typer.Option(None, help=CAT_HELP)
 CONT = typer.Option(None, help=CONT_HELP)

@@ -13,8 +13,8 @@ import polars as pl
 import torch
 from PIL import Image, ImageOps
 
-from .errors import ItfitsError
-from .sources import open_image
+from .runtime import check_workers, cpu_share  # noqa: F401 (check_workers: run.py's import of it)
+from .sources import decode_budget, open_image
 
 BACKGROUND = (255, 255, 255)  # transparent pixels become white, not black (DESIGN: RGBA lesson)
 
@@ -23,7 +23,7 @@ def load_image(path: str, *, gray: bool = False) -> Image.Image:
     """An 8-bit RGB image: EXIF rotation applied, 16-bit scaled, palette and alpha composited on white.
     `gray`: a grayscale image stays one channel (mode L), for `ImagePreprocessing.array`, which resizes it before
     it repeats the channel: the same pixels as resizing its RGB copy, for a third of the work."""
-    with open_image(path) as im:
+    with open_image(path) as im, decode_budget(im.width * im.height):
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             arr = np.asarray(im, dtype=np.float64)
@@ -86,21 +86,16 @@ class ImagePreprocessing:
 
 
 def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
-
-
-def check_workers(workers: int | None) -> None:
-    """--workers: None (chosen, see loader_workers) or a count of 0 (no worker processes) or more."""
-    if workers is not None and workers < 0:
-        raise ItfitsError(f"--workers must be 0 (no worker processes) or more, got {workers}")
+    return min(4, cpu_share()[0])
 
 
 def loader_workers(*, cached: bool = False) -> int:
     """DataLoader worker processes when the user sets none. With a GPU: up to 4, so decoding overlaps the GPU's
     work. Without one the model computes on the cores workers would take: none when the images come decoded
     from memory or the machine has 4 cores or fewer (measured on 2: workers cost more than they bring), else a
-    quarter of the cores, up to 4."""
-    cpus = os.cpu_count() or 1
+    quarter of the cores, up to 4. The cores: those this process may use (runtime.cpu_share: affinity, cgroup quota,
+    its share of a data-parallel run)."""
+    cpus = cpu_share()[0]
     if torch.cuda.is_available():
         return default_workers()
     return 0 if cached or cpus <= 4 else min(4, cpus // 4)

@@ -18,7 +18,7 @@ from .batches import TTA_IMAGES_ONLY
 from .bundle import Bundle, load_bundle
 from .errors import ItfitsError
 from .images import ImagePreprocessing
-from .io import atomic_path, csv_unwritable, escape_formulas
+from .io import atomic_path, csv_unwritable, write_csv
 from .precision import prediction_precision, resolve_precision
 from .sources import expand_inputs, text_path
 from .table_learners import learner_of
@@ -266,7 +266,7 @@ def write_predictions(rows: Iterator[dict | pl.DataFrame], out: Path, *, chunk: 
                 if nested:
                     raise ItfitsError(f"the input has columns a CSV cannot hold: {', '.join(nested)}; write "
                                       f"--out {out.with_suffix('.parquet').name}, or drop them from the input")
-                escape_formulas(df).write_csv(fh, include_header=not frames)
+                write_csv(df, fh, include_header=not frames)
             frames.append(df if out.suffix.lower() == ".parquet" else df.clear())
             buf.clear()
         for row in rows:

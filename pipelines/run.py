@@ -32,6 +32,7 @@ from .multilabel import finish_multilabel
 from .precision import check_precision, resolve_precision
 from .prepare import prepare_data
 from .reports import Validation, guarded, write_report
+from .runtime import cpu_policy, cpu_threads, current_cpu_policy
 from .sources import TABLE_EXTS, has_files
 from .table_fit import lr_line
 from .table_learners import AUTO, check_model
@@ -60,6 +61,7 @@ class FitConfig:
     outlier_exposure: bool = False  # also train on the --unknown examples, towards uniform class probabilities
     balance: str = "auto"  # auto | weights | sampler | none: imbalanced classes (balance.py); auto: weights past 3x
     num_workers: int | None = None  # None: images.loader_workers (none on CPU-only machines of <= 4 cores; audio rendering: every core)
+    threads: int | None = None  # torch's threads; None: runtime.cpu_policy (a core each, a table one)
     lr_find_iters: int = 100
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16/fp16 on GPUs, bf16 on CPUs where it is faster
     accum: int = 1  # micro-batches of `bs` per optimizer step: the lr applies to the batch of bs x accum
@@ -103,6 +105,8 @@ class FitConfig:
                 raise ItfitsError(f"--weights {self.weights}: name the --arch whose weights the file holds "
                                   "(--arch auto chooses the backbone by the data size)")
         check_workers(self.num_workers)
+        if self.threads is not None and self.threads < 1:
+            raise ItfitsError(f"--threads must be at least 1, got {self.threads}")
         if not 0 < self.valid_pct < 1:
             raise ItfitsError(f"--valid-pct must be between 0 and 1, got {self.valid_pct}")
         if not 0 < self.keep <= 1:
@@ -299,6 +303,7 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
                 "compile_error": compiler.failed if compiler else None,
                 "num_workers": dls.train.fake_l.num_workers,  # fastai keeps the process count there
                 "world_size": world, "resumed_after_epoch": state["epoch"] if state else None,
+                "cpu": current_cpu_policy(),
                 "n_outlier_exposure": data.n_outliers, "balance": data.balance.json()}
     return TrainedImages(learn=learn, arch=data.arch, items=items, classes=classes, prep=prep, history=history,
                          resolved=resolved, precision=precision, started=t0, options=data.options, check=checked,
@@ -366,7 +371,10 @@ def fit_run(config: FitConfig, log=print) -> Fitted:
 def fit_files(modality: Modality, config: FitConfig, log=print) -> Fitted:
     """The recipe of modalities of files: fine-tune a pretrained backbone. Under `accelerate launch` / `torchrun`,
     every process trains its shard; rank 0 returns the summary, the others an empty dict."""
-    with process_group():
+    cpu = cpu_policy(threads=config.threads, workers=config.num_workers)
+    with process_group(), cpu_threads(cpu):
+        if is_main():
+            emit(log, "cpu", cpu.line(), **cpu.json())
         trained = train_files(modality, config, log=log if is_main() else (lambda *a, **k: None))
         if not is_main():
             return Fitted({})
@@ -380,6 +388,11 @@ def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:
 
 
 def lr_find_files(modality: Modality, config: FitConfig) -> tuple[float, dict[str, float]]:
+    with cpu_threads(cpu_policy(threads=config.threads, workers=config.num_workers)):
+        return _lr_find_files(modality, config)
+
+
+def _lr_find_files(modality: Modality, config: FitConfig) -> tuple[float, dict[str, float]]:
     run = Path(config.out)
     set_seed(config.seed)  # as train_files: the DataLoaders draw their shuffling seed when they are made
     data = prepare_data(modality, config, run)

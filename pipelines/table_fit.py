@@ -5,13 +5,11 @@ them for images."""
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from .bundle import save_bundle
 from .calibration import calibrate_table, calibration_line, unknown_rows
@@ -21,29 +19,16 @@ from .metrics import regression_metrics
 from .modality import Fitted
 from .prepare import nn_learner, read_training_table
 from .reports import Validation, guarded, write_report
+from .runtime import cpu_policy, cpu_threads, current_cpu_policy
 from .sources import read_table
 from .tabular import TABLE_EPOCHS, TabularModelSpec
 from .table_learners import KINDS, TableFit, blend_fit, choose, learners_for, valid_scores, weighs_blend
 from .training import CHOSEN_SUGGESTION, best_epoch, find_lr, train
 
 
-# Training rows up to which a table trains on one thread (torch's and LightGBM's): a table's batches are too small
-# for threads to share. With the machine busy (load 10 on 2 cores) a step of fastai's TabularModel at bs 32 took
-# 8 ms on one thread and 350-570 on two, and LightGBM 1.1 s for 1,000 rows against 34-39 (bench/BENCHMARKS.md,
-# "A table in seconds").
-ONE_THREAD_ROWS = 100_000
-
-
-@contextmanager
-def table_threads(n_rows: int):
-    """torch (and so LightGBM, which takes torch's count) on one thread for a table of up to ONE_THREAD_ROWS rows."""
-    threads = torch.get_num_threads()
-    if n_rows <= ONE_THREAD_ROWS:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def table_policy(config, *, rows: int):
+    """The CPU policy of a table's fit (runtime.cpu_policy): one thread up to runtime.ONE_THREAD_ROWS rows."""
+    return cpu_policy(threads=config.threads, workers=config.num_workers, table=True, rows=rows)
 
 
 def train_nn(data, config, run: Path, log) -> TableFit:
@@ -112,7 +97,9 @@ def fit_table(modality, config, log=print) -> Fitted:
     prep = data.prep
     unknown = unknown_rows(config, prep)
     _describe_data(data, config, run, log)
-    with table_threads(len(data.y)):
+    cpu = table_policy(config, rows=len(data.y))
+    emit(log, "cpu", cpu.line(), **cpu.json())
+    with cpu_threads(cpu):
         return _fit_learners(modality, config, data, unknown, run, log, t0)
 
 
@@ -165,7 +152,7 @@ def _fit_learners(modality, config, data, unknown, run: Path, log, t0: float) ->
                      "na_flags": prep.na, "dates": prep.dates, "ignore": prep.ignore, "n_rows": data.n_rows,
                      "n_train": int((~data.valid).sum()), "n_valid": int(data.valid.sum()),
                      "n_skipped": data.skipped.height,
-                     "learners": {k: f.resolved for k, f in fits.items()}},
+                     "learners": {k: f.resolved for k, f in fits.items()}, "cpu": current_cpu_policy()},
         "results": results,
         "calibration": calib_report,
     }
@@ -184,5 +171,5 @@ def lr_find_table(config) -> tuple[float, dict[str, float]]:
     """`itfits lr-find` of a table: fastai's TabularModel's (the trees take no learning-rate search)."""
     run = Path(config.out)
     data = read_training_table(config, run)
-    with table_threads(len(data.y)):
+    with cpu_threads(table_policy(config, rows=len(data.y))):
         return find_lr(nn_learner(data, config, run)[1], run, num_it=config.lr_find_iters)

@@ -171,7 +171,7 @@ def weighs_blend(name: str, task: str) -> bool:
 def learner_of(model_json: dict) -> TableLearner:
     """The learner of a bundle's itfits.json `model` (no kind: a bundle from before the registry, fastai's model)."""
     kind = model_json.get("kind", "nn")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ItfitsError(f"model.kind {kind!r} is not one of {', '.join(KINDS)}")
     return KINDS[kind]
 

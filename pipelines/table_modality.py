@@ -61,7 +61,7 @@ class TableModality(Modality):
         if meta["calibration"] is None and meta["task"] != "regression":
             return "calibration is missing (only a regression model has none)"
         kind = meta["model"].get("kind", "nn")
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             return f"model.kind must be one of {', '.join(KINDS)}, got {kind!r}"
         return KINDS[kind].problem(meta["model"])  # the schema is checked as it is rebuilt (load_bundle)
 

@@ -10,12 +10,15 @@ kNN, class means and a precision matrix for Mahalanobis, the standardisation of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import ItfitsError
 from .metrics import auroc, expected_calibration_error, fpr_at_tpr, nll, sigmoid, softmax, threshold_for_share
+
+if TYPE_CHECKING:
+    import torch
 
 SCORES = ("max_softmax", "max_logit", "energy", "knn", "mahalanobis", "combined", "pretrained_mahalanobis")
 REFERENCE_SCORES = ("pretrained_mahalanobis",)  # the scores on the pretrained reference body's features
@@ -133,6 +136,7 @@ class UnknownStats:
         return replace(self, combine=np.stack([parts.mean(0), np.clip(std, 1e-6, None)], 1).astype(np.float32))
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        import torch  # here: the CLI's start imports this module (score names) and must not import torch
         arrays = self.__dict__ if self.ref_dim else {k: v for k, v in self.__dict__.items() if not k.startswith("ref_")}
         return {f"unknown.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
@@ -235,6 +239,7 @@ def loo_reference_scores(x: np.ndarray, targets: np.ndarray, n_classes: int) -> 
 
 def mahalanobis_pp(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
     """Minus the smallest Mahalanobis distance of the L2-normalised rows of `x` to a class mean."""
+    import torch
     x = _l2(x.astype(np.float32))
     with torch.autocast("cpu", enabled=False):  # in torch, not numpy: see _knn
         xt, mt, pt = torch.from_numpy(x), torch.from_numpy(means), torch.from_numpy(precision)
@@ -320,6 +325,7 @@ def _l2(x: np.ndarray) -> np.ndarray:
 
 def _knn(features: np.ndarray, bank: np.ndarray) -> np.ndarray:
     """Minus the distance to the k-th nearest training feature (Sun et al. 2022), both L2-normalised."""
+    import torch
     # the product in torch, not numpy: numpy's OpenBLAS threads keep spinning after a call and took the cores from
     # the next batch's forward pass (itfits predict: 413 instead of about 670 images/s on 2 cores)
     with torch.autocast("cpu", enabled=False):  # fp32 even where prediction runs under bf16 autocast

@@ -20,6 +20,7 @@ import math
 import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -37,7 +38,7 @@ from starlette.routing import Route
 
 from pipelines.bundle import Bundle, load_bundle
 from pipelines.errors import ItfitsError
-from pipelines.io import csv_unwritable, escape_formulas
+from pipelines.io import csv_unwritable, write_csv
 from pipelines.predict import PredictConfig, predict, predict_rows
 from pipelines.modality import Modality
 
@@ -82,7 +83,7 @@ def find_report(target: Path, bundle: Bundle) -> Path | None:
 
 
 def create_app(target: Path | str, *, host: str = "127.0.0.1", max_files: int = 100, max_file_mb: float = 20.0,
-               topk: int = 3) -> Starlette:
+               topk: int = 3, workers: int = 0) -> Starlette:
     """The web app for the bundle in TARGET (a run folder or RUN/model); the bundle is loaded here, once. `host`:
     the address served (--host), which requests may name in their Host header beside localhost's names."""
     if max_files < 1 or max_file_mb <= 0 or topk < 1:
@@ -90,7 +91,7 @@ def create_app(target: Path | str, *, host: str = "127.0.0.1", max_files: int = 
     bundle = load_bundle(target)
     modality = bundle.modality
     site = Site(bundle=bundle, modality=modality, limits=UploadLimits(modality.exts, max_files, max_file_mb),
-                config=PredictConfig(batch_size=32, num_workers=0, topk=topk),  # no worker processes per request
+                config=PredictConfig(batch_size=32, num_workers=workers, topk=topk),  # default 0: none per request
                 report=find_report(Path(target), bundle), lock=threading.Lock())
 
     async def home(request: Request) -> Response:
@@ -128,6 +129,12 @@ def create_app(target: Path | str, *, host: str = "127.0.0.1", max_files: int = 
     return Starlette(routes=[Route("/", home), Route("/predict", upload, methods=["GET", "POST"]),
                              Route("/report", report)],
                      middleware=[Middleware(RequestChecks, host=host)])
+
+
+REQUEST_S = 120.0  # one upload's prediction at most, holding the one prediction lock; its other files: error rows
+LOCK_WAIT_S = 30.0  # how long an upload waits for another's prediction before it is answered "busy"
+SHUTDOWN_S = 3  # after SIGTERM or Ctrl-C, seconds given to requests in flight before the server stops
+STOPPING = threading.Event()  # set when the server stops: a prediction in flight ends after its current batch
 
 
 def _how_to_post(site: Site) -> str:
@@ -182,10 +189,28 @@ def _predict_uploads(site: Site, uploads: list[Upload], *, previews: bool = True
     paths, then a row with `error` set for each refused upload; and a preview per row (or None)."""
     saved = [u for u in uploads if u.path is not None]
     names = {str(u.path): u.name for u in saved}
-    with site.lock:
+    if not site.lock.acquire(timeout=LOCK_WAIT_S):  # a client waits a while for another's upload, not forever
+        busy = (f"not predicted: the server was busy with another upload for {LOCK_WAIT_S:g} s; try again")
+        return [{"path": u.name, "label": None, "confidence": None, "unknown": None, "error": u.problem or busy,
+                 "score": None} for u in uploads], [None] * len(uploads)
+    try:
         # files: one prediction of every upload; tables: one each, so that a bad table is a row of its own
         rows_of = predict if site.modality.row_per_file else _table_rows
-        rows = list(rows_of(site.bundle, list(names), site.config)) if saved else []
+        rows, done, deadline = [], set(), time.monotonic() + REQUEST_S
+        produced = rows_of(site.bundle, list(names), site.config) if saved else iter(())
+        for row in produced:  # rows come batch by batch (a table's all at once): past the time limit, or when the
+            # server stops, the files not begun are not predicted
+            if done and row.get("path") not in done and (time.monotonic() > deadline or STOPPING.is_set()):
+                break
+            done.add(row.get("path"))
+            rows.append(row)
+        getattr(produced, "close", lambda: None)()
+    finally:
+        site.lock.release()
+    late = (f"not predicted: the upload passed the server's time limit of {REQUEST_S:g} s, or the server is "
+            "stopping; upload fewer or smaller files, or use itfits predict")
+    rows += [{"path": p, "label": None, "confidence": None, "unknown": None, "error": late, "score": None}
+             for p in names if p not in done]
     pictures = []
     for row in rows:
         temp = row.get("path")
@@ -248,7 +273,7 @@ def _page(site: Site, *, uploads: list[Upload] | None = None, rows: list[dict] |
 def _results(rows: list[dict], previews: list[str | None], topk: int) -> list:
     n_unknown = sum(bool(r.get("unknown")) for r in rows)
     n_error = sum(bool(r.get("error")) for r in rows)
-    csv = escape_formulas(pl.DataFrame(rows, infer_schema_length=None)).write_csv()
+    csv = write_csv(pl.DataFrame(rows, infer_schema_length=None))
     href = "data:text/csv;charset=utf-8;base64," + base64.b64encode(csv.encode("utf-8")).decode("ascii")
     head = Tr(*[Th(h) for h in ("", "file", "prediction", "confidence", f"top {topk}", "score")])
     return [P(f"{len(rows)} files: {len(rows) - n_unknown - n_error} predicted, {n_unknown} unknown, "
@@ -293,7 +318,7 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(target: Path | str, *, host: str = "127.0.0.1", port: int = 8000, log=print, **app_kwargs) -> None:
-    """Serve the page until Ctrl-C. app_kwargs go to create_app (max_files, max_file_mb, topk)."""
+    """Serve the page until Ctrl-C. app_kwargs go to create_app (max_files, max_file_mb, topk, workers)."""
     import uvicorn
     check_port(host, port)
     app = create_app(target, host=host, **app_kwargs)
@@ -301,4 +326,15 @@ def serve(target: Path | str, *, host: str = "127.0.0.1", port: int = 8000, log=
         log(f"warning: listening on {host}: anyone who can reach this machine can upload files to it")
     url_host = f"[{host}]" if ":" in host else host
     log(f"itfits serve: http://{url_host}:{port}/ (Ctrl-C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=SHUTDOWN_S))
+    stop = server.handle_exit
+
+    def handle_exit(sig, frame):  # SIGTERM, Ctrl-C: a prediction in flight ends after its current batch
+        STOPPING.set()
+        stop(sig, frame)
+    server.handle_exit = handle_exit
+    try:
+        server.run()
+    finally:  # the interpreter waits for the prediction thread at exit
+        STOPPING.set()
