@@ -408,9 +408,9 @@ def _calibration_part(run: Path, calib: dict, *, risk: bool, reliability: bool =
     if not calib:
         return [P("No calibration in this run.", cls="muted")]
     estimate = unknown_estimate_line(calib)
-    part = [*([P(estimate[0].upper() + estimate[1:] + ". Estimated at fit time without unknown examples: each known "
-                 "class in turn was scored as unknown against the others, at the threshold chosen as the shipped one is.")]
-              if estimate else []),
+    part = [*([P(estimate[0].upper() + estimate[1:] + ". Estimated at fit time without unknown examples: each "
+                 "known class in turn was scored as unknown against the others, at the threshold chosen as the "
+                 "shipped one is.")] if estimate else []),
             *([P(f"Temperature {calib['temperature_note']}.")] if calib.get("temperature_note") else []),
             _kv_table({"temperature": calib.get("temperature"),
                        "valid ECE before → after": _before_after(calib.get("valid_ece")),
