@@ -24,7 +24,7 @@ from .backbones import stem_names
 # Augmented views cached per training item, cycled over the epochs (bench/BENCHMARKS.md, "Frozen features
 # computed once"). A modality without augmentation (audio) caches its one view; 0: no cache (the stem computed at
 # every step, as before the cache).
-CACHE_VIEWS = 2
+CACHE_VIEWS = 3
 # Cached features up to this size stay in memory; a larger cache is a memory-mapped file in the run folder.
 MEMORY_BUDGET = 2 * 2**30
 CACHE_FILE = "frozen_features.tmp"
