@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 import warnings
@@ -26,6 +27,8 @@ from .options import (ARCH, BS, CAT, CONT, DURATION, FMAX, FMIN, HOP_LENGTH, IGN
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained models on a folder of labelled files; predict with unknown flags.")
 
+MAX_DURATION = typer.Option(7200.0, "--max-duration", help="Audio: the longest clip read, in seconds; a longer one (by its header, before decoding) is skipped with its reason.")
+
 
 def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int]):
     """The stored settings of the run in RUN; flags given beside --resume are ignored, with a warning."""
@@ -33,7 +36,7 @@ def _resume_config(ctx: typer.Context, run: Path, workers: Optional[int]):
     from pipelines.run import resume_config
     check_workers(workers)
     # by name: typer 0.29 runs its own copy of click (typer._click), whose ParameterSource never equals click.core's
-    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "workers")
+    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume", "workers", "max_duration")
              and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"]
     if given:
         warnings.warn(f"--resume continues with the run's own settings ({run / 'checkpoints' / 'config.json'}); "
@@ -68,6 +71,7 @@ def fit(
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
+    max_duration: float = MAX_DURATION,
     target: Optional[str] = TARGET,
     cat: Optional[list[str]] = CAT,
     cont: Optional[list[str]] = CONT,
@@ -90,6 +94,7 @@ def fit(
     and run.json."""
     from pipelines.run import FitConfig, fit as run_fit
     set_logging(quiet, json_logs)
+    _set_max_duration(max_duration)
     main = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate, rank 0 alone owns the run folder
     if resume is not None:
         config = _resume_config(ctx, resume, workers)
@@ -219,6 +224,7 @@ def predict(
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (images; audio and tables run fp32). auto: the precision the model was trained in where this machine has it in hardware, else fp32."),
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
+    max_duration: float = MAX_DURATION,
     quiet: bool = QUIET,
     json_logs: bool = JSON_LOGS,
     engine: str = typer.Option("local", help="local (this process) or ray (Ray Data: this machine's cores, or a cluster with --address).", rich_help_panel="Many machines"),
@@ -229,8 +235,9 @@ def predict(
     """Predict INPUTS with a trained bundle (or an .onnx file from itfits export, through onnxruntime); rows the
     model should not trust are labelled unknown."""
     set_logging(quiet, json_logs)
+    _set_max_duration(max_duration)
     from pipelines.export import load_model
-    from pipelines.predict import PredictConfig, predict as run_predict, write_predictions
+    from pipelines.predict import PredictConfig, flagged_line, predict as run_predict, write_predictions
     if engine not in ("local", "ray"):
         raise ItfitsError(f"--engine must be local or ray, got {engine!r}")
     if engine == "local" and (address or concurrency is not None or gpus_per_worker):
@@ -251,8 +258,13 @@ def predict(
     rows = progress(run_predict(bundle, inputs, config), total=None, what=f"predict ({bundle.modality.counted})",
                     log=say, count=lambda r: getattr(r, "height", 1))  # a table's predictions come as DataFrame chunks
     counts = write_predictions(rows, out)
-    say(f"{counts['files']} {bundle.modality.counted}, {counts['unknown']} unknown, {counts['errors']} errors; "
-        f"written to {out}", "done", **counts, out=str(out))
+    say(f"{counts['files']} {bundle.modality.counted}, {counts['errors']} errors; "
+        f"{flagged_line(counts, counted=bundle.modality.counted)}; written to {out}", "done", **counts, out=str(out))
+
+
+def _set_max_duration(seconds: float) -> None:
+    from pipelines.audio import set_max_duration
+    set_max_duration(seconds)
 
 
 def _check_predict_options(*, topk: int, batch_size: int, threshold: Optional[float], workers: Optional[int]) -> None:
@@ -268,7 +280,7 @@ def _predict_on_ray(model: Path, inputs: list[str], out: Path, *, topk, threshol
                     address, concurrency, gpus_per_worker) -> None:
     """`itfits predict --engine ray`: pipelines.ray_engine, Parquet out."""
     from pipelines.precision import check_precision
-    from pipelines.predict import PredictConfig
+    from pipelines.predict import PredictConfig, flagged_line
     from pipelines.ray_engine import import_ray, predict_on_ray
     import_ray(local=address is None)  # first: without the extra, the one thing to say is how to install it
     import logging
@@ -285,7 +297,8 @@ def _predict_on_ray(model: Path, inputs: list[str], out: Path, *, topk, threshol
                            precision=check_precision(precision), tta=tta)
     counts = predict_on_ray(model, inputs, out, config, address=address, concurrency=concurrency,
                             gpus_per_worker=gpus_per_worker)
-    typer.echo(f"{counts['files']} rows, {counts['unknown']} unknown, {counts['errors']} errors; written to {out}"
+    typer.echo(f"{counts['files']} rows, {counts['errors']} errors; {flagged_line(counts, counted='rows')}; "
+               f"written to {out}"
                + ("" if single else " (Parquet part files)"))
 
 
@@ -299,7 +312,7 @@ def evaluate(
     tta: bool = typer.Option(False, "--tta", help=TTA_HELP),
 ):
     """Accuracy, calibration and unknown detection of a bundle on labelled data: metrics.json + plots."""
-    from pipelines.evaluate import evaluate as run_evaluate
+    from pipelines.evaluate import evaluate as run_evaluate, summary_line
     set_logging()  # its model outputs' progress: lines, not bars, outside a terminal
     if unknown is not None and not unknown.is_dir():
         raise ItfitsError(f"--unknown {unknown} is not a folder")
@@ -308,19 +321,16 @@ def evaluate(
     m = run_evaluate(model, data, out=out, unknown=unknown, num_workers=workers, tta=tta)
     if m.get("multi_label"):
         return _echo_multilabel(m, out)
-    rule, plain = m["unknown_rule"], m["plain_rule"]
     typer.echo(f"accuracy {m['accuracy']:.3f} (balanced {m['balanced_accuracy']:.3f}; recall per class "
                + ", ".join(f"{c} {v['recall']:.2f}" for c, v in m["per_class"].items())
                + f") on {m['n_known']} files ({m['n_skipped']} unreadable skipped); ECE "
                f"{m['ece']['uncalibrated']:.3f} -> {m['ece']['calibrated']:.3f} calibrated")
-    typer.echo(f"{rule['score']} >= {rule['threshold']:.4g}: accepts {rule['correct_accepted']:.1%} of correct known items"
-               + (f", {rule['unknown_accepted']:.1%} of unknowns" if "unknown_accepted" in rule else "")
-               + f" (plain 0.95 rule: {plain['correct_accepted']:.1%}"
-               + (f", {plain['unknown_accepted']:.1%})" if "unknown_accepted" in plain else ")"))
+    typer.echo(summary_line(m))
     if "scores" in m:
         typer.echo(f"AUROC known vs {m['n_unknown']} unknown files ({m['n_unknown_skipped']} unreadable skipped): "
                    + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in m["scores"].items()))
-    typer.echo(f"written to {out}/ (metrics.json, reliability.png, risk_coverage.png)")
+    typer.echo(f"written to {out}/ (report.html: plots, thresholds to choose --keep from, worst items; metrics.json, "
+               "scores.csv)")
 
 
 def _echo_multilabel(m: dict, out: Path) -> None:
@@ -332,7 +342,7 @@ def _echo_multilabel(m: dict, out: Path) -> None:
                "unreadable skipped)")
     typer.echo(f"unknown: {rule['none_above']:.1%} of the files have no class above its threshold; {rule['score']} >= "
                f"{rule['threshold']:.4g} accepts {rule['coverage']:.1%} of them in all"
-               + (f", and flags {rule['unknown_flagged']:.1%} of the unknowns" if "unknown_flagged" in rule else ""))
+               + (f", and catches {rule['unknown_flagged']:.1%} of the unknowns" if "unknown_flagged" in rule else ""))
     if "scores" in m:
         typer.echo(f"AUROC known vs {m['n_unknown']} unknown files: "
                    + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in m["scores"].items()))
@@ -372,12 +382,14 @@ def audio_to_images(
     sample_rate: Optional[int] = SAMPLE_RATE, n_fft: Optional[int] = N_FFT, hop_length: Optional[int] = HOP_LENGTH,
     n_mels: Optional[int] = N_MELS, fmin: Optional[float] = FMIN, fmax: Optional[float] = FMAX,
     duration: Optional[str] = DURATION, top_db: Optional[float] = TOP_DB,
+    max_duration: float = MAX_DURATION,
     quiet: bool = QUIET,
     json_logs: bool = JSON_LOGS,
 ):
     """Render a folder of audio to mel-spectrogram PNGs, as fit does (cached), without training."""
     from pipelines.audio import MelConfig, audio_to_images as run_audio_to_images
     set_logging(quiet, json_logs)
+    _set_max_duration(max_duration)
     if max_windows < 1 or (workers is not None and workers < 1):
         raise ItfitsError("--max-windows and --workers must be at least 1")
     mel = parse_mel(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, fmin=fmin, fmax=fmax,
@@ -455,6 +467,7 @@ def main():
         app()
     except ItfitsError as e:
         message = " ".join(str(e).split())  # one line, even for multi-line library errors
+        message = re.sub(r"^Exception occured in `\w+` when calling event `\w+`: ", "", message)  # fastai's words
         typer.echo(event_json("error", message) if log_mode() == "json" else "error: " + message, err=True)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -53,7 +53,7 @@ CAT = typer.Option(None, help=CAT_HELP)
 CONT = typer.Option(None, help=CONT_HELP)
 IGNORE = typer.Option(None, help=IGNORE_HELP)
 LAYERS = typer.Option(None, help="Tabular: hidden layer sizes, e.g. 200,100 (fastai's default).")
-MODEL = typer.Option("auto", help="Tabular: nn (fastai's TabularModel), gbdt (LightGBM's gradient-boosted trees), or auto: both on the same split, the better on validation kept.")
+MODEL = typer.Option("auto", help="Tabular: nn (fastai's TabularModel), gbdt (LightGBM's gradient-boosted trees), blend (the mean of both), or auto: both on the same split, the better on validation kept (a regression weighs the blend too).")
 MULTI_LABEL = typer.Option(False, "--multi-label", help="Images: a file may have several classes, or none: a label cell holds them separated by a space or ';' (an empty cell: none). A path,labels table is multi-label without it.")
 
 

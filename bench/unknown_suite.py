@@ -268,6 +268,43 @@ def evaluate_scores(d: dict) -> dict[str, dict]:
     return res
 
 
+SHIPPED_KEEPS = (0.9, 0.95, 0.99)  # --keep values the library's own rule is measured at
+
+
+def shipped_rule(d: dict) -> dict:
+    """The library's own calibration (calibration.calibrate_outputs, as `itfits fit` runs it) on this run's outputs,
+    at each of SHIPPED_KEEPS: kept (correct known test items accepted), near and far rejected, and the fit-time
+    leave-one-class-out estimates: of the near rejection (`loco_lookalike`; `loco_caught` over all held-out
+    classes) and of kept (`loco_kept`)."""
+    from types import SimpleNamespace
+    from pipelines.calibration import calibrate_outputs
+    ref = d["meta"]["ref_dim"]
+    feats = {s: np.concatenate([d[f"{s}_feats"], d[f"{s}_ref"][:, ref:]], 1) for s in SPLITS}
+    n_classes = int(d["train_y"].max()) + 1
+    t_correct = d["test_logits"].argmax(1) == d["test_y"]
+    out = {}
+    for keep in SHIPPED_KEEPS:
+        config = SimpleNamespace(seed=0, keep=keep, score=None, threshold="auto")
+        cal, report = calibrate_outputs(config, n_classes, valid=(d["valid_logits"], feats["valid"], d["valid_y"]),
+                                        train=(feats["train"], d["train_y"]), unknown=None,
+                                        head_dim=d["meta"]["head_dim"], default_score=U.DEFAULT_SCORE,
+                                        ref_dim=d[f"train_ref"].shape[1] - ref)
+        applied = {s: cal.apply(d[f"{s}_logits"], feats[s]) for s in ("test", "near", "far")}
+        flags = {s: a[2] for s, a in applied.items()}
+        out.update({f"auroc_{s}": U.auroc(applied["test"][1], applied[s][1]) for s in ("near", "far")})
+        loco = report.get("leave_class_out") or {}
+        out.update({f"kept@{keep}": float((~flags["test"][t_correct]).mean()),
+                    f"near_rejected@{keep}": float(flags["near"].mean()),
+                    f"far_rejected@{keep}": float(flags["far"].mean()),
+                    f"loco_caught@{keep}": loco.get("caught", float("nan")),
+                    f"loco_lookalike@{keep}": loco.get("caught_lookalike", float("nan")),
+                    f"loco_kept@{keep}": loco.get("kept", float("nan"))})
+        if keep == 0.95:
+            out["temperature"] = cal.temperature
+            out["temperature_note"] = report.get("temperature_note", "")
+    return out
+
+
 def mean_over(rows: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0]}
 
@@ -333,7 +370,7 @@ def main():
                                    epochs=args.epochs, arch=args.arch)
                 acc = float((d["test_logits"].argmax(1) == d["test_y"]).mean())
                 runs[run.name] = {"set": name, "size": size, "seed": seed, "test_accuracy": acc, **d["meta"],
-                                  "scores": evaluate_scores(d)}
+                                  "scores": evaluate_scores(d), "shipped": shipped_rule(d)}
                 if args.plain:
                     plain = plain_recipe(set_dir, run, audio=name in suite_sets.AUDIO_SETS, size=size, seed=seed,
                                          epochs=args.epochs)
@@ -373,6 +410,16 @@ def report(runs: dict) -> None:
                 worst = min(vals, key=vals.get)
                 cells.append(f"{np.mean(list(vals.values())):.3f} ({vals[worst]:.3f} {worst})")
             print(f"| {k} | " + " | ".join(cells) + " |")
+        print(f"\n### the shipped rule (the library's calibration), {size} px: kept (correct known test items) "
+              f"at each --keep; near rejected and its leave-one-class-out estimate at 0.95; far rejected at 0.95\n")
+        print("| set | " + " | ".join(f"kept@{k}" for k in SHIPPED_KEEPS)
+              + " | near rejected | LOCO look-alikes | LOCO all classes | LOCO kept | far rejected |\n|---|"
+              + "---|" * (len(SHIPPED_KEEPS) + 5))
+        for s in per_set:
+            rs = [x["shipped"] for x in runs.values() if x["set"] == s and x["size"] == size]
+            cols = [f"kept@{k}" for k in SHIPPED_KEEPS] + ["near_rejected@0.95", "loco_lookalike@0.95",
+                                                          "loco_caught@0.95", "loco_kept@0.95", "far_rejected@0.95"]
+            print(f"| {s} | " + " | ".join(f"{np.mean([x[c] for x in rs]):.3f}" for c in cols) + " |")
         if all("plain_test_accuracy" in r for r in runs.values()):
             print(f"\n### test accuracy and seconds to train at {size} px, mean over seeds\n")
             print("| set | itfits | plain fastai recipe | itfits s | recipe s |\n|---|---|---|---|---|")

@@ -22,8 +22,8 @@ import numpy as np
 import polars as pl
 
 from . import logs  # as a module: _render_all has a `progress` flag
-from .errors import ItfitsError
-from .io import atomic_dir
+from .errors import ItfitsError, ItfitsWarning
+from .io import atomic_dir, write_csv
 from .sources import AUDIO_EXTS, expand_inputs, not_a_file, not_found, os_path, text_path
 
 RENDER_VERSION = 1  # part of the cache key: bump when the rendering below changes its output
@@ -142,6 +142,44 @@ def _decode_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+MAX_DURATION = 7200.0  # seconds of a clip read at most by default (--max-duration): 2 h decode to about 0.6 GB
+# decoded samples (at the model's rate) one byte of a file may give: FLAC's silence packs about 500 into a byte; a WAV
+# whose header claims 1 Hz gives 22,050 (6 h from 44 KB), which the header check refuses before decoding
+MAX_SAMPLES_PER_BYTE = 4096
+_max_duration = [MAX_DURATION]
+
+
+def set_max_duration(seconds: float) -> None:
+    """The longest clip read (`--max-duration`); longer ones are refused from their header, before decoding."""
+    if not (isinstance(seconds, (int, float)) and 1 <= seconds <= 366 * 86400):
+        raise ItfitsError(f"--max-duration must be a number of seconds in [1, 31622400], got {seconds}")
+    _max_duration[0] = float(seconds)
+
+
+def _check_header(source, size: int, cfg: MelConfig, max_seconds: float | None) -> None:
+    """An AudioError for a clip whose header says it lasts longer than --max-duration, or that claims more samples
+    than a file of `size` bytes can give (a forged sample rate): refused before anything is decoded."""
+    import soundfile
+    try:
+        info = soundfile.info(source)
+        frames, rate = int(info.frames), float(info.samplerate)
+    except Exception:  # no header libsndfile reads: decoding gives the reason, and librosa stops at the duration
+        return
+    finally:
+        if hasattr(source, "seek"):
+            source.seek(0)
+    if frames <= 0 or rate <= 0 or frames > 2**62:  # an unknown length (a stream) or nonsense: decoding tells
+        return
+    seconds, limit = frames / rate, _max_duration[0]
+    if seconds > limit:
+        raise AudioError(f"the clip lasts {seconds:,.0f} s by its header ({frames:,} samples at {rate:g} Hz), over "
+                         f"--max-duration {limit:g} s; cut it, or raise --max-duration")
+    decoded = min(seconds, max_seconds or seconds) * cfg.sample_rate
+    if decoded > MAX_SAMPLES_PER_BYTE * max(size, 1):
+        raise AudioError(f"its header claims {frames:,} samples at {rate:g} Hz ({seconds:,.0f} s), more than a file of "
+                         f"{size:,} bytes can hold: a damaged or forged header")
+
+
 def load_audio(path: str | Path, cfg: MelConfig, *, max_seconds: float | None = None) -> np.ndarray:
     """Mono float32 samples at cfg.sample_rate (stereo averaged, any rate resampled), at most `max_seconds`.
     Raises AudioError with the reason when the file cannot be used."""
@@ -156,8 +194,10 @@ def load_audio(path: str | Path, cfg: MelConfig, *, max_seconds: float | None = 
     utf8 = text_path(str(p)) == str(p)
     with warnings.catch_warnings(), (nullcontext(p) if utf8 else open(p, "rb")) as source:
         warnings.simplefilter("ignore")  # "PySoundFile failed. Trying audioread instead." and its FutureWarning
+        _check_header(source, p.stat().st_size, cfg, max_seconds)
         try:
-            y, _ = librosa.load(source, sr=cfg.sample_rate, mono=True, duration=max_seconds)
+            y, _ = librosa.load(source, sr=cfg.sample_rate, mono=True,
+                                duration=min(max_seconds or _max_duration[0], _max_duration[0]))
         except Exception as e:  # libsndfile, audioread and librosa raise many types; the reason goes in the table
             reason = _decode_reason(e)
             if "possibly a pipe" in reason:  # libsndfile's words for a format it does not know; the file is regular
@@ -288,6 +328,32 @@ def _render_all(paths: list[str], cfg: MelConfig, folder: Path, max_windows: int
     return results
 
 
+def writable_cache(folder: Path) -> Path:
+    """`folder` if spectrograms can be written there, else (a file in its place, no permission, a full disk) a
+    temporary folder for this process, removed when it ends, with a warning that says how to keep them."""
+    import tempfile
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+        return folder
+    except OSError as e:
+        problem = e.strerror or str(e)
+    import atexit
+    import shutil
+    try:
+        fallback = Path(tempfile.mkdtemp(prefix="itfits-mel-"))
+    except OSError as e:
+        raise ItfitsError(f"cannot write spectrograms to the mel cache {folder} ({problem}) nor to a temporary folder "
+                          f"({e.strerror}); set ITFITS_CACHE to a folder with free space") from e
+    atexit.register(shutil.rmtree, fallback, ignore_errors=True)
+    warnings.warn(f"the mel cache {folder} cannot be written ({problem}): this run renders to {fallback}, removed "
+                  "when it ends; set ITFITS_CACHE to a folder with free space to keep them", ItfitsWarning)
+    return fallback
+
+
 def render_folder(items: pl.DataFrame, cfg: MelConfig, *, cache: Path | None = None, workers: int | None = None,
                   max_windows: int | None = MAX_TRAIN_WINDOWS, progress: bool = True) -> pl.DataFrame:
     """Render the audio files of an items table (path, label, split, error) to cached spectrogram PNGs, in
@@ -296,7 +362,7 @@ def render_folder(items: pl.DataFrame, cfg: MelConfig, *, cache: Path | None = N
     Returns one row per window: path (the PNG), label, split (the clip's: windows of one clip never straddle
     train and valid), error (null), source (the clip), window (0, 1, ...), cached (true if rendered before).
     A clip that cannot be used gets one row instead: path = source, its error, window null."""
-    folder = (cache or cache_dir()) / cfg.key()
+    folder = writable_cache((cache or cache_dir()) / cfg.key())
     todo = items.filter(pl.col("error").is_null())["path"].to_list()
     results = dict(zip(todo, _render_all(todo, cfg, folder, max_windows, workers or os.cpu_count() or 1, progress)))
     rows = []
@@ -358,6 +424,6 @@ def audio_to_images(in_dir: str | Path, out_dir: str | Path, cfg: MelConfig, *, 
             shutil.copyfile(png, tmp / name)
             rows.append((name, source, window))
         pl.DataFrame(rows, schema={"image": pl.String, "source": pl.String, "window": pl.Int64},
-                     orient="row").write_csv(tmp / "windows.csv")
-        windows.filter(pl.col("error").is_not_null()).select("source", "error").write_csv(tmp / "skipped.csv")
+                     orient="row").pipe(write_csv, tmp / "windows.csv")
+        write_csv(windows.filter(pl.col("error").is_not_null()).select("source", "error"), tmp / "skipped.csv")
     return windows

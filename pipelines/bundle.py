@@ -241,6 +241,8 @@ def read_meta(path: Path) -> dict:
         raise invalid_bundle(path, f"{META} is not UTF-8 text ({e})") from e
     except json.JSONDecodeError as e:
         raise invalid_bundle(path, f"{META} is not valid JSON ({e})") from e
+    except RecursionError as e:  # arrays or objects nested thousands deep
+        raise invalid_bundle(path, f"{META} nests its values too deep") from e
     if isinstance(meta, dict) and meta.get("format_version") != FORMAT_VERSION:
         raise ItfitsError(f"{path} has bundle format {meta.get('format_version')}; this itfits reads {FORMAT_VERSION}")
     problem = meta_problem(meta)
@@ -248,6 +250,28 @@ def read_meta(path: Path) -> dict:
         raise invalid_bundle(path, problem)
     meta["_path"] = str(path)
     return meta
+
+
+# the dtypes of the unknown scores' statistics (UnknownStats.tensors): the feature banks are kept in half precision
+UNKNOWN_DTYPES = {"unknown.bank": ("float16", "float32"), "unknown.stage_bank": ("float16", "float32")}
+
+
+def tensor_problem(tensors: dict, expected: dict, *, prefix: str = "") -> str | None:
+    """Why the tensors of a safetensors file cannot be the weights of the model whose state dict is `expected`
+    (a tensor of another dtype: the model would compute in the wrong one, or fail; NaN or infinite values: every
+    output would be NaN), or None. `prefix`: the keys' prefix in the file (the reference body's)."""
+    for key, t in tensors.items():
+        want = expected.get(key)
+        if key.startswith("unknown."):
+            allowed = UNKNOWN_DTYPES.get(key, ("float32",))
+        else:
+            allowed = (str(want.dtype).removeprefix("torch."),) if want is not None else None
+        if allowed is not None and str(t.dtype).removeprefix("torch.") not in allowed:
+            return f"tensor {prefix}{key} is {str(t.dtype).removeprefix('torch.')}, where the model needs " \
+                   f"{' or '.join(allowed)}"
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            return f"tensor {prefix}{key} holds NaN or infinite values"
+    return None
 
 
 def load_bundle(path: Path | str) -> Bundle:
@@ -271,12 +295,19 @@ def load_bundle(path: Path | str) -> Bundle:
     own = {k: v for k, v in tensors.items() if not k.startswith(("unknown.", f"{REFERENCE}."))}
     ref = {k[len(REFERENCE) + 1:]: v for k, v in tensors.items() if k.startswith(f"{REFERENCE}.")}
     scoring = None
+    problem = tensor_problem({k: v for k, v in tensors.items() if not k.startswith(f"{REFERENCE}.")},
+                             model.state_dict())
+    if problem:
+        raise invalid_bundle(path, f"{WEIGHTS}: {problem}")
     try:
         stats = UnknownStats.from_tensors(tensors) if "unknown.bank" in tensors else None
         model.load_state_dict(own, strict=True)
         if ref:  # bundles from before the shared stem have no shared_stages: the whole body
             shared = meta.get(REFERENCE, {}).get("shared_stages", 0)
             scoring = WithReference(model, create_body(get_spec(meta["backbone"]), weights="none")[0], shared).eval()
+            problem = tensor_problem(ref, scoring.reference.state_dict(), prefix=f"{REFERENCE}.")
+            if problem:
+                raise invalid_bundle(path, f"{WEIGHTS}: {problem}")
             scoring.reference.load_state_dict(ref, strict=True)
     except (RuntimeError, KeyError) as e:  # torch lists every mismatch on its own line: keep the first
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())

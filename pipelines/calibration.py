@@ -15,7 +15,8 @@ from .features import WithReference
 from .batches import file_outputs, unknown_outputs
 from .errors import ItfitsError, ItfitsWarning
 from .multilabel import calibrate_multilabel, label_matrix
-from .unknown import DEFAULT_SCORE, TABLE_DEFAULT_SCORE, UnknownStats, calibrate, crossfit_reference_scores
+from .unknown import (DEFAULT_SCORE, TABLE_DEFAULT_SCORE, UnknownStats, calibrate, leave_class_out,
+                      loo_reference_scores, unknown_estimate_line)
 
 if TYPE_CHECKING:
     from .modality import Modality
@@ -28,13 +29,18 @@ def calibrate_outputs(config: FitConfig, n_classes: int, *, valid: tuple, train:
     and optional (logits, features) of unknown examples, with the config's score, threshold and keep.
     `head_dim`, `ref_dim`: how many feature columns are the head's and the reference body's (see unknown.py)."""
     stats = UnknownStats.fit(train[0], train[1], n_classes, head_dim=head_dim, ref_dim=ref_dim, seed=config.seed)
-    known = {"pretrained_mahalanobis": crossfit_reference_scores(train[0][:, -ref_dim:], train[1], n_classes,
-                                                                 seed=config.seed)} if ref_dim else None
+    known = {"pretrained_mahalanobis": loo_reference_scores(train[0][:, -ref_dim:], train[1], n_classes)} \
+        if ref_dim else None
     u_logits, u_feats = unknown if unknown is not None else (None, None)
     threshold = None if config.threshold == "auto" else float(config.threshold)
-    return calibrate(valid[0], valid[2], valid[1], stats, keep=config.keep, score=config.score, threshold=threshold,
-                     unknown_logits=u_logits, unknown_features=u_feats, default_score=default_score,
-                     known_scores=known)
+    calibration, report = calibrate(valid[0], valid[2], valid[1], stats, keep=config.keep, score=config.score,
+                                    threshold=threshold, unknown_logits=u_logits, unknown_features=u_feats,
+                                    default_score=default_score, known_scores=known)
+    if calibration.score == "pretrained_mahalanobis":
+        report["leave_class_out"] = leave_class_out(
+            train[0][:, -ref_dim:], train[1], n_classes, keep=config.keep, valid_x=valid[1][:, -ref_dim:],
+            valid_targets=valid[2], valid_correct=valid[0].argmax(1) == valid[2], seed=config.seed)
+    return calibration, report
 
 
 def calibrate_images(model, items: pl.DataFrame, classes: list[str], prep, config: FitConfig, *, modality: Modality,
@@ -127,6 +133,11 @@ def calibrate_table(outputs, model, data, config: FitConfig, *, unknown: pl.Data
 
 
 def calibration_line(calibration, report: dict) -> str:
-    return (f"temperature {calibration.temperature:.2f} (valid ECE {report['valid_ece']['before']:.3f} -> "
-            f"{report['valid_ece']['after']:.3f}); unknown score {calibration.score}, threshold "
-            f"{calibration.threshold:.4g} ({report.get('score_chosen_by', 'given')})")
+    temperature = (f"temperature {report['temperature_note']}" if report.get("temperature_note") else
+                   f"temperature {calibration.temperature:.2f} (valid ECE {report['valid_ece']['before']:.3f} -> "
+                   f"{report['valid_ece']['after']:.3f})")
+    line = (f"{temperature}; unknown score {calibration.score}, threshold {calibration.threshold:.4g} "
+            f"({report.get('score_chosen_by', 'given')})")
+    estimate = unknown_estimate_line(report)
+    return line + (f"\n{estimate}" if estimate else "")
+

@@ -76,7 +76,7 @@ class ImageModality(Modality):
         return predict_files(self, bundle, inputs, config)
 
     # ---- runs
-    def fit(self, config, log) -> dict:
+    def fit(self, config, log):
         from .run import fit_files  # the training stages import fastai: prediction must not pay for it at start-up
         return fit_files(self, config, log)
 

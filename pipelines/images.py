@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import ItfitsError
-from .sources import open_image
+from .sources import decode_budget, open_image
 
 BACKGROUND = (255, 255, 255)  # transparent pixels become white, not black (DESIGN: RGBA lesson)
 
@@ -23,7 +23,7 @@ def load_image(path: str, *, gray: bool = False) -> Image.Image:
     """An 8-bit RGB image: EXIF rotation applied, 16-bit scaled, palette and alpha composited on white.
     `gray`: a grayscale image stays one channel (mode L), for `ImagePreprocessing.array`, which resizes it before
     it repeats the channel: the same pixels as resizing its RGB copy, for a third of the work."""
-    with open_image(path) as im:
+    with open_image(path) as im, decode_budget(im.width * im.height):
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             arr = np.asarray(im, dtype=np.float64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -26,6 +27,14 @@ if TYPE_CHECKING:
 # name -> the module that registers it (imported on first use); its order is the order of detection
 BUILTIN = {"image": ".image_modality", "audio": ".audio_modality", "tabular": ".table_modality"}
 _REGISTRY: dict[str, "Modality"] = {}
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What a modality's `fit` returns: run.json's content, and the fastai Learner that trained the kept model (None
+    where none did: LightGBM's trees, or a data-parallel process other than rank 0, whose summary is empty)."""
+    summary: dict
+    learn: object = None
 
 
 class Modality:
@@ -50,8 +59,8 @@ class Modality:
         are done)."""
 
     # ---- training: items -> DataLoaders -> learner -> fit -> calibration -> bundle
-    def fit(self, config: FitConfig, log) -> dict:
-        """`itfits fit`: train on config.data, write the run folder; returns run.json's content."""
+    def fit(self, config: FitConfig, log) -> Fitted:
+        """`itfits fit`: train on config.data, write the run folder; returns run.json's content and the Learner."""
         raise NotImplementedError
 
     def lr_find(self, config: FitConfig) -> tuple[float, dict[str, float]]:

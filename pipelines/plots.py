@@ -48,16 +48,17 @@ def most_confused(cm: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.argsort(-(off.sum(0) + off.sum(1)), kind="stable")[:k])
 
 
-def write_confusion_matrix(cm: np.ndarray, classes: list[str], out_dir: Path) -> None:
+def write_confusion_matrix(cm: np.ndarray, classes: list[str], out_dir: Path, *, split: str = "valid") -> None:
     """confusion_matrix.csv (actual x predicted counts, every class) and confusion_matrix.png: a figure of capped
-    size; counts in the cells up to CM_TEXT_MAX classes; past CM_PLOT_MAX classes only the most-confused block."""
+    size; counts in the cells up to CM_TEXT_MAX classes; past CM_PLOT_MAX classes only the most-confused block.
+    `split`: which items the counts are of, in the title."""
     table = pl.DataFrame({"actual": classes, **{c: cm[:, j] for j, c in enumerate(classes)}})
     write_table(table, out_dir / "confusion_matrix.csv")
-    title = "confusion matrix (valid)"
+    title = f"confusion matrix ({split})"
     if len(classes) > CM_PLOT_MAX:
         keep = most_confused(cm, CM_PLOT_MAX)
         cm, classes = cm[np.ix_(keep, keep)], [classes[i] for i in keep]
-        title = f"the {CM_PLOT_MAX} most-confused classes of {len(table)} (valid; all in confusion_matrix.csv)"
+        title = f"the {CM_PLOT_MAX} most-confused classes of {len(table)} ({split}; all in confusion_matrix.csv)"
     n = len(classes)
     side = min(CM_MAX_INCHES, 1.5 + 0.6 * n)
     fig, ax = _figure_axes(figsize=(side, side - 0.3))
@@ -104,6 +105,45 @@ def plot_risk_coverage(scores: np.ndarray, correct: np.ndarray, path: Path, *, t
         ax.axvline(cov, color="C1", linestyle="--", label=f"threshold: coverage {cov:.2f}")
         ax.legend()
     ax.set(xlabel="coverage (share accepted)", ylabel="risk (error rate among accepted)", title="risk-coverage")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_score_histograms(groups: dict[str, np.ndarray], path: Path, *, threshold: float, score: str) -> None:
+    """The unknown score's distribution in each group (e.g. correct known, wrong known, unknown items), on shared
+    bins, with the threshold drawn: items left of it are flagged unknown."""
+    values = [v for v in groups.values() if len(v)]
+    drawn = [threshold] if np.isfinite(threshold) else []  # -inf: a bundle that flags nothing
+    lo, hi = min([v.min() for v in values] + drawn), max([v.max() for v in values] + drawn)
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 31)
+    fig, ax = _figure_axes(figsize=(6.5, 4))
+    for (name, v), color in zip(groups.items(), ["C0", "C3", "C1", "C2"]):
+        if len(v):
+            ax.hist(v, bins=bins, alpha=0.5, color=color, label=f"{name} ({len(v)})")
+    if drawn:
+        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+    ax.set(xlabel=f"{score} (higher = more like a known class)", ylabel="items",
+           title="unknown score: known and unknown items")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_roc(known: np.ndarray, unknown: np.ndarray, path: Path, *, threshold: float, auroc: float,
+             score: str) -> None:
+    """ROC of telling known from unknown items by the score: share of known items kept against share of unknowns
+    accepted, one point per threshold; the bundle's threshold marked."""
+    cuts = np.unique(np.concatenate([known, unknown, [np.inf]]))[::-1]  # from accepting nothing to everything
+    kept = 1 - np.searchsorted(np.sort(known), cuts, side="left") / len(known)  # share >= each cut
+    accepted = 1 - np.searchsorted(np.sort(unknown), cuts, side="left") / len(unknown)
+    fig, ax = _figure_axes(figsize=(4.8, 4.5))
+    ax.plot(accepted, kept, label=f"{score}: AUROC {auroc:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="chance")
+    ax.plot(float((unknown >= threshold).mean()), float((known >= threshold).mean()), "o", color="C1",
+            label="the bundle's threshold")
+    ax.set(xlabel="unknowns accepted (false positive rate)", ylabel="known items kept (true positive rate)",
+           xlim=(0, 1), ylim=(0, 1.01), title="ROC: known against unknown")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     _save(fig, path)
 

@@ -18,7 +18,7 @@ from .batches import TTA_IMAGES_ONLY
 from .bundle import Bundle, load_bundle
 from .errors import ItfitsError
 from .images import ImagePreprocessing
-from .io import atomic_path, csv_unwritable, escape_formulas
+from .io import atomic_path, csv_unwritable, write_csv
 from .precision import prediction_precision, resolve_precision
 from .sources import expand_inputs, text_path
 from .table_learners import learner_of
@@ -212,11 +212,25 @@ class Predictor:
         return frame.insert_column(0, pl.Series("path", [], dtype=pl.String))
 
 
-def predict(bundle: Bundle, inputs: list[str], config: PredictConfig = PredictConfig()) -> Iterator[dict | pl.DataFrame]:
+def predict(bundle: Bundle, inputs: list[str] | str | Path,
+            config: PredictConfig = PredictConfig()) -> Iterator[dict | pl.DataFrame]:
     """The predictions table's rows (DESIGN.md), yielded as batches finish, by the bundle's modality: one dict per
     input file (an audio clip is rendered with the bundle's mel parameters and gets one row), or DataFrame chunks
-    of an input table with its predictions (`table_predictions`). Runs `Predictor`, as the Ray engine does."""
-    yield from bundle.modality.predict(bundle, inputs, config)
+    of an input table with its predictions (`table_predictions`). Runs `Predictor`, as the Ray engine does.
+    A plain string (or Path) is one input, not a sequence of one-letter inputs."""
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    yield from bundle.modality.predict(bundle, [str(i) for i in inputs], config)
+
+
+def predict_rows(bundle: Bundle, table: pl.DataFrame, config: PredictConfig = PredictConfig()) -> pl.DataFrame:
+    """A tabular model's predictions of rows already in memory (a notebook's DataFrame, `itfits serve`'s JSON rows):
+    the rows' columns, then the predictions' columns, as `table_predictions` gives them for a file. Text columns are
+    parsed as a CSV's cells are (sources.NULL_VALUES are missing), with per-row errors."""
+    if bundle.modality.row_per_file:
+        raise ItfitsError(f"this model reads {bundle.modality.what}, not table rows: give it files")
+    predictor = Predictor(bundle, **asdict(config))
+    return predictor.table_frame(table, *predictor.prep.parse_rows(table, source="the table of rows"))
 
 
 def predict_files(modality, bundle: Bundle, inputs: list[str], config: PredictConfig) -> Iterator[dict]:
@@ -224,6 +238,13 @@ def predict_files(modality, bundle: Bundle, inputs: list[str], config: PredictCo
     predictor = Predictor(bundle, **asdict(config))
     for frame in predictor.frames(expand_inputs(inputs, modality.exts)):
         yield from frame.iter_rows(named=True)
+
+
+def flagged_line(counts: dict[str, int], *, counted: str = "files") -> str:
+    """How many of the predicted rows (errors left out) were flagged unknown, as write_predictions counted them:
+    'flagged 12 of 240 files unknown (5.0%)'."""
+    done = counts["files"] - counts["errors"]
+    return f"flagged {counts['unknown']} of {done} {counted} unknown" + (f" ({counts['unknown'] / done:.1%})" if done else "")
 
 
 def write_predictions(rows: Iterator[dict | pl.DataFrame], out: Path, *, chunk: int = 1024) -> dict[str, int]:
@@ -245,7 +266,7 @@ def write_predictions(rows: Iterator[dict | pl.DataFrame], out: Path, *, chunk: 
                 if nested:
                     raise ItfitsError(f"the input has columns a CSV cannot hold: {', '.join(nested)}; write "
                                       f"--out {out.with_suffix('.parquet').name}, or drop them from the input")
-                escape_formulas(df).write_csv(fh, include_header=not frames)
+                write_csv(df, fh, include_header=not frames)
             frames.append(df if out.suffix.lower() == ".parquet" else df.clear())
             buf.clear()
         for row in rows:

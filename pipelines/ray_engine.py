@@ -19,7 +19,7 @@ import polars as pl
 from .batches import TTA_IMAGES_ONLY
 from .bundle import load_bundle
 from .errors import ItfitsError
-from .io import atomic_dir, atomic_path
+from .io import atomic_dir, atomic_path, temp_prefix
 from .predict import PredictConfig, Predictor
 from .sources import expand_inputs, table_columns
 
@@ -225,7 +225,7 @@ def predict_on_ray(model: str | Path, inputs: list[str], out: str | Path, config
                             compute=ActorPoolStrategy(size=_workers(gpus_per_worker, concurrency)),
                             num_gpus=gpus_per_worker or None)
         if out.suffix.lower() == ".parquet":  # parts in a temporary folder beside it (sweep_temps finds it)
-            with atomic_path(out) as tmp, tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".tmp",
+            with atomic_path(out) as tmp, tempfile.TemporaryDirectory(prefix=temp_prefix(out), suffix=".tmp",
                                                                       dir=out.parent) as parts:
                 ds.write_parquet(parts, ray_remote_args={"num_cpus": IO_CPUS})
                 merge_parts(Path(parts), tmp)

@@ -20,6 +20,7 @@ from .io import atomic_path, write_table
 from .metrics import (balanced_accuracy, confusion_matrix, item_losses, multilabel_metrics, per_class, sigmoid,
                       softmax)
 from .plots import plot_losses, plot_predicted_vs_actual, plot_reliability, plot_risk_coverage, write_confusion_matrix
+from .unknown import unknown_estimate_line
 
 
 def guarded(notes: list[str], what: str, write, *args, **kwargs):
@@ -330,6 +331,8 @@ def _worst_and_operating_point(top: pl.DataFrame, calib: dict, accepted: str) ->
                     + _share(calib.get("valid_correct_accepted")) + f" of {accepted}"
                     + (f" and {_share(calib['unknown_examples_accepted'])} of the --unknown examples"
                        if "unknown_examples_accepted" in calib else ""))
+        if unknown_estimate_line(calib):
+            look.append(unknown_estimate_line(calib))
     return look
 
 
@@ -402,7 +405,12 @@ def _top_losses_part(top: pl.DataFrame, valid: Validation):
 def _calibration_part(run: Path, calib: dict, *, risk: bool, reliability: bool = True) -> list:
     if not calib:
         return [P("No calibration in this run.", cls="muted")]
-    part = [_kv_table({"temperature": calib.get("temperature"),
+    estimate = unknown_estimate_line(calib)
+    part = [*([P(estimate[0].upper() + estimate[1:] + ". Estimated at fit time without unknown examples: each known "
+                 "class in turn was scored as unknown against the others, at the threshold chosen as the shipped one is.")]
+              if estimate else []),
+            *([P(f"Temperature {calib['temperature_note']}.")] if calib.get("temperature_note") else []),
+            _kv_table({"temperature": calib.get("temperature"),
                        "valid ECE before → after": _before_after(calib.get("valid_ece")),
                        "valid NLL before → after": _before_after(calib.get("valid_nll")),
                        "unknown score": calib.get("score"), "chosen by": calib.get("score_chosen_by"),

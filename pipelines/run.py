@@ -28,7 +28,7 @@ from .io import write_json, write_table
 from .learners import check_accumulation, effective_batch, find_ema, image_learner
 from .logs import emit
 from .metrics import balanced_accuracy, per_class
-from .modality import Modality, file_exts, modalities, modality_for
+from .modality import Fitted, Modality, file_exts, modalities, modality_for
 from .multilabel import finish_multilabel
 from .precision import check_precision, resolve_precision
 from .prepare import prepare_data
@@ -364,15 +364,22 @@ def finish_files(modality: Modality, trained: TrainedImages, config: FitConfig, 
 def fit(config: FitConfig, log=print) -> dict:
     """`itfits fit`: train on config.data and write the run folder, with the recipe of DATA's modality
     (`fit_files` for images and audio, `fit_table` for a table). Returns the run summary (run.json)."""
+    return fit_run(config, log).summary
+
+
+def fit_run(config: FitConfig, log=print) -> Fitted:
+    """`fit`, returning the fastai Learner that trained the kept model beside the summary (`itfits.fit`'s Run)."""
     return modality_for(config.data, target=config.target).fit(config, log)
 
 
-def fit_files(modality: Modality, config: FitConfig, log=print) -> dict:
+def fit_files(modality: Modality, config: FitConfig, log=print) -> Fitted:
     """The recipe of modalities of files: fine-tune a pretrained backbone. Under `accelerate launch` / `torchrun`,
     every process trains its shard; rank 0 returns the summary, the others an empty dict."""
     with process_group():
         trained = train_files(modality, config, log=log if is_main() else (lambda *a, **k: None))
-        return finish_files(modality, trained, config, log=log) if is_main() else {}
+        if not is_main():
+            return Fitted({})
+        return Fitted(finish_files(modality, trained, config, log=log), trained.learn)
 
 
 def run_lr_find(config: FitConfig) -> tuple[float, dict[str, float]]:

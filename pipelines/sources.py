@@ -9,8 +9,10 @@ import glob as globlib
 import os
 import re
 import stat
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -37,7 +39,36 @@ def _check_table(path: Path) -> Path:
         raise ItfitsError(f"{path} does not exist or is not a file; a table is a .csv or .parquet file")
     if path.suffix.lower() not in TABLE_EXTS:
         raise ItfitsError(f"{path}: a table must be a .csv or .parquet file")
+    if path.suffix.lower() == ".csv":
+        _check_encoding(path)
     return path
+
+
+# byte order marks of the encodings a CSV is saved in besides UTF-8 (spreadsheets' "Unicode text" is UTF-16)
+BOMS = {b"\xff\xfe\x00\x00": "UTF-32 (little-endian)", b"\x00\x00\xfe\xff": "UTF-32 (big-endian)",
+        b"\xff\xfe": "UTF-16 (little-endian)", b"\xfe\xff": "UTF-16 (big-endian)"}
+ENCODING_HEAD = 1 << 16  # bytes of a CSV looked at before reading it; polars finds bad bytes past them
+
+
+def not_utf8(path: Path | str, where: str = "", encoding: str = "ENCODING") -> ItfitsError:
+    return ItfitsError(f"{path} is not UTF-8 text{where}; itfits reads CSV as UTF-8: save it as UTF-8 (a "
+                       f"spreadsheet's 'CSV UTF-8', or iconv -f {encoding} -t UTF-8 < old.csv > new.csv)")
+
+
+def _check_encoding(path: Path) -> None:
+    """An ItfitsError naming the encoding of a CSV that is not UTF-8 (UTF-16/32 by their byte order mark or NUL
+    bytes, else the first byte UTF-8 cannot read), instead of polars reading garbled column names."""
+    with open(path, "rb") as f:
+        head = f.read(ENCODING_HEAD)
+    bom = next((name for mark, name in BOMS.items() if head.startswith(mark)), None)
+    if bom or head.count(b"\x00") > len(head) // 8:  # UTF-16 text without a BOM: every other byte NUL for ASCII
+        raise not_utf8(path, f": it is {bom or 'UTF-16 or UTF-32 (it holds NUL bytes)'}", (bom or "UTF-16")[:6])
+    import codecs
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < ENCODING_HEAD)
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, f": byte {head[e.start]:#04x} at offset {e.start} is not UTF-8 (Latin-1 or "
+                             "Windows-1252, maybe)", "CP1252") from e
 
 
 def table_columns(path: Path | str) -> list[str]:
@@ -77,6 +108,8 @@ def read_table(path: Path | str, columns: list[str] | None = None, *, strings=()
             schema = pl.scan_csv(path, infer_schema_length=infer_rows,
                                  schema_overrides={c: pl.String for c in strings}).collect_schema()
             lf = pl.scan_csv(path, schema=schema)
+            if _has_empty_lines(path):  # blank lines (and lines of commas only) are not rows; polars reads them so
+                lf = lf.filter(~pl.all_horizontal(pl.all().is_null()))
         lf = lf.select(columns) if columns is not None else lf
         if not categorical:
             return lf
@@ -92,10 +125,22 @@ def read_table(path: Path | str, columns: list[str] | None = None, *, strings=()
         if "more fields than defined" in str(e):  # polars' advice names one of its own options
             raise ItfitsError(f"cannot read table {path}: a row has more fields than the header (a comma in a field "
                               "that is not quoted?)") from e
+        if "invalid utf-8" in str(e):  # past the bytes _check_encoding looked at
+            raise not_utf8(path, " (past its first 64 KB)") from e
         raise ItfitsError(f"cannot read table {path}: {e}") from e
     if not parquet:
         _refuse_short_rows(path, df)
     return df if parquet else _missing_words(df, keep_text=strings)
+
+
+def _has_empty_lines(path: Path) -> bool:
+    """Whether a CSV has a line that is empty or holds only commas (a search of the bytes: no parsing)."""
+    import mmap
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return re.search(rb"\n,*\r?\n|\n,+\r?\Z", data) is not None
 
 
 def _refuse_short_rows(path: Path, df: pl.DataFrame) -> None:
@@ -161,8 +206,14 @@ def _files_under(folder: Path, exts: set[str]) -> list[Path]:
     """Files with `exts` at any depth, and links to nothing and other non-folders (FIFOs, sockets) with them:
     reading one gives its error (not_a_file), so such a path is a skipped file or an error row, not one dropped
     without a word. Links to folders are not followed (pathlib's rglob), so a link loop ends."""
-    return sorted(p for p in folder.rglob("*") if not p.is_dir() and p.suffix.lower() in exts
-                  and not p.name.startswith("."))
+    return sorted(p for p in visible_under(folder) if not p.is_dir() and p.suffix.lower() in exts)
+
+
+def visible_under(folder: Path | str):
+    """Everything below `folder` at any depth, less hidden files and what hidden folders hold (.thumbs/,
+    .ipynb_checkpoints/): they are not data."""
+    folder = Path(folder)
+    return (p for p in folder.rglob("*") if not any(n.startswith(".") for n in p.relative_to(folder).parts))
 
 
 def not_found(path: Path) -> str:
@@ -213,7 +264,7 @@ def glob_files(pattern: str) -> list[str]:
 def has_files(folder: Path, exts: set[str]) -> bool:
     """Whether `folder` holds a file with one of `exts` at any depth; stops at the first. Unlike `_files_under`,
     a broken link does not count: there is nothing in it to use."""
-    return any(p.suffix.lower() in exts and not p.name.startswith(".") and p.is_file() for p in Path(folder).rglob("*"))
+    return any(p.suffix.lower() in exts and p.is_file() for p in visible_under(folder))
 
 
 def _class_folder(folder: Path, exts: set[str], split: str | None) -> pl.DataFrame:
@@ -343,7 +394,7 @@ def data_exts(data: str | Path) -> set[str]:
     """The file extensions (lower case) of DATA: of the files under a folder, or of a path,label table's paths."""
     data = Path(data)
     if data.is_dir():
-        return {p.suffix.lower() for p in data.rglob("*") if p.is_file() and not p.name.startswith(".")}
+        return {p.suffix.lower() for p in visible_under(data) if p.is_file()}
     if data.is_file() and data.suffix.lower() in TABLE_EXTS:
         df = read_table(data)
         return {Path(p).suffix.lower() for p in df["path"].cast(pl.String).drop_nulls()} if "path" in df.columns else set()
@@ -379,6 +430,28 @@ def stratified_valid(codes: np.ndarray, *, valid_pct: float, seed: int) -> np.nd
         idx = rng.permutation(idx)
         valid[idx[:min(len(idx) - 1, max(1, round(len(idx) * valid_pct)))]] = True  # n >= 2: one or more in each split
     return valid
+
+
+# pixels decoded at once in one process (a batch's decoding threads, serve's uploads): about 0.6 GB as RGB, so that
+# 16 threads on 9,000 x 9,000 PNGs hold 3 of them, not 16; an image larger than this is decoded alone
+DECODE_PIXELS = 200_000_000
+_decoding = threading.Condition()
+_in_flight = [0]  # pixels being decoded now
+
+
+@contextmanager
+def decode_budget(pixels: int):
+    """Waits until `pixels` more fit in DECODE_PIXELS being decoded in this process, and holds them meanwhile."""
+    pixels = min(int(pixels), DECODE_PIXELS)
+    with _decoding:
+        _decoding.wait_for(lambda: _in_flight[0] + pixels <= DECODE_PIXELS)
+        _in_flight[0] += pixels
+    try:
+        yield
+    finally:
+        with _decoding:
+            _in_flight[0] -= pixels
+            _decoding.notify_all()
 
 
 def open_image(path):
@@ -419,7 +492,7 @@ def read_checked(path: str, read: Callable[[str], object]) -> tuple[object | Non
 
 
 def _decode_fully(path: str) -> None:
-    with open_image(path) as im:
+    with open_image(path) as im, decode_budget(im.width * im.height):
         im.load()  # a truncated file fails here, not at verify()
 
 
@@ -448,8 +521,21 @@ def require_classes(items: pl.DataFrame) -> list[str]:
     return counts["label"].to_list()
 
 
+UNKNOWN_LABEL = "unknown"  # the label predict gives a row the model should not trust
+
+
+def refuse_unknown_class(classes, *, rename: str = "its folder, or its label in the table") -> None:
+    """An ItfitsError when a class is named like predict's unknown label: its predictions could not be told from
+    rows the model does not trust."""
+    if UNKNOWN_LABEL in classes:
+        raise ItfitsError(f"a class is named '{UNKNOWN_LABEL}', the label predict gives what the model should not "
+                          f"trust, so the two could not be told apart; rename the class ({rename}), e.g. to 'other'")
+
+
 def require_counts(counts: pl.DataFrame, column: str) -> None:
-    """An ItfitsError unless (`column`: class, len: usable files) has 2 or more classes of 2 or more files each."""
+    """An ItfitsError unless (`column`: class, len: usable files) has 2 or more classes of 2 or more files each,
+    none named 'unknown'."""
+    refuse_unknown_class(counts[column].to_list())
     if counts.height < 2:
         raise ItfitsError(f"need at least 2 classes with usable files, found {counts.height} "
                           f"({', '.join(counts[column].to_list()) or 'none'})")

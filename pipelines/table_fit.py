@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 
@@ -17,11 +18,12 @@ from .calibration import calibrate_table, calibration_line, unknown_rows
 from .io import write_json, write_table
 from .logs import emit
 from .metrics import regression_metrics
+from .modality import Fitted
 from .prepare import nn_learner, read_training_table
 from .reports import Validation, guarded, write_report
 from .sources import read_table
 from .tabular import TABLE_EPOCHS, TabularModelSpec
-from .table_learners import LEARNERS, TableFit, choose, learners_for, valid_scores
+from .table_learners import KINDS, TableFit, blend_fit, choose, learners_for, valid_scores, weighs_blend
 from .training import CHOSEN_SUGGESTION, best_epoch, find_lr, train
 
 
@@ -64,7 +66,7 @@ def train_nn(data, config, run: Path, log) -> TableFit:
                 "emb_szs": spec.json()["emb_szs"]}
     return TableFit(kind="nn", model=learn.model.eval(), history=history, resolved=resolved,
                     model_json={"kind": "nn", **spec.json()},
-                    seconds=round(time.perf_counter() - t0, 2))
+                    seconds=round(time.perf_counter() - t0, 2), learn=learn)
 
 
 def choose_lr(learn, config, run: Path, log) -> tuple[float, dict[str, float] | None]:
@@ -100,9 +102,10 @@ def _score_line(kind: str, s: dict, seconds: float) -> str:
     return f"{kind}: validation {figures} ({seconds:.1f} s)"
 
 
-def fit_table(modality, config, log=print) -> dict:
+def fit_table(modality, config, log=print) -> Fitted:
     """`itfits fit TABLE --target COLUMN`: train the learners of --model on one split, keep the better on validation,
-    calibrate it and write the run folder as `fit` does for images. Returns the run summary (run.json)."""
+    calibrate it and write the run folder as `fit` does for images. Returns the run summary (run.json) and the
+    kept model's fastai Learner (None for LightGBM's trees)."""
     t0 = time.perf_counter()
     run = Path(config.out)
     data = read_training_table(config, run)
@@ -113,7 +116,7 @@ def fit_table(modality, config, log=print) -> dict:
         return _fit_learners(modality, config, data, unknown, run, log, t0)
 
 
-def _fit_learners(modality, config, data, unknown, run: Path, log, t0: float) -> dict:
+def _fit_learners(modality, config, data, unknown, run: Path, log, t0: float) -> Fitted:
     from .run import config_defaults  # run imports this module: no cycle at import
     prep = data.prep
     fits, scores = {}, {}
@@ -121,10 +124,14 @@ def _fit_learners(modality, config, data, unknown, run: Path, log, t0: float) ->
         fits[learner.name] = learner.train(data, config, run, log)
         scores[learner.name] = valid_scores(learner, fits[learner.name], data)
         log(_score_line(learner.name, scores[learner.name], fits[learner.name].seconds))
-    kind, why = choose(scores)
-    fit, learner, chosen = fits[kind], LEARNERS[kind], scores[kind]
+    if weighs_blend(config.model, prep.task):
+        fits["blend"] = blend_fit(fits["nn"], fits["gbdt"])
+        scores["blend"] = valid_scores(KINDS["blend"], fits["blend"], data)
+        log(_score_line("blend", scores["blend"], fits["blend"].seconds))
+    kind, why = choose(scores, config.model)
+    fit, learner, chosen = fits[kind], KINDS[kind], scores[kind]
     if len(fits) > 1:
-        log(f"model: {kind}, {learner.describe} ({why}; --model nn or gbdt trains one)")
+        log(f"model: {kind}, {learner.describe} ({why}; --model nn, gbdt or blend keeps one)")
     write_table(fit.history, run / "history.csv")
 
     v_rows = data.rows[data.valid]
@@ -143,7 +150,10 @@ def _fit_learners(modality, config, data, unknown, run: Path, log, t0: float) ->
         v_true = rows[prep.target].cast(pl.Float64).to_numpy()  # exact: data.y holds it normalised, in float32
         results = regression_metrics(v_pred, v_true)
         outputs = dict(predictions=v_pred, targets=v_true)
-    valid_loss = fit.history["valid_loss"].min()
+    # the kept epoch's or round's loss; the blend's own on the standardised target (its history is the network's)
+    valid_loss = (fit.history["valid_loss"].min() if kind != "blend" else
+                  float(np.mean((chosen["logits"][:, 0] - data.y[data.valid]) ** 2)) if prep.task != "classification"
+                  else chosen["valid_nll"])
     results.update(valid_loss=float(valid_loss), model=kind, seconds=round(time.perf_counter() - t0, 1))
     if len(fits) > 1:  # every learner's validation figures: the report shows the one not kept too
         results["models"] = {k: {**{n: v for n, v in s.items() if n.startswith("valid_")}, "seconds": fits[k].seconds}
@@ -167,7 +177,7 @@ def _fit_learners(modality, config, data, unknown, run: Path, log, t0: float) ->
                      Validation(names=[f"row {r}" for r in v_rows], rows=rows, **outputs), defaults=config_defaults())
     log(", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in results.items() if k.startswith("valid_"))
         + f"; model bundle in {run / 'model'}; report: {report or 'not written'}")
-    return summary
+    return Fitted(summary, fit.learn)
 
 
 def lr_find_table(config) -> tuple[float, dict[str, float]]:

@@ -1,7 +1,8 @@
 """The learners of tables, one entry each (as modalities are): how one kind of model trains on a TabularData, what
 it computes for encoded rows (logits and the unknown scores' features), and how it comes back from a bundle.
-`--model auto` trains every entry on the same split and keeps the better on validation (table_fit.py); prediction
-asks the entry named by the bundle's itfits.json `model.kind` (bundles before this registry: "nn").
+`--model auto` trains every entry on the same split and keeps the better on validation (table_fit.py), a regression
+also weighing the blend of both (`BLEND`, the mean of their predictions; `--model blend` keeps it for either task);
+prediction asks the entry named by the bundle's itfits.json `model.kind` (bundles before this registry: "nn").
 
 Importing this module imports neither fastai nor LightGBM: each entry imports its library when it trains or
 rebuilds a model."""
@@ -13,12 +14,15 @@ from typing import Callable
 import numpy as np
 import polars as pl
 
+import torch
+
 from .errors import ItfitsError, did_you_mean
 from .gbdt import GBDTModel, GBDTSpec
 from .tabular import TabularModelSpec, create_tabular_model, tabular_outputs
 from .unknown import TABLE_DEFAULT_SCORE
 
 AUTO = "auto"
+BLEND_NAME = "blend"
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class TableFit:
     model_json: dict  # itfits.json's `model`: what rebuilds it
     seconds: float
     files: dict[str, bytes] = field(default_factory=dict)  # bundle files beside model.safetensors (gbdt: its text)
+    learn: object = None  # the fastai Learner that trained it (nn), for itfits.fit's Run.learn; None for gbdt
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,65 @@ LEARNERS: dict[str, TableLearner] = {
         rebuild=lambda spec: GBDTModel(GBDTSpec.from_json(spec)), problem=_gbdt_problem,
         default_score=TABLE_DEFAULT_SCORE),
 }
-MODEL_CHOICES = (AUTO, *LEARNERS)
+
+
+class BlendModel(torch.nn.Module):
+    """The network and the trees as one model: the mean of their predictions (classification: of their
+    probabilities, as log-probabilities, so calibration and the predictions table treat them as logits). The unknown
+    scores' features are the trees' (the encoded row), as the trees' own model has them."""
+
+    def __init__(self, network: torch.nn.Module, trees: GBDTModel):
+        super().__init__()
+        self.network, self.trees = network, trees  # state dict: network.* (the trees live in their text file)
+
+    def outputs(self, x_cat: np.ndarray, x_cont: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a, _ = tabular_outputs(self.network, x_cat, x_cont)
+        b, feats = self.trees.outputs(x_cat, x_cont)
+        if self.trees.spec.n_out == 1:  # regression: both predict the standardised target
+            return (a + b) / 2, feats
+        probs = (_softmax(a) + _softmax(b)) / 2
+        return np.log(np.maximum(probs, 1e-12)).astype(np.float32), feats
+
+    def load_files(self, files: dict[str, bytes]) -> None:
+        self.trees.load_files(files)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def blend_fit(network: TableFit, trees: TableFit) -> TableFit:
+    """The blend of two fits on one split; its history (the report's curves) is the network's."""
+    model = BlendModel(network.model, trees.model).eval()
+    return TableFit(kind=BLEND_NAME, model=model, history=network.history,
+                    resolved={"members": {"nn": network.resolved, "gbdt": trees.resolved}, "weights": [0.5, 0.5]},
+                    model_json={"kind": BLEND_NAME, "members": {"nn": network.model_json, "gbdt": trees.model_json}},
+                    seconds=round(network.seconds + trees.seconds, 2), files=trees.files)
+
+
+def _blend_problem(spec: dict) -> str | None:
+    members = spec.get("members")
+    if not isinstance(members, dict) or set(members) != {"nn", "gbdt"} or not all(
+            isinstance(m, dict) for m in members.values()):
+        return "a blend model needs members.nn and members.gbdt, each a JSON object"
+    return LEARNERS["nn"].problem(members["nn"]) or LEARNERS["gbdt"].problem(members["gbdt"])
+
+
+def _rebuild_blend(spec: dict) -> BlendModel:
+    members = spec["members"]
+    return BlendModel(LEARNERS["nn"].rebuild(members["nn"]), LEARNERS["gbdt"].rebuild(members["gbdt"]))
+
+
+# Not a learner of its own: table_fit makes it from the nn and gbdt fits of one split (blend_fit). Under auto, a
+# regression weighs it beside them: on the table suite it beat both on both regression tables and lost to auto on
+# the classification mean (bench/BENCHMARKS.md, "A blend of the two learners").
+BLEND = TableLearner(name=BLEND_NAME, describe="the mean of fastai's TabularModel and LightGBM's trees", train=None,
+                     outputs=lambda model, x_cat, x_cont: model.outputs(x_cat, x_cont), rebuild=_rebuild_blend,
+                     problem=_blend_problem, default_score=TABLE_DEFAULT_SCORE)
+KINDS: dict[str, TableLearner] = {**LEARNERS, BLEND_NAME: BLEND}  # what a bundle's model.kind may name
+MODEL_CHOICES = (AUTO, *KINDS)
 
 
 def check_model(name: str) -> None:
@@ -95,17 +158,22 @@ def check_model(name: str) -> None:
 
 
 def learners_for(name: str) -> list[TableLearner]:
-    """The learners `--model NAME` trains: every one for auto."""
+    """The learners `--model NAME` trains: every one for auto and blend."""
     check_model(name)
-    return list(LEARNERS.values()) if name == AUTO else [LEARNERS[name]]
+    return list(LEARNERS.values()) if name in (AUTO, BLEND_NAME) else [LEARNERS[name]]
+
+
+def weighs_blend(name: str, task: str) -> bool:
+    """Whether `--model NAME` on a table of `task` makes the blend of its two fits a candidate."""
+    return name == BLEND_NAME or (name == AUTO and task == "regression")
 
 
 def learner_of(model_json: dict) -> TableLearner:
     """The learner of a bundle's itfits.json `model` (no kind: a bundle from before the registry, fastai's model)."""
     kind = model_json.get("kind", "nn")
-    if kind not in LEARNERS:
-        raise ItfitsError(f"model.kind {kind!r} is not one of {', '.join(LEARNERS)}")
-    return LEARNERS[kind]
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ItfitsError(f"model.kind {kind!r} is not one of {', '.join(KINDS)}")
+    return KINDS[kind]
 
 
 def valid_scores(learner: TableLearner, fit: TableFit, data) -> dict:
@@ -125,9 +193,9 @@ def valid_scores(learner: TableLearner, fit: TableFit, data) -> dict:
             "rank": (accuracy, -nll), "rank_by": "the higher validation accuracy, then the lower log-loss"}
 
 
-def choose(scores: dict[str, dict]) -> tuple[str, str]:
-    """(the learner kept, why): the highest `rank` of `valid_scores`."""
-    if len(scores) == 1:
-        return next(iter(scores)), "--model named it"
+def choose(scores: dict[str, dict], model: str = AUTO) -> tuple[str, str]:
+    """(the learner kept, why): the one `--model` names, else (auto) the highest `rank` of `valid_scores`."""
+    if model != AUTO:
+        return model, "--model named it"
     best = max(scores, key=lambda k: scores[k]["rank"])
     return best, scores[best]["rank_by"]

@@ -9,7 +9,7 @@ from .bundle import FORMAT_VERSION, library_versions
 from .modality import Modality, register_modality
 from .predict import table_predictions
 from .sources import TABLE_EXTS
-from .table_learners import LEARNERS, learner_of
+from .table_learners import KINDS, learner_of
 from .tabular import TabularPreprocessing
 
 
@@ -26,7 +26,7 @@ class TableModality(Modality):
     def describe(self, config) -> str:
         return f"a tabular model of '{config.target}'"
 
-    def fit(self, config, log) -> dict:
+    def fit(self, config, log):
         from .table_fit import fit_table  # the training stages import fastai: prediction must not pay for it at start-up
         return fit_table(self, config, log)
 
@@ -61,9 +61,9 @@ class TableModality(Modality):
         if meta["calibration"] is None and meta["task"] != "regression":
             return "calibration is missing (only a regression model has none)"
         kind = meta["model"].get("kind", "nn")
-        if kind not in LEARNERS:
-            return f"model.kind must be one of {', '.join(LEARNERS)}, got {kind!r}"
-        return LEARNERS[kind].problem(meta["model"])  # the schema is checked as it is rebuilt (load_bundle)
+        if not isinstance(kind, str) or kind not in KINDS:
+            return f"model.kind must be one of {', '.join(KINDS)}, got {kind!r}"
+        return KINDS[kind].problem(meta["model"])  # the schema is checked as it is rebuilt (load_bundle)
 
 
 TABLES = register_modality(TableModality())

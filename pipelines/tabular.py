@@ -21,7 +21,7 @@ from .columns import (_DTYPES, _ROW, _TRAIN, DEFAULT_LAYERS, NA, _from_text, _jo
                       _text_codes, _text_vocab, _too_large, date_columns, detect_dates, expand_dates, infer_columns,
                       infer_task, parse_columns)
 from .errors import ItfitsError, did_you_mean
-from .sources import NULL_VALUES, read_table, stratified_valid, table_columns
+from .sources import NULL_VALUES, read_table, refuse_unknown_class, stratified_valid, table_columns
 
 # epochs of fit_one_cycle when --epochs is not given. On bench/table_suite.py (7 tables, 5 seeds; with the batch size
 # from the data size an epoch is 16-32 steps, and the best epoch's weights are kept): test accuracy over 5 tables,
@@ -190,7 +190,10 @@ class TabularPreprocessing:
     def _parse(self, table: pl.DataFrame, *, source) -> tuple[pl.DataFrame, pl.Series, set]:
         expanded, date_errors = expand_dates(table, self.dates, source=source)
         parsed, errors, partly_bad = parse_columns(expanded, self.parse_dtypes, source=source)
-        return parsed, _join_errors([date_errors, errors], table.height), partly_bad
+        # a row without a single value is no evidence of any class: an error row, never a confident label
+        empty = parsed.select(pl.all_horizontal(pl.all().is_null()) if parsed.width else pl.lit(False)).to_series()
+        empty = pl.select(pl.when(empty).then(pl.lit("every column the model reads is missing"))).to_series()
+        return parsed, _join_errors([date_errors, errors, empty], table.height), partly_bad
 
 
 def many_values(n_values: int, n_rows: int) -> bool:
@@ -248,6 +251,7 @@ def _classes(y: pl.Series) -> tuple[list[str], np.ndarray]:
 
 def _check_classes(classes: list[str], codes: np.ndarray, valid: np.ndarray) -> None:
     counts = np.bincount(codes, minlength=len(classes))
+    refuse_unknown_class(classes, rename="its value in the target column")
     if len(classes) < 2:
         raise ItfitsError(f"the target needs at least 2 classes, found {len(classes)} ({', '.join(classes)}); "
                           "for numbers to predict, use a float column (regression)")

@@ -404,6 +404,8 @@ def test_evaluate_an_audio_bundle(audio_run, tmp_path):
     assert m["n_unknown"] == sum(1 for _ in AUDIO_UNKNOWN.rglob("*.flac"))
     assert set(m["scores"]) >= {"knn", "max_softmax"} and 0 <= m["accuracy"] <= 1
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "reliability.png").is_file()
+    page = (tmp_path / "report.html").read_text()  # the page of clips: its plots, and no picture of a clip
+    assert "catches" in page and (tmp_path / "roc.png").is_file() and 'alt="thumbnail' not in page
 
 
 # ---- audio-to-images and user errors ---------------------------------------------------------------------------

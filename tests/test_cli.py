@@ -289,7 +289,7 @@ def test_predict_unreadable_inputs_are_error_rows(trained_run, tmp_path):
 
     summary = proc.stdout.strip().splitlines()[-1]
     n_unknown = int(df["unknown"].fill_null(False).sum())
-    assert "8 files" in summary and f"{n_unknown} unknown" in summary and "5 errors" in summary
+    assert "8 files" in summary and f"flagged {n_unknown} of 3 files unknown" in summary and "5 errors" in summary
     assert str(out) in summary
     assert sorted(p.name for p in out_dir.iterdir()) == ["keep.txt", "preds.csv"], "temp files left behind"
 

@@ -221,6 +221,14 @@ def bad_tables(folder: Path, rng: random.Random) -> dict[str, Path]:
     df.with_columns(tags=pl.lit([1, 2]), info=pl.struct(a=pl.col("year"))).write_parquet(folder / "nested.parquet")
     out["nested.parquet"] = folder / "nested.parquet"
     put("truncated.parquet", (lambda b: b[:len(b) // 2])(_parquet_bytes(df)))
+    put("utf16.csv", text.encode(rng.choice(["utf-16", "utf-16-le", "utf-16-be"])))
+    put("utf32.csv", text.encode("utf-32"))
+    put("latin1.csv", text.replace("Dream", rng.choice(["Dr\u00e9am", "Dr\u00eaam", "Dr\u00e6m"])).encode(
+        rng.choice(["latin-1", "cp1252"])))
+    blank = list(lines)
+    for _ in range(rng.randrange(1, 6)):  # blank lines and lines of commas only: not rows
+        blank.insert(rng.randrange(1, len(blank) + 1), rng.choice(["", "\r", "," * lines[0].count(",")]))
+    put("blank_lines.csv", "\n".join(blank) + "\n" * rng.randrange(1, 4))
     os.mkfifo(folder / "fifo.csv")
     out["fifo.csv"] = folder / "fifo.csv"
     return out
@@ -265,6 +273,108 @@ def test_path_label_tables_with_bad_cells_fail_or_skip_cleanly(tmp_path, capsys)
         clean_exit(ran, where=tmp_path)
         assert ran.code == 1 and not (tmp_path / f"run{i}").exists()  # no table here has 2 usable files per class
         n += 1
+    counted(n)
+
+
+# ---- lying audio headers (issue 29) -------------------------------------------------------------------------------
+
+def lying_wavs(folder: Path, rng: random.Random) -> list[Path]:
+    """WAVs whose header fields disagree with their bytes: sample rates of a few Hz, sizes that say more or less than
+    is there, channel counts and bit depths that make no sense."""
+    import struct
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(14):
+        n = rng.randrange(100, 30_000)
+        data = rng.randbytes(2 * n)
+        rate = rng.choice([1, 2, 7, 50, 400, 8000, 4_000_000_000])
+        channels, bits = rng.choice([(1, 16), (2, 16), (0, 16), (1, 0), (1, 13), (65535, 16)])
+        size = rng.choice([len(data), 0, 0xFFFFFFFF, len(data) * 1000])
+        header = (b"RIFF" + struct.pack("<I", min(36 + size, 0xFFFFFFFF)) + b"WAVEfmt "
+                  + struct.pack("<IHHIIHH", 16, 1, channels, rate, min(rate * 2, 0xFFFFFFFF), 2, bits) + b"data"
+                  + struct.pack("<I", size))
+        out.append(folder / f"lying{i}.wav")
+        out[-1].write_bytes(header + data)
+    return out
+
+
+def test_audio_with_lying_headers_is_refused_or_bounded(tmp_path):
+    from pipelines.audio import MAX_DURATION, AudioError, MelConfig, load_audio
+    cfg = MelConfig(duration=1.0)
+    clips = lying_wavs(tmp_path, random.Random(SEED))
+    for clip in clips:
+        try:
+            y = load_audio(clip, cfg)
+        except AudioError:
+            continue
+        assert len(y) <= MAX_DURATION * cfg.sample_rate and len(y) <= 4096 * clip.stat().st_size, clip
+    counted(len(clips))
+
+
+# ---- concurrent writers and full disks (issue 29) -------------------------------------------------------------------
+
+def test_sweep_keeps_every_live_writer_and_removes_every_dead_one(tmp_path):
+    import subprocess
+    import sys
+    from pipelines.io import sweep_temps
+    rng = random.Random(SEED)
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    owners = {"live": os.getpid(), "parent": os.getppid(), "dead": ended.pid}
+    made = {}
+    for i in range(20):
+        kind = rng.choice(list(owners) + ["older"])
+        pid = owners.get(kind)
+        name = f".p.csv.{pid}.{rng.randbytes(4).hex()}.tmp" if pid else f".p.csv.{rng.randbytes(4).hex()}.tmp"
+        path = tmp_path / name
+        path.mkdir() if rng.random() < 0.3 else path.write_bytes(b"x")
+        made[path] = kind
+    sweep_temps(tmp_path / "p.csv")
+    for path, kind in made.items():
+        assert path.exists() == (kind in ("live", "parent")), (path.name, kind)
+    counted(len(made))
+
+
+FULL_WRITERS = """
+import json, random, sys
+import polars as pl
+from pipelines.errors import ItfitsError
+from pipelines.io import atomic_dir, write_json, write_table
+rng = random.Random(int(sys.argv[2]))
+folder = sys.argv[1]
+big = pl.DataFrame({"path": [f"=f{i}.png" for i in range(3000)], "score": [i / 7 for i in range(3000)]})
+writers = [lambda p: write_table(big, p + ".csv"), lambda p: write_table(big, p + ".parquet"),
+           lambda p: write_json({"x": "y" * 100_000}, p + ".json")]
+def folder_of_files(p):
+    with atomic_dir(p) as tmp:
+        for i in range(20):
+            (tmp / f"{i}.bin").write_bytes(b"0" * 20_000)
+writers.append(folder_of_files)
+for i in range(int(sys.argv[3])):
+    try:
+        rng.choice(writers)(f"{folder}/out{i}")
+        print("written")
+    except ItfitsError as e:
+        print("refused", "cannot write" in str(e) and "ulimit" in str(e))
+"""
+
+
+def test_every_writer_on_a_full_disk_is_refused_cleanly(tmp_path):
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited():  # a write past the limit fails with EFBIG (SIGXFSZ ignored), as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+    n = 12
+    proc = subprocess.run([sys.executable, "-c", FULL_WRITERS, str(tmp_path), str(SEED), str(n)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, preexec_fn=limited)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    said = proc.stdout.split("\n")[:-1]
+    assert len(said) == n and set(said) <= {"written", "refused True"} and "refused True" in said, proc.stdout
+    assert not leftovers(tmp_path)  # no temporary file; what was written is whole (a small Parquet fits)
     counted(n)
 
 
@@ -331,7 +441,7 @@ def test_serve_survives_bad_uploads(trained_run, table_run, tmp_path):
     tables = bad_tables(tmp_path / "tab", rng)
     before = _upload_dirs()
     n = 0
-    with TestClient(create_app(trained_run.run, max_files=50, max_file_mb=0.5)) as client:
+    with TestClient(create_app(trained_run.run, max_files=50, max_file_mb=0.5), base_url="http://localhost") as client:
         uploads = [(name, p.read_bytes()) for name, p in images.items() if p.is_file() and not p.is_symlink()
                    and not name.startswith("not_utf8")]
         uploads += [("../../etc/evil.png", GOOD_PNG.read_bytes()), ("no_extension", b"x"), (".hidden.png", b""),
@@ -345,7 +455,7 @@ def test_serve_survives_bad_uploads(trained_run, table_run, tmp_path):
             resp = client.post("/predict", content=body, headers={"content-type": ctype})
             assert resp.status_code in (200, 400, 413), (ctype, resp.status_code)
             n += 1
-    with TestClient(create_app(table_run)) as client:
+    with TestClient(create_app(table_run), base_url="http://localhost") as client:
         for name, path in tables.items():
             if path.is_file():
                 resp = client.post("/predict", files=[("files", (name, path.read_bytes(), "text/csv"))])
@@ -353,4 +463,54 @@ def test_serve_survives_bad_uploads(trained_run, table_run, tmp_path):
                 n += 1
     assert _upload_dirs() <= before, "an upload folder was left in the temp folder"
     assert not leftovers(tmp_path)
+    counted(n)
+
+
+def test_malformed_bundle_json_and_tensors_are_clear_errors(table_run, tmp_path):
+    """Issue 29: JSON nested deep at a random key, values of a random wrong type, keys removed, and statistics
+    tensors of a random dtype or with NaN: load_bundle gives an ItfitsError or a bundle, never another exception."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from pipelines.bundle import load_bundle
+    from pipelines.errors import ItfitsError
+    rng = random.Random(SEED)
+    meta = json.loads((table_run / "model" / "itfits.json").read_text())
+    tensors = load_file(str(table_run / "model" / "model.safetensors"))
+    keys = [k for k in _leaves(meta) if k[0] != "versions"]
+    n = 0
+    for i in range(40):
+        bundle = tmp_path / f"b{i}"
+        shutil.copytree(table_run / "model", bundle)
+        tampered = json.loads(json.dumps(meta))
+        keys_ = rng.choice(keys)
+        target = tampered
+        for k in keys_[:-1]:
+            target = target[k]
+        kind = rng.choice(["deep", "odd", "delete", "tensor"])
+        if kind == "deep":
+            depth = rng.choice([50, 900, 5000, 100_000])
+            target[keys_[-1]] = json.loads("[" * min(depth, 900) + "]" * min(depth, 900))
+            text = json.dumps(tampered) if depth <= 900 else json.dumps(tampered).replace(
+                '"classes"', '"deep": ' + "[" * depth + "]" * depth + ', "classes"', 1)
+        elif kind == "odd":
+            target[keys_[-1]] = rng.choice(ODD_VALUES + [{"kind": []}, "\u0000", 2**80])
+            text = json.dumps(tampered)
+        elif kind == "delete" and isinstance(target, dict):
+            del target[keys_[-1]]
+            text = json.dumps(tampered)
+        else:
+            text = json.dumps(meta)
+            name = rng.choice(sorted(tensors))
+            changed = dict(tensors)
+            changed[name] = rng.choice([lambda t: t.double(), lambda t: t.bfloat16(), lambda t: t.long(),
+                                        lambda t: t.clone().fill_(float("nan")),
+                                        lambda t: t.clone().fill_(float("-inf"))])(tensors[name].float())
+            save_file({k: v.contiguous() for k, v in changed.items()}, str(bundle / "model.safetensors"))
+        (bundle / "itfits.json").write_text(text)
+        try:
+            load_bundle(bundle)
+        except ItfitsError:
+            pass
+        n += 1
+        shutil.rmtree(bundle)
     counted(n)

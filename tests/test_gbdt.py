@@ -137,7 +137,7 @@ def test_auto_keeps_the_learner_that_validates_better(tmp_path):
 
 def test_model_flag_is_checked_before_any_data_is_read(tmp_path):
     from pipelines.run import FitConfig
-    with pytest.raises(ItfitsError, match="--model 'trees' is not one of auto, nn, gbdt"):
+    with pytest.raises(ItfitsError, match="--model 'trees' is not one of auto, nn, gbdt, blend"):
         FitConfig(data=str(PENGUINS), target="species", model="trees")
     with pytest.raises(ItfitsError, match="--model are for tables"):
         FitConfig(data=str(REPO / "data" / "fashion"), model="gbdt")
@@ -152,6 +152,34 @@ def test_regression_trees_predict_in_the_targets_units(tmp_path):
     truth = pl.read_csv(PENGUINS, null_values="NA")["body_mass_g"].to_numpy()
     ok = ~np.isnan(truth)
     assert np.sqrt(np.nanmean((out["prediction"].to_numpy()[ok] - truth[ok]) ** 2)) < 500  # std of the mass: 800
+
+
+def test_a_regression_under_auto_weighs_the_blend_and_keeps_the_lowest_rmse(tmp_path):
+    summary = fit_table(tmp_path / "run", target="body_mass_g", epochs=3, lr=1e-2)
+    models = summary["results"]["models"]
+    assert set(models) == {"nn", "gbdt", "blend"}
+    assert summary["results"]["model"] == min(models, key=lambda k: models[k]["valid_rmse"])
+
+
+def test_a_blend_bundle_predicts_the_mean_of_its_two_models(tmp_path):
+    from pipelines.bundle import load_bundle
+    from pipelines.modality import get_modality
+    from pipelines.table_learners import LEARNERS, learner_of
+    summary = fit_table(tmp_path / "run", model="blend", epochs=3, lr=1e-2)
+    assert summary["results"]["model"] == "blend" and set(summary["results"]["models"]) == {"nn", "gbdt", "blend"}
+    bundle = load_bundle(tmp_path / "run" / "model")
+    assert bundle.meta["model"]["kind"] == "blend" and set(bundle.meta["files"]) == {"model.lgb.txt"}
+    prep = get_modality("tabular").preprocessing(bundle.meta)
+    _, parsed, _ = prep.read_rows(PENGUINS)
+    x_cat, x_cont = prep.encode(parsed)
+    blend = learner_of(bundle.meta["model"])
+    logits, _ = blend.outputs(bundle.model, x_cat, x_cont)
+    a, _ = LEARNERS["nn"].outputs(bundle.model.network, x_cat, x_cont)
+    b, _ = LEARNERS["gbdt"].outputs(bundle.model.trees, x_cat, x_cont)
+    mean = (torch.softmax(torch.from_numpy(a).double(), 1) + torch.softmax(torch.from_numpy(b).double(), 1)) / 2
+    np.testing.assert_allclose(np.exp(logits), mean.numpy(), rtol=1e-5, atol=1e-6)
+    out = predict_rows(tmp_path / "run" / "model", PENGUINS)
+    assert out.height == pl.read_csv(PENGUINS, null_values="NA").height and out["error"].is_null().all()
 
 
 def test_a_name_column_of_many_values_keeps_its_frequent_values_with_a_note(tmp_path):

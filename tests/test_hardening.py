@@ -316,7 +316,7 @@ def test_formula_file_names_are_escaped_in_predict_csv_and_serve_download(traine
     monkeypatch.chdir(tmp_path)  # the path column holds the name as given: a formula in a spreadsheet
     assert itfits_here(capsys, "predict", trained_run.model, "=HYPERLINK(1+1).png", "--out", "p.csv").code == 0
     assert pl.read_csv(tmp_path / "p.csv")["path"].to_list() == ["'=HYPERLINK(1+1).png"]
-    with TestClient(create_app(trained_run.run)) as client:
+    with TestClient(create_app(trained_run.run), base_url="http://localhost") as client:
         page = client.post("/predict", files=[("files", ("=HYPERLINK(1+1).png", TEST_PNG.read_bytes(), "image/png")),
                                               ("files", ("@cmd.png", TEST_PNG.read_bytes(), "image/png"))]).text
     assert download_csv(page)["path"].to_list() == ["'=HYPERLINK(1+1).png", "'@cmd.png"]
@@ -329,7 +329,7 @@ def test_nested_columns_in_a_table_upload_are_a_per_file_error(table_run, tmp_pa
     nested = rows.with_columns(tags=pl.Series([[1, 2], [3], []]), info=pl.struct(a=pl.col("year")))
     nested.write_parquet(tmp_path / "nested.parquet")
     rows.write_csv(tmp_path / "plain.csv")
-    with TestClient(create_app(table_run)) as client:
+    with TestClient(create_app(table_run), base_url="http://localhost") as client:
         resp = client.post("/predict", files=[
             ("files", ("nested.parquet", (tmp_path / "nested.parquet").read_bytes(), "application/octet-stream")),
             ("files", ("plain.csv", (tmp_path / "plain.csv").read_bytes(), "text/csv"))])

@@ -15,11 +15,14 @@ from helpers import REPO
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 KERNEL = "itfits-test-python"
 # Files each notebook must have written under ITFITS_RUNS (the notebooks of other modalities add theirs).
-EXPECTED = {"01_images.ipynb": ["01_images/report.html", "01_images/model/itfits.json", "01_images/evaluate/metrics.json"],
+EXPECTED = {"01_images.ipynb": ["01_images/report.html", "01_images/model/itfits.json", "01_images/evaluate/metrics.json",
+                                "01_images/evaluate/report.html"],
             "02_audio.ipynb": ["02_audio/report.html", "02_audio/model/itfits.json"],
-            "03_tabular.ipynb": ["03_tabular/run/report.html", "03_tabular/run/model/itfits.json"]}
+            "03_tabular.ipynb": ["03_tabular/run/report.html", "03_tabular/run/model/itfits.json"],
+            "04_python_api.ipynb": ["04_python_api/model/itfits.json", "04_python_api_table/model/itfits.json"]}
 # Text each notebook must have printed.
-EXPECTED_TEXT = {"02_audio.ipynb": ["valid accuracy", "unknown"], "03_tabular.ipynb": ["Chinstrap flagged unknown"]}
+EXPECTED_TEXT = {"02_audio.ipynb": ["valid accuracy", "unknown"], "03_tabular.ipynb": ["Chinstrap flagged unknown"],
+                 "04_python_api.ipynb": ["Learner model report.html", "Adelie"]}
 
 
 @pytest.fixture(scope="module")

@@ -542,7 +542,7 @@ def test_web_page_predicts_uploaded_tables(run, tmp_path):
     rows.write_csv(tmp_path / "rows.csv")
     rows.drop("island").write_csv(tmp_path / "no_island.csv")
     expected = pl.concat(predict(load_bundle(run / "model"), [str(tmp_path / "rows.csv")]))
-    with TestClient(create_app(run)) as client:
+    with TestClient(create_app(run), base_url="http://localhost") as client:
         page = client.post("/predict", files=[("files", ("rows.csv", (tmp_path / "rows.csv").read_bytes())),
                                               ("files", ("no_island.csv", (tmp_path / "no_island.csv").read_bytes()))])
     assert page.status_code == 200

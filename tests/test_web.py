@@ -67,7 +67,8 @@ def upload(client, files: list[tuple[str, bytes]]):
 def client(trained_run):
     from starlette.testclient import TestClient
     from app.web import create_app
-    with TestClient(create_app(trained_run.run, max_files=3, max_file_mb=MAX_FILE_MB)) as c:
+    app = create_app(trained_run.run, max_files=3, max_file_mb=MAX_FILE_MB)
+    with TestClient(app, base_url="http://localhost") as c:  # a Host the server answers (checks.py)
         yield c
 
 
@@ -126,12 +127,12 @@ def test_uploads_stay_in_a_temp_folder_that_is_deleted(client, tmp_path, monkeyp
     seen = []
     real = server._predict_uploads
 
-    def spy(site, uploads):
+    def spy(site, uploads, **options):
         seen.extend(uploads)
         for u in uploads:  # while predicting: every saved file sits directly in the request's temp folder
             assert u.path.parent.parent == temp_root and u.path.parent.name.startswith("itfits-upload-")
             assert u.path.is_file() and not u.path.name.startswith(".")
-        return real(site, uploads)
+        return real(site, uploads, **options)
 
     monkeypatch.setattr(server, "_predict_uploads", spy)
     good = TEST_FILES[0].read_bytes()
@@ -177,6 +178,113 @@ def test_serve_errors_are_one_line(tmp_path):
             check_port("127.0.0.1", port)
     with pytest.raises(ItfitsError, match="--host 192.0.2.1 is not an address of this machine"):  # TEST-NET-1
         check_port("192.0.2.1", 8000)
+
+
+# ---- JSON: POST /predict for programs ---------------------------------------------------------------------
+
+JSON = {"accept": "application/json"}
+
+
+def test_json_request_gets_the_predictions_table_as_records(client, trained_run):
+    files = [(f.name, f.read_bytes()) for f in TEST_FILES[:2]] + [("notes.txt", b"hello")]
+    answer = client.post("/predict", headers=JSON,
+                         files=[("files", (n, d, "application/octet-stream")) for n, d in files])
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    records = answer.json()
+    expected = expected_rows(trained_run.model, TEST_FILES[:2])
+    assert [r["path"] for r in records] == [f.name for f in TEST_FILES[:2]] + ["notes.txt"]
+    for got, want in zip(records, expected):
+        assert got["label"] == want["label"] and got["unknown"] == want["unknown"]
+        assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-6)
+        assert set(got) == set(want)  # the predictions table's columns
+    assert records[2]["label"] is None and "not a type this model reads" in records[2]["error"]
+    # a JSON request never gets HTML: errors, the home page and the report answer in JSON too
+    for response, status in [(client.post("/predict", headers=JSON, content=b"x"), 400),
+                             (client.post("/predict", json=[{"a": 1}]), 415),
+                             (client.get("/predict", headers=JSON), 405),
+                             (client.get("/report", headers=JSON), 406)]:
+        assert response.status_code == status and "error" in response.json(), response.text
+    about = client.get("/", headers=JSON).json()
+    assert about["classes"] == trained_run.summary["resolved"]["classes"] and "POST /predict" in about["predict"]
+    # a browser (text/html first) and curl (*/*) get the page
+    assert client.get("/", headers={"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}).text.startswith("<!doctype")
+
+
+def test_json_rows_for_a_table_model(table_run):
+    from starlette.testclient import TestClient
+    from app.web import create_app
+    from pipelines.bundle import load_bundle
+    from pipelines.predict import PredictConfig, predict
+    penguins = REPO / "data" / "penguins.csv"
+    rows = pl.read_csv(penguins, infer_schema_length=0).head(4)
+    want = pl.concat(predict(load_bundle(table_run), [str(penguins)], PredictConfig())).head(4)
+    with TestClient(create_app(table_run), base_url="http://localhost") as client:
+        # numbers as JSON numbers, a missing value as null
+        body = [{k: (None if v == "NA" else float(v) if k.endswith(("_mm", "_g")) else v) for k, v in r.items()}
+                for r in rows.iter_rows(named=True)]
+        answer = client.post("/predict", json=body)
+        assert answer.status_code == 200, answer.text
+        got = answer.json()
+        assert [r["label"] for r in got] == want["label"].to_list()
+        assert [r["confidence"] for r in got] == pytest.approx(want["confidence"].to_list(), abs=1e-6)
+        assert got[0]["island"] == rows["island"][0]  # the rows' own columns come first, as in the table
+        for bad, words in [([{"island": "Biscoe"}], "lacks column"), ({"island": "Biscoe"}, "JSON array"),
+                           ([[1, 2]], "row 0 is not a JSON object"), ([{"island": {"x": 1}}], "not a JSON object")]:
+            refused = client.post("/predict", json=bad)
+            assert refused.status_code == 400 and words in refused.json()["error"], refused.text
+
+
+def test_the_page_has_one_doctype(client):
+    page = client.get("/").text
+    assert page.lower().count("<!doctype") == 1 and page.startswith("<!doctype html>")
+
+
+# ---- who may ask: Host, Origin, malformed requests ---------------------------------------------------------
+
+def test_a_foreign_host_header_is_refused(client, trained_run):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends Host: evil.example."""
+    for host in ("evil.example", "evil.example:8000", "testserver", "127.0.0.1.evil.example", "localhost.evil"):
+        for path in ("/", "/report"):
+            refused = client.get(path, headers={"host": host})
+            assert refused.status_code == 421 and "itfits.report" not in refused.text, (host, path)
+            assert "not for the host" in refused.text
+    assert client.get("/report", headers={"host": "evil.example", **JSON}).json()["error"]
+    for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST"):
+        assert client.get("/", headers={"host": host}).status_code == 200, host
+    from starlette.testclient import TestClient
+    from app.web import create_app
+    with TestClient(create_app(trained_run.run, host="box.lan")) as named:  # --host box.lan: its name too
+        assert named.get("/", headers={"host": "box.lan:8000"}).status_code == 200
+        assert named.get("/", headers={"host": "other.lan"}).status_code == 421
+    with TestClient(create_app(trained_run.run, host="0.0.0.0")) as anywhere:  # any address, still no foreign name
+        assert anywhere.get("/", headers={"host": "192.0.2.7:8000"}).status_code == 200
+        assert anywhere.get("/", headers={"host": "evil.example"}).status_code == 421
+
+
+def test_a_post_from_another_origin_is_refused(client):
+    one = [(TEST_FILES[0].name, TEST_FILES[0].read_bytes())]
+    files = [("files", (n, d, "image/png")) for n, d in one]
+    for origin in ("http://evil.example", "null", "http://localhost:9999", "https://localhost",
+                   "http://localhost.evil"):
+        refused = client.post("/predict", files=files, headers={"origin": origin})
+        assert refused.status_code == 403 and "another site" in refused.text and "result" not in refused.text, origin
+    for headers in ({"origin": "http://localhost"}, {}):  # the page's own origin; curl sends none
+        taken = client.post("/predict", files=files, headers=headers)
+        assert taken.status_code == 200 and len(result_rows(taken.text)) == 1, headers
+
+
+def test_malformed_multipart_is_a_400_with_a_message(client):
+    long = "b" * 1000
+    body = (f"--{long}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\nabc\r\n"
+            f"--{long}--\r\n").encode()
+    answer = client.post("/predict", content=body, headers={"content-type": f"multipart/form-data; boundary={long}"})
+    assert answer.status_code == 400 and "could not be read as multipart/form-data" in problems(answer.text)
+    as_json = client.post("/predict", content=body, headers={
+        "content-type": f"multipart/form-data; boundary={long}", **JSON})
+    assert as_json.status_code == 400 and "boundary" in as_json.json()["error"].lower()
+    garbled = client.post("/predict", content=b"--zz\r\nno headers here", headers={
+        "content-type": "multipart/form-data; boundary=zz", **JSON})
+    assert garbled.status_code in (200, 400) and garbled.headers["content-type"] == "application/json"
 
 
 # ---- in a browser: `itfits serve` in a subprocess, driven by headless Chromium ------------------------------

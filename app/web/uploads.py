@@ -6,10 +6,12 @@ limit stops being written as soon as it passes the limit and is deleted.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import polars as pl
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from pipelines.errors import ItfitsError
@@ -152,9 +154,9 @@ async def receive_files(request, folder: Path, limits: UploadLimits) -> list[Upl
     if length and length.isdigit() and int(length) > limits.max_request_bytes:
         raise UploadRefused(too_large, 413)
     receiver = _Receiver(Path(folder), limits)
-    parser = MultipartParser(params[b"boundary"], receiver.callbacks())
     total = 0
     try:
+        parser = MultipartParser(params[b"boundary"], receiver.callbacks())  # refuses a boundary over 256 bytes
         async for chunk in request.stream():
             total += len(chunk)
             if total > limits.max_request_bytes:
@@ -166,3 +168,47 @@ async def receive_files(request, folder: Path, limits: UploadLimits) -> list[Upl
     finally:
         receiver.close()
     return receiver.uploads
+
+
+async def read_body(request, max_bytes: int) -> bytes:
+    """The request's whole body, refused (413) as soon as it passes `max_bytes`."""
+    too_large = f"the body is larger than {max_bytes / 2**20:g} MB (--max-file-mb)"
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_bytes:
+        raise UploadRefused(too_large, 413)
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise UploadRefused(too_large, 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _cell(value) -> str | None:
+    """A JSON value as a CSV cell holds it: the table model parses it as it parses a CSV's text."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)  # numbers as JSON writes them, true / false
+
+
+def rows_table(body: bytes) -> pl.DataFrame:
+    """A JSON array of rows (objects of column name: value) -> a table of text columns, as a CSV of them reads; a
+    key missing from a row is a missing value."""
+    how = 'send a JSON array of rows, e.g. [{"island": "Biscoe", "bill_length_mm": 39.1}]'
+    try:
+        rows = json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UploadRefused(f"the body is not JSON ({e}); {how}") from e
+    if not isinstance(rows, list) or not rows:
+        raise UploadRefused(f"the body is not a non-empty JSON array; {how}")
+    columns: dict[str, list] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UploadRefused(f"row {i} is not a JSON object of column: value; {how}")
+        for key, value in row.items():
+            if isinstance(value, (dict, list)):
+                raise UploadRefused(f"row {i}, column '{key[:100]}': a table cell holds a number, text, true/false "
+                                    "or null, not a JSON object or array")
+            columns.setdefault(key, [None] * len(rows))[i] = _cell(value)
+    return pl.DataFrame({k: pl.Series(k, v, dtype=pl.String) for k, v in columns.items()})
