@@ -22,6 +22,7 @@ from .check import CheckResult, check_at_fit, mislabelled_at_fit
 from .checkpoints import CONFIG, MONITOR, load_checkpoint, read_run_config
 from .distributed import DataParallel, broadcast_object, is_main, process_group, world_size
 from .errors import ItfitsError, did_you_mean
+from .feature_cache import cache_frozen_features
 from .images import check_workers
 from .io import write_json, write_table
 from .learners import check_accumulation, effective_batch, find_ema, image_learner
@@ -276,6 +277,10 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
     if not main:  # one progress bar and log, from rank 0
         learn.remove_cb(ProgressCallback)
         learn.logger = lambda *a, **k: None
+    # data-parallel runs shard the file DataLoaders: they compute the stem on the fly
+    frozen = _cache_frozen(learn, modality, config, precision, data.arch, run) if world == 1 else None
+    if frozen is not None:
+        log(frozen.line())
     lr, suggestions = config.lr, None
     if state is not None:
         lr, suggestions = state["lr"], state.get("lr_suggestions")
@@ -289,9 +294,13 @@ def train_files(modality: Modality, config: FitConfig, *, log=print) -> TrainedI
         emit(log, "lr_find", lr_line(lr, suggestions, run), lr=lr, suggestions=suggestions)
     if world > 1:
         learn.add_cb(DataParallel())
-    history = train(learn, epochs=epochs, lr=lr, freeze_epochs=config.freeze_epochs, patience=config.patience,
-                    checkpoints=run / "checkpoints", resume=state,
-                    checkpoint_meta={"lr": lr, "lr_suggestions": suggestions, "precision": precision.name})
+    try:
+        history = train(learn, epochs=epochs, lr=lr, freeze_epochs=config.freeze_epochs, patience=config.patience,
+                        checkpoints=run / "checkpoints", resume=state,
+                        checkpoint_meta={"lr": lr, "lr_suggestions": suggestions, "precision": precision.name})
+    finally:
+        if frozen is not None:  # the full network and the file DataLoaders: calibration and the bundle as ever
+            frozen.restore(learn)
     if main:
         write_table(history, run / "history.csv")
     kept = best_epoch(history["valid_loss"].to_list())
@@ -411,4 +420,16 @@ def _lr_find_files(modality: Modality, config: FitConfig) -> tuple[float, dict[s
     learn = image_learner(data.dls, data.arch, weights=config.weights, path=run, precision=precision,
                           class_weights=data.balance.loss_weights(data.classes),  # the loss fit trains with
                           multi_label=data.multi_label)
-    return find_lr(learn, run, num_it=config.lr_find_iters)
+    frozen = _cache_frozen(learn, modality, config, precision, data.arch, run)  # as fit: the same suggestions
+    try:
+        return find_lr(learn, run, num_it=config.lr_find_iters)
+    finally:
+        if frozen is not None:
+            frozen.restore(learn)
+
+
+def _cache_frozen(learn, modality: Modality, config: FitConfig, precision, arch: str, run: Path):
+    """feature_cache.cache_frozen_features for a run's Learner: None where its backbone has no frozen stages."""
+    from .backbones import get_spec
+    return cache_frozen_features(learn, augment=modality.augment, freeze_epochs=config.freeze_epochs,
+                                 precision=precision, channels_last=get_spec(arch).channels_last, folder=run)
