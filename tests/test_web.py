@@ -234,6 +234,23 @@ def test_json_rows_for_a_table_model(table_run):
             assert refused.status_code == 400 and words in refused.json()["error"], refused.text
 
 
+
+def test_json_rows_wait_for_the_lock_a_while_not_forever(table_run, monkeypatch):
+    import threading
+    from types import SimpleNamespace
+    from starlette.testclient import TestClient
+    from app.web import create_app, server
+    lock = threading.Lock()  # the server's one prediction lock, held here as by another prediction in flight
+    monkeypatch.setattr(server, "threading", SimpleNamespace(Lock=lambda: lock))
+    monkeypatch.setattr(server, "LOCK_WAIT_S", 0.2)
+    rows = pl.read_csv(REPO / "data" / "penguins.csv", infer_schema_length=0).head(1).to_dicts()
+    with TestClient(create_app(table_run), base_url="http://localhost") as client:
+        with lock:
+            busy = client.post("/predict", json=rows)
+        assert busy.status_code == 503 and "busy" in busy.json()["error"], busy.text
+        assert client.post("/predict", json=rows).status_code == 200
+
+
 def test_the_page_has_one_doctype(client):
     page = client.get("/").text
     assert page.lower().count("<!doctype") == 1 and page.startswith("<!doctype html>")

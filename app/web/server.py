@@ -161,10 +161,16 @@ async def _predict_json(request: Request, site: Site) -> list[dict]:
     table = rows_table(await read_body(request, site.limits.max_file_bytes))
 
     def run() -> list[dict]:
-        with site.lock:
+        if not site.lock.acquire(timeout=LOCK_WAIT_S):  # as an upload waits: a while, not forever
+            raise UploadRefused(f"the server was busy with another prediction for {LOCK_WAIT_S:g} s; try again", 503)
+        try:
             return predict_rows(site.bundle, table, site.config).to_dicts()
+        finally:
+            site.lock.release()
     try:
         return await run_in_threadpool(run)
+    except UploadRefused:  # busy
+        raise
     except ItfitsError as e:  # a column the model needs is missing, or no value of one reads as its type
         raise UploadRefused(str(e), 400) from e
 
