@@ -20,6 +20,7 @@ from fastai.data.core import DataLoaders
 from torch import nn
 
 from .backbones import stem_names
+from .features import run_until
 
 # Augmented views cached per training item, cycled over the epochs (bench/BENCHMARKS.md, "Frozen features
 # computed once"). A modality without augmentation (audio) caches its one view; 0: no cache (the stem computed at
@@ -57,28 +58,11 @@ def trainable_tail(model: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(_replaced(body, stem_names(body, frozen_stages(model))), model[1])
 
 
-class _Reached(Exception):
-    """Stops the body's forward pass at the first trainable stage: the stem's output is all that is needed."""
-
-
 def stem_output(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """The frozen stem's output for a batch `x`: the input of the body's first trainable stage."""
     body = model[0]
     last = stem_names(body, frozen_stages(model))[-1]
-    seen = []
-
-    def reached(module, args, out):
-        seen.append(out)
-        raise _Reached
-
-    hook = body.get_submodule(last).register_forward_hook(reached)
-    try:
-        body(x)
-    except _Reached:
-        pass
-    finally:
-        hook.remove()
-    return seen[0]
+    return run_until(body, body.get_submodule(last), x, output=True)
 
 
 class CachedItems:

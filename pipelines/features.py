@@ -73,25 +73,30 @@ def _pooled(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Reached(Exception):
-    """Stops a forward pass once the input of the last stage is seen: the rest is not needed."""
+    """Stops a forward pass once the tensor wanted is seen: the rest is not needed."""
 
 
-def stage_features(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, C) the input of `body`'s last stage, averaged over positions; the last stage itself is not run."""
+def run_until(body: nn.Module, module: nn.Module, x: torch.Tensor, *, output: bool) -> torch.Tensor:
+    """`module`'s input (output=False) or output (True) when `body` runs on `x`; the rest of `body` is not run."""
     seen = []
 
-    def reached(module, args):
-        seen.append(args[0])
+    def reached(*hook_args):  # a pre-hook gets (module, args), a forward hook (module, args, out)
+        seen.append(hook_args[2] if output else hook_args[1][0])
         raise _Reached
 
-    hook = last_stage(body).register_forward_pre_hook(reached)
+    hook = module.register_forward_hook(reached) if output else module.register_forward_pre_hook(reached)
     try:
         body(x)
     except _Reached:
         pass
     finally:
         hook.remove()
-    return _pooled(seen[0])
+    return seen[0]
+
+
+def stage_features(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, C) the input of `body`'s last stage, averaged over positions; the last stage itself is not run."""
+    return _pooled(run_until(body, last_stage(body), x, output=False))
 
 
 class WithReference(nn.Module):
