@@ -18,6 +18,7 @@ import torch
 
 from .errors import ItfitsError, did_you_mean
 from .gbdt import GBDTModel, GBDTSpec
+from .metrics import softmax
 from .tabular import TabularModelSpec, create_tabular_model, tabular_outputs
 from .unknown import TABLE_DEFAULT_SCORE
 
@@ -106,17 +107,11 @@ class BlendModel(torch.nn.Module):
         b, feats = self.trees.outputs(x_cat, x_cont)
         if self.trees.spec.n_out == 1:  # regression: both predict the standardised target
             return (a + b) / 2, feats
-        probs = (_softmax(a) + _softmax(b)) / 2
+        probs = (softmax(a.astype(np.float64)) + softmax(b.astype(np.float64))) / 2
         return np.log(np.maximum(probs, 1e-12)).astype(np.float32), feats
 
     def load_files(self, files: dict[str, bytes]) -> None:
         self.trees.load_files(files)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
 
 
 def blend_fit(network: TableFit, trees: TableFit) -> TableFit:
